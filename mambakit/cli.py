@@ -1,0 +1,118 @@
+"""The command line: `mambakit generate` (train and bench arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, seed: int):
+    """A preset name (random weights, seeded) or a checkpoint directory / cached hub id."""
+    from .models.lm import MambaLM
+    if spec in PRESETS:
+        torch.manual_seed(seed)
+        return MambaLM.from_name(spec, device=device, dtype=dtype), True
+    return MambaLM.from_pretrained(spec, device=device, dtype=dtype), False
+
+
+def load_tokenizer(spec: str):
+    """tokenizer.json beside the checkpoint (through `tokenizers`), else the byte tokenizer."""
+    from .tokenizer import ByteTokenizer
+    path = Path(spec) / "tokenizer.json"
+    if path.is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise SystemExit(f"error: {path} needs the `tokenizers` package (pip install tokenizers)")
+        tok = Tokenizer.from_file(str(path))
+
+        class _HF:
+            def encode(self, text):
+                return tok.encode(text).ids
+
+            def decode(self, ids):
+                return tok.decode([int(i) for i in ids])
+        return _HF()
+    return ByteTokenizer()
+
+
+def cmd_generate(args) -> int:
+    from .generation import stream
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise SystemExit(f"error: --temperature must be >= 0, got {args.temperature}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    try:
+        model, random_weights = load_model(args.model, args.device, DTYPES[args.dtype], args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --model {args.model!r}: {err}")
+    model.eval()
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise SystemExit("error: --prompt is empty")
+    if max(ids) >= model.config.padded_vocab_size:
+        raise SystemExit(f"error: the prompt has token ids up to {max(ids)} but the model's vocabulary has "
+                         f"{model.config.padded_vocab_size} entries")
+    if random_weights:
+        print(f"[mambakit] preset {args.model!r} with RANDOM weights (seed {args.seed}): the text is noise, "
+              f"this shows the machinery, not a trained model", file=sys.stderr)
+    input_ids = torch.tensor([ids], device=args.device)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    tokens, t_first, t0 = [], None, time.perf_counter()
+    printed = ""
+    for token in stream(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        seed=args.seed):
+        if t_first is None:
+            t_first = time.perf_counter()
+        tokens.append(int(token[0]))
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    t_end = time.perf_counter()
+    out.write(tokenizer.decode(tokens)[len(printed):] + "\n")
+    steps = len(tokens) - 1
+    step_ms = (t_end - t_first) / steps * 1e3 if steps else float("nan")
+    print(f"[mambakit] prefill {len(ids)} tokens: {(t_first - t0) * 1e3:.1f} ms | {len(tokens)} new tokens, "
+          f"{step_ms:.2f} ms/step, {1e3 / step_ms if steps else float('nan'):.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mambakit", description="Mamba selective state-space models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
+    gen.add_argument("--model", default="tiny",
+                     help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory / cached hub id")
+    gen.add_argument("--prompt", default="The state space model ")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

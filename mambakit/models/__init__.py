@@ -1,0 +1,3 @@
+from .lm import LMCache, MambaLM
+
+__all__ = ["MambaLM", "LMCache"]

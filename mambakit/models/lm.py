@@ -1,0 +1,154 @@
+"""MambaLM: token embedding -> n_layer Mamba blocks -> final norm -> (tied) lm_head.
+
+Module names follow the official checkpoints (`backbone.embedding`, `backbone.layers.{i}.mixer`,
+`backbone.norm_f`, `lm_head`), so the official state dict loads without renaming."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import MambaConfig
+from ..modules.block import Block
+from ..modules.mamba import Mamba, MambaState
+from ..modules.norm import make_norm
+
+
+@dataclass
+class LMCache:
+    """The whole recurrent state of a MambaLM: one MambaState per layer. Its size does not
+    depend on how many tokens it has seen (`seqlen`)."""
+    layers: list[MambaState]
+    seqlen: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].ssm.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(s.conv.nbytes + s.ssm.nbytes for s in self.layers)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, **factory)
+        self.layers = nn.ModuleList(
+            Block(config.d_model,
+                  Mamba(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                        dt_rank=config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max,
+                        dt_init_floor=config.dt_init_floor, dt_scale=config.dt_scale,
+                        conv_bias=config.conv_bias, bias=config.bias, layer_idx=i, **factory),
+                  make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory),
+                  residual_in_fp32=config.residual_in_fp32)
+            for i in range(config.n_layer))
+        self.norm_f = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
+
+    def _final(self, hidden, residual):
+        residual = hidden if residual is None else residual + hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None) -> torch.Tensor:
+        hidden, residual = self.embedding(input_ids), None  # (B, L, d_model)
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i])
+        return self._final(hidden, residual)
+
+    def step(self, token_ids: torch.Tensor, cache: LMCache) -> torch.Tensor:
+        hidden, residual = self.embedding(token_ids), None  # (B, d_model)
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer.step(hidden, residual, cache.layers[i])
+        return self._final(hidden, residual)
+
+
+class MambaLM(nn.Module):
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @classmethod
+    def from_name(cls, name: str, device=None, dtype=None, **overrides) -> "MambaLM":
+        return cls(MambaConfig.from_name(name, **overrides), device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The official init: zero linear biases (but dt_proj's), N(0, 0.02) embeddings, and
+        out_proj rescaled by 1/sqrt(n_layer) (GPT-2's prenorm residual rescaling)."""
+        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, Mamba) and self.config.rescale_prenorm_residual:
+            nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            module.out_proj.weight /= math.sqrt(self.config.n_layer)
+
+    # ---- running -------------------------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor, ndim: int) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.ndim != ndim:
+            want = "(B, L)" if ndim == 2 else "(B,)"
+            raise ValueError(f"input_ids must have shape {want}, got {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.padded_vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]")
+
+    def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids: (B, L) -> logits (B, L, V), or (B, logits_to_keep, V) for the last positions
+        only. With a cache, continue from its state and leave the final state in it."""
+        self._check_ids(input_ids, 2)
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"cache holds batch {cache.batch_size} but input_ids has batch {input_ids.shape[0]}")
+        hidden = self.backbone(input_ids.long(), cache)  # (B, L, d_model)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        if cache is not None:
+            cache.seqlen += input_ids.shape[1]
+        return self.lm_head(hidden)
+
+    def step(self, token_ids: torch.Tensor, cache: LMCache) -> torch.Tensor:
+        """token_ids: (B,) -> logits (B, V); one token, updating the cache."""
+        self._check_ids(token_ids, 1)
+        if cache.batch_size != token_ids.shape[0]:
+            raise ValueError(f"cache holds batch {cache.batch_size} but token_ids has batch {token_ids.shape[0]}")
+        logits = self.lm_head(self.backbone.step(token_ids.long(), cache))
+        cache.seqlen += 1
+        return logits
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LMCache:
+        return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers])
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LMCache]:
+        """Runs the prompt through the parallel scan. Returns (last logits (B, V), cache)."""
+        cache = self.allocate_cache(input_ids.shape[0])
+        logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
+        return logits, cache
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+        from ..generation import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "MambaLM":
+        from ..checkpoint import load_pretrained
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str | Path, format: str = "mambakit") -> None:
+        from ..checkpoint import save_pretrained
+        save_pretrained(self, directory, format=format)

@@ -1,0 +1,37 @@
+"""The residual block: residual <- residual + hidden; hidden <- mixer(norm(residual)).
+
+The residual stream is carried beside the hidden states (the official "prenorm" layout),
+in fp32 when residual_in_fp32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mamba import MambaState
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, mixer: nn.Module, norm: nn.Module, residual_in_fp32: bool = True):
+        super().__init__()
+        self.mixer = mixer
+        self.norm = norm
+        self.residual_in_fp32 = residual_in_fp32
+
+    def _pre(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        residual = hidden if residual is None else residual + hidden
+        hidden = self.norm(residual.to(self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return hidden, residual
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
+                cache: MambaState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual: (B, L, dim). Returns the new (hidden, residual)."""
+        hidden, residual = self._pre(hidden, residual)
+        return self.mixer(hidden, cache=cache), residual
+
+    def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: MambaState):
+        """hidden, residual: (B, dim); one token."""
+        hidden, residual = self._pre(hidden, residual)
+        return self.mixer.step(hidden, cache), residual

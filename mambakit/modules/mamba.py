@@ -1,0 +1,145 @@
+"""The Mamba mixer (Gu & Dao, 2023): in_proj -> causal depthwise conv1d -> SiLU -> selective
+scan (gated by SiLU(z)) -> out_proj, with the official initialisation.
+
+`forward(x, cache)` runs over L tokens; with a cache it starts from the cached conv and SSM
+states and leaves the final ones there. `step(x, cache)` continues one token at a time. The
+cache has a constant size, (B, D_inner, K-1) + (B, D_inner, N), whatever the length."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+@dataclass
+class MambaState:
+    """The recurrent state of one mixer: what a Transformer's KV cache is, at a fixed size."""
+    conv: torch.Tensor  # (B, D_inner, K-1): the last K-1 conv inputs
+    ssm: torch.Tensor  # (B, D_inner, N), fp32
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, conv_bias: bool = True,
+                 bias: bool = False, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.layer_idx = layer_idx
+        self.dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """The official init: A = -(1..N) per channel, D = 1, dt_proj so that softplus(bias)
+        is log-uniform in [dt_min, dt_max] (floored), dt_proj.weight ~ U(±dt_scale/sqrt(dt_rank))."""
+        dt_min, dt_max, floor, scale = self.dt_init
+        n = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(n).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        std = self.dt_rank ** -0.5 * scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.A_log.device) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.bias._no_reinit = True
+        self.dt_proj.bias._no_weight_decay = True
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.conv1d.weight.dtype
+        return MambaState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def _ssm_params(self, x_dbl: torch.Tensor):
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return dt, B, C
+
+    def forward(self, hidden_states: torch.Tensor, cache: MambaState | None = None) -> torch.Tensor:
+        """hidden_states: (B, L, d_model) -> (B, L, d_model). With a cache, start from its state
+        and leave the final state in it."""
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba expects hidden_states of shape (B, L, {self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        batch, length, _ = hidden_states.shape
+        if cache is not None:
+            _check_state(cache, batch, self)
+        xz = self.in_proj(hidden_states)  # (B, L, 2*D_inner)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, D_inner, L) each, time-major in memory
+        conv_w = self.conv1d.weight.squeeze(1)  # (D_inner, K)
+        conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
+                                     initial_state=None if cache is None else cache.conv,
+                                     return_final_state=cache is not None)
+        if cache is not None:
+            x, conv_final = conv_out
+        else:
+            x = conv_out
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        dt, B, C = self._ssm_params(x_dbl)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, D_inner, L)
+        A = -torch.exp(self.A_log.float())  # (D_inner, N)
+        scan_out = ops.selective_scan(
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            initial_state=None if cache is None else cache.ssm, return_final_state=cache is not None)
+        if cache is not None:
+            y, ssm_final = scan_out
+            cache.conv.copy_(conv_final)
+            cache.ssm.copy_(ssm_final)
+        else:
+            y = scan_out
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+    def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
+        """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
+        squeeze = hidden_states.ndim == 3
+        if squeeze:
+            if hidden_states.shape[1] != 1:
+                raise ValueError(f"step() takes one token, got hidden_states of shape {tuple(hidden_states.shape)}")
+            hidden_states = hidden_states[:, 0]
+        if hidden_states.ndim != 2 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"step() expects hidden_states of shape (B, {self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        _check_state(cache, hidden_states.shape[0], self)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, D_inner) each
+        x, new_conv = ops.causal_conv1d_update(x, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                               "silu")
+        dt, B, C = self._ssm_params(self.x_proj(x))
+        dt = dt @ self.dt_proj.weight.t()  # (B, D_inner)
+        A = -torch.exp(self.A_log.float())
+        y, new_ssm = ops.selective_state_update(cache.ssm, x, dt, A, B, C, D=self.D.float(), z=z,
+                                                dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        cache.conv.copy_(new_conv)
+        cache.ssm.copy_(new_ssm)
+        out = self.out_proj(y)
+        return out[:, None] if squeeze else out
+
+
+def _check_state(cache: MambaState, batch: int, mixer: Mamba) -> None:
+    want_conv = (batch, mixer.d_inner, mixer.d_conv - 1)
+    want_ssm = (batch, mixer.d_inner, mixer.d_state)
+    if tuple(cache.conv.shape) != want_conv or tuple(cache.ssm.shape) != want_ssm:
+        raise ValueError(f"cache shapes conv {tuple(cache.conv.shape)} / ssm {tuple(cache.ssm.shape)} do not match "
+                         f"this layer and batch: expected conv {want_conv} / ssm {want_ssm}")

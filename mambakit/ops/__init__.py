@@ -1,0 +1,60 @@
+"""Selective-scan and causal-conv1d operators with backend dispatch.
+
+`backend=None` picks the fastest available implementation for the inputs' device (today the
+chunked torch scan everywhere; fused Triton kernels for CUDA arrive with issue 4).
+`backend="torch"` forces the chunked torch path and `backend="reference"` the sequential spec.
+"""
+
+from __future__ import annotations
+
+from .conv import causal_conv1d_torch
+from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
+                        selective_state_update_ref)
+from .scan import selective_scan_chunked
+
+BACKENDS = ("torch", "reference")
+
+__all__ = [
+    "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
+    "selective_scan_ref", "causal_conv1d_ref", "selective_state_update_ref", "causal_conv1d_update_ref",
+    "selective_scan_chunked", "causal_conv1d_torch", "BACKENDS",
+]
+
+
+def _resolve(backend: str | None) -> str:
+    if backend is None or backend == "auto":
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
+    return backend
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None):
+    """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
+    initial_state: (B, D, N), or (S, D, N) with cu_seqlens (int32 (S+1,) offsets, batch 1).
+    Returns y (B, D, L) [, final_state (B or S, D, N), fp32 or fp64]."""
+    fn = selective_scan_ref if _resolve(backend) == "reference" else selective_scan_chunked
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+              initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
+                  backend=None):
+    """x: (B, D, L); weight: (D, K); bias: (D,); initial_state: (B, D, K-1).
+    Returns y (B, D, L) [, final_state (B, D, K-1)]."""
+    fn = causal_conv1d_ref if _resolve(backend) == "reference" else causal_conv1d_torch
+    return fn(x, weight, bias, activation, initial_state, return_final_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                           backend=None):
+    """One decoding step; returns (y (B, D), new_state (B, D, N)). The torch path is the spec itself."""
+    _resolve(backend)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend=None):
+    """One decoding step; returns (y (B, D), new_conv_state (B, D, K-1))."""
+    _resolve(backend)
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)

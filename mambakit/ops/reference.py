@@ -1,0 +1,131 @@
+"""The specification: slow, sequential, obviously correct.
+
+Every fast path in mambakit (the chunked torch scan, the Triton kernels) is tested against
+these functions. They compute in fp32, or in fp64 when an input is fp64.
+
+    Δ   = softplus(delta + delta_bias)          (if delta_softplus)
+    Ā_t = exp(Δ_t · A)                          (zero-order hold)
+    h_t = Ā_t ⊙ h_{t-1} + Δ_t · B_t · u_t
+    y_t = ⟨h_t, C_t⟩ + D · u_t
+    out = y · SiLU(z)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import (check_conv_args, check_conv_update_args, check_scan_args, check_state_update_args,
+                     compute_dtype)
+from .varlen import split_varlen
+
+
+def _expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, N, L) or (B, G, N, L) -> (B, D, N, L): channel d reads group d // (D // G)."""
+    if BC.ndim == 3:
+        return BC.unsqueeze(1).expand(-1, dim, -1, -1)
+    return BC.repeat_interleave(dim // BC.shape[1], dim=1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       initial_state=None, return_final_state=False, cu_seqlens=None):
+    """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
+    initial_state: (B, D, N), or (S, D, N) with cu_seqlens. Returns y (B, D, L) in u's dtype
+    [, final_state (B or S, D, N) in the compute dtype]."""
+    shape = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return split_varlen(selective_scan_ref, u, delta, B, C, z, initial_state, cu_seqlens,
+                            return_final_state, A=A, D=D, delta_bias=delta_bias,
+                            delta_softplus=delta_softplus)
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, dim, length, d_state = shape.batch, shape.dim, shape.length, shape.d_state
+
+    dt = delta.to(cdt)  # (B, D, L)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A = A.to(cdt)  # (D, N)
+    Bx = _expand_groups(B.to(cdt), dim)  # (B, D, N, L)
+    Cx = _expand_groups(C.to(cdt), dim)  # (B, D, N, L)
+    uc = u.to(cdt)  # (B, D, L)
+
+    h = (torch.zeros(batch, dim, d_state, dtype=cdt, device=u.device) if initial_state is None
+         else initial_state.to(cdt))  # (B, D, N)
+    ys = []
+    for t in range(length):
+        dt_t = dt[:, :, t, None]  # (B, D, 1)
+        h = torch.exp(dt_t * A) * h + dt_t * Bx[..., t] * uc[:, :, t, None]  # (B, D, N)
+        ys.append((h * Cx[..., t]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=-1)  # (B, D, L)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * uc
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(u.dtype)
+    return (y, h) if return_final_state else y
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False):
+    """Depthwise causal conv: y[:, d, t] = bias[d] + sum_k weight[d, k] * x[:, d, t - (K-1) + k],
+    with x at negative times taken from initial_state (B, D, K-1) or zero.
+    x: (B, D, L); weight: (D, K). Returns y (B, D, L) [, final_state (B, D, K-1)], in x's dtype."""
+    width = check_conv_args(x, weight, bias, activation, initial_state)
+    cdt = compute_dtype(x, weight, bias, initial_state)
+    batch, dim, length = x.shape
+    past = (torch.zeros(batch, dim, width - 1, dtype=cdt, device=x.device) if initial_state is None
+            else initial_state.to(cdt))
+    xx = torch.cat([past, x.to(cdt)], dim=-1)  # (B, D, K-1+L)
+    w = weight.to(cdt)
+    y = torch.zeros(batch, dim, length, dtype=cdt, device=x.device)
+    for k in range(width):
+        y = y + w[:, k, None] * xx[:, :, k:k + length]
+    if bias is not None:
+        y = y + bias.to(cdt)[:, None]
+    if activation is not None:
+        y = F.silu(y)
+    y = y.to(x.dtype)
+    if not return_final_state:
+        return y
+    final = xx[:, :, xx.shape[-1] - (width - 1):].to(x.dtype)  # (B, D, K-1)
+    return y, final
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step of the scan. state: (B, D, N); x, dt, z: (B, D); B, C: (B, N) or
+    (B, G, N). Returns (y (B, D) in x's dtype, new_state (B, D, N) in state's dtype)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    cdt = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    dim = x.shape[1]
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if B.ndim == 3:  # (B, G, N) -> (B, D, N)
+        B = B.repeat_interleave(dim // B.shape[1], dim=1)
+        C = C.repeat_interleave(dim // C.shape[1], dim=1)
+    else:
+        B, C = B[:, None], C[:, None]
+    xc = x.to(cdt)
+    h = torch.exp(dt[..., None] * A.to(cdt)) * state.to(cdt) + dt[..., None] * B.to(cdt) * xc[..., None]
+    y = (h * C.to(cdt)).sum(-1)  # (B, D)
+    if D is not None:
+        y = y + D.to(cdt) * xc
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype), h.to(state.dtype)
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step of the conv. x: (B, D); conv_state: (B, D, K-1) holds the last K-1
+    inputs. Returns (y (B, D), new_conv_state (B, D, K-1)), in x's and conv_state's dtypes."""
+    check_conv_update_args(x, conv_state, weight, bias, activation)
+    cdt = compute_dtype(x, conv_state, weight, bias)
+    window = torch.cat([conv_state.to(cdt), x.to(cdt)[..., None]], dim=-1)  # (B, D, K)
+    y = (window * weight.to(cdt)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    if activation is not None:
+        y = F.silu(y)
+    return y.to(x.dtype), window[..., 1:].to(conv_state.dtype)

@@ -1,0 +1,23 @@
+"""Packed variable-length sequences (`cu_seqlens`) for backends without native support:
+run the scan once per sequence, each from its own initial state, and re-pack the outputs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_varlen(scan_fn, u, delta, B, C, z, initial_state, cu_seqlens, return_final_state, **kwargs):
+    """u, delta, z: (1, D, L); B, C: (1, [G,] N, L); initial_state: (S, D, N) or None.
+    Returns y (1, D, L) [, final_state (S, D, N)], with the state restarting at each offset."""
+    offsets = cu_seqlens.tolist()
+    ys, finals = [], []
+    for s, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        y, final = scan_fn(
+            u[..., start:end], delta[..., start:end], B=B[..., start:end], C=C[..., start:end],
+            z=None if z is None else z[..., start:end],
+            initial_state=None if initial_state is None else initial_state[s:s + 1],
+            return_final_state=True, **kwargs)
+        ys.append(y)
+        finals.append(final)
+    y = torch.cat(ys, dim=-1)  # (1, D, L)
+    return (y, torch.cat(finals, dim=0)) if return_final_state else y
