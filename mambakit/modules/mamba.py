@@ -73,6 +73,16 @@ class Mamba(nn.Module):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
         )
 
+    def A(self) -> torch.Tensor:
+        """A = -exp(A_log), (D_inner, N) fp32. Memoised while gradients are off (decoding),
+        keyed on A_log's version counter so that an in-place update is never missed."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, torch.is_inference_mode_enabled())
+        if getattr(self, "_A_key", None) != key:
+            self._A_value, self._A_key = -torch.exp(self.A_log.detach().float()), key
+        return self._A_value
+
     def _ssm_params(self, x_dbl: torch.Tensor):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return dt, B, C
@@ -99,7 +109,7 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = self._ssm_params(x_dbl)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, D_inner, L)
-        A = -torch.exp(self.A_log.float())  # (D_inner, N)
+        A = self.A()  # (D_inner, N)
         scan_out = ops.selective_scan(
             x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
@@ -123,16 +133,14 @@ class Mamba(nn.Module):
             raise ValueError(f"step() expects hidden_states of shape (B, {self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
         _check_state(cache, hidden_states.shape[0], self)
+        # the module guarantees the shapes, so it calls the unchecked in-place updates
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, D_inner) each
-        x, new_conv = ops.causal_conv1d_update(x, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                               "silu")
+        x = ops.causal_conv1d_update_(x, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
         dt, B, C = self._ssm_params(self.x_proj(x))
         dt = dt @ self.dt_proj.weight.t()  # (B, D_inner)
         A = -torch.exp(self.A_log.float())
-        y, new_ssm = ops.selective_state_update(cache.ssm, x, dt, A, B, C, D=self.D.float(), z=z,
-                                                dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
-        cache.conv.copy_(new_conv)
-        cache.ssm.copy_(new_ssm)
+        y = ops.selective_state_update_(cache.ssm, x, dt, A, B, C, D=self.D.float(), z=z,
+                                        dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
         out = self.out_proj(y)
         return out[:, None] if squeeze else out
 

@@ -7,10 +7,12 @@ chunked torch scan everywhere; fused Triton kernels for CUDA arrive with issue 4
 
 from __future__ import annotations
 
+from .checks import check_conv_update_args, check_state_update_args
 from .conv import causal_conv1d_torch
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
                         selective_state_update_ref)
 from .scan import selective_scan_chunked
+from .step import causal_conv1d_update_, selective_state_update_
 
 BACKENDS = ("torch", "reference")
 
@@ -49,12 +51,23 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, ret
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
                            backend=None):
-    """One decoding step; returns (y (B, D), new_state (B, D, N)). The torch path is the spec itself."""
-    _resolve(backend)
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    """One decoding step, as mamba_ssm's: `state` (B, D, N) is updated in place; returns y (B, D).
+    x, dt, z: (B, D); A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D,)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    if _resolve(backend) == "reference":
+        y, new_state = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        state.copy_(new_state)
+        return y
+    return selective_state_update_(state, x, dt, A.to(state.dtype), B, C,
+                                   None if D is None else D.to(state.dtype), z,
+                                   None if dt_bias is None else dt_bias.to(state.dtype), dt_softplus)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend=None):
-    """One decoding step; returns (y (B, D), new_conv_state (B, D, K-1))."""
-    _resolve(backend)
-    return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    """One decoding step: `conv_state` (B, D, K-1) is shifted in place; returns y (B, D)."""
+    check_conv_update_args(x, conv_state, weight, bias, activation)
+    if _resolve(backend) == "reference":
+        y, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+        conv_state.copy_(new_state)
+        return y
+    return causal_conv1d_update_(x, conv_state, weight, bias, activation)

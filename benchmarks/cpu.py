@@ -1,0 +1,89 @@
+"""mambakit against transformers' MambaForCausalLM on CPU, same random weights, one run.
+
+130m-shaped model (d_model 768, 24 layers, vocab 50280), fp32, 2 threads:
+  - prefill of 1 x 1024 tokens (last-token logits and the recurrent state, as generation needs)
+  - greedy decoding of 64 new tokens after a 32-token prompt
+
+    python benchmarks/cpu.py [--threads 2] [--out benchmarks/results/cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+
+import torch
+
+
+def median_time(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import transformers
+    from transformers import MambaConfig as HFConfig, MambaForCausalLM
+    from mambakit import MambaLM
+
+    torch.manual_seed(0)
+    hf = MambaForCausalLM(HFConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16,
+                                   expand=2, conv_kernel=4, use_mambapy=False)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = MambaLM.from_pretrained(d).eval()
+
+    gen = torch.Generator().manual_seed(1)
+    long_ids = torch.randint(0, 50280, (1, args.prefill_len), generator=gen)
+    prompt = torch.randint(0, 50280, (1, args.prompt_len), generator=gen)
+    results = {}
+    with torch.inference_mode():
+        # warm up both once on a short input
+        hf(prompt, use_cache=True, logits_to_keep=1)
+        ours.prefill(prompt)
+
+        t_ours, (logits_ours, _) = median_time(lambda: ours.prefill(long_ids), args.repeat)
+        t_hf, out_hf = median_time(lambda: hf(long_ids, use_cache=True, logits_to_keep=1), args.repeat)
+        err = (logits_ours - out_hf.logits[:, -1]).abs().max().item()
+        results["prefill"] = {"tokens": args.prefill_len, "mambakit_s": t_ours, "transformers_s": t_hf,
+                              "speedup": t_hf / t_ours, "max_abs_logit_diff": err}
+        print(f"prefill 1x{args.prefill_len}: mambakit {t_ours:.3f} s, transformers {t_hf:.3f} s, "
+              f"{t_hf / t_ours:.2f}x (max |logit diff| {err:.2e})", flush=True)
+
+        n = args.new_tokens
+        t_ours, ids_ours = median_time(lambda: ours.generate(prompt, max_new_tokens=n), args.repeat)
+        t_hf, ids_hf = median_time(lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                                   args.repeat)
+        same = torch.equal(ids_ours, ids_hf)
+        results["decode"] = {"prompt": args.prompt_len, "new_tokens": n,
+                             "mambakit_ms_per_token": t_ours / n * 1e3, "transformers_ms_per_token": t_hf / n * 1e3,
+                             "speedup": t_hf / t_ours, "same_greedy_tokens": same}
+        print(f"greedy decode {n} tokens: mambakit {t_ours / n * 1e3:.1f} ms/token, transformers "
+              f"{t_hf / n * 1e3:.1f} ms/token, {t_hf / t_ours:.2f}x (same tokens: {same})", flush=True)
+
+    results["setup"] = {"model": "130m-shaped, random weights", "dtype": "float32", "threads": args.threads,
+                        "torch": torch.__version__, "transformers": transformers.__version__,
+                        "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
