@@ -18,13 +18,21 @@ import time
 import torch
 
 
-def median_time(fn, repeat):
-    times = []
+def interleaved_medians(fn_a, fn_b, repeat):
+    """Times a and b alternately (the machine's speed drifts) and returns their median times
+    and last outputs."""
+    times_a, times_b = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], out
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            if fn is fn_a:
+                out_a = out
+            else:
+                out_b = out
+    med = lambda ts: sorted(ts)[len(ts) // 2]
+    return med(times_a), med(times_b), out_a, out_b
 
 
 def main():
@@ -33,7 +41,7 @@ def main():
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,8 +66,8 @@ def main():
         hf(prompt, use_cache=True, logits_to_keep=1)
         ours.prefill(prompt)
 
-        t_ours, (logits_ours, _) = median_time(lambda: ours.prefill(long_ids), args.repeat)
-        t_hf, out_hf = median_time(lambda: hf(long_ids, use_cache=True, logits_to_keep=1), args.repeat)
+        t_ours, t_hf, (logits_ours, _), out_hf = interleaved_medians(
+            lambda: ours.prefill(long_ids), lambda: hf(long_ids, use_cache=True, logits_to_keep=1), args.repeat)
         err = (logits_ours - out_hf.logits[:, -1]).abs().max().item()
         results["prefill"] = {"tokens": args.prefill_len, "mambakit_s": t_ours, "transformers_s": t_hf,
                               "speedup": t_hf / t_ours, "max_abs_logit_diff": err}
@@ -67,9 +75,9 @@ def main():
               f"{t_hf / t_ours:.2f}x (max |logit diff| {err:.2e})", flush=True)
 
         n = args.new_tokens
-        t_ours, ids_ours = median_time(lambda: ours.generate(prompt, max_new_tokens=n), args.repeat)
-        t_hf, ids_hf = median_time(lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False),
-                                   args.repeat)
+        t_ours, t_hf, ids_ours, ids_hf = interleaved_medians(
+            lambda: ours.generate(prompt, max_new_tokens=n),
+            lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False), args.repeat)
         same = torch.equal(ids_ours, ids_hf)
         results["decode"] = {"prompt": args.prompt_len, "new_tokens": n,
                              "mambakit_ms_per_token": t_ours / n * 1e3, "transformers_ms_per_token": t_hf / n * 1e3,

@@ -44,6 +44,14 @@ def load_tokenizer(spec: str):
     return ByteTokenizer()
 
 
+_CONTROL = {c: "\ufffd" for c in range(32) if chr(c) not in "\n\t"} | {127: "\ufffd"}
+
+
+def printable(text: str) -> str:
+    """Control bytes (which random weights produce) would garble the terminal."""
+    return text.translate(_CONTROL)
+
+
 def cmd_generate(args) -> int:
     from .generation import stream
     if args.max_new_tokens < 1:
@@ -80,11 +88,11 @@ def cmd_generate(args) -> int:
         tokens.append(int(token[0]))
         text = tokenizer.decode(tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(printed):])
+            out.write(printable(text[len(printed):]))
             out.flush()
             printed = text
     t_end = time.perf_counter()
-    out.write(tokenizer.decode(tokens)[len(printed):] + "\n")
+    out.write(printable(tokenizer.decode(tokens)[len(printed):]) + "\n")
     steps = len(tokens) - 1
     step_ms = (t_end - t_first) / steps * 1e3 if steps else float("nan")
     print(f"[mambakit] prefill {len(ids)} tokens: {(t_first - t0) * 1e3:.1f} ms | {len(tokens)} new tokens, "

@@ -1,0 +1,28 @@
+"""Random inputs for the selective scan, shared by the scan tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_scan_inputs(batch, dim, length, d_state, groups=None, dtype=torch.float32, *, with_D=True, with_z=True,
+                     with_bias=True, with_init=False, n_seqs=None, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    bc_shape = (batch, groups, d_state, length) if groups else (batch, d_state, length)
+    kw = dict(
+        u=rnd(batch, dim, length),
+        delta=rnd(batch, dim, length, scale=0.5, shift=-1.0),
+        A=-(torch.rand(dim, d_state, generator=g, dtype=torch.float64) * 2 + 0.1).to(dtype),
+        B=rnd(*bc_shape), C=rnd(*bc_shape),
+        D=rnd(dim) if with_D else None,
+        z=rnd(batch, dim, length) if with_z else None,
+        delta_bias=rnd(dim, scale=0.3) if with_bias else None,
+        initial_state=rnd(n_seqs or batch, dim, d_state) if with_init else None,
+    )
+    if requires_grad:
+        kw = {k: (v.requires_grad_() if v is not None else None) for k, v in kw.items()}
+    return kw
