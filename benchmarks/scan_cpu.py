@@ -74,21 +74,27 @@ def main():
 
     ref = selective_scan_ref(u[..., :256], delta[..., :256], A, B[..., :256], C[..., :256], D=D,
                              z=z[..., :256], delta_bias=bias, delta_softplus=True)
+    # the Mamba mixer hands the scan time-major memory (views of (B, L, D) tensors)
+    layouts = {"channel-major": (u, delta, z),
+               "time-major": tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta, z))}
     rows = []
     with torch.inference_mode():
         for name, fn in (("plain sequential loop", plain_loop), ("materialized loop (transformers-style)", materialized_loop)):
             ms = timeit(lambda: fn(u, delta, A, B, C, D, z, bias), args.repeat) * 1e3
-            rows.append({"method": name, "chunk_size": None, "ms": ms})
+            rows.append({"method": name, "layout": "channel-major", "chunk_size": None, "ms": ms})
             print(f"{name:42s} {ms:9.1f} ms", flush=True)
-        for inner in ("sequential", "hillis_steele"):
-            for T in (16, 32, 64, 128, 256, 512):
-                fn = lambda: selective_scan_chunked(u, delta, A, B, C, chunk_size=T, inner=inner, **kw)
-                got = selective_scan_chunked(u[..., :256], delta[..., :256], A, B[..., :256], C[..., :256],
-                                             chunk_size=T, inner=inner, **{**kw, "z": z[..., :256]})
-                torch.testing.assert_close(got, ref, rtol=6e-4, atol=2e-3)
-                ms = timeit(fn, args.repeat) * 1e3
-                rows.append({"method": f"chunked/{inner}", "chunk_size": T, "ms": ms})
-                print(f"chunked/{inner:14s} T={T:<4d}{'':19s} {ms:9.1f} ms", flush=True)
+        for layout, (uu, dd, zz) in layouts.items():
+            for inner, sizes in (("sequential", (16, 32, 64, 128, 256, 512)), ("hillis_steele", (16, 32, 64, 128))):
+                for T in sizes:
+                    got = selective_scan_chunked(uu[..., :256], dd[..., :256], A, B[..., :256], C[..., :256], D=D,
+                                                 z=zz[..., :256], delta_bias=bias, delta_softplus=True,
+                                                 chunk_size=T, inner=inner)
+                    torch.testing.assert_close(got, ref, rtol=6e-4, atol=2e-3)
+                    fn = lambda: selective_scan_chunked(uu, dd, A, B, C, D=D, z=zz, delta_bias=bias,
+                                                        delta_softplus=True, chunk_size=T, inner=inner)
+                    ms = timeit(fn, args.repeat) * 1e3
+                    rows.append({"method": f"chunked/{inner}", "layout": layout, "chunk_size": T, "ms": ms})
+                    print(f"chunked/{inner:14s} {layout:14s} T={T:<4d} {ms:9.1f} ms", flush=True)
     base = rows[0]["ms"]
     for r in rows:
         r["speedup_vs_plain_loop"] = base / r["ms"]
@@ -98,6 +104,34 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print("wrote", args.out)
+    plot(result, args.out.replace(".json", ".png"))
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for base in (r for r in result["rows"] if r["chunk_size"] is None):
+        ax.axhline(base["ms"], ls="--", lw=1, color="gray" if "plain" in base["method"] else "black")
+        ax.text(16, base["ms"] * 1.04, base["method"], fontsize=8)
+    for method in ("chunked/sequential", "chunked/hillis_steele"):
+        for layout, marker in (("channel-major", "o"), ("time-major", "s")):
+            pts = [(r["chunk_size"], r["ms"]) for r in result["rows"] if r["method"] == method and r["layout"] == layout]
+            ax.plot(*zip(*pts), marker=marker, label=f"{method} ({layout} input)")
+    shape = result["shape"]
+    ax.set(xscale="log", yscale="log", xlabel="chunk size T", ylabel="forward ms (median)",
+           title=f"selective scan on CPU, B={shape['B']} D={shape['D']} N={shape['N']} L={shape['L']}, "
+                 f"fp32, {result['threads']} threads")
+    ax.set_xticks([16, 32, 64, 128, 256, 512], labels=["16", "32", "64", "128", "256", "512"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint is shared like any file
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -44,6 +45,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -161,8 +168,9 @@ def save_pretrained(model, directory: str | Path, format: str = "mambakit") -> N
     config: MambaConfig = model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if format == "official":
+        raw = config.to_official()  # before writing anything: it raises for an inexpressible config
         atomic_write(directory / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
-        atomic_write_json(directory / "config.json", config.to_official())
+        atomic_write_json(directory / "config.json", raw)
         _remove_shadowing(directory, keep="pytorch_model.bin")
         return
     from safetensors.torch import save_file

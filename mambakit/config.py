@@ -85,6 +85,9 @@ class MambaConfig:
 
     # ---- the official mamba_ssm config.json ---------------------------------------------
     def to_official(self) -> dict[str, Any]:
+        if self.norm_epsilon != 1e-5:  # mamba_ssm's config has no epsilon; its models use 1e-5
+            raise ValueError(f"the official mamba_ssm format supports norm_epsilon=1e-5 only "
+                             f"(norm_epsilon={self.norm_epsilon} given)")
         ssm_cfg = {
             "layer": "Mamba1", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
             "dt_rank": self.dt_rank, "dt_min": self.dt_min, "dt_max": self.dt_max,

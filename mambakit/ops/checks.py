@@ -108,6 +108,8 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     if z is not None:
         require_tensor("z", z, ndim=3)
         require_shape("z", z, u.shape, "same as u: (B, D, L)")
+    require_same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                        initial_state=initial_state, cu_seqlens=cu_seqlens)
     n_seqs = batch
     if cu_seqlens is not None:
         n_seqs = check_cu_seqlens(cu_seqlens, length, batch)
@@ -115,8 +117,6 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
         require_tensor("initial_state", initial_state, ndim=3)
         what = "(S, D, N) with S sequences from cu_seqlens" if cu_seqlens is not None else "(B, D, N)"
         require_shape("initial_state", initial_state, (n_seqs, dim, d_state), what)
-    require_same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                        initial_state=initial_state, cu_seqlens=cu_seqlens)
     return ScanShape(batch, dim, length, d_state, groups, grouped, n_seqs)
 
 
