@@ -91,6 +91,32 @@ def main():
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print("wrote", args.out)
+    plot(results, args.out.replace(".json", ".png"))
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    pre, dec = results["prefill"], results["decode"]
+    for ax, title, values, unit, ratio in (
+            (axes[0], f"prefill 1 x {pre['tokens']} tokens", (pre["mambakit_s"], pre["transformers_s"]), "s",
+             pre["speedup"]),
+            (axes[1], f"greedy decoding ({dec['new_tokens']} tokens)",
+             (dec["mambakit_ms_per_token"], dec["transformers_ms_per_token"]), "ms / token", dec["speedup"])):
+        bars = ax.bar(["mambakit", "transformers"], values, color=["tab:green", "tab:gray"])
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set(title=f"{title}: {ratio:.2f}x", ylabel=unit)
+    setup = results["setup"]
+    fig.suptitle(f"130m-shaped Mamba on CPU, fp32, {setup['threads']} threads (lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def plot(result, path):
     ax.set(xscale="log", yscale="log", xlabel="chunk size T", ylabel="forward ms (median)",
            title=f"selective scan on CPU, B={shape['B']} D={shape['D']} N={shape['N']} L={shape['L']}, "
                  f"fp32, {result['threads']} threads")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xticks([16, 32, 64, 128, 256, 512], labels=["16", "32", "64", "128", "256", "512"])
     ax.legend(fontsize=8)
     fig.tight_layout()

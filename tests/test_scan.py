@@ -125,3 +125,12 @@ def test_backend_argument():
                                **TOL[torch.float32])
     with pytest.raises(ValueError, match="backend"):
         selective_scan(**kw, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("batch,dim,d_state", [(1, 1536, 16), (4, 1536, 16), (64, 5120, 16), (1, 8, 1)])
+def test_auto_chunk_size_keeps_the_chunk_buffer_bounded(batch, dim, d_state):
+    from mambakit.ops.scan import CHUNK_ELEMENTS, MAX_CHUNK, MIN_CHUNK, auto_chunk_size
+    T = auto_chunk_size(batch, dim, d_state)
+    assert MIN_CHUNK <= T <= MAX_CHUNK and T & (T - 1) == 0
+    assert T == MIN_CHUNK or T * batch * dim * d_state <= CHUNK_ELEMENTS
+    assert T == MAX_CHUNK or 2 * T * batch * dim * d_state > CHUNK_ELEMENTS
