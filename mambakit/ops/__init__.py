@@ -1,20 +1,37 @@
 """Selective-scan and causal-conv1d operators with backend dispatch.
 
-`backend=None` picks the fastest available implementation for the inputs' device (today the
-chunked torch scan everywhere; fused Triton kernels for CUDA arrive with issue 4).
-`backend="torch"` forces the chunked torch path and `backend="reference"` the sequential spec.
+`backend=None` picks the fastest available implementation for the inputs' device: the fused
+Triton scan for CUDA tensors (fp16/bf16/fp32, when triton is installed), the chunked torch scan
+elsewhere. `backend="triton"`, `"torch"` or `"reference"` (the sequential spec) forces one.
+The conv and the decoding steps have torch implementations only, so far; "triton" runs those.
 """
 
 from __future__ import annotations
 
-from .checks import check_conv_update_args, check_state_update_args
+import os
+
+import torch
+
+from .checks import check_conv_update_args, check_scan_args, check_state_update_args
 from .conv import causal_conv1d_torch
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
                         selective_state_update_ref)
 from .scan import selective_scan_chunked
 from .step import causal_conv1d_update_, selective_state_update_
 
-BACKENDS = ("torch", "reference")
+BACKENDS = ("triton", "torch", "reference")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = [
     "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
@@ -23,11 +40,22 @@ __all__ = [
 ]
 
 
-def _resolve(backend: str | None) -> str:
+def _resolve(backend: str | None, x=None) -> str:
+    """None/"auto": Triton for CUDA tensors (fp16/bf16/fp32) when triton is installed, else torch."""
     if backend is None or backend == "auto":
+        if x is not None and x.is_cuda and x.dtype != torch.float64 and triton_available():
+            return "triton"
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install 'mambakit[gpu]')")
+        if x is not None and not x.is_cuda and not _interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                             f"to run the kernels on CPU")
+        if x is not None and x.dtype == torch.float64:
+            raise ValueError("backend='triton' computes in fp32; use backend='torch' for float64 inputs")
     return backend
 
 
@@ -36,9 +64,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
     initial_state: (B, D, N), or (S, D, N) with cu_seqlens (int32 (S+1,) offsets, batch 1).
     Returns y (B, D, L) [, final_state (B or S, D, N), fp32 or fp64]."""
-    fn = selective_scan_ref if _resolve(backend) == "reference" else selective_scan_chunked
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens)
+    kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
+              return_final_state=return_final_state, cu_seqlens=cu_seqlens)
+    which = _resolve(backend, u if isinstance(u, torch.Tensor) else None)
+    if which == "reference":
+        return selective_scan_ref(u, delta, A, B, C, **kw)
+    if which == "torch":
+        return selective_scan_chunked(u, delta, A, B, C, **kw)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    from .triton.scan_op import selective_scan_triton
+    return selective_scan_triton(u, delta, A, B, C, **kw)
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,

@@ -1,0 +1,1 @@
+"""Fused Triton kernels (GPU; or on CPU under TRITON_INTERPRET=1 for tests)."""

@@ -1,0 +1,102 @@
+"""The Triton selective scan as `torch.library` custom ops, with fake-tensor support (so that
+torch.compile traces through it) and autograd.
+
+    mambakit::selective_scan_fwd(...) -> (out, final_state, chunk_states)
+    mambakit::selective_scan_bwd(...) -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit)
+
+Optional tensors that the kernel does not take are passed as None; outputs that do not apply
+come back as empty tensors (custom ops cannot return None)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import selective_scan as kernels
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                       cu_seqlens: Optional[Tensor], delta_softplus: bool, save_states: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                          cu_seqlens, save_states)
+    return out, final, states if states is not None else u.new_empty(_EMPTY, dtype=torch.float32)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, save_states):
+    batch, dim, length = u.shape
+    n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = u.new_empty((n_seqs, dim, A.shape[1]), dtype=torch.float32)
+    if save_states:
+        lc = kernels._Launch(u, B, A, cu_seqlens, None)
+        states = u.new_empty((n_seqs, lc.n_chunks, dim, A.shape[1]), dtype=torch.float32)
+    else:
+        states = u.new_empty(_EMPTY, dtype=torch.float32)
+    return torch.empty_like(u), final, states
+
+
+@torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                       chunk_states: Tensor, dout: Tensor, dfinal: Optional[Tensor], delta_softplus: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernels.scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states,
+                             dout, dfinal)
+    return tuple(g if g is not None else u.new_empty(_EMPTY, dtype=torch.float32) for g in grads)
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_states, dout, dfinal, delta_softplus):
+    f32 = dict(dtype=torch.float32)
+    empty = u.new_empty(_EMPTY, **f32)
+    n_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dim, d_state = A.shape
+    return (u.new_empty(u.shape, **f32), u.new_empty(u.shape, **f32), A.new_empty(A.shape, **f32),
+            B.new_empty(B.shape, **f32), C.new_empty(C.shape, **f32),
+            D.new_empty(D.shape, **f32) if D is not None else empty,
+            u.new_empty(u.shape, **f32) if z is not None else empty,
+            delta_bias.new_empty(delta_bias.shape, **f32) if delta_bias is not None else empty,
+            u.new_empty((n_seqs, dim, d_state), **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, save_states = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, output[2])
+    ctx.delta_softplus = delta_softplus
+    ctx.has_init = initial_state is not None
+    ctx.init_dtype = None if initial_state is None else initial_state.dtype
+
+
+def _backward(ctx, dout, dfinal, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states = ctx.saved_tensors
+    if states.numel() == 0:
+        raise RuntimeError("mambakit.selective_scan: backward through a forward run without save_states; "
+                           "call it with gradients enabled")
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states, dout, dfinal, ctx.delta_softplus)
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+            dinit.to(ctx.init_dtype) if ctx.has_init else None, None, None, None)
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, return_final_state=False, cu_seqlens=None):
+    """Same signature and results as `selective_scan_ref` (arguments already checked)."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    out, final, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                       bool(delta_softplus), save)
+    return (out, final) if return_final_state else out

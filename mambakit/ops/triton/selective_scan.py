@@ -1,0 +1,349 @@
+"""The fused selective scan in Triton: forward and backward, with nothing to compile ahead.
+
+One program owns BLOCK_D channels of one sequence and all N states, keeps the state h
+(BLOCK_D, N) in registers, and walks L in chunks of BLOCK_L steps. In a chunk it loads u, Δ,
+z (BLOCK_D, BLOCK_L) and B, C (N, BLOCK_L) once, forms exp(ΔA) and ΔBu for the whole chunk,
+scans them with `tl.associative_scan` and folds in the carried state. Only the state at each
+chunk start leaves the chip (for the backward pass), never the per-step states.
+
+The backward pass walks the chunks in reverse, recomputes each chunk's states from its saved
+start state, and runs the adjoint recurrence g_t = C_t dy_t + exp(Δ_{t+1}A) g_{t+1} as a
+reverse scan. Reductions over channels (dB, dC) and over time (dA, dD, dΔ-bias) are written as
+per-program partial sums and added by torch in a fixed order: no atomics, so the backward
+is deterministic.
+
+Packed sequences (`cu_seqlens`) map one program row to one sequence. Offsets are 64-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN: tl.constexpr):
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + pid_s).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + pid_s + 1).to(tl.int64)
+        batch = pid_s * 0  # packed sequences share batch row 0
+    else:
+        start = 0
+        end = L
+        batch = pid_s
+    return batch, start, end
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, row_u, row_bc, offs_d, offs_n, t, mask_d, mask_n,
+                mask_t, s_ud, s_ul, s_bn, s_bl, A2,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u, dt (BLOCK_D, BLOCK_L); B, C (BLOCK_N, BLOCK_L); dA, dBu (BLOCK_D, BLOCK_L, BLOCK_N)."""
+    m_dl = mask_d[:, None] & mask_t[None, :]
+    m_nl = mask_n[:, None] & mask_t[None, :]
+    ud = offs_d[:, None] * s_ud + t[None, :] * s_ul
+    u = tl.load(u_ptr + row_u + ud, mask=m_dl, other=0.0).to(tl.float32)
+    dt_raw = tl.load(delta_ptr + row_u + ud, mask=m_dl, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
+    dt = tl.where(m_dl, dt, 0.0)
+    bn = offs_n[:, None] * s_bn + t[None, :] * s_bl
+    Bt = tl.load(B_ptr + row_bc + bn, mask=m_nl, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + row_bc + bn, mask=m_nl, other=0.0).to(tl.float32)
+    dA = tl.exp2(dt[:, :, None] * A2[:, None, :])  # (BLOCK_D, BLOCK_L, BLOCK_N); 1 where dt = 0
+    dBu = (dt * u)[:, :, None] * tl.trans(Bt)[None, :, :]
+    return u, dt_raw, dt, Bt, Ct, dA, dBu
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
+    out_ptr, final_ptr, chunk_states_ptr,
+    L, dim, d_state, channels_per_group,
+    s_ub, s_ud, s_ul, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    batch, start, end = _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    m_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // channels_per_group  # BLOCK_D divides channels_per_group
+    row_u = batch.to(tl.int64) * s_ub
+    row_bc = batch.to(tl.int64) * s_bb + group * s_bg
+    row_o = batch.to(tl.int64) * s_ob
+    dn = offs_d[:, None] * d_state + offs_n[None, :]  # (BLOCK_D, BLOCK_N) into a (.., D, N) state
+    A2 = tl.load(A_ptr + dn, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    state_row = pid_s.to(tl.int64) * dim * d_state
+    if HAS_INIT:
+        h = tl.load(init_ptr + state_row + dn, mask=m_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for chunk in range(0, tl.cdiv(end - start, BLOCK_L)):
+        t0 = start + chunk * BLOCK_L
+        if SAVE_STATES:
+            off = (pid_s.to(tl.int64) * n_chunks_max + chunk) * dim * d_state
+            tl.store(chunk_states_ptr + off + dn, h, mask=m_dn)
+        t = t0 + offs_l
+        mask_t = t < end
+        u, dt_raw, dt, Bt, Ct, dA, dBu = _load_chunk(
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, row_u, row_bc, offs_d, offs_n, t, mask_d, mask_n, mask_t,
+            s_ud, s_ul, s_bn, s_bl, A2, HAS_BIAS, SOFTPLUS)
+        a_cum, b_cum = tl.associative_scan((dA, dBu), 1, _combine)
+        hs = a_cum * h[:, None, :] + b_cum  # (BLOCK_D, BLOCK_L, BLOCK_N)
+        y = tl.sum(hs * tl.trans(Ct)[None, :, :], axis=2)  # (BLOCK_D, BLOCK_L)
+        if HAS_D:
+            y += Dv[:, None] * u
+        m_dl = mask_d[:, None] & mask_t[None, :]
+        if HAS_Z:
+            zz = tl.load(z_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m_dl, other=0.0)
+            zz = zz.to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_ptr + row_o + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty),
+                 mask=m_dl)
+        # the state after the chunk's last step (masked steps have dA = 1, dBu = 0: pass-through)
+        h = tl.sum(tl.where((offs_l == BLOCK_L - 1)[None, :, None], hs, 0.0), axis=1)
+    tl.store(final_ptr + state_row + dn, h, mask=m_dn)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr,
+    dout_ptr, dfinal_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
+    L, dim, d_state, channels_per_group, n_dblocks,
+    s_ub, s_ud, s_ul, s_bb, s_bg, s_bn, s_bl, n_chunks_max,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    batch, start, end = _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    m_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // channels_per_group
+    row_u = batch.to(tl.int64) * s_ub  # du, ddelta, dz, dout share u's strides (contiguous)
+    row_bc = batch.to(tl.int64) * s_bb + group * s_bg
+    dn = offs_d[:, None] * d_state + offs_n[None, :]
+    A2 = tl.load(A_ptr + dn, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    state_row = pid_s.to(tl.int64) * dim * d_state
+    if HAS_DFINAL:
+        carry = tl.load(dfinal_ptr + state_row + dn, mask=m_dn, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dL/dh at the chunk's end
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    a_first = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(end - start, BLOCK_L)
+    # partial sums for dB, dC: (B, n_dblocks, N, L); packed sequences cover disjoint t in row 0
+    part_row = (batch.to(tl.int64) * n_dblocks + pid_d) * d_state * L
+    for i in range(0, n_chunks):
+        chunk = n_chunks - 1 - i
+        t0 = start + chunk * BLOCK_L
+        t = t0 + offs_l
+        mask_t = t < end
+        m_dl = mask_d[:, None] & mask_t[None, :]
+        u, dt_raw, dt, Bt, Ct, dA, dBu = _load_chunk(
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, row_u, row_bc, offs_d, offs_n, t, mask_d, mask_n, mask_t,
+            s_ud, s_ul, s_bn, s_bl, A2, HAS_BIAS, SOFTPLUS)
+        # exp(Δ_{t+1} A): the multiplier from g_{t+1} back to g_t; 1 at the sequence's last step
+        mask_next = (t + 1) < end
+        ud_next = offs_d[:, None] * s_ud + (t + 1)[None, :] * s_ul
+        dt_next = tl.load(delta_ptr + row_u + ud_next, mask=mask_d[:, None] & mask_next[None, :], other=0.0)
+        dt_next = dt_next.to(tl.float32)
+        if HAS_BIAS:
+            dt_next += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        if SOFTPLUS:
+            dt_next = _softplus(dt_next)
+        dt_next = tl.where(mask_d[:, None] & mask_next[None, :], dt_next, 0.0)
+        a_next = tl.exp2(dt_next[:, :, None] * A2[:, None, :])  # 1 where dt_next = 0
+        # recompute the chunk's states from its saved start state
+        off = (pid_s.to(tl.int64) * n_chunks_max + chunk) * dim * d_state
+        h0 = tl.load(chunk_states_ptr + off + dn, mask=m_dn, other=0.0)
+        a_cum, b_cum = tl.associative_scan((dA, dBu), 1, _combine)
+        hs = a_cum * h0[:, None, :] + b_cum  # (BLOCK_D, BLOCK_L, BLOCK_N)
+        CtT = tl.trans(Ct)[None, :, :]
+        dout = tl.load(dout_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m_dl, other=0.0)
+        dout = dout.to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m_dl, other=0.0)
+            zz = zz.to(tl.float32)
+            sz = tl.sigmoid(zz)
+            y = tl.sum(hs * CtT, axis=2)
+            if HAS_D:
+                y += Dv[:, None] * u
+            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, dz, mask=m_dl)
+            dy = dout * zz * sz
+        else:
+            dy = dout
+        dy = tl.where(m_dl, dy, 0.0)
+        # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, as a reverse scan, then fold in the carry
+        x = dy[:, :, None] * CtT
+        p_cum, g_part = tl.associative_scan((a_next, x), 1, _combine, reverse=True)
+        g = g_part + p_cum * carry[:, None, :]
+        first = (offs_l == 0)[None, :, None]
+        carry = tl.sum(tl.where(first, g, 0.0), axis=1)
+        a_first = tl.sum(tl.where(first, dA, 0.0), axis=1)
+        # X_t = g_t a_t h_{t-1} = g_t (h_t - ΔBu_t): the gradient through a_t = exp(Δ_t A), times a_t
+        X = g * (hs - dBu)
+        BtT = tl.trans(Bt)[None, :, :]
+        gB = tl.sum(g * BtT, axis=2)  # (BLOCK_D, BLOCK_L)
+        ddt = tl.sum(X * (A2 * 0.6931471805599453)[:, None, :], axis=2) + gB * u
+        du = gB * dt
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw)
+        ddt = tl.where(m_dl, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        dA_acc += tl.sum(X * dt[:, :, None], axis=1)
+        tl.store(du_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, du, mask=m_dl)
+        tl.store(ddelta_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, ddt, mask=m_dl)
+        # partial sums over this program's channels: dB_t = Σ_d g Δ u, dC_t = Σ_d dy h
+        dB_t = tl.sum(g * (dt * u)[:, :, None], axis=0)  # (BLOCK_L, BLOCK_N)
+        dC_t = tl.sum(hs * dy[:, :, None], axis=0)
+        nl = offs_n[None, :] * L + t[:, None]
+        m_ln = mask_t[:, None] & mask_n[None, :]
+        tl.store(dB_part_ptr + part_row + nl, dB_t, mask=m_ln)
+        tl.store(dC_part_ptr + part_row + nl, dC_t, mask=m_ln)
+    tl.store(dinit_ptr + state_row + dn, carry * a_first, mask=m_dn)
+    tl.store(dA_part_ptr + state_row + dn, dA_acc, mask=m_dn)
+    tl.store(dD_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dbias_acc, mask=mask_d)
+
+
+# ---- launching -------------------------------------------------------------------------------
+
+def _block_d(channels_per_group: int, d_state: int) -> int:
+    """Channels per program: a power of two dividing the group size (so that one program reads
+    one group's B and C), smaller for large N to bound the (BLOCK_D, BLOCK_L, N) registers."""
+    limit = max(1, 4096 // (32 * triton.next_power_of_2(d_state)))
+    block = 1
+    while block * 2 <= min(limit, 16) and channels_per_group % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+class _Launch:
+    """Shapes, strides and block sizes shared by the forward and backward launches."""
+
+    def __init__(self, u, B, A, cu_seqlens, block_l):
+        self.batch, self.dim, self.L = u.shape
+        self.d_state = A.shape[1]
+        self.groups = B.shape[1] if B.ndim == 4 else 1
+        self.cpg = self.dim // self.groups
+        self.varlen = cu_seqlens is not None
+        self.n_seqs = cu_seqlens.numel() - 1 if self.varlen else self.batch
+        self.BLOCK_N = max(triton.next_power_of_2(self.d_state), 2)
+        self.BLOCK_D = _block_d(self.cpg, self.d_state)
+        self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
+        self.BLOCK_L = min(self.BLOCK_L, max(2, triton.next_power_of_2(self.L)))
+        # sized from L, not from the longest packed sequence, so that shapes never depend on
+        # data (torch.compile's fake tensors) and no host sync is needed
+        self.n_chunks = triton.cdiv(self.L, self.BLOCK_L)
+        self.n_dblocks = triton.cdiv(self.dim, self.BLOCK_D)
+        self.grid = (self.n_seqs, self.n_dblocks)
+        Bv = B if B.ndim == 4 else B.unsqueeze(1)  # (b, G, N, L)
+        self.bc_strides = (Bv.stride(0), Bv.stride(1), Bv.stride(2), Bv.stride(3))
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
+             block_l=None):
+    """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
+    u, delta, z, A, D, delta_bias = map(_contig, (u, delta, z, A, D, delta_bias))
+    B, C = B.contiguous(), C.contiguous()
+    init = None if initial_state is None else initial_state.float().contiguous()
+    lc = _Launch(u, B, A, cu_seqlens, block_l)
+    out = torch.empty_like(u)
+    final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
+    states = (torch.empty(lc.n_seqs, lc.n_chunks, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
+              if save_states else None)
+    dummy = final
+    _fwd_kernel[lc.grid](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
+        cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
+        lc.L, lc.dim, lc.d_state, lc.cpg,
+        u.stride(0), u.stride(1), u.stride(2), *lc.bc_strides, out.stride(0), out.stride(1), out.stride(2),
+        lc.n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
+        SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=save_states,
+        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L,
+    )
+    return out, final, states
+
+
+def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
+             block_l=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit), each in fp32."""
+    u, delta, z, A, D, delta_bias = map(_contig, (u, delta, z, A, D, delta_bias))
+    B, C = B.contiguous(), C.contiguous()
+    dout = dout.contiguous()
+    lc = _Launch(u, B, A, cu_seqlens, block_l)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
+    dz = torch.empty(u.shape, **f32) if z is not None else None
+    dinit = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
+    dA_part = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
+    dD_part = torch.empty(lc.n_seqs, lc.dim, **f32)
+    dbias_part = torch.empty(lc.n_seqs, lc.dim, **f32)
+    dB_part = torch.zeros(lc.batch, lc.n_dblocks, lc.d_state, lc.L, **f32)
+    dC_part = torch.zeros_like(dB_part)
+    dfinal = None if dfinal is None else dfinal.float().contiguous()
+    dummy = dinit
+    _bwd_kernel[lc.grid](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
+        chunk_states, dout, dfinal if dfinal is not None else dummy,
+        du, ddelta, dz if dz is not None else dummy, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part,
+        lc.L, lc.dim, lc.d_state, lc.cpg, lc.n_dblocks,
+        u.stride(0), u.stride(1), u.stride(2), *lc.bc_strides, lc.n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
+        SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
+        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L,
+    )
+    # fixed-order reductions of the per-program partial sums (deterministic)
+    blocks_per_group = lc.cpg // lc.BLOCK_D
+    dB = dB_part.view(lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(2)  # (b, G, N, L)
+    dC = dC_part.view(lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(2)
+    if B.ndim == 3:
+        dB, dC = dB[:, 0], dC[:, 0]
+    return (du, ddelta, dA_part.sum(0), dB, dC, dD_part.sum(0) if D is not None else None, dz,
+            dbias_part.sum(0) if delta_bias is not None else None, dinit)
