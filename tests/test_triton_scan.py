@@ -60,7 +60,7 @@ def test_outputs_and_gradients_match_reference(case, with_init):
 def test_varlen_matches_reference(lengths):
     kw = make_scan_inputs(1, 4, sum(lengths), 5, groups=2, with_init=True, n_seqs=len(lengths))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    y_ref, h_ref, g_ref = _run(selective_scan_ref, kw, delta_softplus=True, cu_seqlens=cu)
+    y_ref, h_ref, g_ref = _run(selective_scan_ref, kw, delta_softplus=True, cu_seqlens=cu.to(DEVICE))
     y, h, g = _run(_triton, kw, delta_softplus=True, cu_seqlens=cu.to(DEVICE))
     torch.testing.assert_close(y, y_ref, **FP32)
     torch.testing.assert_close(h, h_ref, **FP32)

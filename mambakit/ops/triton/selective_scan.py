@@ -260,7 +260,7 @@ def _block_d(channels_per_group: int, d_state: int) -> int:
 class _Launch:
     """Shapes, strides and block sizes shared by the forward and backward launches."""
 
-    def __init__(self, u, B, A, cu_seqlens, block_l):
+    def __init__(self, u, B, A, cu_seqlens, block_l, block_d=None):
         self.batch, self.dim, self.L = u.shape
         self.d_state = A.shape[1]
         self.groups = B.shape[1] if B.ndim == 4 else 1
@@ -268,7 +268,7 @@ class _Launch:
         self.varlen = cu_seqlens is not None
         self.n_seqs = cu_seqlens.numel() - 1 if self.varlen else self.batch
         self.BLOCK_N = max(triton.next_power_of_2(self.d_state), 2)
-        self.BLOCK_D = _block_d(self.cpg, self.d_state)
+        self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
         self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
         self.BLOCK_L = min(self.BLOCK_L, max(2, triton.next_power_of_2(self.L)))
         # sized from L, not from the longest packed sequence, so that shapes never depend on
@@ -285,12 +285,12 @@ def _contig(t):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
-             block_l=None):
+             block_l=None, block_d=None, num_warps=4):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
     u, delta, z, A, D, delta_bias = map(_contig, (u, delta, z, A, D, delta_bias))
     B, C = B.contiguous(), C.contiguous()
     init = None if initial_state is None else initial_state.float().contiguous()
-    lc = _Launch(u, B, A, cu_seqlens, block_l)
+    lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     out = torch.empty_like(u)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
     states = (torch.empty(lc.n_seqs, lc.n_chunks, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
@@ -305,18 +305,18 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=save_states,
-        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L,
+        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, num_warps=num_warps,
     )
     return out, final, states
 
 
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
-             block_l=None):
+             block_l=None, block_d=None, num_warps=4):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit), each in fp32."""
     u, delta, z, A, D, delta_bias = map(_contig, (u, delta, z, A, D, delta_bias))
     B, C = B.contiguous(), C.contiguous()
     dout = dout.contiguous()
-    lc = _Launch(u, B, A, cu_seqlens, block_l)
+    lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
     dz = torch.empty(u.shape, **f32) if z is not None else None
@@ -337,7 +337,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
         u.stride(0), u.stride(1), u.stride(2), *lc.bc_strides, lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
-        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L,
+        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, num_warps=num_warps,
     )
     # fixed-order reductions of the per-program partial sums (deterministic)
     blocks_per_group = lc.cpg // lc.BLOCK_D
