@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest.py sets it first; kept for direct runs
 pytest.importorskip("triton")
 
 from mambakit.ops import selective_scan, selective_scan_ref  # noqa: E402
