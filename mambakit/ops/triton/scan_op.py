@@ -39,7 +39,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
         states = u.new_empty((n_seqs, lc.n_chunks, dim, A.shape[1]), dtype=torch.float32)
     else:
         states = u.new_empty(_EMPTY, dtype=torch.float32)
-    return torch.empty_like(u), final, states
+    return u.new_empty(u.shape), final, states  # contiguous, as the kernel writes it
 
 
 @torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
