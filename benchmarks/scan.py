@@ -112,10 +112,13 @@ def plot(result, path):
     for key, label, style in (("mambakit_fwd_ms", "mambakit fwd", "-o"), ("mambakit_fwdbwd_ms", "mambakit fwd+bwd", "--o"),
                               ("official_fwd_ms", "official fwd", "-s"), ("official_fwdbwd_ms", "official fwd+bwd", "--s"),
                               ("sdpa_fwd_ms", "SDPA causal fwd (12x64)", ":^")):
-        pts = [(r["B"] * r["L"], r[key]) for r in result["rows"] if r.get(key)]
+        pts = [(r["L"], r[key]) for r in result["rows"] if r.get(key)]
         if pts:
             ax.plot(*zip(*pts), style, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="tokens per call (B x L)", ylabel="ms",
+    ax.set_xticks([r["L"] for r in result["rows"]], labels=[f"{r['B']}x{r['L']}" for r in result["rows"]],
+                  fontsize=8)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set(xscale="log", yscale="log", xlabel="sequence length L (label: B x L)", ylabel="ms",
            title=f"selective scan, {result['device']}, bf16, D=1536, N=16")
     ax.legend(fontsize=8)
     fig.tight_layout()
