@@ -90,3 +90,21 @@ def test_triton_backend_refuses_float64():
     kw = make_scan_inputs(1, 2, 3, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         selective_scan(**{k: v.to(DEVICE) if v is not None else None for k, v in kw.items()}, backend="triton")
+
+
+def test_time_major_inputs_are_read_through_their_strides():
+    """The Mamba mixer passes views of (B, L, D) tensors; the kernel must not assume (B, D, L)."""
+    kw = make_scan_inputs(2, 8, 21, 4, groups=2, with_init=True)
+    y_ref, h_ref, g_ref = _run(selective_scan_ref, kw, delta_softplus=True)
+
+    def time_major(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def triton_time_major(u, delta, z, **rest):
+        return _triton(u=time_major(u), delta=time_major(delta), z=time_major(z), **rest)
+    assert not time_major(kw["u"]).is_contiguous()
+    y, h, g = _run(triton_time_major, kw, delta_softplus=True)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    torch.testing.assert_close(h, h_ref, **FP32)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m: f"d{name}: {m}")

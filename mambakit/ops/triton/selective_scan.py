@@ -49,15 +49,20 @@ def _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, row_u, row_bc, offs_d, offs_n, t, mask_d, mask_n,
-                mask_t, s_ud, s_ul, s_bn, s_bl, A2,
+def _at(ptr, batch, offs_d, t, s_b, s_d, s_l):
+    """Pointers to a (BLOCK_D, BLOCK_L) tile of a (batch, D, L) tensor with any strides."""
+    return ptr + batch.to(tl.int64) * s_b + offs_d[:, None].to(tl.int64) * s_d + t[None, :].to(tl.int64) * s_l
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, batch, row_bc, offs_d, offs_n, t, mask_d, mask_n,
+                mask_t, s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bn, s_bl, A2,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """u, dt (BLOCK_D, BLOCK_L); B, C (BLOCK_N, BLOCK_L); dA, dBu (BLOCK_D, BLOCK_L, BLOCK_N)."""
     m_dl = mask_d[:, None] & mask_t[None, :]
     m_nl = mask_n[:, None] & mask_t[None, :]
-    ud = offs_d[:, None] * s_ud + t[None, :] * s_ul
-    u = tl.load(u_ptr + row_u + ud, mask=m_dl, other=0.0).to(tl.float32)
-    dt_raw = tl.load(delta_ptr + row_u + ud, mask=m_dl, other=0.0).to(tl.float32)
+    u = tl.load(_at(u_ptr, batch, offs_d, t, s_ub, s_ud, s_ul), mask=m_dl, other=0.0).to(tl.float32)
+    dt_raw = tl.load(_at(delta_ptr, batch, offs_d, t, s_db, s_dd, s_dl), mask=m_dl, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt_raw += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
@@ -75,7 +80,7 @@ def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
     out_ptr, final_ptr, chunk_states_ptr,
     L, dim, d_state, channels_per_group,
-    s_ub, s_ud, s_ul, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -90,9 +95,7 @@ def _fwd_kernel(
     mask_n = offs_n < d_state
     m_dn = mask_d[:, None] & mask_n[None, :]
     group = (pid_d * BLOCK_D) // channels_per_group  # BLOCK_D divides channels_per_group
-    row_u = batch.to(tl.int64) * s_ub
     row_bc = batch.to(tl.int64) * s_bb + group * s_bg
-    row_o = batch.to(tl.int64) * s_ob
     dn = offs_d[:, None] * d_state + offs_n[None, :]  # (BLOCK_D, BLOCK_N) into a (.., D, N) state
     A2 = tl.load(A_ptr + dn, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_D:
@@ -110,8 +113,8 @@ def _fwd_kernel(
         t = t0 + offs_l
         mask_t = t < end
         u, dt_raw, dt, Bt, Ct, dA, dBu = _load_chunk(
-            u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, row_u, row_bc, offs_d, offs_n, t, mask_d, mask_n, mask_t,
-            s_ud, s_ul, s_bn, s_bl, A2, HAS_BIAS, SOFTPLUS)
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, batch, row_bc, offs_d, offs_n, t, mask_d, mask_n, mask_t,
+            s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bn, s_bl, A2, HAS_BIAS, SOFTPLUS)
         a_cum, b_cum = tl.associative_scan((dA, dBu), 1, _combine)
         hs = a_cum * h[:, None, :] + b_cum  # (BLOCK_D, BLOCK_L, BLOCK_N)
         y = tl.sum(hs * tl.trans(Ct)[None, :, :], axis=2)  # (BLOCK_D, BLOCK_L)
@@ -119,11 +122,9 @@ def _fwd_kernel(
             y += Dv[:, None] * u
         m_dl = mask_d[:, None] & mask_t[None, :]
         if HAS_Z:
-            zz = tl.load(z_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m_dl, other=0.0)
-            zz = zz.to(tl.float32)
+            zz = tl.load(_at(z_ptr, batch, offs_d, t, s_zb, s_zd, s_zl), mask=m_dl, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
-        tl.store(out_ptr + row_o + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty),
-                 mask=m_dl)
+        tl.store(_at(out_ptr, batch, offs_d, t, s_ob, s_od, s_ol), y.to(out_ptr.dtype.element_ty), mask=m_dl)
         # the state after the chunk's last step (masked steps have dA = 1, dBu = 0: pass-through)
         h = tl.sum(tl.where((offs_l == BLOCK_L - 1)[None, :, None], hs, 0.0), axis=1)
     tl.store(final_ptr + state_row + dn, h, mask=m_dn)
@@ -135,7 +136,8 @@ def _bwd_kernel(
     dout_ptr, dfinal_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
     L, dim, d_state, channels_per_group, n_dblocks,
-    s_ub, s_ud, s_ul, s_bb, s_bg, s_bn, s_bl, n_chunks_max,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_ob, s_od, s_ol,
+    s_bb, s_bg, s_bn, s_bl, n_chunks_max,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DFINAL: tl.constexpr,
     SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -150,7 +152,7 @@ def _bwd_kernel(
     mask_n = offs_n < d_state
     m_dn = mask_d[:, None] & mask_n[None, :]
     group = (pid_d * BLOCK_D) // channels_per_group
-    row_u = batch.to(tl.int64) * s_ub  # du, ddelta, dz, dout share u's strides (contiguous)
+    # u, delta, z, dout (s_g*) may have any strides; du, ddelta, dz are contiguous (s_o*)
     row_bc = batch.to(tl.int64) * s_bb + group * s_bg
     dn = offs_d[:, None] * d_state + offs_n[None, :]
     A2 = tl.load(A_ptr + dn, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -175,12 +177,12 @@ def _bwd_kernel(
         mask_t = t < end
         m_dl = mask_d[:, None] & mask_t[None, :]
         u, dt_raw, dt, Bt, Ct, dA, dBu = _load_chunk(
-            u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, row_u, row_bc, offs_d, offs_n, t, mask_d, mask_n, mask_t,
-            s_ud, s_ul, s_bn, s_bl, A2, HAS_BIAS, SOFTPLUS)
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, batch, row_bc, offs_d, offs_n, t, mask_d, mask_n, mask_t,
+            s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bn, s_bl, A2, HAS_BIAS, SOFTPLUS)
         # exp(Δ_{t+1} A): the multiplier from g_{t+1} back to g_t; 1 at the sequence's last step
         mask_next = (t + 1) < end
-        ud_next = offs_d[:, None] * s_ud + (t + 1)[None, :] * s_ul
-        dt_next = tl.load(delta_ptr + row_u + ud_next, mask=mask_d[:, None] & mask_next[None, :], other=0.0)
+        dt_next = tl.load(_at(delta_ptr, batch, offs_d, t + 1, s_db, s_dd, s_dl),
+                          mask=mask_d[:, None] & mask_next[None, :], other=0.0)
         dt_next = dt_next.to(tl.float32)
         if HAS_BIAS:
             dt_next += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
@@ -194,17 +196,16 @@ def _bwd_kernel(
         a_cum, b_cum = tl.associative_scan((dA, dBu), 1, _combine)
         hs = a_cum * h0[:, None, :] + b_cum  # (BLOCK_D, BLOCK_L, BLOCK_N)
         CtT = tl.trans(Ct)[None, :, :]
-        dout = tl.load(dout_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m_dl, other=0.0)
+        dout = tl.load(_at(dout_ptr, batch, offs_d, t, s_gb, s_gd, s_gl), mask=m_dl, other=0.0)
         dout = dout.to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m_dl, other=0.0)
-            zz = zz.to(tl.float32)
+            zz = tl.load(_at(z_ptr, batch, offs_d, t, s_zb, s_zd, s_zl), mask=m_dl, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zz)
             y = tl.sum(hs * CtT, axis=2)
             if HAS_D:
                 y += Dv[:, None] * u
             dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, dz, mask=m_dl)
+            tl.store(_at(dz_ptr, batch, offs_d, t, s_ob, s_od, s_ol), dz, mask=m_dl)
             dy = dout * zz * sz
         else:
             dy = dout
@@ -230,8 +231,8 @@ def _bwd_kernel(
         ddt = tl.where(m_dl, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
         dA_acc += tl.sum(X * dt[:, :, None], axis=1)
-        tl.store(du_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, du, mask=m_dl)
-        tl.store(ddelta_ptr + row_u + offs_d[:, None] * s_ud + t[None, :] * s_ul, ddt, mask=m_dl)
+        tl.store(_at(du_ptr, batch, offs_d, t, s_ob, s_od, s_ol), du, mask=m_dl)
+        tl.store(_at(ddelta_ptr, batch, offs_d, t, s_ob, s_od, s_ol), ddt, mask=m_dl)
         # partial sums over this program's channels: dB_t = Σ_d g Δ u, dC_t = Σ_d dy h
         dB_t = tl.sum(g * (dt * u)[:, :, None], axis=0)  # (BLOCK_L, BLOCK_N)
         dC_t = tl.sum(hs * dy[:, :, None], axis=0)
@@ -284,14 +285,18 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
+def _strides(t):
+    return (0, 0, 0) if t is None else t.stride()
+
+
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
              block_l=None, block_d=None, num_warps=4):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
-    u, delta, z, A, D, delta_bias = map(_contig, (u, delta, z, A, D, delta_bias))
+    A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
     B, C = B.contiguous(), C.contiguous()
     init = None if initial_state is None else initial_state.float().contiguous()
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
-    out = torch.empty_like(u)
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
     states = (torch.empty(lc.n_seqs, lc.n_chunks, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
               if save_states else None)
@@ -301,8 +306,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
         lc.L, lc.dim, lc.d_state, lc.cpg,
-        u.stride(0), u.stride(1), u.stride(2), *lc.bc_strides, out.stride(0), out.stride(1), out.stride(2),
-        lc.n_chunks,
+        *u.stride(), *delta.stride(), *_strides(z), *lc.bc_strides, *out.stride(), lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=save_states,
         BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, num_warps=num_warps,
@@ -313,9 +317,8 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
              block_l=None, block_d=None, num_warps=4):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit), each in fp32."""
-    u, delta, z, A, D, delta_bias = map(_contig, (u, delta, z, A, D, delta_bias))
+    A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
     B, C = B.contiguous(), C.contiguous()
-    dout = dout.contiguous()
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
@@ -334,7 +337,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
         chunk_states, dout, dfinal if dfinal is not None else dummy,
         du, ddelta, dz if dz is not None else dummy, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part,
         lc.L, lc.dim, lc.d_state, lc.cpg, lc.n_dblocks,
-        u.stride(0), u.stride(1), u.stride(2), *lc.bc_strides, lc.n_chunks,
+        *u.stride(), *delta.stride(), *_strides(z), *dout.stride(), *du.stride(), *lc.bc_strides, lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
         BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, num_warps=num_warps,
