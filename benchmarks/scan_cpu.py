@@ -70,7 +70,6 @@ def main():
     A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)
     B, C = torch.randn(b, n, L), torch.randn(b, n, L)
     D, bias = torch.ones(d), torch.randn(d) * 0.1
-    kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
 
     ref = selective_scan_ref(u[..., :256], delta[..., :256], A, B[..., :256], C[..., :256], D=D,
                              z=z[..., :256], delta_bias=bias, delta_softplus=True)

@@ -31,7 +31,7 @@ def load_tokenizer(spec: str):
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise SystemExit(f"error: {path} needs the `tokenizers` package (pip install tokenizers)")
+            raise SystemExit(f"error: {path} needs the `tokenizers` package (pip install tokenizers)") from None
         tok = Tokenizer.from_file(str(path))
 
         class _HF:
@@ -63,7 +63,7 @@ def cmd_generate(args) -> int:
     try:
         model, random_weights = load_model(args.model, args.device, DTYPES[args.dtype], args.seed)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: --model {args.model!r}: {err}")
+        raise SystemExit(f"error: --model {args.model!r}: {err}") from None
     model.eval()
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)

@@ -82,7 +82,7 @@ def test_gradients_match_float64_reference(inner, groups, length, chunk):
     got = _grads(selective_scan_chunked, kw, delta_softplus=True, chunk_size=chunk, inner=inner)
     assert set(got) == {"u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"}
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-8, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_gradients_without_optional_inputs_and_varlen():

@@ -53,7 +53,7 @@ def test_outputs_and_gradients_match_reference(case, with_init):
     torch.testing.assert_close(h, h_ref, **FP32)
     assert set(g) == set(g_ref)
     for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("lengths", [[3, 1, 6], [17], [5, 12]])
@@ -65,7 +65,7 @@ def test_varlen_matches_reference(lengths):
     torch.testing.assert_close(y, y_ref, **FP32)
     torch.testing.assert_close(h, h_ref, **FP32)
     for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_no_softplus():
@@ -107,4 +107,4 @@ def test_time_major_inputs_are_read_through_their_strides():
     torch.testing.assert_close(y, y_ref, **FP32)
     torch.testing.assert_close(h, h_ref, **FP32)
     for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, name=name: f"d{name}: {m}")

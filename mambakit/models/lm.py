@@ -6,7 +6,7 @@ Module names follow the official checkpoints (`backbone.embedding`, `backbone.la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
