@@ -76,15 +76,10 @@ def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, batch, row_bc, offs_d,
 
 
 @triton.jit
-def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
-    out_ptr, final_ptr, chunk_states_ptr,
-    L, dim, d_state, channels_per_group,
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-):
+def _program_setup(cu_seqlens_ptr, A_ptr, L, dim, d_state, channels_per_group, s_bb, s_bg,
+                   VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """What a program owns: its sequence [start, end), its channel block, its B/C group row,
+    and A pre-scaled by log2(e) for exp2, (BLOCK_D, BLOCK_N)."""
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     batch, start, end = _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN)
@@ -98,6 +93,21 @@ def _fwd_kernel(
     row_bc = batch.to(tl.int64) * s_bb + group * s_bg
     dn = offs_d[:, None] * d_state + offs_n[None, :]  # (BLOCK_D, BLOCK_N) into a (.., D, N) state
     A2 = tl.load(A_ptr + dn, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    return pid_s, pid_d, batch, start, end, offs_d, offs_n, offs_l, mask_d, mask_n, m_dn, row_bc, dn, A2
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
+    out_ptr, final_ptr, chunk_states_ptr,
+    L, dim, d_state, channels_per_group,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_s, pid_d, batch, start, end, offs_d, offs_n, offs_l, mask_d, mask_n, m_dn, row_bc, dn, A2 = _program_setup(
+        cu_seqlens_ptr, A_ptr, L, dim, d_state, channels_per_group, s_bb, s_bg, VARLEN, BLOCK_D, BLOCK_N, BLOCK_L)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_row = pid_s.to(tl.int64) * dim * d_state
@@ -142,20 +152,9 @@ def _bwd_kernel(
     SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    batch, start, end = _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_l = tl.arange(0, BLOCK_L)
-    mask_d = offs_d < dim
-    mask_n = offs_n < d_state
-    m_dn = mask_d[:, None] & mask_n[None, :]
-    group = (pid_d * BLOCK_D) // channels_per_group
+    pid_s, pid_d, batch, start, end, offs_d, offs_n, offs_l, mask_d, mask_n, m_dn, row_bc, dn, A2 = _program_setup(
+        cu_seqlens_ptr, A_ptr, L, dim, d_state, channels_per_group, s_bb, s_bg, VARLEN, BLOCK_D, BLOCK_N, BLOCK_L)
     # u, delta, z, dout (s_g*) may have any strides; du, ddelta, dz are contiguous (s_o*)
-    row_bc = batch.to(tl.int64) * s_bb + group * s_bg
-    dn = offs_d[:, None] * d_state + offs_n[None, :]
-    A2 = tl.load(A_ptr + dn, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_row = pid_s.to(tl.int64) * dim * d_state
