@@ -5,6 +5,7 @@ bf16 u/delta/z/B/C, fp32 A/D/delta_bias, D=1536, N=16, z gating, delta_bias, sof
 Forward and forward+backward, triton.testing.do_bench medians, one run.
 
     python benchmarks/scan.py [--out benchmarks/results/scan_h200.json]
+    MAMBAKIT_SCAN_KERNEL=by_state python benchmarks/scan.py --out ...   # the other kernel layout
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def main():
         del kw
         torch.cuda.empty_cache()
     import triton
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    from mambakit.ops.triton.selective_scan import kernel_layout
+    result = {"device": torch.cuda.get_device_name(), "kernel_layout": kernel_layout(), "torch": torch.__version__, "triton": triton.__version__,
               "mamba_ssm": official_version, "date": time.strftime("%Y-%m-%d"),
               "setup": "bf16 u/delta/z/B/C, fp32 A/D/delta_bias, D=1536, N=16, z, delta_bias, softplus",
               "rows": rows}

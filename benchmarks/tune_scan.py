@@ -1,5 +1,9 @@
-"""Block-size sweep of the Triton scan kernels on the device (forward, and backward alone)."""
-import itertools, json, sys, torch
+"""Block-size sweep of the Triton scan kernels on the device (forward, and backward alone).
+
+    python benchmarks/tune_scan.py OUT.json                                  # the tile3d kernels
+    MAMBAKIT_SCAN_KERNEL=by_state python benchmarks/tune_scan.py OUT.json    # the by-state kernels
+"""
+import itertools, json, os, sys, torch
 from triton.testing import do_bench
 sys.path.insert(0, "benchmarks")
 from scan import make_inputs
@@ -8,8 +12,11 @@ out = []
 for batch, length in ((8, 2048), (1, 32768)):
     kw = make_inputs(batch, length)
     args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    for bd, bl, nw in itertools.product((8, 16, 32), (8, 16), (1, 2)):
-        if bd * bl * 16 > 32768:
+    by_state = os.environ.get("MAMBAKIT_SCAN_KERNEL") == "by_state"
+    grid = (itertools.product((1, 2, 4), (128, 256, 512), (2, 4, 8)) if by_state
+            else itertools.product((8, 16, 32), (8, 16), (1, 2)))
+    for bd, bl, nw in grid:
+        if not by_state and bd * bl * 16 > 32768:
             continue
         try:
             f = do_bench(lambda: scan_fwd(*args, None, True, None, False, block_l=bl, block_d=bd, num_warps=nw), warmup=5, rep=20)

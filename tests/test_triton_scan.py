@@ -29,6 +29,13 @@ def _run(fn, kw, grad_seed=1, **opts):
     return y.detach(), h.detach(), dict(zip(inputs, grads))
 
 
+@pytest.fixture(autouse=True, params=["tile3d", "by_state"])
+def kernel_layout(request, monkeypatch):
+    """Every test runs both kernel layouts (see ops/triton/selective_scan_by_state.py)."""
+    monkeypatch.setenv("MAMBAKIT_SCAN_KERNEL", request.param)
+    return request.param
+
+
 def _triton(**kw):
     return selective_scan(**kw, backend="triton")
 

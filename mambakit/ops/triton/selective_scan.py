@@ -17,6 +17,8 @@ Packed sequences (`cu_seqlens`) map one program row to one sequence. Offsets are
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -247,6 +249,24 @@ def _bwd_kernel(
 
 # ---- launching -------------------------------------------------------------------------------
 
+KERNELS = ("tile3d", "by_state")
+
+
+def kernel_layout() -> str:
+    """Which kernel pair runs: "tile3d" (this file's, measured on the H200) or "by_state"
+    (selective_scan_by_state.py, not yet timed). Set MAMBAKIT_SCAN_KERNEL to choose."""
+    name = os.environ.get("MAMBAKIT_SCAN_KERNEL", "tile3d")
+    if name not in KERNELS:
+        raise ValueError(f"MAMBAKIT_SCAN_KERNEL must be one of {KERNELS}, got {name!r}")
+    return name
+
+
+def _kernels():
+    if kernel_layout() == "by_state":
+        from .selective_scan_by_state import _bwd_kernel_by_state, _fwd_kernel_by_state
+        return _fwd_kernel_by_state, _bwd_kernel_by_state
+    return _fwd_kernel, _bwd_kernel
+
 def _block_d(channels_per_group: int, d_state: int) -> int:
     """Channels per program: a power of two dividing the group size (so that one program reads
     one group's B and C), smaller for large N to bound the (BLOCK_D, BLOCK_L, N) registers."""
@@ -268,8 +288,12 @@ class _Launch:
         self.varlen = cu_seqlens is not None
         self.n_seqs = cu_seqlens.numel() - 1 if self.varlen else self.batch
         self.BLOCK_N = max(triton.next_power_of_2(self.d_state), 2)
-        self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
-        self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
+        if kernel_layout() == "by_state":  # 2-D (BLOCK_D, BLOCK_L) tiles: long chunks, few channels
+            self.BLOCK_D = block_d or _block_d(self.cpg, 64)
+            self.BLOCK_L = block_l or 256
+        else:
+            self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
+            self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
         self.BLOCK_L = min(self.BLOCK_L, max(2, triton.next_power_of_2(self.L)))
         # sized from L, not from the longest packed sequence, so that shapes never depend on
         # data (torch.compile's fake tensors) and no host sync is needed
@@ -300,7 +324,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     states = (torch.empty(lc.n_seqs, lc.n_chunks, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
               if save_states else None)
     dummy = final
-    _fwd_kernel[lc.grid](
+    _kernels()[0][lc.grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
@@ -330,7 +354,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     dC_part = torch.zeros_like(dB_part)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     dummy = dinit
-    _bwd_kernel[lc.grid](
+    _kernels()[1][lc.grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
         chunk_states, dout, dfinal if dfinal is not None else dummy,
