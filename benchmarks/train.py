@@ -1,0 +1,106 @@
+"""End-to-end training throughput: mambakit's MambaLM against the official
+mamba_ssm MambaLMHeadModel, 130m shape, bf16 autocast, fused AdamW, in one run.
+
+    python benchmarks/train.py [--out benchmarks/results/train_h200.json]
+    python benchmarks/train.py --device cpu --preset tiny --shapes 2x64 --steps 2   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def official_model(config, device):
+    from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    cfg = OfficialConfig(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size,
+                         ssm_cfg={"layer": "Mamba1"}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                         pad_vocab_size_multiple=config.pad_vocab_size_multiple)
+    model = MambaLMHeadModel(cfg, device=device)
+    return lambda ids: model(ids).logits, model
+
+
+def ours_model(config, device):
+    from mambakit import MambaLM
+    model = MambaLM(config, device=device)
+    return model, model
+
+
+def measure(forward, model, batch, length, vocab, steps, device):
+    use_cuda = device == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
+    ids = torch.randint(0, vocab, (batch, length + 1), device=device)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_cuda)
+
+    def step():
+        with autocast:
+            logits = forward(ids[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(3):
+        step()
+    if use_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if use_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None
+    return {"tokens_per_s": batch * length * steps / elapsed, "peak_gib": peak, "last_loss": float(loss)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="130m")
+    ap.add_argument("--shapes", default="8x2048,2x8192")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/train_h200.json")
+    args = ap.parse_args()
+    from mambakit import MambaConfig
+    config = MambaConfig.from_name(args.preset)
+    builders = [("mambakit", ours_model)]
+    if args.device == "cuda":
+        try:
+            import mamba_ssm  # noqa: F401
+            builders.append(("official", official_model))
+        except ImportError as err:
+            print("official mamba_ssm not importable:", err)
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, length = map(int, shape.split("x"))
+        row = {"B": batch, "L": length}
+        for name, build in builders:
+            torch.manual_seed(0)
+            forward, model = build(config, args.device)
+            try:
+                row[name] = measure(forward, model, batch, length, config.vocab_size, args.steps, args.device)
+            except torch.OutOfMemoryError:
+                row[name] = "out of memory"
+            del forward, model
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        if isinstance(row.get("official"), dict) and isinstance(row.get("mambakit"), dict):
+            row["tokens_per_s_ratio"] = row["mambakit"]["tokens_per_s"] / row["official"]["tokens_per_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"preset": args.preset, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
