@@ -76,7 +76,7 @@ class Mamba(nn.Module):
     def A(self) -> torch.Tensor:
         """A = -exp(A_log), (D_inner, N) fp32. Memoised while gradients are off (decoding),
         keyed on A_log's version counter so that an in-place update is never missed."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # no Python-side state under compile
             return -torch.exp(self.A_log.float())
         key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, torch.is_inference_mode_enabled())
         if getattr(self, "_A_key", None) != key:
