@@ -3,7 +3,8 @@
 `backend=None` picks the fastest available implementation for the inputs' device: the fused
 Triton scan for CUDA tensors (fp16/bf16/fp32, when triton is installed), the chunked torch scan
 elsewhere. `backend="triton"`, `"torch"` or `"reference"` (the sequential spec) forces one.
-The conv and the decoding steps have torch implementations only, so far; "triton" runs those.
+The Triton conv runs only with backend="triton" until it is timed on the device; the decoding
+steps have torch implementations only, so far.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-from .checks import check_conv_update_args, check_scan_args, check_state_update_args
+from .checks import check_conv_args, check_conv_update_args, check_scan_args, check_state_update_args
 from .conv import causal_conv1d_torch
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
                         selective_state_update_ref)
@@ -76,12 +77,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return selective_scan_triton(u, delta, A, B, C, **kw)
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
-                  backend=None):
-    """x: (B, D, L); weight: (D, K); bias: (D,); initial_state: (B, D, K-1).
-    Returns y (B, D, L) [, final_state (B, D, K-1)]."""
-    fn = causal_conv1d_ref if _resolve(backend) == "reference" else causal_conv1d_torch
-    return fn(x, weight, bias, activation, initial_state, return_final_state)
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
+                  cu_seqlens=None, *, backend=None):
+    """x: (B, D, L); weight: (D, K); bias: (D,); initial_state: (B, D, K-1), or (S, D, K-1) with
+    cu_seqlens. Returns y (B, D, L) [, final_state (B or S, D, K-1)].
+    The Triton kernel runs only when asked for (backend="triton") until it has been timed on
+    the device; None picks the torch path."""
+    which = "torch" if backend in (None, "auto") else _resolve(backend, x if isinstance(x, torch.Tensor) else None)
+    if which == "triton":
+        check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
+        from .triton.conv_op import causal_conv1d_triton
+        return causal_conv1d_triton(x, weight, bias, activation, initial_state, return_final_state, cu_seqlens)
+    fn = causal_conv1d_ref if which == "reference" else causal_conv1d_torch
+    return fn(x, weight, bias, activation, initial_state, return_final_state, cu_seqlens)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,

@@ -120,7 +120,7 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     return ScanShape(batch, dim, length, d_state, groups, grouped, n_seqs)
 
 
-def check_conv_args(x, weight, bias=None, activation=None, initial_state=None) -> int:
+def check_conv_args(x, weight, bias=None, activation=None, initial_state=None, cu_seqlens=None) -> int:
     """Returns the kernel width K."""
     require_tensor("x", x, ndim=3)
     batch, dim, length = x.shape
@@ -135,10 +135,12 @@ def check_conv_args(x, weight, bias=None, activation=None, initial_state=None) -
         require_shape("bias", bias, (dim,), "(D,)")
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    require_same_device("x", x, weight=weight, bias=bias, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    n_seqs = batch if cu_seqlens is None else check_cu_seqlens(cu_seqlens, length, batch)
     if initial_state is not None:
         require_tensor("initial_state", initial_state, ndim=3)
-        require_shape("initial_state", initial_state, (batch, dim, width - 1), "(B, D, K-1)")
-    require_same_device("x", x, weight=weight, bias=bias, initial_state=initial_state)
+        what = "(S, D, K-1) with S sequences from cu_seqlens" if cu_seqlens is not None else "(B, D, K-1)"
+        require_shape("initial_state", initial_state, (n_seqs, dim, width - 1), what)
     return width
 
 

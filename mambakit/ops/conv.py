@@ -10,12 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_conv_args
+from .varlen import split_varlen_conv
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False):
+def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
+                        cu_seqlens=None):
     """Same signature and results as `causal_conv1d_ref`. x: (B, D, L); weight: (D, K).
     Returns y (B, D, L) [, final_state (B, D, K-1)] in x's dtype; y is time-major in memory."""
-    width = check_conv_args(x, weight, bias, activation, initial_state)
+    width = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return split_varlen_conv(causal_conv1d_torch, x, weight, bias, activation, initial_state,
+                                 return_final_state, cu_seqlens)
     batch, dim, length = x.shape
     past = (x.new_zeros(batch, width - 1, dim) if initial_state is None
             else initial_state.to(x.dtype).transpose(1, 2))  # (B, K-1, D)

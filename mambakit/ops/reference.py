@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checks import (check_conv_args, check_conv_update_args, check_scan_args, check_state_update_args,
                      compute_dtype)
-from .varlen import split_varlen
+from .varlen import split_varlen, split_varlen_conv
 
 
 def _expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,11 +66,16 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_final_state else y
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False):
+def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
+                      cu_seqlens=None):
     """Depthwise causal conv: y[:, d, t] = bias[d] + sum_k weight[d, k] * x[:, d, t - (K-1) + k],
-    with x at negative times taken from initial_state (B, D, K-1) or zero.
-    x: (B, D, L); weight: (D, K). Returns y (B, D, L) [, final_state (B, D, K-1)], in x's dtype."""
-    width = check_conv_args(x, weight, bias, activation, initial_state)
+    with x at negative times taken from initial_state (B, D, K-1) or zero. With cu_seqlens (batch 1)
+    each packed sequence starts afresh, from its own row of initial_state (S, D, K-1).
+    x: (B, D, L); weight: (D, K). Returns y (B, D, L) [, final_state (B or S, D, K-1)], in x's dtype."""
+    width = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return split_varlen_conv(causal_conv1d_ref, x, weight, bias, activation, initial_state,
+                                 return_final_state, cu_seqlens)
     cdt = compute_dtype(x, weight, bias, initial_state)
     batch, dim, length = x.shape
     past = (torch.zeros(batch, dim, width - 1, dtype=cdt, device=x.device) if initial_state is None

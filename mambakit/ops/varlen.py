@@ -21,3 +21,16 @@ def split_varlen(scan_fn, u, delta, B, C, z, initial_state, cu_seqlens, return_f
         finals.append(final)
     y = torch.cat(ys, dim=-1)  # (1, D, L)
     return (y, torch.cat(finals, dim=0)) if return_final_state else y
+
+
+def split_varlen_conv(conv_fn, x, weight, bias, activation, initial_state, return_final_state, cu_seqlens):
+    """The same for the causal conv: x (1, D, L); initial_state (S, D, K-1) or None."""
+    offsets = cu_seqlens.tolist()
+    ys, finals = [], []
+    for s, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        y, final = conv_fn(x[..., start:end], weight, bias, activation,
+                           None if initial_state is None else initial_state[s:s + 1], True)
+        ys.append(y)
+        finals.append(final)
+    y = torch.cat(ys, dim=-1)
+    return (y, torch.cat(finals, dim=0)) if return_final_state else y
