@@ -25,6 +25,7 @@ from .checks import check_scan_args, compute_dtype
 from .varlen import split_varlen
 
 DEFAULT_INNER = "sequential"
+INNER_METHODS = ("sequential", "hillis_steele")
 CHUNK_ELEMENTS = 2**23  # per (T, B, D, N) work buffer: 32 MiB of fp32
 MIN_CHUNK, MAX_CHUNK = 16, 128
 
@@ -37,7 +38,6 @@ def auto_chunk_size(batch: int, dim: int, d_state: int) -> int:
     while T > MIN_CHUNK and T * batch * dim * d_state > CHUNK_ELEMENTS:
         T //= 2
     return T
-INNER_METHODS = ("sequential", "hillis_steele")
 
 
 # ---- reusable scratch buffers ------------------------------------------------------------------
