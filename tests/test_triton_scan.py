@@ -129,3 +129,17 @@ def test_segmented_long_sequence_matches_reference(segments, with_init):
     torch.testing.assert_close(h, h_ref, **FP32)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_packed_sequences_save_states_by_chunk_not_by_sequence():
+    """Many short packed sequences must not each reserve state rows for the whole length."""
+    from mambakit.ops.triton.scan_op import selective_scan_fwd
+    from mambakit.ops.triton.selective_scan import _Launch
+    lengths = [40] * 20
+    kw = make_scan_inputs(1, 4, sum(lengths), 3, with_init=True, n_seqs=len(lengths))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    kw = {k: v.to(DEVICE) for k, v in kw.items()}
+    _, _, states = selective_scan_fwd(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
+                                      kw["delta_bias"], kw["initial_state"], cu, True, True)
+    lc = _Launch(kw["u"], kw["B"], kw["A"], cu, None)
+    assert states.shape[0] == lc.n_chunks + len(lengths) < len(lengths) * lc.n_chunks

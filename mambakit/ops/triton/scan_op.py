@@ -37,7 +37,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
     final = u.new_empty((n_seqs, dim, A.shape[1]), dtype=torch.float32)
     if save_states:
         lc = kernels._Launch(u, B, A, cu_seqlens, None)
-        states = u.new_empty((n_seqs, lc.n_chunks, dim, A.shape[1]), dtype=torch.float32)
+        states = u.new_empty((lc.state_rows, dim, A.shape[1]), dtype=torch.float32)
     else:
         states = u.new_empty(_EMPTY, dtype=torch.float32)
     return u.new_empty(u.shape), final, states  # contiguous, as the kernel writes it

@@ -51,6 +51,17 @@ def _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN: tl.constexpr):
+    """Row of the saved chunk-start states: dense sequences have n_chunks_max rows each; packed
+    ones are laid end to end from their offsets (exclusive sums of their chunk counts)."""
+    if VARLEN:
+        base = tl.load(chunk_base_ptr + pid_s).to(tl.int64)
+    else:
+        base = pid_s.to(tl.int64) * n_chunks_max
+    return base + chunk
+
+
+@triton.jit
 def _at(ptr, batch, offs_d, t, s_b, s_d, s_l):
     """Pointers to a (BLOCK_D, BLOCK_L) tile of a (batch, D, L) tensor with any strides."""
     return ptr + batch.to(tl.int64) * s_b + offs_d[:, None].to(tl.int64) * s_d + t[None, :].to(tl.int64) * s_l
@@ -101,7 +112,7 @@ def _program_setup(cu_seqlens_ptr, A_ptr, L, dim, d_state, channels_per_group, s
 @triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
-    out_ptr, final_ptr, chunk_states_ptr,
+    out_ptr, final_ptr, chunk_states_ptr, chunk_base_ptr,
     L, dim, d_state, channels_per_group,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -120,7 +131,7 @@ def _fwd_kernel(
     for chunk in range(0, tl.cdiv(end - start, BLOCK_L)):
         t0 = start + chunk * BLOCK_L
         if SAVE_STATES:
-            off = (pid_s.to(tl.int64) * n_chunks_max + chunk) * dim * d_state
+            off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN) * dim * d_state
             tl.store(chunk_states_ptr + off + dn, h, mask=m_dn)
         t = t0 + offs_l
         mask_t = t < end
@@ -144,7 +155,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr, chunk_base_ptr,
     dout_ptr, dfinal_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
     L, dim, d_state, channels_per_group, n_dblocks,
@@ -192,7 +203,7 @@ def _bwd_kernel(
         dt_next = tl.where(mask_d[:, None] & mask_next[None, :], dt_next, 0.0)
         a_next = tl.exp2(dt_next[:, :, None] * A2[:, None, :])  # 1 where dt_next = 0
         # recompute the chunk's states from its saved start state
-        off = (pid_s.to(tl.int64) * n_chunks_max + chunk) * dim * d_state
+        off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN) * dim * d_state
         h0 = tl.load(chunk_states_ptr + off + dn, mask=m_dn, other=0.0)
         a_cum, b_cum = tl.associative_scan((dA, dBu), 1, _combine)
         hs = a_cum * h0[:, None, :] + b_cum  # (BLOCK_D, BLOCK_L, BLOCK_N)
@@ -298,6 +309,13 @@ class _Launch:
         # sized from L, not from the longest packed sequence, so that shapes never depend on
         # data (torch.compile's fake tensors) and no host sync is needed
         self.n_chunks = triton.cdiv(self.L, self.BLOCK_L)
+        # saved chunk-start states: n_chunks per dense sequence; packed sequences end to end,
+        # at most cdiv(L, BLOCK_L) + S chunks in all
+        self.state_rows = self.n_chunks + self.n_seqs if self.varlen else self.n_seqs * self.n_chunks
+        self.chunk_base = None
+        if self.varlen:
+            counts = (cu_seqlens[1:] - cu_seqlens[:-1] + self.BLOCK_L - 1) // self.BLOCK_L
+            self.chunk_base = torch.cumsum(counts, 0) - counts  # exclusive sums, on the device
         self.n_dblocks = triton.cdiv(self.dim, self.BLOCK_D)
         self.grid = (self.n_seqs, self.n_dblocks)
         Bv = B if B.ndim == 4 else B.unsqueeze(1)  # (b, G, N, L)
@@ -321,13 +339,14 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
-    states = (torch.empty(lc.n_seqs, lc.n_chunks, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
+    states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
               if save_states else None)
     dummy = final
     _kernels()[0][lc.grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
+        lc.chunk_base if lc.chunk_base is not None else dummy,
         lc.L, lc.dim, lc.d_state, lc.cpg,
         *u.stride(), *delta.stride(), *_strides(z), *lc.bc_strides, *out.stride(), lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
@@ -357,7 +376,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     _kernels()[1][lc.grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-        chunk_states, dout, dfinal if dfinal is not None else dummy,
+        chunk_states, lc.chunk_base if lc.chunk_base is not None else dummy, dout, dfinal if dfinal is not None else dummy,
         du, ddelta, dz if dz is not None else dummy, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part,
         lc.L, lc.dim, lc.d_state, lc.cpg, lc.n_dblocks,
         *u.stride(), *delta.stride(), *_strides(z), *dout.stride(), *du.stride(), *lc.bc_strides, lc.n_chunks,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan import _at, _combine, _program_setup, _softplus
+from .selective_scan import _at, _chunk_row, _combine, _program_setup, _softplus
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _load_dt(delta_ptr, bias_ptr, batch, offs_d, t, mask, mask_d, s_db, s_dd, s_
 @triton.jit
 def _fwd_kernel_by_state(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
-    out_ptr, final_ptr, chunk_states_ptr,
+    out_ptr, final_ptr, chunk_states_ptr, chunk_base_ptr,
     L, dim, d_state, channels_per_group,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -63,7 +63,7 @@ def _fwd_kernel_by_state(
         mask_t = t < end
         m_dl = mask_d[:, None] & mask_t[None, :]
         if SAVE_STATES:
-            off = (pid_s.to(tl.int64) * n_chunks_max + chunk) * dim * d_state
+            off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN) * dim * d_state
             tl.store(chunk_states_ptr + off + dn, H, mask=m_dn)
         u = tl.load(_at(u_ptr, batch, offs_d, t, s_ub, s_ud, s_ul), mask=m_dl, other=0.0).to(tl.float32)
         _, dt = _load_dt(delta_ptr, bias_ptr, batch, offs_d, t, m_dl, mask_d, s_db, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
@@ -88,7 +88,7 @@ def _fwd_kernel_by_state(
 
 @triton.jit
 def _bwd_kernel_by_state(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr, chunk_base_ptr,
     dout_ptr, dfinal_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
     L, dim, d_state, channels_per_group, n_dblocks,
@@ -133,7 +133,7 @@ def _bwd_kernel_by_state(
             dout_raw = dy
             dy = dy * zz * sz
         dy = tl.where(m_dl, dy, 0.0)
-        off = (pid_s.to(tl.int64) * n_chunks_max + chunk) * dim * d_state
+        off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN) * dim * d_state
         H0 = tl.load(chunk_states_ptr + off + dn, mask=m_dn, other=0.0)
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
