@@ -47,6 +47,15 @@ def _pre_activation(x_ptr, w_ptr, bias_ptr, init_ptr, b, offs_d, t, seq_start, s
 
 
 @triton.jit
+def _tile(L, dim, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """A program's (batch, channels, times) tile of the (B, D, L) grid, with its masks."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    return b, offs_d, t, offs_d < dim, t < L
+
+
+@triton.jit
 def _seq_info(seq_start_ptr, seq_id_ptr, t, mask_t, VARLEN: tl.constexpr):
     if VARLEN:
         return (tl.load(seq_start_ptr + t, mask=mask_t, other=0), tl.load(seq_id_ptr + t, mask=mask_t, other=0))
@@ -58,10 +67,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, seq_start_ptr, seq_id_ptr
                      s_xb, s_xd, s_xl,
                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
                      VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d, mask_t = offs_d < dim, t < L
+    b, offs_d, t, mask_d, mask_t = _tile(L, dim, BLOCK_D, BLOCK_L)
     seq_start, seq_id = _seq_info(seq_start_ptr, seq_id_ptr, t, mask_t, VARLEN)
     a = _pre_activation(x_ptr, w_ptr, bias_ptr, init_ptr, b, offs_d, t, seq_start, seq_id, mask_d, L, dim,
                         s_xb, s_xd, s_xl, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_D, BLOCK_L)
@@ -77,10 +83,7 @@ def _conv_da_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, seq_start_ptr, seq_id_ptr,
                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
                     VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """da = dy * SiLU'(a), with a recomputed: (B, D, L) fp32."""
-    b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d, mask_t = offs_d < dim, t < L
+    b, offs_d, t, mask_d, mask_t = _tile(L, dim, BLOCK_D, BLOCK_L)
     m = mask_d[:, None] & mask_t[None, :]
     dy = tl.load(dy_ptr + b.to(tl.int64) * s_gb + offs_d[:, None].to(tl.int64) * s_gd + t[None, :].to(tl.int64) * s_gl,
                  mask=m, other=0.0).to(tl.float32)
@@ -99,11 +102,8 @@ def _conv_dx_kernel(x_ptr, init_ptr, seq_start_ptr, seq_id_ptr, seq_end_ptr, w_p
                     WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, VARLEN: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx[e] = Σ_k w[k] da[e + (K-1) - k] within e's sequence; partial dw, dbias per program."""
-    b = tl.program_id(0)
+    b, offs_d, e, mask_d, mask_e = _tile(L, dim, BLOCK_D, BLOCK_L)
     pid_l = tl.program_id(2)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    e = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d, mask_e = offs_d < dim, e < L
     if VARLEN:
         seq_end = tl.load(seq_end_ptr + e, mask=mask_e, other=0)
     else:

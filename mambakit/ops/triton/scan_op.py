@@ -117,13 +117,13 @@ def _segmented(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplu
     _, local = _scan(u, delta, A, B, C, None, None, delta_bias, None, cu, delta_softplus)  # (S, D, N)
     dt = delta[0].float() + (delta_bias.float()[:, None] if delta_bias is not None else 0.0)  # (D, L)
     dt = torch.nn.functional.softplus(dt) if delta_softplus else dt
-    starts = cu[:-1].long()
-    seg_sum = torch.stack([dt[:, a:b].sum(-1) for a, b in zip(starts.tolist(), cu[1:].tolist())])  # (S, D)
+    csum = torch.nn.functional.pad(dt.cumsum(-1), (1, 0))  # (D, L+1): csum[:, t] = Σ_{<t} Δ
+    seg_sum = (csum[:, cu[1:].long()] - csum[:, cu[:-1].long()]).t()  # (S, D)
     decay = torch.exp(seg_sum[..., None] * A.float())  # (S, D, N)
     h = (initial_state[0].float() if initial_state is not None
          else torch.zeros(u.shape[1], A.shape[1], device=u.device, dtype=torch.float32))
     heads = []
-    for s in range(len(starts)):
+    for s in range(seg_sum.shape[0]):
         heads.append(h)
         h = decay[s] * h + local[s]
     out, finals = _scan(u, delta, A, B, C, D, z, delta_bias, torch.stack(heads), cu, delta_softplus)
