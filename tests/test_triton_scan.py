@@ -29,9 +29,9 @@ def _run(fn, kw, grad_seed=1, **opts):
     return y.detach(), h.detach(), dict(zip(inputs, grads))
 
 
-@pytest.fixture(autouse=True, params=["tile3d", "by_state"])
+@pytest.fixture(autouse=True, params=["lanes", "tile3d", "by_state"])
 def kernel_layout(request, monkeypatch):
-    """Every test runs both kernel layouts (see ops/triton/selective_scan_by_state.py)."""
+    """Every test runs every kernel layout (ops/triton/selective_scan_lanes.py, _by_state.py)."""
     monkeypatch.setenv("MAMBAKIT_SCAN_KERNEL", request.param)
     return request.param
 
@@ -143,3 +143,23 @@ def test_packed_sequences_save_states_by_chunk_not_by_sequence():
                                       kw["delta_bias"], kw["initial_state"], cu, True, True)
     lc = _Launch(kw["u"], kw["B"], kw["A"], cu, None)
     assert states.shape[0] == lc.n_chunks + len(lengths) < len(lengths) * lc.n_chunks
+
+
+@pytest.mark.parametrize("lanes", [dict(NL=2, BLOCK_D=16, STAGES=1), dict(NL=4, BLOCK_D=8, STAGES=3),
+                                   dict(NL=8, BLOCK_D=4, STAGES=2)], ids=["8-states", "4-states", "2-states"])
+def test_lanes_forward_shapes_match_reference(lanes, kernel_layout):
+    """The lanes forward at each of its register shapes (the launcher picks one from the number
+    of rows, so a small test would otherwise see only one), with saved states every 16 steps."""
+    if kernel_layout != "lanes":
+        pytest.skip("lanes kernel only")
+    from mambakit.ops.triton.selective_scan import scan_fwd
+    kw = make_scan_inputs(2, 32, 45, 16, with_init=True)
+    y_ref, h_ref = selective_scan_ref(**kw, delta_softplus=True, return_final_state=True)
+    args = [kw[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    y, h, states = scan_fwd(*args, True, None, True, block_l=16, lanes=lanes)
+    torch.testing.assert_close(y, y_ref.to(DEVICE), **FP32)
+    torch.testing.assert_close(h, h_ref.to(DEVICE), **FP32)
+    # the state saved at step 32 is the reference's final state after the first 32 steps
+    first32 = {k: (v[..., :32] if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
+    _, h32 = selective_scan_ref(**first32, delta_softplus=True, return_final_state=True)
+    torch.testing.assert_close(states.view(2, -1, 32, 16)[:, 2], h32.to(DEVICE), **FP32)

@@ -260,22 +260,27 @@ def _bwd_kernel(
 
 # ---- launching -------------------------------------------------------------------------------
 
-KERNELS = ("tile3d", "by_state")
+KERNELS = ("lanes", "tile3d", "by_state")
 
 
 def kernel_layout() -> str:
-    """Which kernel pair runs: "tile3d" (this file's, measured on the H200) or "by_state"
-    (selective_scan_by_state.py, not yet timed). Set MAMBAKIT_SCAN_KERNEL to choose."""
-    name = os.environ.get("MAMBAKIT_SCAN_KERNEL", "tile3d")
+    """Which kernels run: "lanes" (the forward of selective_scan_lanes.py with this file's
+    backward; the default), "tile3d" (this file's pair) or "by_state"
+    (selective_scan_by_state.py). Set MAMBAKIT_SCAN_KERNEL to choose."""
+    name = os.environ.get("MAMBAKIT_SCAN_KERNEL", "lanes")
     if name not in KERNELS:
         raise ValueError(f"MAMBAKIT_SCAN_KERNEL must be one of {KERNELS}, got {name!r}")
     return name
 
 
 def _kernels():
-    if kernel_layout() == "by_state":
+    layout = kernel_layout()
+    if layout == "by_state":
         from .selective_scan_by_state import _bwd_kernel_by_state, _fwd_kernel_by_state
         return _fwd_kernel_by_state, _bwd_kernel_by_state
+    if layout == "lanes":
+        from .selective_scan_lanes import _fwd_kernel_lanes
+        return _fwd_kernel_lanes, _bwd_kernel
     return _fwd_kernel, _bwd_kernel
 
 def _block_d(channels_per_group: int, d_state: int) -> int:
@@ -302,6 +307,11 @@ class _Launch:
         if kernel_layout() == "by_state":  # 2-D (BLOCK_D, BLOCK_L) tiles: long chunks, few channels
             self.BLOCK_D = block_d or _block_d(self.cpg, 64)
             self.BLOCK_L = block_l or 256
+        elif kernel_layout() == "lanes":  # the backward's tile (the forward has its own); the H200
+            # sweep (tune_scan_h200.json) favours short chunks: 16 steps, here also the interval at
+            # which the forward saves states (B * D * L / 16 * N fp32 values)
+            self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
+            self.BLOCK_L = block_l or 16
         else:
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
             self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
@@ -331,7 +341,7 @@ def _strides(t):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
-             block_l=None, block_d=None, num_warps=4):
+             block_l=None, block_d=None, num_warps=4, lanes=None):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
     B, C = B.contiguous(), C.contiguous()
@@ -342,7 +352,13 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
               if save_states else None)
     dummy = final
-    _kernels()[0][lc.grid](
+    grid, shape = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
+    if kernel_layout() == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
+        from .selective_scan_lanes import lanes_shape
+        shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * lc.dim)
+        shape.update(lanes or {})  # a tuning sweep's override
+        grid = (lc.n_seqs, triton.cdiv(lc.dim, shape["BLOCK_D"]))
+    _kernels()[0][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
@@ -351,14 +367,16 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         *u.stride(), *delta.stride(), *_strides(z), *lc.bc_strides, *out.stride(), lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=save_states,
-        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, num_warps=num_warps,
+        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape,
     )
     return out, final, states
 
 
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
-             block_l=None, block_d=None, num_warps=4):
+             block_l=None, block_d=None, num_warps=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit), each in fp32."""
+    if num_warps is None:
+        num_warps = 2 if kernel_layout() == "lanes" else 4
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
     B, C = B.contiguous(), C.contiguous()
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
