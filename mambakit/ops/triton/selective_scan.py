@@ -279,8 +279,8 @@ def _kernels():
         from .selective_scan_by_state import _bwd_kernel_by_state, _fwd_kernel_by_state
         return _fwd_kernel_by_state, _bwd_kernel_by_state
     if layout == "lanes":
-        from .selective_scan_lanes import _fwd_kernel_lanes
-        return _fwd_kernel_lanes, _bwd_kernel
+        from .selective_scan_lanes import _bwd_kernel_lanes, _fwd_kernel_lanes
+        return _fwd_kernel_lanes, _bwd_kernel_lanes
     return _fwd_kernel, _bwd_kernel
 
 def _block_d(channels_per_group: int, d_state: int) -> int:
@@ -316,6 +316,8 @@ class _Launch:
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
             self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
         self.BLOCK_L = min(self.BLOCK_L, max(2, triton.next_power_of_2(self.L)))
+        if kernel_layout() == "lanes":
+            self.BLOCK_L = max(self.BLOCK_L, 4)  # two chunks of at least 2 steps in the backward
         # sized from L, not from the longest packed sequence, so that shapes never depend on
         # data (torch.compile's fake tensors) and no host sync is needed
         self.n_chunks = triton.cdiv(self.L, self.BLOCK_L)
@@ -330,6 +332,17 @@ class _Launch:
         self.grid = (self.n_seqs, self.n_dblocks)
         Bv = B if B.ndim == 4 else B.unsqueeze(1)  # (b, G, N, L)
         self.bc_strides = (Bv.stride(0), Bv.stride(1), Bv.stride(2), Bv.stride(3))
+
+
+def _override(shape, lanes, lc, B):
+    """A tuning sweep's override of the lanes kernels' shape; whether T stays within a thread
+    is worked out again for the new shape."""
+    if lanes:
+        from .selective_scan_lanes import t_in_thread
+        shape.update(lanes)
+        if "ORDERED" not in lanes:
+            shape["ORDERED"] = t_in_thread(shape["T"], B.element_size(), lc.BLOCK_N, shape["BLOCK_D"],
+                                           shape["num_warps"], lc.L, lc.varlen)
 
 
 def _contig(t):
@@ -355,8 +368,8 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     grid, shape = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
     if kernel_layout() == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
         from .selective_scan_lanes import lanes_shape
-        shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * lc.dim)
-        shape.update(lanes or {})  # a tuning sweep's override
+        shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * lc.dim, lc.L, lc.varlen)
+        _override(shape, lanes, lc, B)
         grid = (lc.n_seqs, triton.cdiv(lc.dim, shape["BLOCK_D"]))
     _kernels()[0][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -373,7 +386,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
 
 
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
-             block_l=None, block_d=None, num_warps=None):
+             block_l=None, block_d=None, num_warps=None, lanes=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit), each in fp32."""
     if num_warps is None:
         num_warps = 2 if kernel_layout() == "lanes" else 4
@@ -387,23 +400,33 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     dA_part = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
     dD_part = torch.empty(lc.n_seqs, lc.dim, **f32)
     dbias_part = torch.empty(lc.n_seqs, lc.dim, **f32)
-    dB_part = torch.zeros(lc.batch, lc.n_dblocks, lc.d_state, lc.L, **f32)
+    grid, n_dblocks, block_d = lc.grid, lc.n_dblocks, lc.BLOCK_D
+    shape = dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
+    if kernel_layout() == "lanes":
+        from .selective_scan_lanes import lanes_bwd_shape
+        shape = lanes_bwd_shape(lc.BLOCK_N, lc.cpg, lc.BLOCK_L, B.element_size(), lc.L, lc.varlen,
+                                lc.n_seqs * lc.dim)
+        _override(shape, lanes, lc, B)
+        block_d = shape["BLOCK_D"]
+        n_dblocks = triton.cdiv(lc.dim, block_d)
+        grid = (lc.n_seqs, n_dblocks)
+    dB_part = torch.zeros(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
     dC_part = torch.zeros_like(dB_part)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     dummy = dinit
-    _kernels()[1][lc.grid](
+    _kernels()[1][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
         chunk_states, lc.chunk_base if lc.chunk_base is not None else dummy, dout, dfinal if dfinal is not None else dummy,
         du, ddelta, dz if dz is not None else dummy, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part,
-        lc.L, lc.dim, lc.d_state, lc.cpg, lc.n_dblocks,
+        lc.L, lc.dim, lc.d_state, lc.cpg, n_dblocks,
         *u.stride(), *delta.stride(), *_strides(z), *dout.stride(), *du.stride(), *lc.bc_strides, lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
-        BLOCK_D=lc.BLOCK_D, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, num_warps=num_warps,
+        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape,
     )
     # fixed-order reductions of the per-program partial sums (deterministic)
-    blocks_per_group = lc.cpg // lc.BLOCK_D
+    blocks_per_group = lc.cpg // block_d
     dB = dB_part.view(lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(2)  # (b, G, N, L)
     dC = dC_part.view(lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(2)
     if B.ndim == 3:

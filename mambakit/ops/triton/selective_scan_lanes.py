@@ -55,22 +55,67 @@ def _softplus_fast(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel_lanes(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
-    out_ptr, final_ptr, chunk_states_ptr, chunk_base_ptr,
-    L, dim, d_state, channels_per_group,
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
-    FAST: tl.constexpr, STAGES: tl.constexpr = 1,
-):
+def _first(a, b):
+    return a
+
+
+@triton.jit
+def _at_step(x, t4, step: tl.constexpr, ORDERED: tl.constexpr):
+    """x at one time step of the chunk, keeping the axis: (NL, BLOCK_D, 1, NR). With T within each
+    thread (ORDERED) a reduction that keeps its first or last operand is a register move; when the
+    launcher cannot promise that layout (unaligned rows, packed sequences), T may span lanes,
+    where Triton's reductions assume a commutative operation, so a masked sum is used instead."""
+    if ORDERED:
+        if step == 0:
+            return tl.reduce(x, 2, _first, keep_dims=True)
+        else:
+            return tl.reduce(x, 2, _last, keep_dims=True)
+    else:
+        return tl.sum(tl.where(t4 == step, x, 0.0), axis=2, keep_dims=True)
+
+
+@triton.jit
+def _chunk_inputs(u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """One chunk's inputs: per (channel, step) m2, u, dt_raw, dt (BLOCK_D, T); per (state,
+    channel, step) B, C, exp(ΔA) and ΔBu (NL, BLOCK_D, T, NR). Masked steps have Δ = 0, so
+    exp(ΔA) = 1 and ΔBu = 0 pass the state through."""
+    tt2 = t0 + t2
+    m2 = mask_d2 & (tt2 < end)
+    u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0).to(tl.float32)
+    dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw += bias
+    dt = _softplus_fast(dt_raw, FAST) if SOFTPLUS else dt_raw
+    dt = tl.where(m2, dt, 0.0)
+    tt4 = t0 + t4
+    m4 = mask_n4 & (tt4 < end)
+    Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0).to(tl.float32)
+    Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0).to(tl.float32)
+    dA = tl.exp2(dt[None, :, :, None] * A2)
+    dBu = (dt * u)[None, :, :, None] * Bt
+    return m2, u, dt_raw, dt, Bt, Ct, dA, dBu
+
+
+@triton.jit
+def _chunk_states(dA, dBu, h, t4):
+    """The states after each step of a chunk, from the state h before it: an in-register scan."""
+    dBu = tl.where(t4 == 0, dBu + dA * h, dBu)  # fold the carried state into the first step
+    _, hs = tl.associative_scan((dA, dBu), 2, _combine)
+    return hs
+
+
+@triton.jit
+def _lanes_setup(cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
+                 channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn,
+                 HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, VARLEN: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, NL: tl.constexpr):
+    """What a program owns (its sequence [start, end) and BLOCK_D channels), its indices in the
+    4-D (NL, BLOCK_D, T, NR) and 2-D (BLOCK_D, T) tiles, and the row pointers of its inputs."""
     NR: tl.constexpr = BLOCK_N // NL
-    CHUNKS_PER_SAVE: tl.constexpr = BLOCK_L // T
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     batch, start, end = _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN)
-    # 4-D (NL, BLOCK_D, T, NR) indices and 2-D (BLOCK_D, T) ones
     n4 = tl.arange(0, NL)[:, None, None, None] * NR + tl.arange(0, NR)[None, None, None, :]
     d4 = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :, None, None]
     t4 = tl.arange(0, T)[None, None, :, None]
@@ -79,53 +124,63 @@ def _fwd_kernel_lanes(
     mask_n4 = n4 < d_state
     m_dn4 = (d4 < dim) & mask_n4
     mask_d2 = d2 < dim
-    group = (pid_d * BLOCK_D) // channels_per_group  # BLOCK_D divides channels_per_group
-    row_bc = batch.to(tl.int64) * s_bb + group * s_bg
     dn4 = d4 * d_state + n4  # (NL, BLOCK_D, 1, NR) into a (.., D, N) state
-    A2 = tl.load(A_ptr + dn4, mask=m_dn4, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + dn4, mask=m_dn4, other=0.0).to(tl.float32) * 1.4426950408889634  # for exp2
+    bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d2, mask=mask_d2, other=0.0).to(tl.float32)
+    Dv = 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + d2, mask=mask_d2, other=0.0).to(tl.float32)
+    b64 = batch.to(tl.int64)
+    d64 = d2.to(tl.int64)
+    u_row = u_ptr + b64 * s_ub + d64 * s_ud  # (BLOCK_D, 1)
+    dt_row = delta_ptr + b64 * s_db + d64 * s_dd
+    z_row = z_ptr + b64 * s_zb + d64 * s_zd
+    group = (pid_d * BLOCK_D) // channels_per_group  # BLOCK_D divides channels_per_group
+    row_bc = b64 * s_bb + group * s_bg
+    # + 0 * d4: B and C are loaded as full 4-D tiles, which fixes the register layout (above)
+    B_row = B_ptr + row_bc + n4 * s_bn + 0 * d4  # (NL, BLOCK_D, 1, NR)
+    C_row = C_ptr + row_bc + n4 * s_bn + 0 * d4
     state_row = pid_s.to(tl.int64) * dim * d_state
+    return (pid_s, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+            u_row, dt_row, z_row, B_row, C_row, state_row)
+
+
+@triton.jit
+def _fwd_kernel_lanes(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_seqlens_ptr,
+    out_ptr, final_ptr, chunk_states_ptr, chunk_base_ptr,
+    L, dim, d_state, channels_per_group,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_bb, s_bg, s_bn, s_bl, s_ob, s_od, s_ol, n_chunks_max,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
+    FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
+):
+    NR: tl.constexpr = BLOCK_N // NL
+    CHUNKS_PER_SAVE: tl.constexpr = BLOCK_L // T
+    (pid_s, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+     u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
+        cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
+        channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, HAS_BIAS, HAS_D, VARLEN,
+        BLOCK_D, BLOCK_N, T, NL)
     if HAS_INIT:
         h = tl.load(init_ptr + state_row + dn4, mask=m_dn4, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
-    d64 = d2.to(tl.int64)
-    u_row = u_ptr + batch.to(tl.int64) * s_ub + d64 * s_ud  # (BLOCK_D, 1)
-    dt_row = delta_ptr + batch.to(tl.int64) * s_db + d64 * s_dd
-    z_row = z_ptr + batch.to(tl.int64) * s_zb + d64 * s_zd
-    out_row = out_ptr + batch.to(tl.int64) * s_ob + d64 * s_od
-    # + 0 * d4: B and C are loaded as full 4-D tiles, which fixes the register layout (above)
-    B_row = B_ptr + row_bc + n4 * s_bn + 0 * d4  # (NL, BLOCK_D, 1, NR)
-    C_row = C_ptr + row_bc + n4 * s_bn + 0 * d4
+    out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
     for c in tl.range(0, tl.cdiv(end - start, T), num_stages=STAGES):
         t0 = start + c * T
         if SAVE_STATES:
             if c % CHUNKS_PER_SAVE == 0:
                 off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, c // CHUNKS_PER_SAVE, VARLEN) * dim * d_state
                 tl.store(chunk_states_ptr + off + dn4, h, mask=m_dn4)
-        # per (channel, step): (BLOCK_D, T)
+        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
+            u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+            HAS_BIAS, SOFTPLUS, FAST)
+        hs = _chunk_states(dA, dBu, h, t4)  # (NL, BLOCK_D, T, NR)
         tt2 = t0 + t2
-        m2 = mask_d2 & (tt2 < end)
-        u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias
-        if SOFTPLUS:
-            dt = _softplus_fast(dt, FAST)
-        dt = tl.where(m2, dt, 0.0)  # masked steps: exp(0) = 1 and ΔBu = 0 pass the state through
-        dtu = dt * u
-        # per (state, channel, step): (NL, BLOCK_D, T, NR)
-        tt4 = t0 + t4
-        m4 = mask_n4 & (tt4 < end)
-        Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0).to(tl.float32)
-        Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0).to(tl.float32)
-        dA = tl.exp2(dt[None, :, :, None] * A2)
-        dBu = dtu[None, :, :, None] * Bt
-        dBu = tl.where(t4 == 0, dBu + dA * h, dBu)  # fold the carried state into the first step
-        _, hs = tl.associative_scan((dA, dBu), 2, _combine)  # in registers: T is within a thread
         y = tl.sum(tl.sum(hs * Ct, axis=3), axis=0)  # (BLOCK_D, T)
         if HAS_D:
             y += Dv * u
@@ -133,12 +188,150 @@ def _fwd_kernel_lanes(
             zz = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
         tl.store(out_row + tt2 * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
-        h = tl.reduce(hs, 2, _last, keep_dims=True)  # the state after the chunk's last step
+        h = _at_step(hs, t4, T - 1, ORDERED)  # the state after the chunk's last step
     tl.store(final_ptr + state_row + dn4, h, mask=m_dn4)
 
 
+@triton.jit
+def _chunk_backward(h, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
+                    mask_d2, mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl,
+                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                    FAST: tl.constexpr, T: tl.constexpr, ORDERED: tl.constexpr):
+    """One chunk of the backward pass, from the state h before it and the adjoint `carry` that
+    flows into its last step from the future. Returns the per-(channel, step) gradients, the
+    per-(state, step) sums over this program's channels for dB and dC, the per-(channel, state)
+    sum over steps for dA, and the adjoint that flows out of its first step."""
+    m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
+        u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+        HAS_BIAS, SOFTPLUS, FAST)
+    hs = _chunk_states(dA, dBu, h, t4)
+    tt2 = t0 + t2
+    dout = tl.load(dout_row + tt2 * s_gl, mask=m2, other=0.0).to(tl.float32)
+    dz = dout  # unused without z
+    if HAS_Z:
+        zz = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zz)
+        y = tl.sum(tl.sum(hs * Ct, axis=3), axis=0)
+        if HAS_D:
+            y += Dv * u
+        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+        dy = dout * zz * sz
+    else:
+        dy = dout
+    dy = tl.where(m2, dy, 0.0)
+    # exp(Δ_{t+1} A): the multiplier from the adjoint at t+1 back to t (Δ at the next step)
+    m_next = mask_d2 & (tt2 + 1 < end)
+    dt_next = tl.load(dt_row + (tt2 + 1) * s_dl, mask=m_next, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_next += bias
+    if SOFTPLUS:
+        dt_next = _softplus_fast(dt_next, FAST)
+    a_next = tl.exp2(tl.where(m_next, dt_next, 0.0)[None, :, :, None] * A2)
+    # adjoint G_t = C_t dy_t + exp(Δ_{t+1} A) G_{t+1}: a reverse in-register scan, with the carry
+    # folded into the last step
+    x = dy[None, :, :, None] * Ct
+    x = tl.where(t4 == T - 1, x + carry, x)
+    _, G = tl.associative_scan((a_next, x), 2, _combine, reverse=True)
+    carry_out = _at_step(dA * G, t4, 0, ORDERED)  # exp(Δ_t0 A) G_t0
+    X = G * (hs - dBu)  # G_t exp(Δ_t A) h_{t-1}: the gradient through exp(Δ_t A), times it
+    gB = tl.sum(tl.sum(G * Bt, axis=3), axis=0)  # (BLOCK_D, T)
+    XA = tl.sum(tl.sum(X * A2, axis=3), axis=0)
+    ddt = XA * 0.6931471805599453 + gB * u
+    du = gB * dt
+    if HAS_D:
+        du += Dv * dy
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(dt_raw)
+    ddt = tl.where(m2, ddt, 0.0)
+    dA_sum = tl.sum(X * dt[None, :, :, None], axis=2, keep_dims=True)  # (NL, BLOCK_D, 1, NR)
+    dB_sum = tl.sum(G * (dt * u)[None, :, :, None], axis=1, keep_dims=True)  # (NL, 1, T, NR)
+    dC_sum = tl.sum(hs * dy[None, :, :, None], axis=1, keep_dims=True)
+    return m2, du, ddt, dz, tl.sum(dy * u, axis=1, keep_dims=True), dA_sum, dB_sum, dC_sum, carry_out
+
+
+@triton.jit
+def _bwd_kernel_lanes(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr, chunk_base_ptr,
+    dout_ptr, dfinal_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
+    L, dim, d_state, channels_per_group, n_dblocks,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_ob, s_od, s_ol,
+    s_bb, s_bg, s_bn, s_bl, n_chunks_max,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
+    FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
+):
+    """Walks the saved states' segments (BLOCK_L = 2 T steps) in reverse: the state before the
+    segment's second chunk is recomputed from the saved one, then the second chunk and the first
+    are taken back. Sums over channels (dB, dC) go to per-program rows, summed by torch in a
+    fixed order; sums over steps (dA, dD, dΔ-bias) stay in registers: no atomics."""
+    NR: tl.constexpr = BLOCK_N // NL
+    (pid_s, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+     u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
+        cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
+        channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, HAS_BIAS, HAS_D, VARLEN,
+        BLOCK_D, BLOCK_N, T, NL)
+    d64 = d2.to(tl.int64)
+    dout_row = dout_ptr + batch.to(tl.int64) * s_gb + d64 * s_gd
+    grad_off = batch.to(tl.int64) * s_ob + d64 * s_od  # du, dΔ, dz: contiguous fp32
+    if HAS_DFINAL:
+        carry = tl.load(dfinal_ptr + state_row + dn4, mask=m_dn4, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
+    dA_acc = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    # partial sums for dB, dC: (B, n_dblocks, N, L); packed sequences cover disjoint t in row 0
+    part_row = (batch.to(tl.int64) * n_dblocks + pid_d) * d_state * L
+    n_segs = tl.cdiv(end - start, BLOCK_L)
+    for i in tl.range(0, n_segs, num_stages=STAGES):
+        seg = n_segs - 1 - i
+        t_seg = start + seg * BLOCK_L
+        off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, seg, VARLEN) * dim * d_state
+        h0 = tl.load(chunk_states_ptr + off + dn4, mask=m_dn4, other=0.0)
+        # the state before the second chunk: the first chunk's states, recomputed
+        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
+            u_row, dt_row, B_row, C_row, bias, A2, t_seg, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+            HAS_BIAS, SOFTPLUS, FAST)
+        h1 = _at_step(_chunk_states(dA, dBu, h0, t4), t4, T - 1, ORDERED)
+        for k in tl.static_range(2):
+            t0 = t_seg + (1 - k) * T
+            h_start = h1 if k == 0 else h0
+            m2, du, ddt, dz, dD_t, dA_sum, dB_sum, dC_sum, carry = _chunk_backward(
+                h_start, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
+                mask_d2, mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST, T, ORDERED)
+            tt2 = t0 + t2
+            tl.store(du_ptr + grad_off + tt2 * s_ol, du, mask=m2)
+            tl.store(ddelta_ptr + grad_off + tt2 * s_ol, ddt, mask=m2)
+            if HAS_Z:
+                tl.store(dz_ptr + grad_off + tt2 * s_ol, dz, mask=m2)
+            dA_acc += dA_sum
+            dD_acc += dD_t
+            dbias_acc += tl.sum(ddt, axis=1, keep_dims=True)
+            tt4 = t0 + t4
+            m4 = mask_n4 & (tt4 < end)
+            nl = part_row + n4 * L + tt4  # (NL, 1, T, NR)
+            tl.store(dB_part_ptr + nl, dB_sum, mask=m4)
+            tl.store(dC_part_ptr + nl, dC_sum, mask=m4)
+    tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4)
+    tl.store(dA_part_ptr + state_row + dn4, dA_acc, mask=m_dn4)
+    dm = pid_s.to(tl.int64) * dim + d2
+    tl.store(dD_part_ptr + dm, dD_acc, mask=mask_d2)
+    tl.store(dbias_part_ptr + dm, dbias_acc, mask=mask_d2)
+
+
+def t_in_thread(T: int, elem_size: int, d_state_block: int, block_d: int, num_warps: int, length: int,
+                varlen: bool) -> bool:
+    """Whether Triton will keep a chunk's T steps within each thread: B and C rows load as
+    aligned 16-byte vectors (Triton marks integers divisible by 16, so L must be; packed
+    sequences start anywhere), T fits one vector, and the tile has a vector for every thread."""
+    return (not varlen and length % 16 == 0 and T * elem_size <= 16
+            and d_state_block * block_d >= 32 * num_warps)
+
+
 def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, save_every: int,
-                rows: int) -> dict:
+                rows: int, length: int, varlen: bool) -> dict:
     """Block sizes for `_fwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py, in
     BENCHMARKS.md). One warp per program. With many (sequence, channel) rows, 8 states per
     thread (fewest shuffles and least repeated per-step work); with few rows, 4 states per
@@ -153,4 +346,19 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
         block_d //= 2
     T = min(max(2, 16 // elem_size), save_every)
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3,
-                FAST=os.environ.get("TRITON_INTERPRET") != "1")
+                FAST=os.environ.get("TRITON_INTERPRET") != "1",
+                ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
+
+
+def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int, elem_size: int,
+                    length: int, varlen: bool, rows: int) -> dict:
+    """Block sizes for `_bwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes_bwd.py):
+    one warp per program, 4 states per thread with many (sequence, channel) rows and 2 with few
+    (twice the threads). T = half the save interval (each saved segment is two chunks)."""
+    NL = min(32, max(1, d_state_block // (4 if rows >= 8192 else 2)))
+    block_d = 32 // NL
+    while block_d > 1 and channels_per_group % block_d:
+        block_d //= 2
+    T = save_every // 2
+    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
+                ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
