@@ -1,5 +1,8 @@
 """The fused selective scan in Triton: forward and backward, with nothing to compile ahead.
 
+This file holds the launchers (`scan_fwd`, `scan_bwd`) and the first ("tile3d") kernel pair.
+The default kernels are the "lanes" pair in selective_scan_lanes.py; `kernel_layout()` picks.
+
 One program owns BLOCK_D channels of one sequence and all N states, keeps the state h
 (BLOCK_D, N) in registers, and walks L in chunks of BLOCK_L steps. In a chunk it loads u, Δ,
 z (BLOCK_D, BLOCK_L) and B, C (N, BLOCK_L) once, forms exp(ΔA) and ΔBu for the whole chunk,

@@ -1,4 +1,4 @@
-"""The "lanes" forward kernel of the selective scan: states across lanes, time in registers.
+"""The "lanes" kernels of the selective scan (the default): states across lanes, time in registers.
 
 Where the other layouts scan along a time axis that spans lanes and warps (shuffles and shared
 memory at every step), this one gives each thread a short run of T consecutive time steps of one
@@ -16,9 +16,13 @@ states for y costs NR - 1 in-register adds and log2(NL) shuffles per (channel, s
 Per-(channel, step) work (softplus, Δu, D·u, the SiLU gate) runs on a compact 2-D (BLOCK_D, T)
 tile and is broadcast to the 4-D tile, so it is not repeated for each state.
 
-The arguments are those of `selective_scan._fwd_kernel`, so the launcher chooses between them;
-`BLOCK_L` is here only the interval at which chunk-start states are saved for the backward
-pass (a multiple of T).
+The backward walks the saved segments (BLOCK_L = 2 T steps) in reverse. It recomputes the
+state before each segment's second chunk, then runs each chunk's forward scan and its adjoint
+scan in registers.
+
+The arguments are those of `selective_scan._fwd_kernel` and `_bwd_kernel`, so the launchers
+there choose between the layouts. `BLOCK_L` is here only the interval at which chunk-start
+states are saved for the backward pass (a multiple of T).
 """
 
 from __future__ import annotations
