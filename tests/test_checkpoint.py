@@ -495,3 +495,16 @@ def test_saved_files_follow_the_umask(tmp_path, fmt):
         os.umask(old)
     for f in tmp_path.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
+def test_greedy_ids_equal_transformers_generate(tmp_path):
+    """The peer's own MambaForCausalLM.generate (its cache and its decoding loop), greedy."""
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path)
+    ours = MambaLM.from_pretrained(tmp_path).eval()
+    prompt = random_ids(batch=2, length=7, seed=11)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(prompt))
+    got = ours.generate(prompt, max_new_tokens=12)
+    assert torch.equal(got, theirs)

@@ -20,17 +20,50 @@ from ..modules.norm import make_norm
 
 @dataclass
 class LMCache:
-    """The whole recurrent state of a MambaLM: one MambaState per layer. Its size does not
-    depend on how many tokens it has seen (`seqlen`)."""
+    """The whole recurrent state of a MambaLM: one MambaState per layer, and the logits for the
+    next token. Its size does not depend on how many tokens it has seen (`seqlen`), so a whole
+    conversation's state fits in a few MB and can be saved, loaded and continued exactly."""
     layers: list[MambaState]
     seqlen: int = 0
+    last_logits: torch.Tensor | None = None  # (B, V) after prefill / each step
 
     @property
     def batch_size(self) -> int:
         return self.layers[0].ssm.shape[0]
 
     def nbytes(self) -> int:
-        return sum(s.conv.nbytes + s.ssm.nbytes for s in self.layers)
+        extra = 0 if self.last_logits is None else self.last_logits.nbytes
+        return sum(s.conv.nbytes + s.ssm.nbytes for s in self.layers) + extra
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file, written atomically (a crash leaves the old file or the new one)."""
+        from safetensors.torch import save_file
+
+        from ..checkpoint import atomic_write
+        tensors = {}
+        for i, state in enumerate(self.layers):
+            tensors[f"layers.{i}.conv"] = state.conv.contiguous()
+            tensors[f"layers.{i}.ssm"] = state.ssm.contiguous()
+        if self.last_logits is not None:
+            tensors["last_logits"] = self.last_logits.contiguous()
+        meta = {"format": "mambakit-cache", "seqlen": str(self.seqlen), "n_layer": str(len(self.layers))}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> "LMCache":
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no cache file at {path}")
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "mambakit-cache":
+                raise ValueError(f"{path} is not a mambakit cache (metadata format {meta.get('format')!r})")
+            n_layer = int(meta["n_layer"])
+            layers = [MambaState(f.get_tensor(f"layers.{i}.conv"), f.get_tensor(f"layers.{i}.ssm"))
+                      for i in range(n_layer)]
+            logits = f.get_tensor("last_logits") if "last_logits" in f.keys() else None
+        return cls(layers, int(meta["seqlen"]), logits)
 
 
 class Backbone(nn.Module):
@@ -53,10 +86,12 @@ class Backbone(nn.Module):
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         hidden, residual = self.embedding(input_ids), None  # (B, L, d_model)
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i])
+            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i],
+                                     cu_seqlens=cu_seqlens)
         return self._final(hidden, residual)
 
     def step(self, token_ids: torch.Tensor, cache: LMCache) -> torch.Tensor:
@@ -127,19 +162,46 @@ class MambaLM(nn.Module):
             raise ValueError(f"cache holds batch {cache.batch_size} but token_ids has batch {token_ids.shape[0]}")
         logits = self.lm_head(self.backbone.step(token_ids.long(), cache))
         cache.seqlen += 1
+        cache.last_logits = logits
         return logits
 
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LMCache:
         return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers])
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LMCache]:
-        """Runs the prompt through the parallel scan. Returns (last logits (B, V), cache)."""
-        cache = self.allocate_cache(input_ids.shape[0])
-        logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
+    def prefill(self, input_ids, attention_mask: torch.Tensor | None = None, cache: LMCache | None = None
+                ) -> tuple[torch.Tensor, LMCache]:
+        """Runs prompts through the parallel scan, with no per-token loop. Returns (the logits
+        for the next token (B, V), the cache), and keeps those logits in the cache.
+
+        input_ids: a (B, L) tensor, optionally with an attention_mask (left or right padding),
+        or a list of prompts of different lengths. Prompts of different lengths are packed into
+        one row with cu_seqlens, so padding never enters the state. With a cache, the prompt
+        (a (B, L) tensor) continues from the cache's state: a conversation's next turn."""
+        if cache is not None:
+            if not isinstance(input_ids, torch.Tensor) or attention_mask is not None:
+                raise ValueError("continuing a cache takes a (B, L) tensor of new tokens, without attention_mask")
+            logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
+            cache.last_logits = logits
+            return logits, cache
+        if isinstance(input_ids, torch.Tensor) and attention_mask is None:
+            cache = self.allocate_cache(input_ids.shape[0])
+            logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
+        else:
+            from ..prompts import pack_prompts
+            packed = pack_prompts(input_ids, attention_mask, device=self.lm_head.weight.device)
+            self._check_ids(packed.ids, 2)
+            cache = self.allocate_cache(len(packed.prompts))
+            hidden = self.backbone(packed.ids, cache, cu_seqlens=packed.cu_seqlens)  # (1, T, d_model)
+            logits = self.lm_head(hidden[0, packed.last_positions])  # (S, V)
+            cache.seqlen = max(packed.lengths)
+        cache.last_logits = logits
         return logits, cache
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids=None, max_new_tokens: int = 64, **kwargs):
+        """See `mambakit.generation.generate`: prompts (a tensor, a padded tensor with
+        attention_mask, or a list of different lengths) or a cache, sampling options,
+        eos_token_id / stop strings, stream=True."""
         from ..generation import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 

@@ -26,10 +26,13 @@ class Block(nn.Module):
         return hidden, residual
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
-                cache: MambaState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: MambaState | None = None, cu_seqlens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual: (B, L, dim). Returns the new (hidden, residual)."""
         hidden, residual = self._pre(hidden, residual)
-        return self.mixer(hidden, cache=cache), residual
+        if cu_seqlens is None:  # mixers without packed-sequence support keep working
+            return self.mixer(hidden, cache=cache), residual
+        return self.mixer(hidden, cache=cache, cu_seqlens=cu_seqlens), residual
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: MambaState):
         """hidden, residual: (B, dim); one token."""

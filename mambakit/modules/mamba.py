@@ -87,21 +87,26 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return dt, B, C
 
-    def forward(self, hidden_states: torch.Tensor, cache: MambaState | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cache: MambaState | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: (B, L, d_model) -> (B, L, d_model). With a cache, start from its state
-        and leave the final state in it."""
+        and leave the final state in it. With cu_seqlens (S + 1,), the batch is one row of S
+        packed sequences: the conv and the scan restart at each boundary, and the cache holds
+        one state per sequence (batch S)."""
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects hidden_states of shape (B, L, {self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
         batch, length, _ = hidden_states.shape
+        if cu_seqlens is not None and batch != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
         if cache is not None:
-            _check_state(cache, batch, self)
+            _check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
         xz = self.in_proj(hidden_states)  # (B, L, 2*D_inner)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, D_inner, L) each, time-major in memory
         conv_w = self.conv1d.weight.squeeze(1)  # (D_inner, K)
         conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
                                      initial_state=None if cache is None else cache.conv,
-                                     return_final_state=cache is not None)
+                                     return_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             x, conv_final = conv_out
         else:
@@ -113,7 +118,8 @@ class Mamba(nn.Module):
         scan_out = ops.selective_scan(
             x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            initial_state=None if cache is None else cache.ssm, return_final_state=cache is not None)
+            initial_state=None if cache is None else cache.ssm, return_final_state=cache is not None,
+            cu_seqlens=cu_seqlens)
         if cache is not None:
             y, ssm_final = scan_out
             cache.conv.copy_(conv_final)
