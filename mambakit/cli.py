@@ -23,24 +23,16 @@ def load_model(spec: str, device: str, dtype: torch.dtype, seed: int):
     return MambaLM.from_pretrained(spec, device=device, dtype=dtype), False
 
 
-def load_tokenizer(spec: str):
-    """tokenizer.json beside the checkpoint (through `tokenizers`), else the byte tokenizer."""
-    from .tokenizer import ByteTokenizer
-    path = Path(spec) / "tokenizer.json"
-    if path.is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise SystemExit(f"error: {path} needs the `tokenizers` package (pip install tokenizers)") from None
-        tok = Tokenizer.from_file(str(path))
-
-        class _HF:
-            def encode(self, text):
-                return tok.encode(text).ids
-
-            def decode(self, ids):
-                return tok.decode([int(i) for i in ids])
-        return _HF()
+def pick_tokenizer(model_spec: str, tokenizer_spec: str | None):
+    """--tokenizer if given (a directory or cached hub id, or "bytes"); else the checkpoint's
+    own tokenizer files when it has them; else the built-in byte tokenizer."""
+    from .tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
+    if tokenizer_spec == "bytes":
+        return ByteTokenizer()
+    if tokenizer_spec is not None:
+        return load_tokenizer(tokenizer_spec)
+    if model_spec not in PRESETS and Path(model_spec).is_dir() and has_tokenizer(model_spec):
+        return load_tokenizer(model_spec)
     return ByteTokenizer()
 
 
@@ -52,23 +44,42 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def cmd_generate(args) -> int:
-    from .generation import stream
+def _check_generate_args(args) -> None:
     if args.max_new_tokens < 1:
         raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise SystemExit(f"error: --temperature must be >= 0, got {args.temperature}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise SystemExit(f"error: --temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"error: --top-k must be >= 1, got {args.top_k}")
+    for name in ("top_p", "min_p"):
+        v = getattr(args, name)
+        if v is not None and not 0 < v <= 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be in (0, 1], got {v}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise SystemExit(f"error: --repetition-penalty must be > 0, got {args.repetition_penalty}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
+
+
+def cmd_generate(args) -> int:
+    from .generation import stream
+    _check_generate_args(args)
     try:
         model, random_weights = load_model(args.model, args.device, DTYPES[args.dtype], args.seed)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: --model {args.model!r}: {err}") from None
+    try:
+        tokenizer = pick_tokenizer(args.model, args.tokenizer)
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        raise SystemExit(f"error: --tokenizer {args.tokenizer or args.model!r}: {err}") from None
     model.eval()
-    tokenizer = load_tokenizer(args.model)
+    if not args.prompt:
+        raise SystemExit("error: --prompt is empty")
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise SystemExit("error: --prompt is empty")
+        raise SystemExit("error: --prompt encodes to no tokens")
+    if args.max_prompt_tokens is not None and len(ids) > args.max_prompt_tokens:
+        raise SystemExit(f"error: --prompt is {len(ids)} tokens, more than --max-prompt-tokens {args.max_prompt_tokens}")
     if max(ids) >= model.config.padded_vocab_size:
         raise SystemExit(f"error: the prompt has token ids up to {max(ids)} but the model's vocabulary has "
                          f"{model.config.padded_vocab_size} entries")
@@ -81,8 +92,11 @@ def cmd_generate(args) -> int:
     out.flush()
     tokens, t_first, t0 = [], None, time.perf_counter()
     printed = ""
+    eos = args.eos_token_id if args.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     for token in stream(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        seed=args.seed):
+                        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                        seed=args.seed, eos_token_id=eos, stop=args.stop or None,
+                        tokenizer=tokenizer if args.stop else None):
         if t_first is None:
             t_first = time.perf_counter()
         tokens.append(int(token[0]))
@@ -110,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+    gen.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    gen.add_argument("--eos-token-id", type=int, default=None, help="default: the tokenizer's eos token, if any")
+    gen.add_argument("--max-prompt-tokens", type=int, default=None, help="reject longer prompts")
+    gen.add_argument("--tokenizer", default=None,
+                     help="a tokenizer directory or cached hub id, or 'bytes'; default: the checkpoint's, else bytes")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -1,13 +1,79 @@
-"""The built-in byte-level tokenizer: token id = byte value (0..255). It needs no files."""
+"""Tokenizers: the built-in byte-level one (token id = byte value, no files), and any Hugging
+Face tokenizer from a local directory or the local cache, through `tokenizers` (a
+tokenizer.json) or `transformers` (AutoTokenizer), whichever is installed. Nothing is
+downloaded."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class ByteTokenizer:
     vocab_size = 256
+    eos_token_id = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """encode / decode / eos_token_id over a `tokenizers.Tokenizer` or a transformers tokenizer."""
+
+    def __init__(self, backend, kind: str, eos_token_id: int | None):
+        self.backend, self.kind, self.eos_token_id = backend, kind, eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "tokenizers":
+            return self.backend.encode(text).ids
+        return self.backend.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids])
+
+
+def load_tokenizer(name_or_path: str | Path) -> HFTokenizer:
+    """A directory with tokenizer.json (or other tokenizer files), or a hub id already in the
+    local Hugging Face cache. Raises FileNotFoundError or ImportError with what is missing."""
+    from .checkpoint import resolve_directory
+    directory = resolve_directory(name_or_path)
+    tokenizer_json = directory / "tokenizer.json"
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    if tokenizer_json.is_file() and Tokenizer is not None:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        return HFTokenizer(tok, "tokenizers", _eos_from_files(directory, tok))
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ImportError(f"reading the tokenizer in {directory} needs `tokenizers` or `transformers` "
+                          f"(pip install tokenizers)") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"no tokenizer in {directory}: {err}") from None
+    return HFTokenizer(tok, "transformers", tok.eos_token_id)
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                   "tokenizer.model"))
+
+
+def _eos_from_files(directory: Path, tok) -> int | None:
+    """eos_token from tokenizer_config.json / special_tokens_map.json, as an id."""
+    import json
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if isinstance(eos, str) and tok.token_to_id(eos) is not None:
+                return tok.token_to_id(eos)
+    return None
