@@ -110,8 +110,8 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
            attention_mask: torch.Tensor | None = None, cache=None, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
            repetition_penalty: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
-           pad_token_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer=None
-           ) -> Iterator[torch.Tensor]:
+           pad_token_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer=None,
+           cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token ids (B,) one step at a time. Rows that have finished (eos or a stop
     string) yield pad_token_id (eos_token_id when not given, else 0) until all have finished.
 
@@ -148,6 +148,26 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
     stops = _StopStrings(stop, tokenizer, batch) if stop is not None else None
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}")
+    runner = None
+    if (cuda_graph is None and device.type == "cuda") or cuda_graph:
+        from .graphs import graphed_decoder
+        runner = graphed_decoder(model, batch, device)
+        runner.load(cache)
+    try:
+        yield from _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops,
+                           pad, eos_token_id, done, keep_cache_current)
+    finally:
+        if runner is not None:  # the caller's cache gets the state back, and its own logits
+            runner.store(cache)
+            if cache.last_logits is runner.logits:
+                cache.last_logits = runner.logits.clone()
+
+
+def _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops, pad,
+            eos_token_id, done, keep_cache_current):
+    batch, device = logits.shape[0], logits.device
     for i in range(max_new_tokens):
         token = sample_next(logits, options, generator, vocab, seen)
         token = torch.where(done, torch.full_like(token, pad), token)
@@ -163,7 +183,12 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
         last = i + 1 == max_new_tokens or bool(done.all())
         if last and not keep_cache_current:
             return
-        logits = model.step(token, cache)
+        if runner is None:
+            logits = model.step(token, cache)
+        else:
+            logits = runner(token)
+            cache.seqlen += 1
+            cache.last_logits = logits
         if last:
             return
 

@@ -18,7 +18,8 @@ from .conv import causal_conv1d_torch
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
                         selective_state_update_ref)
 from .scan import selective_scan_chunked
-from .step import causal_conv1d_update_, selective_state_update_
+from .step import causal_conv1d_update_ as _conv_update_torch_
+from .step import selective_state_update_ as _state_update_torch_
 
 BACKENDS = ("triton", "torch", "reference")
 
@@ -95,22 +96,53 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, ret
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
                            backend=None):
     """One decoding step, as mamba_ssm's: `state` (B, D, N) is updated in place; returns y (B, D).
-    x, dt, z: (B, D); A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D,)."""
+    x, dt, z: (B, D); A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D,). None picks the
+    fused Triton kernel for CUDA tensors, torch elsewhere."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    if _resolve(backend) == "reference":
+    which = _resolve(backend, state)
+    if which == "reference":
         y, new_state = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         state.copy_(new_state)
         return y
-    return selective_state_update_(state, x, dt, A.to(state.dtype), B, C,
-                                   None if D is None else D.to(state.dtype), z,
-                                   None if dt_bias is None else dt_bias.to(state.dtype), dt_softplus)
+    if which == "triton":
+        from .triton.step import state_update_
+        return state_update_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _state_update_torch_(state, x, dt, A.to(state.dtype), B, C,
+                                None if D is None else D.to(state.dtype), z,
+                                None if dt_bias is None else dt_bias.to(state.dtype), dt_softplus)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend=None):
-    """One decoding step: `conv_state` (B, D, K-1) is shifted in place; returns y (B, D)."""
+    """One decoding step: `conv_state` (B, D, K-1) is shifted in place; returns y (B, D). None
+    picks the fused Triton kernel for CUDA tensors, torch elsewhere."""
     check_conv_update_args(x, conv_state, weight, bias, activation)
-    if _resolve(backend) == "reference":
+    which = _resolve(backend, x)
+    if which == "reference":
         y, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
         conv_state.copy_(new_state)
         return y
-    return causal_conv1d_update_(x, conv_state, weight, bias, activation)
+    if which == "triton":
+        from .triton.step import conv_update_
+        return conv_update_(x, conv_state, weight, bias, activation)
+    return _conv_update_torch_(x, conv_state, weight, bias, activation)
+
+
+def _fused_step(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype != torch.float64 and triton_available()
+
+
+def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The unchecked decoding update that Mamba.step calls: the fused Triton kernel on CUDA,
+    the in-place torch ops elsewhere."""
+    if _fused_step(state):
+        from .triton.step import state_update_
+        return state_update_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def causal_conv1d_update_(x, conv_state, weight, bias=None, activation=None):
+    """The unchecked conv update that Mamba.step calls (Triton on CUDA, torch elsewhere)."""
+    if _fused_step(x) and conv_state.stride(-1) == 1:
+        from .triton.step import conv_update_
+        return conv_update_(x, conv_state, weight, bias, activation)
+    return _conv_update_torch_(x, conv_state, weight, bias, activation)

@@ -1,0 +1,58 @@
+"""CUDA-graph decoding: one model step (embedding, every layer's fused step kernels, the final
+norm and lm_head) captured once per batch size and replayed, so that a decode step costs one
+graph launch instead of hundreds of kernel launches.
+
+The graph works on its own static buffers: a cache, the input token and the output logits.
+`load` copies a cache's state in (a few MB), `store` copies it back out, so one captured
+graph serves every generation of that batch size. It is captured again when a parameter has
+been changed in place (training between generations), since the graph holds values derived
+from them (A = -exp(A_log))."""
+
+from __future__ import annotations
+
+import torch
+
+
+class GraphedDecoder:
+    def __init__(self, model, batch_size: int, device: torch.device, warmup: int = 2):
+        self.model = model
+        self.cache = model.allocate_cache(batch_size, device=device)
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):  # compiles the Triton kernels and fills the memoised A
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self._step()  # (B, V), overwritten by each replay
+
+    def _step(self) -> torch.Tensor:
+        return self.model.lm_head(self.model.backbone.step(self.token, self.cache))
+
+    def load(self, cache) -> None:
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.conv.copy_(theirs.conv)
+            mine.ssm.copy_(theirs.ssm)
+
+    def store(self, cache) -> None:
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            theirs.conv.copy_(mine.conv)
+            theirs.ssm.copy_(mine.ssm)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+
+def graphed_decoder(model, batch_size: int, device: torch.device) -> GraphedDecoder:
+    """The model's captured decoder for this batch size, captured on first use."""
+    graphs = model.__dict__.setdefault("_cuda_graphs", {})
+    version = tuple(p._version for p in model.parameters())
+    key = (batch_size, str(device))
+    entry = graphs.get(key)
+    if entry is None or entry[0] != version:
+        graphs[key] = (version, GraphedDecoder(model, batch_size, device))
+    return graphs[key][1]

@@ -1,0 +1,72 @@
+"""The fused Triton decoding kernels (ops/triton/step.py) against the reference step updates:
+outputs and the in-place state, with groups, without optionals, and conv widths 1..4. On a
+machine without CUDA they run under TRITON_INTERPRET=1."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from mambakit.ops import (causal_conv1d_update, causal_conv1d_update_ref, selective_state_update,  # noqa: E402
+                          selective_state_update_ref)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _rand(*shape, g, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=g) * scale + shift).to(DEVICE)
+
+
+@pytest.mark.parametrize("batch,dim,d_state,groups,optionals", [
+    (2, 8, 4, None, True), (3, 12, 16, 3, True), (1, 5, 3, None, False), (2, 16, 64, 2, True)])
+def test_state_update_matches_reference(batch, dim, d_state, groups, optionals):
+    g = torch.Generator().manual_seed(dim + d_state)
+    bc = (batch, groups, d_state) if groups else (batch, d_state)
+    state = _rand(batch, dim, d_state, g=g)
+    args = dict(x=_rand(batch, dim, g=g), dt=_rand(batch, dim, g=g, scale=0.5, shift=-1.0),
+                A=-_rand(dim, d_state, g=g).abs() - 0.1, B=_rand(*bc, g=g), C=_rand(*bc, g=g))
+    if optionals:
+        args.update(D=_rand(dim, g=g), z=_rand(batch, dim, g=g), dt_bias=_rand(dim, g=g, scale=0.3))
+    y_ref, state_ref = selective_state_update_ref(state.clone(), **args, dt_softplus=optionals)
+    y = selective_state_update(state, **args, dt_softplus=optionals, backend="triton")
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)  # updated in place
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias,activation", [(True, "silu"), (False, None)])
+def test_conv_update_matches_reference(width, bias, activation):
+    g = torch.Generator().manual_seed(width)
+    batch, dim = 3, 10
+    state = _rand(batch, dim, width - 1, g=g)
+    x, w = _rand(batch, dim, g=g), _rand(dim, width, g=g)
+    b = _rand(dim, g=g) if bias else None
+    y_ref, state_ref = causal_conv1d_update_ref(x, state.clone(), w, b, activation)
+    y = causal_conv1d_update(x, state, w, b, activation, backend="triton")
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
+
+
+def test_mixer_step_with_fused_kernels_matches_forward():
+    """Mamba.step through the fused kernels (ops.selective_state_update_ / causal_conv1d_update_
+    pick them on CUDA; here they are called through backend='triton' by patching the picker)."""
+    from mambakit import ops
+    from mambakit.modules.mamba import Mamba
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=8).to(DEVICE).eval()
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    with torch.no_grad():
+        full = mixer(x)
+        cache = mixer.allocate_state(2)
+        orig = ops._fused_step
+        ops._fused_step = lambda t: True
+        try:
+            steps = torch.stack([mixer.step(x[:, t], cache) for t in range(7)], dim=1)
+        finally:
+            ops._fused_step = orig
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
