@@ -1,0 +1,177 @@
+"""Decoding speed on the GPU: mambakit's generate (fused step kernels, CUDA graph) against the
+official `MambaLMHeadModel.generate(cg=True)`, in one run, with the same random weights.
+
+  1. ms/step and tokens/s at batch 1 and 64: 130m shape, bf16, prompt 128, 512 new, greedy.
+     ms/step = (time for 512 new tokens - time for 1 new token) / 511, for both.
+  2. the latency of prefilling an 8k-token prompt (time to the first new token).
+  3. ms per decoded token against context length (1k .. 128k): mambakit against a Transformer of
+     the same size with a KV cache (transformers' Llama, random weights, SDPA).
+
+    python benchmarks/generate.py [--out benchmarks/results/generate_h200.json]
+    python benchmarks/generate.py --smoke        # CPU, tiny sizes: checks that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ours_ms_per_step(model, ids, new, device):
+    model.generate(ids, max_new_tokens=8)  # compiles the kernels, captures the graph for this batch size
+    one = _timed(lambda: model.generate(ids, max_new_tokens=1), device)
+    many = _timed(lambda: model.generate(ids, max_new_tokens=new), device)
+    return (many - one) / (new - 1) * 1e3, one * 1e3
+
+
+def official_ms_per_step(official, ids, new, device):
+    def run(n):
+        return official.generate(ids, max_length=ids.shape[1] + n, cg=True, temperature=1.0, top_k=1)
+    run(8)
+    one = _timed(lambda: run(1), device)
+    many = _timed(lambda: run(new), device)
+    return (many - one) / (new - 1) * 1e3, one * 1e3
+
+
+def official_model(ours, device, dtype):
+    from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    c = ours.config
+    cfg = OfficialConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg={"layer": "Mamba1"},
+                         rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                         pad_vocab_size_multiple=c.pad_vocab_size_multiple)
+    model = MambaLMHeadModel(cfg, device=device, dtype=dtype)
+    model.load_state_dict(ours.state_dict())  # the same weights: the names follow the official ones
+    return model.eval()
+
+
+def transformer_like(config, device, dtype, max_len):
+    """A Llama of the Mamba's size class (12 layers x 768, 12 heads), random weights, SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=config.padded_vocab_size, hidden_size=config.d_model, intermediate_size=2048,
+                      num_hidden_layers=max(1, config.n_layer // 2), num_attention_heads=max(1, config.d_model // 64),
+                      max_position_embeddings=max_len + 64, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+@torch.no_grad()
+def per_token_vs_context(model, llama, contexts, device, steps=32):
+    rows = []
+    for ctx in contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
+        _, cache = model.prefill(ids)
+        model.generate(cache=cache, max_new_tokens=4)
+        ms = _timed(lambda: model.generate(cache=cache, max_new_tokens=steps), device, repeats=2) / steps * 1e3
+        row = dict(context=ctx, mambakit_ms_per_token=ms, mambakit_state_mib=cache.nbytes() / 2**20)
+        if llama is not None:
+            out = llama(ids, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+            def decode():
+                nonlocal past, tok
+                for _ in range(steps):
+                    o = llama(tok, past_key_values=past, use_cache=True)
+                    past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            decode()  # warm-up (the cache grows by `steps`; negligible against ctx)
+            row["transformer_ms_per_token"] = _timed(decode, device, repeats=1) / steps * 1e3
+            del out, past
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ctx = [r["context"] for r in rows]
+    ax.plot(ctx, [r["mambakit_ms_per_token"] for r in rows], "o-", label="mambakit (recurrent state)")
+    if all("transformer_ms_per_token" in r for r in rows):
+        ax.plot(ctx, [r["transformer_ms_per_token"] for r in rows], "s-", label="Transformer + KV cache (SDPA)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ms per decoded token (batch 1)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/generate_h200.json")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
+    args = ap.parse_args()
+    from mambakit import MambaLM
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    preset, prompt_len, new = ("tiny", 16, 8) if args.smoke else ("130m", 128, 512)
+    batches = (1, 4) if args.smoke else (1, 64)
+    contexts = (64, 256) if args.smoke else tuple(2**k for k in range(10, 18))
+    long_prompt = 256 if args.smoke else 8192
+    torch.manual_seed(0)
+    model = MambaLM.from_name(preset, device=device, dtype=dtype).eval()
+    try:
+        official = None if args.smoke else official_model(model, device, dtype)
+    except ImportError as err:
+        print("official mamba_ssm not importable:", err)
+        official = None
+    result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"), preset=preset, dtype=str(dtype), prompt=prompt_len, new_tokens=new,
+                  decode=[])
+    for batch in batches:
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+        row = dict(batch=batch)
+        row["mambakit_ms_per_step"], row["mambakit_first_token_ms"] = ours_ms_per_step(model, ids, new, device)
+        if official is not None:
+            row["official_ms_per_step"], row["official_first_token_ms"] = official_ms_per_step(official, ids, new,
+                                                                                               device)
+            row["tokens_per_s_ratio"] = row["official_ms_per_step"] / row["mambakit_ms_per_step"]
+            ours_ids = model.generate(ids, max_new_tokens=32)
+            theirs = official.generate(ids, max_length=prompt_len + 32, cg=True, temperature=1.0, top_k=1)
+            theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.sequences
+            row["greedy_token_match"] = (ours_ids[:, prompt_len:] == theirs[:, prompt_len:]).float().mean().item()
+        print(json.dumps(row), flush=True)
+        result["decode"].append(row)
+    ids = torch.randint(0, model.config.vocab_size, (1, long_prompt), device=device)
+    result["prefill"] = dict(tokens=long_prompt, mambakit_ms=_timed(lambda: model.prefill(ids), device) * 1e3)
+    if official is not None:
+        result["prefill"]["official_first_token_ms"] = _timed(
+            lambda: official.generate(ids, max_length=long_prompt + 1, cg=True, temperature=1.0, top_k=1), device) * 1e3
+    print(json.dumps(result["prefill"]), flush=True)
+    try:
+        llama = transformer_like(model.config, device, dtype, max(contexts) + 64)
+    except ImportError:
+        llama = None
+    result["per_token_vs_context"] = per_token_vs_context(model, llama, contexts, device, steps=4 if args.smoke else 32)
+    if args.smoke:
+        return
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result["per_token_vs_context"], args.out.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    main()
