@@ -168,19 +168,22 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
 def _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops, pad,
             eos_token_id, done, keep_cache_current):
     batch, device = logits.shape[0], logits.device
+    can_finish = eos_token_id is not None or stops is not None  # else no per-step host sync
     for i in range(max_new_tokens):
         token = sample_next(logits, options, generator, vocab, seen)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        finished = torch.zeros_like(done)
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
-        if stops is not None:
-            finished |= stops.hit(token, done)
+        if can_finish:
+            token = torch.where(done, torch.full_like(token, pad), token)
+            finished = torch.zeros_like(done)
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+            if stops is not None:
+                finished |= stops.hit(token, done)
         if seen is not None:
             seen[torch.arange(batch, device=device)[~done], token[~done]] = True
-        done |= finished
+        if can_finish:
+            done |= finished
         yield token
-        last = i + 1 == max_new_tokens or bool(done.all())
+        last = i + 1 == max_new_tokens or (can_finish and bool(done.all()))
         if last and not keep_cache_current:
             return
         if runner is None:

@@ -70,3 +70,31 @@ def test_mixer_step_with_fused_kernels_matches_forward():
         finally:
             ops._fused_step = orig
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_add_rms_norm_equals_block_pre(residual_in_fp32, first, dtype):
+    """The fused residual add + RMSNorm of a decoding step gives _pre's outputs, roundings included.
+    (bf16 runs on the GPU only: the interpreter rounds fp32 -> bf16 toward zero, not to nearest.)"""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter's bf16 rounding differs from the GPU's")
+    from mambakit.modules.block import Block
+    from mambakit.modules.norm import RMSNorm
+    from mambakit.ops.triton.norm import add_rms_norm
+    g = torch.Generator().manual_seed(int(first) + 2 * int(residual_in_fp32))
+    dim = 48
+    norm = RMSNorm(dim).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+    block = Block(dim, torch.nn.Identity(), norm, residual_in_fp32=residual_in_fp32)
+    hidden = _rand(3, dim, g=g).to(dtype)
+    residual = None if first else _rand(3, dim, g=g).to(torch.float32 if residual_in_fp32 else dtype)
+    want_h, want_r = block._pre(hidden, residual)
+    r_dtype = torch.float32 if residual_in_fp32 else dtype
+    got_h, got_r = add_rms_norm(hidden, residual, norm.weight, norm.eps, r_dtype)
+    assert got_r.dtype == want_r.dtype and got_h.dtype == want_h.dtype
+    torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
+    torch.testing.assert_close(got_h.float(), want_h.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
+                               atol=1e-6 if dtype == torch.float32 else 8e-3)

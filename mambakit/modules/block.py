@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import triton_available
 from .mamba import MambaState
+from .norm import RMSNorm
 
 
 class Block(nn.Module):
@@ -35,6 +37,17 @@ class Block(nn.Module):
         return self.mixer(hidden, cache=cache, cu_seqlens=cu_seqlens), residual
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: MambaState):
-        """hidden, residual: (B, dim); one token."""
-        hidden, residual = self._pre(hidden, residual)
+        """hidden, residual: (B, dim); one token. On CUDA the residual add and RMSNorm run as one
+        fused kernel (ops/triton/norm.py), with exactly _pre's roundings."""
+        if hidden.is_cuda and isinstance(self.norm, RMSNorm) and triton_available():
+            hidden, residual = self._pre_fused(hidden, residual)
+        else:
+            hidden, residual = self._pre(hidden, residual)
         return self.mixer.step(hidden, cache), residual
+
+    def _pre_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        from ..ops.triton.norm import add_rms_norm
+        r_dtype = hidden.dtype if residual is None else torch.promote_types(residual.dtype, hidden.dtype)
+        if self.residual_in_fp32:
+            r_dtype = torch.float32
+        return add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, r_dtype)

@@ -102,9 +102,10 @@ def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softpl
     batch, dim, d_state = state.shape
     groups = B.shape[1] if B.ndim == 3 else 1
     cpg = dim // groups
-    Bv = B if B.ndim == 3 else B[:, None]
+    Bv = B if B.ndim == 3 else B[:, None]  # (B, G, N); x_proj's output slices need no copy
     Cv = C if C.ndim == 3 else C[:, None]
-    Bv, Cv = Bv.contiguous(), Cv.contiguous()
+    if Bv.stride(-1) != 1 or Cv.stride() != Bv.stride():
+        Bv, Cv = Bv.contiguous(), Cv.contiguous()
     x, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt))
     z = None if z is None else (z if z.stride(-1) == 1 else z.contiguous())
     y = torch.empty_like(x)
