@@ -1,30 +1,37 @@
-"""Sweep of the "lanes" forward kernel's shape on the device (forward only, no saved states).
+"""Sweep of the "lanes" scan kernels' shape on the device: NL (lanes over states) x warps x
+pipeline stages, for the forward (no saved states) or, with --backward, the backward alone.
 
     python benchmarks/tune_lanes.py OUT.jsonl
+    python benchmarks/tune_lanes.py OUT.jsonl --backward
 
-For each benchmark shape it times NL (lanes over states) x warps x pipeline stages. Official figures are in ../shared/GUIDE.md and
-come side by side from benchmarks/scan.py."""
+Official figures are in ../shared/GUIDE.md and come side by side from benchmarks/scan.py."""
 import itertools, json, sys, torch
 from triton.testing import do_bench
 sys.path.insert(0, "benchmarks")
 from scan import SHAPES, make_inputs
-from mambakit.ops.triton.selective_scan import scan_fwd
+from mambakit.ops.triton.selective_scan import scan_bwd, scan_fwd
 
+backward = "--backward" in sys.argv
 out = open(sys.argv[1], "a")
-for batch, length in SHAPES:
+for batch, length in (SHAPES[:4] if backward else SHAPES):
     kw = make_inputs(batch, length)
     args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    if backward:
+        _, _, states = scan_fwd(*args, None, True, None, True)
+        dout = torch.randn_like(kw["u"])
+        run = lambda lanes: scan_bwd(*args, None, True, states, dout, None, lanes=lanes)  # noqa: E731
+    else:
+        run = lambda lanes: scan_fwd(*args, None, True, None, False, lanes=lanes)  # noqa: E731
     rows = []
-    for nl, warps, stages in itertools.product((2, 4, 8), (1, 2), (1, 2, 3)):
-        block_d = (32 // nl) * warps
-        lanes = dict(NL=nl, BLOCK_D=block_d, num_warps=warps, STAGES=stages)
+    for nl, warps, stages in itertools.product((2, 4, 8), (1, 2, 4) if backward else (1, 2),
+                                               (1, 2) if backward else (1, 2, 3)):
+        lanes = dict(NL=nl, BLOCK_D=(32 // nl) * warps, num_warps=warps, STAGES=stages)
         try:
-            ms = do_bench(lambda: scan_fwd(*args, None, True, None, False, lanes=lanes), warmup=5, rep=20)
+            ms = do_bench(lambda: run(lanes), warmup=3 if backward else 5, rep=10 if backward else 20)
         except Exception as e:  # noqa: BLE001 (a shape that does not compile is skipped)
             print(lanes, "fail", type(e).__name__, str(e)[:200], flush=True)
             continue
-        row = dict(B=batch, L=length, **lanes, fwd_ms=round(ms, 4))
+        row = dict(B=batch, L=length, **lanes, **{"bwd_ms" if backward else "fwd_ms": round(ms, 4)})
         rows.append(row)
         out.write(json.dumps(row) + "\n"); out.flush()
-    best = min(rows, key=lambda r: r["fwd_ms"])
-    print("best", json.dumps(best), flush=True)
+    print("best", json.dumps(min(rows, key=lambda r: r["bwd_ms" if backward else "fwd_ms"])), flush=True)

@@ -356,7 +356,7 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
 
 def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int, elem_size: int,
                     length: int, varlen: bool, rows: int) -> dict:
-    """Block sizes for `_bwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes_bwd.py):
+    """Block sizes for `_bwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py --backward):
     one warp per program, 4 states per thread with many (sequence, channel) rows and 2 with few
     (twice the threads). T = half the save interval (each saved segment is two chunks)."""
     NL = min(32, max(1, d_state_block // (4 if rows >= 8192 else 2)))
