@@ -98,3 +98,21 @@ def test_fused_add_rms_norm_equals_block_pre(residual_in_fp32, first, dtype):
     torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
     torch.testing.assert_close(got_h.float(), want_h.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
                                atol=1e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_state_update_with_dt_proj_folded_in():
+    """Δ computed in the kernel from the low-rank input and dt_proj's weight equals the linear
+    layer followed by the update."""
+    g = torch.Generator().manual_seed(7)
+    batch, dim, d_state, rank = 2, 12, 8, 5
+    state = _rand(batch, dim, d_state, g=g)
+    w, bias, dt_r = _rand(dim, rank, g=g, scale=0.4), _rand(dim, g=g, scale=0.3, shift=-1.0), _rand(batch, rank, g=g)
+    args = dict(x=_rand(batch, dim, g=g), A=-_rand(dim, d_state, g=g).abs() - 0.1, B=_rand(batch, d_state, g=g),
+                C=_rand(batch, d_state, g=g), D=_rand(dim, g=g), z=_rand(batch, dim, g=g))
+    dt = torch.nn.functional.linear(dt_r, w, bias)
+    y_ref, state_ref = selective_state_update_ref(state.clone(), dt=dt, **args, dt_softplus=True)
+    from mambakit.ops.triton.step import state_update_
+    y = state_update_(state, args["x"], dt_r, args["A"], args["B"], args["C"], args["D"], args["z"], bias, True,
+                      dt_weight=w)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)

@@ -143,9 +143,9 @@ class Mamba(nn.Module):
         # F.linear rather than the Linear modules: at one token per step, overhead is the cost.
         x, z = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (B, D_inner)
         x = ops.causal_conv1d_update_(x, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
-        dt, B, C = self._ssm_params(F.linear(x, self.x_proj.weight))
-        dt = F.linear(dt, self.dt_proj.weight, self.dt_proj.bias)  # (B, D_inner), bias included
-        y = ops.selective_state_update_(cache.ssm, x, dt, self.A(), B, C, D=self.D, z=z, dt_softplus=True)
+        dt, B, C = self._ssm_params(F.linear(x, self.x_proj.weight))  # dt: (B, R), low rank
+        y = ops.dt_proj_state_update_(cache.ssm, x, dt, self.dt_proj.weight, self.dt_proj.bias, self.A(), B, C,
+                                      D=self.D, z=z)
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
         return out[:, None] if squeeze else out
 

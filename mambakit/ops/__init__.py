@@ -140,6 +140,17 @@ def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     return _state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
+def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A, B, C, D=None, z=None):
+    """The mixer's decoding update with its dt_proj folded in: Δ = softplus(dt_low_rank @
+    dt_weight.T + dt_bias). One fused Triton kernel on CUDA; a linear then the torch update
+    elsewhere. Unchecked, like selective_state_update_."""
+    if _fused_step(state):
+        from .triton.step import state_update_
+        return state_update_(state, x, dt_low_rank, A, B, C, D, z, dt_bias, True, dt_weight=dt_weight)
+    dt = torch.nn.functional.linear(dt_low_rank, dt_weight, dt_bias)
+    return _state_update_torch_(state, x, dt, A, B, C, D, z, None, True)
+
+
 def causal_conv1d_update_(x, conv_state, weight, bias=None, activation=None):
     """The unchecked conv update that Mamba.step calls (Triton on CUDA, torch elsewhere)."""
     if _fused_step(x) and conv_state.stride(-1) == 1:

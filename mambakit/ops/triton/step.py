@@ -45,10 +45,11 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, dim, s_xb, s_s
 
 
 @triton.jit
-def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
-                         dim, d_state, channels_per_group, s_hb, s_xb, s_dtb, s_bb, s_bg, s_zb, s_yb,
+def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, w_dt_ptr,
+                         dim, d_state, channels_per_group, dt_rank, s_hb, s_xb, s_dtb, s_bb, s_bg, s_zb, s_yb,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                         SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -57,7 +58,14 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     m_dn = md[:, None] & mn[None, :]
     group = (pid_d * BLOCK_D) // channels_per_group  # BLOCK_D divides channels_per_group
     x = tl.load(x_ptr + b * s_xb + d, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + b * s_dtb + d, mask=md, other=0.0).to(tl.float32)
+    if DT_PROJ:  # dt_ptr holds the low-rank input (B, R): Δ = W_dt dt_r, fused (dt_proj of the mixer)
+        r = tl.arange(0, BLOCK_R)
+        mr = r < dt_rank
+        dt_r = tl.load(dt_ptr + b * s_dtb + r, mask=mr, other=0.0).to(tl.float32)
+        w = tl.load(w_dt_ptr + d[:, None] * dt_rank + r[None, :], mask=md[:, None] & mr[None, :], other=0.0)
+        dt = tl.sum(w.to(tl.float32) * dt_r[None, :], axis=1)
+    else:
+        dt = tl.load(dt_ptr + b * s_dtb + d, mask=md, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
     if SOFTPLUS:
@@ -95,9 +103,10 @@ def conv_update_(x, conv_state, weight, bias=None, activation=None):
     return y
 
 
-def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_weight=None):
     """state: (B, D, N) contiguous, updated in place; x, dt, z: (B, D); A: (D, N); B, C: (B, N) or
-    (B, G, N). Returns y (B, D) in x's dtype."""
+    (B, G, N). Returns y (B, D) in x's dtype. With dt_weight (D, R), dt is the low-rank (B, R)
+    input of the mixer's dt_proj and Δ = dt @ dt_weight.T is computed in the kernel."""
     import torch
     batch, dim, d_state = state.shape
     groups = B.shape[1] if B.ndim == 3 else 1
@@ -114,10 +123,13 @@ def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softpl
     while block_d * 2 <= max(1, 2048 // block_n) and block_d * 2 <= 64 and cpg % (block_d * 2) == 0:
         block_d *= 2
     dummy = state
+    dt_rank = dt_weight.shape[1] if dt_weight is not None else 1
     _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
         state, x, dt, A.contiguous(), Bv, Cv, D if D is not None else dummy, z if z is not None else dummy,
-        dt_bias if dt_bias is not None else dummy, y, dim, d_state, cpg, state.stride(0), x.stride(0),
+        dt_bias if dt_bias is not None else dummy, y, dt_weight.contiguous() if dt_weight is not None else dummy,
+        dim, d_state, cpg, dt_rank, state.stride(0), x.stride(0),
         dt.stride(0), Bv.stride(0), Bv.stride(1), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        BLOCK_D=block_d, BLOCK_N=block_n)
+        DT_PROJ=dt_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_R=max(2, triton.next_power_of_2(dt_rank)))
     return y
