@@ -67,6 +67,9 @@ def resolve_directory(name_or_path: str | Path) -> Path:
     Nothing is downloaded."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        latest = path / "latest"  # a `mambakit train` run directory: its newest checkpoint
+        if not (path / "config.json").is_file() and latest.is_file():
+            return path / latest.read_text().strip()
         return path
     if path.exists():
         raise ValueError(f"{str(name_or_path)!r} is a file; from_pretrained needs a checkpoint directory")

@@ -1,4 +1,4 @@
-"""The command line: `mambakit generate` (train and bench arrive with their issues)."""
+"""The command line: `mambakit train` and `mambakit generate` (bench arrives with its issue)."""
 
 from __future__ import annotations
 
@@ -114,9 +114,75 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_dataclass_flags(parser, cls, skip=(), dest_prefix=""):
+    """One --flag per dataclass field (bool fields take true/false), default None = unchanged."""
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        hint = hints[field.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if base is bool:
+            kind = _parse_bool
+        elif base in (int, float):
+            kind = base
+        else:
+            kind = str
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=dest_prefix + field.name, type=kind,
+                            default=None, metavar=base.__name__.upper() if hasattr(base, "__name__") else "VALUE",
+                            help=f"(default: {field.default!r})" if field.default is not dataclasses.MISSING else None)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    model_overrides = {k[len("model_"):]: v for k, v in values.items() if k.startswith("model_")}
+    for flag in ("resume", "overwrite", "compile", "activation_checkpointing"):
+        if getattr(args, "flag_" + flag, False):
+            setattr(cfg, flag, True)
+    try:
+        summary = train(cfg, model_overrides)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    bits = summary.get("val_bits_per_token")
+    print(f"[mambakit] {summary['params'] / 1e6:.2f}M parameters, {summary['step']} steps on {summary['corpus']}; "
+          f"validation {bits:.3f} bits/token against the unigram entropy {summary['unigram_bits']:.3f}; "
+          f"checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}" if bits is not None else
+          f"[mambakit] stopped at step {summary['step']}; checkpoint in {cfg.out_dir}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambakit", description="Mamba selective state-space models")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .config import MambaConfig
+    from .train import TrainConfig
+    tr = sub.add_parser("train", help="train a MambaLM (default: the tiny preset on the Python standard library)",
+                        description="Every TrainConfig field and every model config field (--d-model, --n-layer, "
+                                    "...) can be set; unset ones keep the preset's / the default.")
+    _add_dataclass_flags(tr, TrainConfig, skip=("resume", "overwrite", "compile", "activation_checkpointing"))
+    for flag, text in (("resume", "continue the run in --out-dir from its latest checkpoint"),
+                       ("overwrite", "start over in an --out-dir that holds a checkpoint"),
+                       ("compile", "torch.compile the model"),
+                       ("activation_checkpointing", "recompute each block's activations in the backward pass")):
+        tr.add_argument("--" + flag.replace("_", "-"), dest="flag_" + flag, action="store_true", help=text)
+    _add_dataclass_flags(tr, MambaConfig, dest_prefix="model_")
+    tr.set_defaults(func=cmd_train)
     gen = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
     gen.add_argument("--model", default="tiny",
                      help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory / cached hub id")
