@@ -6,6 +6,11 @@ activation checkpointing per block and torch.compile. Periodic evaluation gives 
 loss and bits per token (bits per byte for the byte tokenizer). A tqdm bar shows the loss,
 tokens/s and the ETA; metrics go to metrics.jsonl and the curves to loss.png.
 
+Long sequences: with --chunk-len, each sequence runs chunk by chunk with every layer's conv and
+SSM states carried across the boundaries (with their gradients) and each chunk's activations
+recomputed in the backward pass (MambaLM.chunked_loss): the full sequence's gradient in memory
+that does not grow with the length.
+
 Checkpoints: out_dir/ckpt-<step>/ holds the model (safetensors, loadable by `mambakit generate
 --model out_dir/ckpt-<step>` or `--model out_dir`) and trainer.pt (optimizer, step, RNG
 states). Each is written to a temporary directory and renamed, then out_dir/latest is switched
@@ -60,11 +65,14 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     max_corpus_bytes: int | None = None
+    chunk_len: int | None = None  # run each sequence in chunks, states carried (exact gradient, flat memory)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
     resume: bool = False
     overwrite: bool = False
 
     def check(self) -> None:
+        if self.chunk_len is not None and self.chunk_len < 1:
+            raise ValueError(f"--chunk-len must be >= 1, got {self.chunk_len}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every"):
@@ -283,6 +291,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    chunked = cfg.chunk_len is not None and cfg.chunk_len < cfg.seq_len
     summary = {"corpus": corpus.name, "unigram_bits": corpus.unigram_bits_per_token(),
                "params": sum(p.numel() for p in model.parameters())}
     bar = _progress(start, cfg.max_steps, progress)
@@ -300,8 +309,12 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
                 x, y = batch_at(corpus.train, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed,
                                 device)
                 with autocast():
-                    logits = forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+                    if chunked:
+                        loss = model.chunked_loss(x, y, cfg.chunk_len) / cfg.grad_accum
+                    else:
+                        logits = forward(x)
+                if not chunked:
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None

@@ -165,6 +165,48 @@ class MambaLM(nn.Module):
         cache.last_logits = logits
         return logits
 
+    def chunked_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_len: int,
+                     checkpoint: bool = True) -> torch.Tensor:
+        """The mean cross-entropy over a long sequence, run chunk_len tokens at a time. Every
+        layer's conv and SSM states carry from chunk to chunk with their gradients, so this is
+        the full sequence's loss and gradient, not truncated backprop. With checkpoint, each
+        chunk's activations are recomputed in the backward pass, so that only the chunk
+        boundaries' states stay in memory: memory stays flat as the length grows.
+        input_ids, targets: (B, L) -> a scalar."""
+        import torch.nn.functional as F
+        from torch.utils.checkpoint import checkpoint as recompute
+        self._check_ids(input_ids, 2)
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+            raise ValueError(f"chunk_len must be an int >= 1, got {chunk_len!r}")
+        n_layer = len(self.backbone.layers)
+
+        def run_chunk(ids, tgt, *flat_states):
+            states = [None if flat_states[2 * i] is None else MambaState(flat_states[2 * i], flat_states[2 * i + 1])
+                      for i in range(n_layer)]
+            hidden, residual, finals = self.backbone.embedding(ids), None, []
+            for layer, state in zip(self.backbone.layers, states):
+                hidden, residual, final = layer.forward_with_states(hidden, residual, state)
+                finals.append(final)
+            logits = self.lm_head(self.backbone._final(hidden, residual))
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()  # the loss in at least fp32
+            loss_sum = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum")
+            return (loss_sum, *[t for f in finals for t in (f.conv, f.ssm)])
+
+        flat = [None] * (2 * n_layer)
+        total = None
+        for start in range(0, input_ids.shape[1], chunk_len):
+            ids, tgt = input_ids[:, start:start + chunk_len].long(), targets[:, start:start + chunk_len].long()
+            if checkpoint and torch.is_grad_enabled():
+                out = recompute(run_chunk, ids, tgt, *flat, use_reentrant=False)
+            else:
+                out = run_chunk(ids, tgt, *flat)
+            total = out[0] if total is None else total + out[0]
+            flat = list(out[1:])
+        return total / targets.numel()
+
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LMCache:
         return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers])
 

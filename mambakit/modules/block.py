@@ -23,7 +23,7 @@ class Block(nn.Module):
     def _pre(self, hidden: torch.Tensor, residual: torch.Tensor | None):
         residual = hidden if residual is None else residual + hidden
         hidden = self.norm(residual.to(self.norm.weight.dtype))
-        if self.residual_in_fp32:
+        if self.residual_in_fp32 and residual.dtype != torch.float64:  # fp64 models stay exact
             residual = residual.float()
         return hidden, residual
 
@@ -35,6 +35,12 @@ class Block(nn.Module):
         if cu_seqlens is None:  # mixers without packed-sequence support keep working
             return self.mixer(hidden, cache=cache), residual
         return self.mixer(hidden, cache=cache, cu_seqlens=cu_seqlens), residual
+
+    def forward_with_states(self, hidden: torch.Tensor, residual: torch.Tensor | None, state: MambaState | None):
+        """Like forward, returning the mixer's final state instead of writing a cache."""
+        hidden, residual = self._pre(hidden, residual)
+        out, final = self.mixer.forward_with_states(hidden, state)
+        return out, residual, final
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: MambaState):
         """hidden, residual: (B, dim); one token. On CUDA the residual add and RMSNorm run as one

@@ -77,10 +77,10 @@ class Mamba(nn.Module):
         """A = -exp(A_log), (D_inner, N) fp32. Memoised while gradients are off (decoding),
         keyed on A_log's version counter so that an in-place update is never missed."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # no Python-side state under compile
-            return -torch.exp(self.A_log.float())
+            return -torch.exp(_at_least_fp32(self.A_log))
         key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, torch.is_inference_mode_enabled())
         if getattr(self, "_A_key", None) != key:
-            self._A_value, self._A_key = -torch.exp(self.A_log.detach().float()), key
+            self._A_value, self._A_key = -torch.exp(_at_least_fp32(self.A_log.detach())), key
         return self._A_value
 
     def _ssm_params(self, x_dbl: torch.Tensor):
@@ -101,32 +101,47 @@ class Mamba(nn.Module):
             raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
         if cache is not None:
             _check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
+        out, final = self._run(hidden_states, cache, cu_seqlens)
+        if cache is not None:
+            cache.conv.copy_(final.conv)
+            cache.ssm.copy_(final.ssm)
+        return out
+
+    def forward_with_states(self, hidden_states: torch.Tensor, state: MambaState | None = None
+                            ) -> tuple[torch.Tensor, MambaState]:
+        """hidden_states: (B, L, d_model) -> (out (B, L, d_model), the final state), starting
+        from `state` (or zeros). Nothing is updated in place: gradients flow from the final
+        state back into `state`, so a long sequence can be run chunk by chunk with the exact
+        gradient (see MambaLM.chunked_loss)."""
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba expects hidden_states of shape (B, L, {self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        if state is not None:
+            _check_state(state, hidden_states.shape[0], self)
+        out, final = self._run(hidden_states, state, None, always_states=True)
+        return out, final
+
+    def _run(self, hidden_states, state, cu_seqlens, always_states=False):
+        with_states = state is not None or always_states
         xz = self.in_proj(hidden_states)  # (B, L, 2*D_inner)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, D_inner, L) each, time-major in memory
         conv_w = self.conv1d.weight.squeeze(1)  # (D_inner, K)
         conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
-                                     initial_state=None if cache is None else cache.conv,
-                                     return_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        if cache is not None:
-            x, conv_final = conv_out
-        else:
-            x = conv_out
+                                     initial_state=None if state is None else state.conv,
+                                     return_final_state=with_states, cu_seqlens=cu_seqlens)
+        x, conv_final = conv_out if with_states else (conv_out, None)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = self._ssm_params(x_dbl)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, D_inner, L)
         A = self.A()  # (D_inner, N)
         scan_out = ops.selective_scan(
-            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            initial_state=None if cache is None else cache.ssm, return_final_state=cache is not None,
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=_at_least_fp32(self.D), z=z,
+            delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True,
+            initial_state=None if state is None else state.ssm, return_final_state=with_states,
             cu_seqlens=cu_seqlens)
-        if cache is not None:
-            y, ssm_final = scan_out
-            cache.conv.copy_(conv_final)
-            cache.ssm.copy_(ssm_final)
-        else:
-            y = scan_out
-        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        y, ssm_final = scan_out if with_states else (scan_out, None)
+        out = self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        return out, (MambaState(conv_final, ssm_final) if with_states else None)
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
@@ -148,6 +163,11 @@ class Mamba(nn.Module):
                                       D=self.D, z=z)
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
         return out[:, None] if squeeze else out
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for fp16 / bf16 / fp32 parameters; fp64 ones stay fp64 (a float64 model is exact)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _check_state(cache: MambaState, batch: int, mixer: Mamba) -> None:
