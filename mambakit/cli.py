@@ -1,4 +1,4 @@
-"""The command line: `mambakit train` and `mambakit generate` (bench arrives with its issue)."""
+"""The command line: `mambakit train`, `prepare` and `generate` (bench arrives with its issue)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .prepare import prepare
+    try:
+        info = prepare(args.tokenizer, args.data, args.out)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"[mambakit] {info['files']} files -> {info['tokens']} tokens ({info['dtype']}) in {info['out']}",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambakit", description="Mamba selective state-space models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--" + flag.replace("_", "-"), dest="flag_" + flag, action="store_true", help=text)
     _add_dataclass_flags(tr, MambaConfig, dest_prefix="model_")
     tr.set_defaults(func=cmd_train)
+    pr = sub.add_parser("prepare", help="tokenize a corpus with a Hugging Face tokenizer into a .bin / .npy file")
+    pr.add_argument("--tokenizer", required=True, help="a tokenizer directory or a hub id in the local cache")
+    pr.add_argument("--data", required=True, help="a text file or a directory of text files")
+    pr.add_argument("--out", required=True, help="the token file to write (.bin: uint16, .npy: uint16/uint32)")
+    pr.set_defaults(func=cmd_prepare)
     gen = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
     gen.add_argument("--model", default="tiny",
                      help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory / cached hub id")

@@ -214,3 +214,43 @@ def test_training_with_chunks_gives_the_same_run(tmp_path):
     a, b = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
     for step in a:
         np.testing.assert_allclose(a[step][0], b[step][0], rtol=0, atol=2e-5)
+
+
+def _word_tokenizer(directory):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz \n")}
+    vocab["<eos>"] = len(vocab)
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return vocab
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".npy"])
+def test_prepare_then_train_on_the_tokens(tmp_path, suffix, capsys):
+    vocab = _word_tokenizer(tmp_path / "tok")
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"{i}.txt").write_text("hello mamba world\n" * (200 + i))
+    out = tmp_path / f"tokens{suffix}"
+    assert main(["prepare", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "corpus"),
+                 "--out", str(out)]) == 0
+    corpus = load_corpus(out)
+    tokens = np.concatenate([corpus.train, corpus.val])
+    assert (tokens == vocab["<eos>"]).sum() == 4 and tokens[0] == vocab["h"]
+    summary = train(_cfg(tmp_path, data=str(out), max_steps=2, eval_every=2, save_every=2), SMALL, progress=False)
+    assert summary["val_loss"] is not None
+    assert MambaLM.from_pretrained(tmp_path / "run").config.vocab_size >= len(vocab)
+
+
+def test_prepare_bad_arguments(tmp_path):
+    _word_tokenizer(tmp_path / "tok")
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["prepare", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "none"), "--out", "x.bin"])
+    with pytest.raises(SystemExit, match=".bin or .npy"):
+        main(["prepare", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path), "--out", "x.txt"])
+    with pytest.raises(SystemExit, match="tokenizer"):
+        main(["prepare", "--tokenizer", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", "x.bin"])
