@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write
 from .config import PRESETS, MambaConfig
 from .data import Corpus, batch_at, load_corpus
+from .distributed import DistEnv, any_rank, barrier, init_distributed, mean_over_ranks, rows_of, shutdown
 from .models.lm import MambaLM
 
 
@@ -254,6 +255,19 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
     cfg.check()
     overrides = dict(model_overrides or {})
     device = _device(cfg)
+    env = init_distributed(device.type)
+    if env.active:
+        if device.type == "cuda":
+            device = torch.device("cuda", env.local_rank)
+        if cfg.batch_size % env.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide among {env.world} ranks")
+    try:
+        return _train(cfg, overrides, device, env, progress and env.is_main)
+    finally:
+        shutdown(env)
+
+
+def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv, progress: bool) -> dict:
     out_dir = Path(cfg.out_dir)
     existing = latest_checkpoint(out_dir) if out_dir.exists() else None
     if existing is not None and not (cfg.resume or cfg.overwrite):
@@ -271,20 +285,27 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
     start = load_checkpoint(existing, model, optimizer) if cfg.resume else 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and existing is not None:
-        for old in out_dir.glob("ckpt-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        (out_dir / "latest").unlink(missing_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     rows = _read_metrics(metrics_path, start) if cfg.resume else []
-    atomic_write(metrics_path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    atomic_write(out_dir / "train_config.json",
-                 lambda p: Path(p).write_text(json.dumps({"train": dataclasses.asdict(cfg),
-                                                          "model": dataclasses.asdict(config)}, indent=2)))
-    forward = torch.compile(model) if cfg.compile else model
+    if env.is_main:  # only rank 0 writes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and existing is not None:
+            for old in out_dir.glob("ckpt-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            (out_dir / "latest").unlink(missing_ok=True)
+        atomic_write(metrics_path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        atomic_write(out_dir / "train_config.json",
+                     lambda p: Path(p).write_text(json.dumps({"train": dataclasses.asdict(cfg),
+                                                              "model": dataclasses.asdict(config)}, indent=2)))
+    barrier(env)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
+    forward = model
+    if env.active:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
     use_bf16 = device.type == "cuda"
 
     def autocast():
@@ -297,7 +318,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
     bar = _progress(start, cfg.max_steps, progress)
     model.train()
     last_val = None
-    with _StopFlag() as stop, open(metrics_path, "a") as log:
+    log = open(metrics_path, "a") if env.is_main else contextlib.nullcontext()
+    with _StopFlag() as stop, log:
         step = start
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -308,15 +330,16 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
             for micro in range(cfg.grad_accum):
                 x, y = batch_at(corpus.train, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed,
                                 device)
-                with autocast():
-                    if chunked:
-                        loss = model.chunked_loss(x, y, cfg.chunk_len) / cfg.grad_accum
-                    else:
-                        logits = forward(x)
-                if not chunked:
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
-                loss.backward()
+                x, y = rows_of(x, env), rows_of(y, env)  # this rank's rows of the global batch
+                sync = contextlib.nullcontext()
+                if env.active and micro < cfg.grad_accum - 1:
+                    sync = forward.no_sync() if hasattr(forward, "no_sync") else sync  # reduce once per step
+                with sync:
+                    with autocast():
+                        loss = forward(x, targets=y, chunk_len=cfg.chunk_len if chunked else None) / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
+            loss_sum = mean_over_ranks(loss_sum, env, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -326,24 +349,31 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_val = evaluate(model, corpus, cfg, device, autocast)
-                row.update(val_loss=last_val, val_bits_per_token=last_val / math.log(2))
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+                if env.is_main:
+                    last_val = evaluate(model, corpus, cfg, device, autocast)
+                    row.update(val_loss=last_val, val_bits_per_token=last_val / math.log(2))
+                barrier(env)
+            if env.is_main:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             rows.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                             **({"val_bpt": f"{row['val_bits_per_token']:.3f}"} if "val_loss" in row else {}))
             time_box = cfg.stop_after is not None and step - start >= cfg.stop_after
+            stop.requested = any_rank(stop.requested, env, device)  # all ranks stop at the same step
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop.requested or time_box:
-                save_checkpoint(out_dir, model, optimizer, step, cfg)
+                if env.is_main:
+                    save_checkpoint(out_dir, model, optimizer, step, cfg)
+                barrier(env)
             if stop.requested or time_box:
                 why = "a signal" if stop.requested else "--stop-after"
                 bar.write(f"[mambakit] stopped by {why} at step {step}; checkpoint saved, --resume continues it",
                           file=sys.stderr)
                 break
     bar.close()
-    plot_losses(rows, out_dir / "loss.png")
+    if env.is_main:
+        plot_losses(rows, out_dir / "loss.png")
     summary.update(step=step, val_loss=last_val,
                    val_bits_per_token=None if last_val is None else last_val / math.log(2))
     return summary

@@ -254,3 +254,25 @@ def test_prepare_bad_arguments(tmp_path):
         main(["prepare", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path), "--out", "x.txt"])
     with pytest.raises(SystemExit, match="tokenizer"):
         main(["prepare", "--tokenizer", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", "x.bin"])
+
+
+def test_torchrun_ddp_two_ranks_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m mambakit train` (DDP over gloo on CPU) takes each rank's
+    rows of the same global batch: its losses equal a single process's."""
+    common = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-batches", "1",
+              "--save-every", "3", "--max-corpus-bytes", "300000", "--d-model", "32", "--n-layer", "2",
+              "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "mambakit", "train", "--out-dir", str(tmp_path / "one"), *common],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mambakit", "train", "--out-dir", str(tmp_path / "two"), *common],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        np.testing.assert_allclose(a[step][0], b[step][0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a[3][1], b[3][1], rtol=0, atol=1e-5)
+    assert (tmp_path / "two" / "latest").read_text().strip() == "ckpt-0000003"

@@ -142,9 +142,23 @@ class MambaLM(nn.Module):
         if lo < 0 or hi >= self.config.padded_vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]")
 
-    def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None, chunk_len: int | None = None) -> torch.Tensor:
         """input_ids: (B, L) -> logits (B, L, V), or (B, logits_to_keep, V) for the last positions
-        only. With a cache, continue from its state and leave the final state in it."""
+        only. With a cache, continue from its state and leave the final state in it.
+        With targets (B, L), the mean cross-entropy instead (in at least fp32), run chunk_len
+        tokens at a time when chunk_len is given (see chunked_loss). Training goes through
+        forward so that wrappers such as DistributedDataParallel see it."""
+        if targets is not None:
+            if cache is not None or logits_to_keep:
+                raise ValueError("targets= computes the training loss; it takes no cache or logits_to_keep")
+            if chunk_len is not None and chunk_len < input_ids.shape[1]:
+                return self.chunked_loss(input_ids, targets, chunk_len)
+            import torch.nn.functional as F
+            logits = self(input_ids)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
         self._check_ids(input_ids, 2)
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache holds batch {cache.batch_size} but input_ids has batch {input_ids.shape[0]}")
