@@ -152,7 +152,7 @@ def cmd_train(args) -> int:
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     model_overrides = {k[len("model_"):]: v for k, v in values.items() if k.startswith("model_")}
-    for flag in ("resume", "overwrite", "compile", "activation_checkpointing"):
+    for flag in ("resume", "overwrite", "compile", "activation_checkpointing", "fsdp"):
         if getattr(args, "flag_" + flag, False):
             setattr(cfg, flag, True)
     try:
@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a MambaLM (default: the tiny preset on the Python standard library)",
                         description="Every TrainConfig field and every model config field (--d-model, --n-layer, "
                                     "...) can be set; unset ones keep the preset's / the default.")
-    _add_dataclass_flags(tr, TrainConfig, skip=("resume", "overwrite", "compile", "activation_checkpointing"))
+    _add_dataclass_flags(tr, TrainConfig, skip=("resume", "overwrite", "compile", "activation_checkpointing", "fsdp"))
     for flag, text in (("resume", "continue the run in --out-dir from its latest checkpoint"),
+                       ("fsdp", "under torchrun: shard the model, gradients and optimizer state (FSDP2)"),
                        ("overwrite", "start over in an --out-dir that holds a checkpoint"),
                        ("compile", "torch.compile the model"),
                        ("activation_checkpointing", "recompute each block's activations in the backward pass")):

@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     compile: bool = False
     activation_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     max_corpus_bytes: int | None = None
     chunk_len: int | None = None  # run each sequence in chunks, states carried (exact gradient, flat memory)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
@@ -157,14 +158,32 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig) -> Path:
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: MambaLM, optimizer) -> tuple[dict, dict]:
+    """The whole model and optimizer state, unsharded, on CPU, keyed by parameter name: the
+    same format for one process, DDP and FSDP2 (every rank must call it under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return (get_model_state_dict(model, options=_full_options()),
+            get_optimizer_state_dict(model, optimizer, options=_full_options()))
+
+
+def save_checkpoint(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig,
+                    states: tuple[dict, dict] | None = None) -> Path:
+    """Writes ckpt-<step> (through a temporary directory and a rename) and switches `latest`."""
+    model_sd, optim_sd = states if states is not None else full_state(model, optimizer)
     final = out_dir / f"ckpt-{step:07d}"
     tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg),
+    plain = MambaLM(model.config, device="meta")  # an unsharded copy to write in the usual format
+    plain.load_state_dict(model_sd, assign=True)
+    plain.save_pretrained(tmp)
+    state = {"step": step, "optimizer": optim_sd, "train_config": dataclasses.asdict(cfg),
              "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(state, tmp / "trainer.pt")
@@ -179,16 +198,20 @@ def save_checkpoint(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: Tr
 
 
 def load_checkpoint(path: Path, model: MambaLM, optimizer) -> int:
+    """Loads a checkpoint into a model that may be sharded (FSDP2) and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     from .checkpoint import load_pretrained
     try:
-        loaded = load_pretrained(MambaLM, path, device=next(model.parameters()).device)
+        loaded = load_pretrained(MambaLM, path, device="cpu")
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 (any corruption is reported the same way)
         raise ValueError(f"the checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
     if loaded.config != model.config:
         raise ValueError(f"the checkpoint {path} holds a model with config {loaded.config}, not {model.config}")
-    model.load_state_dict(loaded.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, loaded.state_dict(), options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     torch.set_rng_state(state["rng_cpu"])
     if state.get("rng_cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -282,6 +305,13 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
     config = model_config_for(cfg, corpus, overrides)
     torch.manual_seed(cfg.seed)
     model = MambaLM(config, device=device)
+    if cfg.fsdp:
+        if not env.active:
+            raise ValueError("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node=N")
+        from torch.distributed.fsdp import fully_shard
+        for block in model.backbone.layers:
+            fully_shard(block)
+        fully_shard(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
     start = load_checkpoint(existing, model, optimizer) if cfg.resume else 0
@@ -301,7 +331,7 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
     forward = model
-    if env.active:
+    if env.active and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
@@ -349,7 +379,7 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                if env.is_main:
+                if env.is_main or cfg.fsdp:  # a sharded model evaluates on every rank together
                     last_val = evaluate(model, corpus, cfg, device, autocast)
                     row.update(val_loss=last_val, val_bits_per_token=last_val / math.log(2))
                 barrier(env)
@@ -363,8 +393,9 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
             time_box = cfg.stop_after is not None and step - start >= cfg.stop_after
             stop.requested = any_rank(stop.requested, env, device)  # all ranks stop at the same step
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop.requested or time_box:
+                states = full_state(model, optimizer) if cfg.fsdp else None  # collective when sharded
                 if env.is_main:
-                    save_checkpoint(out_dir, model, optimizer, step, cfg)
+                    save_checkpoint(out_dir, model, optimizer, step, cfg, states)
                 barrier(env)
             if stop.requested or time_box:
                 why = "a signal" if stop.requested else "--stop-after"

@@ -276,3 +276,31 @@ def test_torchrun_ddp_two_ranks_equals_one_process(tmp_path):
         np.testing.assert_allclose(a[step][0], b[step][0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(a[3][1], b[3][1], rtol=0, atol=1e-5)
     assert (tmp_path / "two" / "latest").read_text().strip() == "ckpt-0000003"
+
+
+def test_torchrun_fsdp2_two_ranks_equals_one_process_and_resumes(tmp_path, capsys):
+    """FSDP2 (fully_shard per block and at the root, gloo on CPU): the same losses as one process;
+    its checkpoint (gathered on rank 0) resumes under FSDP2 and loads in `generate`."""
+    common = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--eval-every", "2", "--eval-batches", "1",
+              "--save-every", "2", "--max-corpus-bytes", "300000", "--d-model", "32", "--n-layer", "2",
+              "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "mambakit", "train", "--out-dir", str(tmp_path / "one"), *common],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mambakit",
+              "train", "--out-dir", str(tmp_path / "two"), "--fsdp", *common]
+    first = subprocess.run(launch + ["--stop-after", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = subprocess.run(launch + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        np.testing.assert_allclose(a[step][0], b[step][0], rtol=0, atol=1e-5)
+    assert main(["generate", "--model", str(tmp_path / "two"), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+
+
+def test_fsdp_needs_torchrun(tmp_path):
+    with pytest.raises(ValueError, match="torchrun"):
+        train(_cfg(tmp_path, fsdp=True), SMALL, progress=False)
