@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import atomic_write
 from .config import PRESETS, MambaConfig
@@ -267,8 +266,7 @@ def evaluate(model: MambaLM, corpus: Corpus, cfg: TrainConfig, device, autocast)
     for i in range(cfg.eval_batches):
         x, y = batch_at(corpus.val, i, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 7919, device=device)
         with autocast():
-            logits = model(x)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+            losses.append(model(x, targets=y).item())
     model.train()
     return sum(losses) / len(losses)
 

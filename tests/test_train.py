@@ -256,20 +256,25 @@ def test_prepare_bad_arguments(tmp_path):
         main(["prepare", "--tokenizer", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", "x.bin"])
 
 
+_TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+_TORCHRUN_ARGS = ["--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--max-corpus-bytes", "300000",
+                  "--d-model", "32", "--n-layer", "2", "--device", "cpu"]
+
+
+def _run_train(launcher, out_dir, args):
+    """`mambakit train` in a subprocess, under `launcher` (e.g. torchrun) or alone."""
+    env = dict(os.environ, OMP_NUM_THREADS="1") if launcher else None
+    result = subprocess.run([sys.executable, *launcher, "-m", "mambakit", "train", "--out-dir", str(out_dir), *args],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_torchrun_ddp_two_ranks_equals_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m mambakit train` (DDP over gloo on CPU) takes each rank's
     rows of the same global batch: its losses equal a single process's."""
-    common = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-batches", "1",
-              "--save-every", "3", "--max-corpus-bytes", "300000", "--d-model", "32", "--n-layer", "2",
-              "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "mambakit", "train", "--out-dir", str(tmp_path / "one"), *common],
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "mambakit", "train", "--out-dir", str(tmp_path / "two"), *common],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    common = _TORCHRUN_ARGS + ["--max-steps", "3", "--eval-every", "3", "--save-every", "3"]
+    _run_train([], tmp_path / "one", common)
+    _run_train(_TORCHRUN, tmp_path / "two", common)
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
@@ -281,19 +286,10 @@ def test_torchrun_ddp_two_ranks_equals_one_process(tmp_path):
 def test_torchrun_fsdp2_two_ranks_equals_one_process_and_resumes(tmp_path, capsys):
     """FSDP2 (fully_shard per block and at the root, gloo on CPU): the same losses as one process;
     its checkpoint (gathered on rank 0) resumes under FSDP2 and loads in `generate`."""
-    common = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--eval-every", "2", "--eval-batches", "1",
-              "--save-every", "2", "--max-corpus-bytes", "300000", "--d-model", "32", "--n-layer", "2",
-              "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "mambakit", "train", "--out-dir", str(tmp_path / "one"), *common],
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mambakit",
-              "train", "--out-dir", str(tmp_path / "two"), "--fsdp", *common]
-    first = subprocess.run(launch + ["--stop-after", "2"], capture_output=True, text=True, timeout=300, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = subprocess.run(launch + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    common = _TORCHRUN_ARGS + ["--max-steps", "4", "--eval-every", "2", "--save-every", "2"]
+    _run_train([], tmp_path / "one", common)
+    _run_train(_TORCHRUN, tmp_path / "two", common + ["--fsdp", "--stop-after", "2"])
+    _run_train(_TORCHRUN, tmp_path / "two", common + ["--fsdp", "--resume"])
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:

@@ -66,6 +66,13 @@ class LMCache:
         return cls(layers, int(meta["seqlen"]), logits)
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, L, V) against targets (B, L), in at least fp32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), reduction=reduction)
+
+
 class Backbone(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
@@ -154,11 +161,7 @@ class MambaLM(nn.Module):
                 raise ValueError("targets= computes the training loss; it takes no cache or logits_to_keep")
             if chunk_len is not None and chunk_len < input_ids.shape[1]:
                 return self.chunked_loss(input_ids, targets, chunk_len)
-            import torch.nn.functional as F
-            logits = self(input_ids)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
+            return lm_loss(self(input_ids), targets)
         self._check_ids(input_ids, 2)
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache holds batch {cache.batch_size} but input_ids has batch {input_ids.shape[0]}")
@@ -187,7 +190,6 @@ class MambaLM(nn.Module):
         chunk's activations are recomputed in the backward pass, so that only the chunk
         boundaries' states stay in memory: memory stays flat as the length grows.
         input_ids, targets: (B, L) -> a scalar."""
-        import torch.nn.functional as F
         from torch.utils.checkpoint import checkpoint as recompute
         self._check_ids(input_ids, 2)
         if targets.shape != input_ids.shape:
@@ -203,10 +205,7 @@ class MambaLM(nn.Module):
             for layer, state in zip(self.backbone.layers, states):
                 hidden, residual, final = layer.forward_with_states(hidden, residual, state)
                 finals.append(final)
-            logits = self.lm_head(self.backbone._final(hidden, residual))
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()  # the loss in at least fp32
-            loss_sum = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum")
+            loss_sum = lm_loss(self.lm_head(self.backbone._final(hidden, residual)), tgt, reduction="sum")
             return (loss_sum, *[t for f in finals for t in (f.conv, f.ssm)])
 
         flat = [None] * (2 * n_layer)

@@ -325,6 +325,16 @@ def _bwd_kernel_lanes(
     tl.store(dbias_part_ptr + dm, dbias_acc, mask=mask_d2)
 
 
+def _lanes_blocks(d_state_block: int, states_per_thread: int, channels_per_group: int) -> tuple[int, int]:
+    """(NL lanes over states, channels per one-warp program): the other 32 / NL lanes take
+    channels, halved until they divide the group (one program reads one group's B and C)."""
+    NL = min(32, max(1, d_state_block // states_per_thread))
+    block_d = 32 // NL
+    while block_d > 1 and channels_per_group % block_d:
+        block_d //= 2
+    return NL, block_d
+
+
 def t_in_thread(T: int, elem_size: int, d_state_block: int, block_d: int, num_warps: int, length: int,
                 varlen: bool) -> bool:
     """Whether Triton will keep a chunk's T steps within each thread: B and C rows load as
@@ -344,10 +354,7 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
     (no more than the save interval)."""
     many_rows = rows >= 8192
     states_per_thread = 8 if many_rows else 4
-    NL = min(32, max(1, d_state_block // states_per_thread))
-    block_d = 32 // NL
-    while block_d > 1 and channels_per_group % block_d:
-        block_d //= 2
+    NL, block_d = _lanes_blocks(d_state_block, states_per_thread, channels_per_group)
     T = min(max(2, 16 // elem_size), save_every)
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3,
                 FAST=os.environ.get("TRITON_INTERPRET") != "1",
@@ -359,10 +366,7 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
     """Block sizes for `_bwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py --backward):
     one warp per program, 4 states per thread with many (sequence, channel) rows and 2 with few
     (twice the threads). T = half the save interval (each saved segment is two chunks)."""
-    NL = min(32, max(1, d_state_block // (4 if rows >= 8192 else 2)))
-    block_d = 32 // NL
-    while block_d > 1 and channels_per_group % block_d:
-        block_d //= 2
+    NL, block_d = _lanes_blocks(d_state_block, 4 if rows >= 8192 else 2, channels_per_group)
     T = save_every // 2
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
