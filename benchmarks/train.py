@@ -1,13 +1,15 @@
 """End-to-end training throughput: mambakit's MambaLM against the official
-mamba_ssm MambaLMHeadModel, 130m shape, bf16 autocast, fused AdamW, in one run.
+mamba_ssm MambaLMHeadModel, 130m shape, bf16 autocast, fused AdamW, in one run. The batches
+are windows of the embedded standard-library corpus (byte tokens), the same for both models.
 
-    python benchmarks/train.py [--out benchmarks/results/train_h200.json]
+    python benchmarks/train.py [--out benchmarks/results/train_h200.json] [--profile 20]
     python benchmarks/train.py --device cpu --preset tiny --shapes 2x64 --steps 2   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -31,16 +33,18 @@ def ours_model(config, device):
     return model, model
 
 
-def measure(forward, model, batch, length, vocab, steps, device):
+def measure(forward, model, batch, length, tokens, steps, device, profile=0):
+    from mambakit.data import batch_at
     use_cuda = device == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
-    ids = torch.randint(0, vocab, (batch, length + 1), device=device)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_cuda)
+    counter = iter(range(10**9))
 
     def step():
+        x, y = batch_at(tokens, next(counter), batch, length, seed=0, device=device)
         with autocast:
-            logits = forward(ids[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            logits = forward(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -58,6 +62,15 @@ def measure(forward, model, batch, length, vocab, steps, device):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as profiler
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+        with profiler(activities=activities) as prof:
+            step()
+            if use_cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=profile, max_name_column_width=60), flush=True)
     return {"tokens_per_s": batch * length * steps / elapsed, "peak_gib": peak, "last_loss": float(loss)}
 
 
@@ -68,9 +81,15 @@ def main():
     ap.add_argument("--shapes", default="8x2048,2x8192")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/train_h200.json")
+    ap.add_argument("--profile", type=int, default=0, help="print the top N kernels of one step of each model")
+    ap.add_argument("--max-corpus-bytes", type=int, default=None)
     args = ap.parse_args()
     from mambakit import MambaConfig
+    from mambakit.data import load_corpus
     config = MambaConfig.from_name(args.preset)
+    corpus = load_corpus(None, max_bytes=args.max_corpus_bytes)
+    if config.vocab_size < corpus.vocab_size:  # the tiny preset: bytes, and the corpus adds EOS
+        config = dataclasses.replace(config, vocab_size=corpus.vocab_size)
     builders = [("mambakit", ours_model)]
     if args.device == "cuda":
         try:
@@ -86,7 +105,8 @@ def main():
             torch.manual_seed(0)
             forward, model = build(config, args.device)
             try:
-                row[name] = measure(forward, model, batch, length, config.vocab_size, args.steps, args.device)
+                row[name] = measure(forward, model, batch, length, corpus.train, args.steps, args.device,
+                                    args.profile if shape == args.shapes.split(",")[0] else 0)
             except torch.OutOfMemoryError:
                 row[name] = "out of memory"
             del forward, model
@@ -96,7 +116,7 @@ def main():
             row["tokens_per_s_ratio"] = row["mambakit"]["tokens_per_s"] / row["official"]["tokens_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"preset": args.preset, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    result = {"preset": args.preset, "corpus": corpus.name, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -148,7 +148,7 @@ def cmd_train(args) -> int:
     import dataclasses
 
     from .train import TrainConfig, train
-    values = {k: v for k, v in vars(args).items() if v is not None}
+    values = {k: v for k, v in vars(args).items() if v is not None and k != "task"}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     model_overrides = {k[len("model_"):]: v for k, v in values.items() if k.startswith("model_")}
@@ -194,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("activation_checkpointing", "recompute each block's activations in the backward pass")):
         tr.add_argument("--" + flag.replace("_", "-"), dest="flag_" + flag, action="store_true", help=text)
     _add_dataclass_flags(tr, MambaConfig, dest_prefix="model_")
+    from .tasks import TASKS
+    tr.add_argument("--task", default="lm", choices=["lm", *TASKS],
+                    help="lm (default): a language model on --data; another task takes its own flags "
+                         "(mambakit train --task NAME --help)")
     tr.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="evaluate a task model (mambakit eval --task NAME --help)")
+    ev.add_argument("--task", required=True, choices=list(TASKS))
     pr = sub.add_parser("prepare", help="tokenize a corpus with a Hugging Face tokenizer into a .bin / .npy file")
     pr.add_argument("--tokenizer", required=True, help="a tokenizer directory or a hub id in the local cache")
     pr.add_argument("--data", required=True, help="a text file or a directory of text files")
@@ -222,7 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_task(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the value of --task, the other flags) from `train`/`eval` flags."""
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):
+        task, rest = _split_task(argv[1:])
+        if task is not None and task != "lm":
+            from .tasks import run
+            return run(argv[0], task, rest)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -266,7 +266,8 @@ def evaluate(model: MambaLM, corpus: Corpus, cfg: TrainConfig, device, autocast)
     for i in range(cfg.eval_batches):
         x, y = batch_at(corpus.val, i, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 7919, device=device)
         with autocast():
-            losses.append(model(x, targets=y).item())
+            chunk = cfg.chunk_len if cfg.chunk_len is not None and cfg.chunk_len < cfg.seq_len else None
+            losses.append(model(x, targets=y, chunk_len=chunk).item())  # chunked: long sequences fit
     model.train()
     return sum(losses) / len(losses)
 
@@ -376,6 +377,8 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
             row = {"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_step / dt}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 if env.is_main or cfg.fsdp:  # a sharded model evaluates on every rank together
                     last_val = evaluate(model, corpus, cfg, device, autocast)

@@ -82,9 +82,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, ret
                   cu_seqlens=None, *, backend=None):
     """x: (B, D, L); weight: (D, K); bias: (D,); initial_state: (B, D, K-1), or (S, D, K-1) with
     cu_seqlens. Returns y (B, D, L) [, final_state (B or S, D, K-1)].
-    The Triton kernel runs only when asked for (backend="triton") until it has been timed on
-    the device; None picks the torch path."""
-    which = "torch" if backend in (None, "auto") else _resolve(backend, x if isinstance(x, torch.Tensor) else None)
+    None picks the fused Triton kernel for CUDA tensors and the torch path elsewhere."""
+    which = _resolve(backend, x if isinstance(x, torch.Tensor) else None)
     if which == "triton":
         check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
         from .triton.conv_op import causal_conv1d_triton

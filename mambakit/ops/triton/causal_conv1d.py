@@ -117,7 +117,7 @@ def _conv_dx_kernel(x_ptr, init_ptr, seq_start_ptr, seq_id_ptr, seq_end_ptr, w_p
         wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
         dx += wk[:, None] * tl.load(da_row + tt[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0)
     m = mask_d[:, None] & mask_e[None, :]
-    tl.store(dx_ptr + b.to(tl.int64) * dim * L + offs_d[:, None].to(tl.int64) * L + e[None, :], dx, mask=m)
+    tl.store(dx_ptr + b.to(tl.int64) * dim * L + offs_d[:, None].to(tl.int64) * L + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
     # dw[d, k] = Σ_t da[t] x[t - (K-1) + k], with t over this program's outputs
     da = tl.load(da_row + e[None, :], mask=m, other=0.0)
     part = ((b * n_lblocks + pid_l).to(tl.int64) * dim + offs_d.to(tl.int64)) * WIDTH
@@ -160,7 +160,7 @@ def conv_fwd(x, weight, bias, initial_state, silu, cu_seqlens):
 
 
 def conv_bwd(x, weight, bias, initial_state, silu, cu_seqlens, dy):
-    """(dx (B, D, L), dweight (D, K), dbias (D,) or None, dinit or None), fp32."""
+    """(dx (B, D, L) in x's dtype, dweight (D, K), dbias (D,) or None, dinit or None in fp32)."""
     batch, dim, L, BLOCK_D, BLOCK_L, grid = _launch_shape(x)
     width = weight.shape[1]
     weight = weight.contiguous()
@@ -176,7 +176,7 @@ def conv_bwd(x, weight, bias, initial_state, silu, cu_seqlens, dy):
         maps[0] if maps[0] is not None else dummy, maps[1] if maps[1] is not None else dummy, dy, da, L, dim,
         *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, SILU=silu, **common)
     n_lblocks = grid[2]
-    dx = torch.empty(x.shape, **f32)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # rounded once, on the store
     dw_part = torch.empty(batch, n_lblocks, dim, width, **f32)
     dbias_part = torch.empty(batch, n_lblocks, dim, **f32)
     _conv_dx_kernel[grid](

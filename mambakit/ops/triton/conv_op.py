@@ -34,7 +34,7 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial
 @causal_conv1d_bwd.register_fake
 def _(x, weight, bias, initial_state, cu_seqlens, silu, dy):
     f32 = dict(dtype=torch.float32)
-    return (x.new_empty(x.shape, **f32), weight.new_empty(weight.shape, **f32),
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape, **f32),
             bias.new_empty(bias.shape, **f32) if bias is not None else x.new_empty(_EMPTY, **f32),
             initial_state.new_empty(initial_state.shape, **f32) if initial_state is not None
             else x.new_empty(_EMPTY, **f32))

@@ -58,10 +58,10 @@ def _(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_states, dout, dfina
     f32 = dict(dtype=torch.float32)
     n_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dim, d_state = A.shape
-    return (u.new_empty(u.shape, **f32), u.new_empty(u.shape, **f32), A.new_empty(A.shape, **f32),
+    return (u.new_empty(u.shape), u.new_empty(u.shape, dtype=delta.dtype), A.new_empty(A.shape, **f32),
             B.new_empty(B.shape, **f32), C.new_empty(C.shape, **f32),
             D.new_empty(D.shape, **f32) if D is not None else u.new_empty(_EMPTY, **f32),
-            u.new_empty(u.shape, **f32) if z is not None else u.new_empty(_EMPTY, **f32),
+            u.new_empty(u.shape, dtype=z.dtype) if z is not None else u.new_empty(_EMPTY, **f32),
             delta_bias.new_empty(delta_bias.shape, **f32) if delta_bias is not None else u.new_empty(_EMPTY, **f32),
             u.new_empty((n_seqs, dim, d_state), **f32))
 

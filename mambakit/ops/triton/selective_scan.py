@@ -220,7 +220,7 @@ def _bwd_kernel(
             if HAS_D:
                 y += Dv[:, None] * u
             dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(_at(dz_ptr, batch, offs_d, t, s_ob, s_od, s_ol), dz, mask=m_dl)
+            tl.store(_at(dz_ptr, batch, offs_d, t, s_ob, s_od, s_ol), dz.to(dz_ptr.dtype.element_ty), mask=m_dl)
             dy = dout * zz * sz
         else:
             dy = dout
@@ -246,8 +246,8 @@ def _bwd_kernel(
         ddt = tl.where(m_dl, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
         dA_acc += tl.sum(X * dt[:, :, None], axis=1)
-        tl.store(_at(du_ptr, batch, offs_d, t, s_ob, s_od, s_ol), du, mask=m_dl)
-        tl.store(_at(ddelta_ptr, batch, offs_d, t, s_ob, s_od, s_ol), ddt, mask=m_dl)
+        tl.store(_at(du_ptr, batch, offs_d, t, s_ob, s_od, s_ol), du.to(du_ptr.dtype.element_ty), mask=m_dl)
+        tl.store(_at(ddelta_ptr, batch, offs_d, t, s_ob, s_od, s_ol), ddt.to(ddelta_ptr.dtype.element_ty), mask=m_dl)
         # partial sums over this program's channels: dB_t = Σ_d g Δ u, dC_t = Σ_d dy h
         dB_t = tl.sum(g * (dt * u)[:, :, None], axis=0)  # (BLOCK_L, BLOCK_N)
         dC_t = tl.sum(hs * dy[:, :, None], axis=0)
@@ -390,15 +390,18 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
 
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
              block_l=None, block_d=None, num_warps=None, lanes=None):
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit), each in fp32."""
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit): du, ddelta and dz in the
+    dtypes of u, delta and z (the kernel accumulates in fp32 and rounds once on the store), the
+    rest in fp32."""
     if num_warps is None:
         num_warps = 2 if kernel_layout() == "lanes" else 4
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
     B, C = B.contiguous(), C.contiguous()
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
-    du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
-    dz = torch.empty(u.shape, **f32) if z is not None else None
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)  # (B, D, L), contiguous
+    ddelta = torch.empty(u.shape, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
     dinit = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
     dA_part = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
     dD_part = torch.empty(lc.n_seqs, lc.dim, **f32)

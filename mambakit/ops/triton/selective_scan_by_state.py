@@ -167,13 +167,13 @@ def _bwd_kernel_by_state(
             dD_acc += tl.sum(dy * u, axis=1)
         if HAS_Z:
             dz = dout_raw * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(_at(dz_ptr, batch, offs_d, t, s_ob, s_od, s_ol), dz, mask=m_dl)
+            tl.store(_at(dz_ptr, batch, offs_d, t, s_ob, s_od, s_ol), dz.to(dz_ptr.dtype.element_ty), mask=m_dl)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw)
         ddt = tl.where(m_dl, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(_at(du_ptr, batch, offs_d, t, s_ob, s_od, s_ol), du, mask=m_dl)
-        tl.store(_at(ddelta_ptr, batch, offs_d, t, s_ob, s_od, s_ol), ddt, mask=m_dl)
+        tl.store(_at(du_ptr, batch, offs_d, t, s_ob, s_od, s_ol), du.to(du_ptr.dtype.element_ty), mask=m_dl)
+        tl.store(_at(ddelta_ptr, batch, offs_d, t, s_ob, s_od, s_ol), ddt.to(ddelta_ptr.dtype.element_ty), mask=m_dl)
     tl.store(dinit_ptr + state_row + dn, G * A_first, mask=m_dn)
     tl.store(dA_part_ptr + state_row + dn, dA_acc, mask=m_dn)
     tl.store(dD_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dD_acc, mask=mask_d)

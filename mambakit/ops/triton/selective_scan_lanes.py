@@ -306,10 +306,10 @@ def _bwd_kernel_lanes(
                 h_start, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
                 mask_d2, mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST, T, ORDERED)
             tt2 = t0 + t2
-            tl.store(du_ptr + grad_off + tt2 * s_ol, du, mask=m2)
-            tl.store(ddelta_ptr + grad_off + tt2 * s_ol, ddt, mask=m2)
+            tl.store(du_ptr + grad_off + tt2 * s_ol, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddelta_ptr + grad_off + tt2 * s_ol, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
             if HAS_Z:
-                tl.store(dz_ptr + grad_off + tt2 * s_ol, dz, mask=m2)
+                tl.store(dz_ptr + grad_off + tt2 * s_ol, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dA_acc += dA_sum
             dD_acc += dD_t
             dbias_acc += tl.sum(ddt, axis=1, keep_dims=True)
