@@ -73,6 +73,27 @@ def transformer_like(config, device, dtype, max_len):
     return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
+def _kernel_ms(fn, device) -> float:
+    """The summed GPU kernel time of fn() in ms (0 on CPU): what the work costs on the device,
+    without the host-side overhead that dominates an eager decode loop."""
+    if device != "cuda":
+        return 0.0
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+
+def _kv_mib(past) -> float:
+    tensors = []
+    for obj in (getattr(past, "layers", None) or []):
+        tensors += [t for t in (getattr(obj, "keys", None), getattr(obj, "values", None)) if torch.is_tensor(t)]
+    if not tensors and hasattr(past, "key_cache"):
+        tensors = list(past.key_cache) + list(past.value_cache)
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 @torch.no_grad()
 def per_token_vs_context(model, llama, contexts, device, steps=32):
     rows = []
@@ -81,7 +102,9 @@ def per_token_vs_context(model, llama, contexts, device, steps=32):
         _, cache = model.prefill(ids)
         model.generate(cache=cache, max_new_tokens=4)
         ms = _timed(lambda: model.generate(cache=cache, max_new_tokens=steps), device, repeats=2) / steps * 1e3
-        row = dict(context=ctx, mambakit_ms_per_token=ms, mambakit_state_mib=cache.nbytes() / 2**20)
+        row = dict(context=ctx, mambakit_ms_per_token=ms, mambakit_state_mib=cache.nbytes() / 2**20,
+                   mambakit_gpu_ms_per_token=_kernel_ms(lambda: model.generate(cache=cache, max_new_tokens=steps),
+                                                        device) / steps)
         if llama is not None:
             out = llama(ids, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -93,6 +116,8 @@ def per_token_vs_context(model, llama, contexts, device, steps=32):
                     past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
             decode()  # warm-up (the cache grows by `steps`; negligible against ctx)
             row["transformer_ms_per_token"] = _timed(decode, device, repeats=1) / steps * 1e3
+            row["transformer_gpu_ms_per_token"] = _kernel_ms(decode, device) / steps
+            row["transformer_kv_cache_mib"] = _kv_mib(past)
             del out, past
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -105,16 +130,24 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax_gpu, ax_mem) = plt.subplots(1, 3, figsize=(15, 4))
     ctx = [r["context"] for r in rows]
-    ax.plot(ctx, [r["mambakit_ms_per_token"] for r in rows], "o-", label="mambakit (recurrent state)")
-    if all("transformer_ms_per_token" in r for r in rows):
-        ax.plot(ctx, [r["transformer_ms_per_token"] for r in rows], "s-", label="Transformer + KV cache (SDPA)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("ms per decoded token (batch 1)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    has_t = all("transformer_ms_per_token" in r for r in rows)
+    for axis, key, label in ((ax, "ms_per_token", "wall ms per decoded token"),
+                             (ax_gpu, "gpu_ms_per_token", "GPU kernel ms per decoded token"),
+                             (ax_mem, None, "state / KV cache (MiB)")):
+        ours = "mambakit_state_mib" if key is None else f"mambakit_{key}"
+        theirs = "transformer_kv_cache_mib" if key is None else f"transformer_{key}"
+        axis.plot(ctx, [r[ours] for r in rows], "o-", label="mambakit (recurrent state)")
+        if has_t:
+            axis.plot(ctx, [r[theirs] for r in rows], "s-", label="Transformer + KV cache (SDPA)")
+        axis.set_xscale("log", base=2)
+        if key is None or key == "gpu_ms_per_token":
+            axis.set_yscale("log")
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel(label + " (batch 1)")
+        axis.grid(alpha=0.3)
+        axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

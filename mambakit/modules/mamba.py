@@ -1,5 +1,7 @@
 """The Mamba mixer (Gu & Dao, 2023): in_proj -> causal depthwise conv1d -> SiLU -> selective
-scan (gated by SiLU(z)) -> out_proj, with the official initialisation.
+scan (gated by SiLU(z)) -> out_proj, with the official initialisation. With gate=False there
+is no z branch (in_proj makes x only and the scan output is not gated): the Mamba paper's
+Table 1 "without gate" variant.
 
 `forward(x, cache)` runs over L tokens; with a cache it starts from the cached conv and SSM
 states and leaves the final ones there. `step(x, cache)` continues one token at a time. The
@@ -28,16 +30,17 @@ class Mamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, dt_scale: float = 1.0, conv_bias: bool = True,
-                 bias: bool = False, layer_idx: int | None = None, device=None, dtype=None):
+                 bias: bool = False, layer_idx: int | None = None, gate: bool = True, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.layer_idx = layer_idx
+        self.gate = gate
         self.dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
 
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.in_proj = nn.Linear(d_model, (2 if gate else 1) * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
                                 bias=conv_bias, **factory)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
@@ -84,6 +87,7 @@ class Mamba(nn.Module):
         return self._A_value
 
     def _ssm_params(self, x_dbl: torch.Tensor):
+        """x_dbl: (..., R + 2N) -> dt (..., R), B (..., N), C (..., N)."""
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return dt, B, C
 
@@ -122,25 +126,36 @@ class Mamba(nn.Module):
         return out, final
 
     def _run(self, hidden_states, state, cu_seqlens, always_states=False):
+        """Channels-first throughout: every (B, C, L) tensor handed to the conv and the scan is
+        contiguous along L (what their kernels read as vectors), and no projection needs a
+        transposed copy: in_proj is one GEMM into a (2*D_inner, B*L) buffer, x_proj, dt_proj and
+        out_proj are batched GEMMs over (B, C, L) operands."""
         with_states = state is not None or always_states
-        xz = self.in_proj(hidden_states)  # (B, L, 2*D_inner)
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, D_inner, L) each, time-major in memory
+        batch, length, _ = hidden_states.shape
+        xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()  # (2*D_inner, B*L)
+        xz = xz.view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L), L contiguous
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
+        x, z = xz.split(self.d_inner, dim=1) if self.gate else (xz, None)  # (B, D_inner, L) each
         conv_w = self.conv1d.weight.squeeze(1)  # (D_inner, K)
         conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
                                      initial_state=None if state is None else state.conv,
                                      return_final_state=with_states, cu_seqlens=cu_seqlens)
-        x, conv_final = conv_out if with_states else (conv_out, None)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
-        dt, B, C = self._ssm_params(x_dbl)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, D_inner, L)
+        x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
+        x_dbl = _batched_linear(self.x_proj.weight, x)  # (B, R + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # (B, R|N|N, L)
+        delta = _batched_linear(self.dt_proj.weight, dt)  # (B, D_inner, L), contiguous
         A = self.A()  # (D_inner, N)
         scan_out = ops.selective_scan(
-            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=_at_least_fp32(self.D), z=z,
+            x, delta, A, B, C, D=_at_least_fp32(self.D), z=z,
             delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True,
             initial_state=None if state is None else state.ssm, return_final_state=with_states,
             cu_seqlens=cu_seqlens)
-        y, ssm_final = scan_out if with_states else (scan_out, None)
-        out = self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
+        out = _batched_linear(self.out_proj.weight, y)  # (B, d_model, L)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None].to(out.dtype)
+        out = out.transpose(1, 2)  # (B, L, d_model), a view; its consumer (the residual add) reads it once
         return out, (MambaState(conv_final, ssm_final) if with_states else None)
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
@@ -156,13 +171,22 @@ class Mamba(nn.Module):
         _check_state(cache, hidden_states.shape[0], self)
         # The shapes are guaranteed here, so this calls the unchecked in-place updates, and
         # F.linear rather than the Linear modules: at one token per step, overhead is the cost.
-        x, z = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (B, D_inner)
+        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2*D_inner), or (B, D_inner) ungated
+        x, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)  # (B, D_inner)
         x = ops.causal_conv1d_update_(x, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
         dt, B, C = self._ssm_params(F.linear(x, self.x_proj.weight))  # dt: (B, R), low rank
         y = ops.dt_proj_state_update_(cache.ssm, x, dt, self.dt_proj.weight, self.dt_proj.bias, self.A(), B, C,
                                       D=self.D, z=z)
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
         return out[:, None] if squeeze else out
+
+
+def _batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (O, C) applied to channels-first x (B, C, L) -> (B, O, L), as one batched GEMM
+    over a stride-0 expanded weight: no transposed copy of x, forward or backward (torch.matmul
+    would fold the batch into rows and copy x^T). The weight is cast to x's dtype first, so
+    that under autocast only the small weight is cast, not its expansion."""
+    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

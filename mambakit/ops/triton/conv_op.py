@@ -59,6 +59,8 @@ causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 def final_conv_state(x, width, initial_state, cu_seqlens):
     """The last K-1 inputs of each sequence (from the initial state where a sequence is shorter)."""
     if cu_seqlens is None:
+        if x.shape[-1] >= width - 1:  # the last K-1 inputs, without copying the whole sequence
+            return x[..., x.shape[-1] - (width - 1):].contiguous()
         past = x.new_zeros(x.shape[0], x.shape[1], width - 1) if initial_state is None else initial_state.to(x.dtype)
         return torch.cat([past, x], dim=-1)[..., x.shape[-1]:]
     finals = []

@@ -296,6 +296,14 @@ def _block_d(channels_per_group: int, d_state: int) -> int:
     return block
 
 
+def _bc_operands(B, C):
+    """B and C as the kernels read them: through one shared set of strides (so slices of one
+    x_proj output, with equal strides, need no copy); otherwise both made contiguous."""
+    if B.stride() == C.stride():
+        return B, C
+    return B.contiguous(), C.contiguous()
+
+
 class _Launch:
     """Shapes, strides and block sizes shared by the forward and backward launches."""
 
@@ -360,7 +368,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
              block_l=None, block_d=None, num_warps=4, lanes=None):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
-    B, C = B.contiguous(), C.contiguous()
+    B, C = _bc_operands(B, C)
     init = None if initial_state is None else initial_state.float().contiguous()
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
@@ -396,7 +404,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     if num_warps is None:
         num_warps = 2 if kernel_layout() == "lanes" else 4
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
-    B, C = B.contiguous(), C.contiguous()
+    B, C = _bc_operands(B, C)
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)  # (B, D, L), contiguous
