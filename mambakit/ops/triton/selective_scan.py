@@ -424,8 +424,11 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
         block_d = shape["BLOCK_D"]
         n_dblocks = triton.cdiv(lc.dim, block_d)
         grid = (lc.n_seqs, n_dblocks)
-    dB_part = torch.zeros(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
-    dC_part = torch.zeros_like(dB_part)
+    # the lanes kernel writes every (row, n, t) of a dense batch; packed sequences and the other
+    # layouts may leave entries unwritten, which must then read as zero
+    alloc = torch.empty if kernel_layout() == "lanes" and not lc.varlen else torch.zeros
+    dB_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
+    dC_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     dummy = dinit
     _kernels()[1][grid](
