@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit
 def _x_at(x_ptr, init_ptr, b, offs_d, tt, seq_start, seq_id, mask_d, L, dim, s_xb, s_xd, s_xl,
@@ -138,8 +140,8 @@ def _varlen_maps(cu_seqlens, L, device):
 
 def _launch_shape(x):
     batch, dim, L = x.shape
-    BLOCK_D, BLOCK_L = 16, min(128, max(16, triton.next_power_of_2(L)))
-    return batch, dim, L, BLOCK_D, BLOCK_L, (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(L, BLOCK_L))
+    BLOCK_D, BLOCK_L = 16, min(128, max(16, next_power_of_2(L)))
+    return batch, dim, L, BLOCK_D, BLOCK_L, (batch, cdiv(dim, BLOCK_D), cdiv(L, BLOCK_L))
 
 
 def conv_fwd(x, weight, bias, initial_state, silu, cu_seqlens):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .host import next_power_of_2
+
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, y_ptr, r_out_ptr, dim, eps, s_h, s_r, s_y, s_ro,
@@ -40,5 +42,5 @@ def add_rms_norm(hidden, residual, weight, eps: float, residual_dtype):
     _add_rms_norm_kernel[(batch,)](
         hidden, residual if residual is not None else hidden, weight, y, r_out, dim, eps, hidden.stride(0),
         residual.stride(0) if residual is not None else 0, y.stride(0), r_out.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(dim))
+        HAS_RESIDUAL=residual is not None, BLOCK=next_power_of_2(dim))
     return y, r_out

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 
 
@@ -276,8 +278,7 @@ def kernel_layout() -> str:
     return name
 
 
-def _kernels():
-    layout = kernel_layout()
+def _kernels(layout: str):
     if layout == "by_state":
         from .selective_scan_by_state import _bwd_kernel_by_state, _fwd_kernel_by_state
         return _fwd_kernel_by_state, _bwd_kernel_by_state
@@ -289,7 +290,7 @@ def _kernels():
 def _block_d(channels_per_group: int, d_state: int) -> int:
     """Channels per program: a power of two dividing the group size (so that one program reads
     one group's B and C), smaller for large N to bound the (BLOCK_D, BLOCK_L, N) registers."""
-    limit = max(1, 4096 // (32 * triton.next_power_of_2(d_state)))
+    limit = max(1, 4096 // (32 * next_power_of_2(d_state)))
     block = 1
     while block * 2 <= min(limit, 16) and channels_per_group % (block * 2) == 0:
         block *= 2
@@ -308,17 +309,18 @@ class _Launch:
     """Shapes, strides and block sizes shared by the forward and backward launches."""
 
     def __init__(self, u, B, A, cu_seqlens, block_l, block_d=None):
+        self.layout = layout = kernel_layout()  # read once: the environment lookup costs µs
         self.batch, self.dim, self.L = u.shape
         self.d_state = A.shape[1]
         self.groups = B.shape[1] if B.ndim == 4 else 1
         self.cpg = self.dim // self.groups
         self.varlen = cu_seqlens is not None
         self.n_seqs = cu_seqlens.numel() - 1 if self.varlen else self.batch
-        self.BLOCK_N = max(triton.next_power_of_2(self.d_state), 2)
-        if kernel_layout() == "by_state":  # 2-D (BLOCK_D, BLOCK_L) tiles: long chunks, few channels
+        self.BLOCK_N = max(next_power_of_2(self.d_state), 2)
+        if layout == "by_state":  # 2-D (BLOCK_D, BLOCK_L) tiles: long chunks, few channels
             self.BLOCK_D = block_d or _block_d(self.cpg, 64)
             self.BLOCK_L = block_l or 256
-        elif kernel_layout() == "lanes":  # the backward's tile (the forward has its own); the H200
+        elif layout == "lanes":  # the backward's tile (the forward has its own); the H200
             # sweep (tune_scan_h200.json) favours short chunks: 16 steps, here also the interval at
             # which the forward saves states (B * D * L / 16 * N fp32 values)
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
@@ -326,12 +328,12 @@ class _Launch:
         else:
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
             self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
-        self.BLOCK_L = min(self.BLOCK_L, max(2, triton.next_power_of_2(self.L)))
-        if kernel_layout() == "lanes":
+        self.BLOCK_L = min(self.BLOCK_L, max(2, next_power_of_2(self.L)))
+        if layout == "lanes":
             self.BLOCK_L = max(self.BLOCK_L, 4)  # two chunks of at least 2 steps in the backward
         # sized from L, not from the longest packed sequence, so that shapes never depend on
         # data (torch.compile's fake tensors) and no host sync is needed
-        self.n_chunks = triton.cdiv(self.L, self.BLOCK_L)
+        self.n_chunks = cdiv(self.L, self.BLOCK_L)
         # saved chunk-start states: n_chunks per dense sequence; packed sequences end to end,
         # at most cdiv(L, BLOCK_L) + S chunks in all
         self.state_rows = self.n_chunks + self.n_seqs if self.varlen else self.n_seqs * self.n_chunks
@@ -339,7 +341,7 @@ class _Launch:
         if self.varlen:
             counts = (cu_seqlens[1:] - cu_seqlens[:-1] + self.BLOCK_L - 1) // self.BLOCK_L
             self.chunk_base = torch.cumsum(counts, 0) - counts  # exclusive sums, on the device
-        self.n_dblocks = triton.cdiv(self.dim, self.BLOCK_D)
+        self.n_dblocks = cdiv(self.dim, self.BLOCK_D)
         self.grid = (self.n_seqs, self.n_dblocks)
         Bv = B if B.ndim == 4 else B.unsqueeze(1)  # (b, G, N, L)
         self.bc_strides = (Bv.stride(0), Bv.stride(1), Bv.stride(2), Bv.stride(3))
@@ -377,12 +379,12 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
               if save_states else None)
     dummy = final
     grid, shape = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
-    if kernel_layout() == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
+    if lc.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
         from .selective_scan_lanes import lanes_shape
         shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * lc.dim, lc.L, lc.varlen)
         _override(shape, lanes, lc, B)
-        grid = (lc.n_seqs, triton.cdiv(lc.dim, shape["BLOCK_D"]))
-    _kernels()[0][grid](
+        grid = (lc.n_seqs, cdiv(lc.dim, shape["BLOCK_D"]))
+    _kernels(lc.layout)[0][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
@@ -401,11 +403,11 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit): du, ddelta and dz in the
     dtypes of u, delta and z (the kernel accumulates in fp32 and rounds once on the store), the
     rest in fp32."""
-    if num_warps is None:
-        num_warps = 2 if kernel_layout() == "lanes" else 4
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
     B, C = _bc_operands(B, C)
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
+    if num_warps is None:
+        num_warps = 2 if lc.layout == "lanes" else 4
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)  # (B, D, L), contiguous
     ddelta = torch.empty(u.shape, device=u.device, dtype=delta.dtype)
@@ -416,22 +418,22 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     dbias_part = torch.empty(lc.n_seqs, lc.dim, **f32)
     grid, n_dblocks, block_d = lc.grid, lc.n_dblocks, lc.BLOCK_D
     shape = dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
-    if kernel_layout() == "lanes":
+    if lc.layout == "lanes":
         from .selective_scan_lanes import lanes_bwd_shape
         shape = lanes_bwd_shape(lc.BLOCK_N, lc.cpg, lc.BLOCK_L, B.element_size(), lc.L, lc.varlen,
                                 lc.n_seqs * lc.dim)
         _override(shape, lanes, lc, B)
         block_d = shape["BLOCK_D"]
-        n_dblocks = triton.cdiv(lc.dim, block_d)
+        n_dblocks = cdiv(lc.dim, block_d)
         grid = (lc.n_seqs, n_dblocks)
     # the lanes kernel writes every (row, n, t) of a dense batch; packed sequences and the other
     # layouts may leave entries unwritten, which must then read as zero
-    alloc = torch.empty if kernel_layout() == "lanes" and not lc.varlen else torch.zeros
+    alloc = torch.empty if lc.layout == "lanes" and not lc.varlen else torch.zeros
     dB_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
     dC_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     dummy = dinit
-    _kernels()[1][grid](
+    _kernels(lc.layout)[1][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
         chunk_states, lc.chunk_base if lc.chunk_base is not None else dummy, dout, dfinal if dfinal is not None else dummy,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 from .selective_scan import _softplus
 
 
@@ -95,11 +97,11 @@ def conv_update_(x, conv_state, weight, bias=None, activation=None):
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
     y = torch.empty_like(x)
-    block_d = min(128, triton.next_power_of_2(dim))
-    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
+    block_d = min(128, next_power_of_2(dim))
+    _conv_update_kernel[(batch, cdiv(dim, block_d))](
         x, conv_state, weight, bias if bias is not None else weight, y, dim, x.stride(0), conv_state.stride(0),
         conv_state.stride(1), y.stride(0), WIDTH=width, HAS_BIAS=bias is not None, SILU=activation is not None,
-        BLOCK_D=block_d, BLOCK_K=max(2, triton.next_power_of_2(width)))
+        BLOCK_D=block_d, BLOCK_K=max(2, next_power_of_2(width)))
     return y
 
 
@@ -118,18 +120,18 @@ def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softpl
     x, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt))
     z = None if z is None else (z if z.stride(-1) == 1 else z.contiguous())
     y = torch.empty_like(x)
-    block_n = max(2, triton.next_power_of_2(d_state))
+    block_n = max(2, next_power_of_2(d_state))
     block_d = 1
     while block_d * 2 <= max(1, 2048 // block_n) and block_d * 2 <= 64 and cpg % (block_d * 2) == 0:
         block_d *= 2
     dummy = state
     dt_rank = dt_weight.shape[1] if dt_weight is not None else 1
-    _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
+    _state_update_kernel[(batch, cdiv(dim, block_d))](
         state, x, dt, A.contiguous(), Bv, Cv, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y, dt_weight.contiguous() if dt_weight is not None else dummy,
         dim, d_state, cpg, dt_rank, state.stride(0), x.stride(0),
         dt.stride(0), Bv.stride(0), Bv.stride(1), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         DT_PROJ=dt_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_R=max(2, triton.next_power_of_2(dt_rank)))
+        BLOCK_R=max(2, next_power_of_2(dt_rank)))
     return y
