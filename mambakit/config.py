@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_D_STATE = 256
+LAYERS = ("mamba", "s4d")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class MambaConfig:
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
+    layer: str = "mamba"  # the mixer: "mamba" (selective, S6) or "s4d" (diagonal LTI, S4D-Lin)
+    gate: bool = True  # the SiLU(z) gate branch of the mixer (the paper's Table 1 "without gate": False)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
@@ -50,6 +53,19 @@ class MambaConfig:
                 raise ValueError(f"MambaConfig.{name} must be a finite positive number, got {value!r}")
         if self.dt_min > self.dt_max:
             raise ValueError(f"MambaConfig.dt_min ({self.dt_min}) must be <= dt_max ({self.dt_max})")
+        if self.layer not in LAYERS:
+            raise ValueError(f"MambaConfig.layer must be one of {LAYERS}, got {self.layer!r}")
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"MambaConfig.gate must be a bool, got {self.gate!r}")
+        if self.layer == "s4d" and self.d_state % 2:
+            raise ValueError(f"MambaConfig.d_state must be even for layer='s4d' (d_state/2 complex modes), "
+                             f"got {self.d_state}")
+
+    def _check_standard_mixer(self, fmt: str) -> None:
+        """The official and Hugging Face formats hold gated Mamba mixers only."""
+        if self.layer != "mamba" or not self.gate:
+            raise ValueError(f"the {fmt} format holds gated Mamba mixers only "
+                             f"(layer={self.layer!r}, gate={self.gate} given); save in the mambakit format")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -85,6 +101,7 @@ class MambaConfig:
 
     # ---- the official mamba_ssm config.json ---------------------------------------------
     def to_official(self) -> dict[str, Any]:
+        self._check_standard_mixer("official mamba_ssm")
         if self.norm_epsilon != 1e-5:  # mamba_ssm's config has no epsilon; its models use 1e-5
             raise ValueError(f"the official mamba_ssm format supports norm_epsilon=1e-5 only "
                              f"(norm_epsilon={self.norm_epsilon} given)")
@@ -128,6 +145,7 @@ class MambaConfig:
 
     # ---- the Hugging Face MambaConfig ----------------------------------------------------
     def to_hf(self) -> dict[str, Any]:
+        self._check_standard_mixer("Hugging Face Mamba")
         if not self.rms_norm:
             raise ValueError("the Hugging Face Mamba format supports RMSNorm only (rms_norm=False given)")
         return {

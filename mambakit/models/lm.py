@@ -15,6 +15,7 @@ from torch import nn
 from ..config import MambaConfig
 from ..modules.block import Block
 from ..modules.mamba import Mamba, MambaState
+from ..modules.s4d import S4D
 from ..modules.norm import make_norm
 
 
@@ -73,17 +74,26 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), reduction=reduction)
 
 
+def make_mixer(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> nn.Module:
+    """The mixer of config.layer: "mamba" (selective, S6) or "s4d" (LTI, S4D-Lin), gated or not."""
+    factory = {"device": device, "dtype": dtype}
+    if config.layer == "s4d":
+        return S4D(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                   dt_min=config.dt_min, dt_max=config.dt_max, conv_bias=config.conv_bias, bias=config.bias,
+                   gate=config.gate, layer_idx=layer_idx, **factory)
+    return Mamba(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                 dt_rank=config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max,
+                 dt_init_floor=config.dt_init_floor, dt_scale=config.dt_scale,
+                 conv_bias=config.conv_bias, bias=config.bias, layer_idx=layer_idx, gate=config.gate, **factory)
+
+
 class Backbone(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, **factory)
         self.layers = nn.ModuleList(
-            Block(config.d_model,
-                  Mamba(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
-                        dt_rank=config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max,
-                        dt_init_floor=config.dt_init_floor, dt_scale=config.dt_scale,
-                        conv_bias=config.conv_bias, bias=config.bias, layer_idx=i, **factory),
+            Block(config.d_model, make_mixer(config, i, **factory),
                   make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory),
                   residual_in_fp32=config.residual_in_fp32)
             for i in range(config.n_layer))
@@ -130,7 +140,7 @@ class MambaLM(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
-        if isinstance(module, Mamba) and self.config.rescale_prenorm_residual:
+        if isinstance(module, (Mamba, S4D)) and self.config.rescale_prenorm_residual:
             nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
             module.out_proj.weight /= math.sqrt(self.config.n_layer)
 

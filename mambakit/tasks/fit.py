@@ -24,6 +24,7 @@ class FitConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     seed: int = 0
+    time_limit_s: float | None = None  # stop early (with a last evaluation) once training has run this long
 
     def check(self) -> None:
         for name in ("max_steps", "eval_every"):
@@ -36,6 +37,10 @@ class FitConfig:
             raise ValueError("--warmup-steps, --grad-clip and --weight-decay must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.time_limit_s is not None and not (isinstance(self.time_limit_s, (int, float))
+                                                  and not isinstance(self.time_limit_s, bool)
+                                                  and self.time_limit_s > 0):
+            raise ValueError(f"time_limit_s must be a number > 0 or None, got {self.time_limit_s!r}")
 
 
 def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..., torch.Tensor], cfg: FitConfig,
@@ -43,7 +48,9 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
         autocast: Callable | None = None) -> list[dict]:
     """Trains `model` for cfg.max_steps steps: loss_fn(model, *batch_at(step)) is minimised.
     Every cfg.eval_every steps (and at the end) `evaluate()` adds its metrics to the row.
-    Returns one row per step: step, loss, lr, seconds (+ the evaluation's keys)."""
+    Returns one row per step: step, loss, lr, seconds (+ the evaluation's keys). With
+    cfg.time_limit_s, training stops after the step that crosses the limit (evaluated, and
+    marked "stopped_early": True); the schedule is still that of cfg.max_steps."""
     from ..train import lr_at, param_groups  # the LM trainer's schedule and weight-decay groups
     cfg.check()
     fused = next(model.parameters()).is_cuda
@@ -69,14 +76,19 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": loss.item(), "lr": lr, "seconds": time.perf_counter() - start}
-        if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+        out_of_time = cfg.time_limit_s is not None and row["seconds"] >= cfg.time_limit_s and step + 1 < cfg.max_steps
+        if out_of_time:
+            row["stopped_early"] = True
+        if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps or out_of_time):
             model.eval()
             with torch.no_grad():
                 row.update(evaluate())
             model.train()
         rows.append(row)
         bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr", "seconds")})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr", "seconds", "stopped_early")})
+        if out_of_time:
+            break
     bar.close()
     return rows
 

@@ -1,0 +1,167 @@
+"""The Mamba paper's synthetic tasks (Gu & Dao 2023, Table 1 and Table 2 / Figure 2), small.
+
+(a) Selective copying, the four Table 1 variants: S4 without gate, S6 without gate, "Mamba with
+    S4" (the gated block with S4D), Mamba (gated S6); d_model 64, 2 layers, length 4096, 16
+    tokens to memorize. Reported: per-token accuracy on the answers.
+(b) Induction heads: a 2-layer, d_model 64 Mamba (~74K parameters) trained at length 256 and
+    evaluated at every power of two 2^6..2^20 (each sequence chunk by chunk with the recurrent
+    state carried, so memory stays flat), beside the same model with S4D.
+
+The whole run is sized for about 8 minutes on one H200 (every training also has a time limit,
+so a slower device stops early rather than overrunning; "steps_run" says what was done):
+
+    python benchmarks/paper_tasks.py                      # writes benchmarks/results/paper_tasks_h200.json + .png
+    python benchmarks/paper_tasks.py --steps-scale 0.1    # a shorter run
+    python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mambakit.tasks import induction_heads as ih  # noqa: E402
+from mambakit.tasks import selective_copying as sc  # noqa: E402
+from mambakit.tasks.synthetic import autocast_for, resolve_device  # noqa: E402
+
+VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
+    ("S4 (no gate)", "s4d", False),
+    ("S6 (no gate)", "mamba", False),
+    ("Mamba with S4 (gated S4D)", "s4d", True),
+    ("Mamba (gated S6)", "mamba", True),
+]
+
+# The full run: (steps, batch, lr, time limit in s) per training, for ~7-8 min on one H200. A probe
+# there (--steps-scale 0.03) took 60-90 ms per S6 step at L=4096 x 32 (evaluations included),
+# ~27 ms per S4D step; 1M-token evaluation ~1-2 s per model.
+FULL = {
+    "copy": dict(seq_len=4096, n_memorize=16, steps=1000, batch=32, lr=3e-3, limit=80, eval_batches=8),
+    "induction": dict(seq_len=256, steps=1500, batch=64, lr=2e-3, limit=55, eval_batches=8,
+                      lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384),
+}
+SMOKE = {
+    "copy": dict(seq_len=128, n_memorize=8, steps=20, batch=8, lr=2e-3, limit=60, eval_batches=2),
+    "induction": dict(seq_len=32, steps=20, batch=8, lr=2e-3, limit=60, eval_batches=2,
+                      lengths="16..1024", eval_batch=4, eval_rounds=1, chunk_len=256),
+}
+
+
+def task_argv(common: list[str], c: dict, steps_scale: float) -> list[str]:
+    steps = max(1, round(c["steps"] * steps_scale))
+    return common + ["--seq-len", str(c["seq_len"]), "--max-steps", str(steps), "--batch-size", str(c["batch"]),
+                     "--lr", str(c["lr"]), "--eval-batches", str(c["eval_batches"]),
+                     "--eval-every", str(max(1, steps // 5)), "--time-limit", str(c["limit"]), "--out-dir", ""]
+
+
+def run_copying(c: dict, common: list[str], steps_scale: float, progress: bool) -> list[dict]:
+    results = []
+    for name, layer, gate in VARIANTS:
+        argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate" if gate else "--no-gate",
+                                                    "--n-memorize", str(c["n_memorize"])]
+        _, summary, rows = sc.run(sc.build_parser().parse_args(argv), progress=progress)
+        summary["name"] = name
+        summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
+        print(f"selective copying  {name:<28} accuracy {summary['accuracy']:.3f}  "
+              f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
+        results.append(summary)
+    return results
+
+
+def run_induction(c: dict, common: list[str], steps_scale: float, progress: bool, device) -> list[dict]:
+    results = []
+    for name, layer in (("Mamba", "mamba"), ("S4D (gated)", "s4d")):
+        argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate"]
+        args = ih.build_train_parser().parse_args(argv)
+        model, summary, rows = ih.run(args, progress=progress)
+        summary["name"] = name
+        print(f"induction heads    {name:<12} train-length accuracy {summary['accuracy']:.3f} "
+              f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
+        start = time.perf_counter()
+        summary["lengths"] = ih.evaluate_lengths(
+            model, ih.parse_lengths(c["lengths"]), c["eval_batch"], c["eval_rounds"], args.seed, device,
+            chunk_len=c["chunk_len"], autocast=autocast_for(device),
+            log=lambda line: print(f"  {name}: {line}", flush=True))
+        summary["eval_seconds"] = round(time.perf_counter() - start, 1)
+        summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
+        results.append(summary)
+    return results
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    copy = result.get("selective_copying", [])
+    if copy:
+        names = [r["name"] for r in copy]
+        accs = [r["accuracy"] for r in copy]
+        bars = ax[0].barh(names, accs, color=["tab:gray", "tab:blue", "tab:olive", "tab:green"][:len(copy)])
+        for bar, acc in zip(bars, accs):
+            ax[0].text(min(acc + 0.01, 0.9), bar.get_y() + bar.get_height() / 2, f"{acc:.1%}", va="center")
+        ax[0].set(xlim=(0, 1), xlabel="accuracy on the answers",
+                  title=f"selective copying, L={copy[0]['seq_len']}, {copy[0]['n_memorize']} tokens")
+        ax[0].invert_yaxis()
+    ind = result.get("induction_heads", [])
+    for r in ind:
+        ax[1].plot([x["length"] for x in r["lengths"]], [x["accuracy"] for x in r["lengths"]], marker="o",
+                   label=f"{r['name']} ({r['n_params'] / 1e3:.0f}K)")
+    if ind:
+        ax[1].axvline(ind[0]["seq_len"], color="gray", ls="--", lw=0.8, label="train length")
+        ax[1].axhline(1 / ih.N_CONTENT_TOKENS, color="gray", ls=":", lw=0.8, label="chance")
+        ax[1].set_xscale("log", base=2)
+        ax[1].set(ylim=(0, 1.02), xlabel="test sequence length", ylabel="accuracy", title="induction heads")
+        ax[1].legend(fontsize=8)
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny steps and lengths")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (e.g. 0.05)")
+    p.add_argument("--only", choices=["copying", "induction"], default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto, cpu with --smoke)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: benchmarks/results/paper_tasks_h200.json "
+                                               "(runs/paper_tasks_smoke.json with --smoke)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    args = p.parse_args(argv)
+    if not args.steps_scale > 0:
+        raise SystemExit(f"error: --steps-scale must be > 0, got {args.steps_scale}")
+    sizes = SMOKE if args.smoke else FULL
+    device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
+    root = Path(__file__).resolve().parents[1]
+    default = (root / "runs" / "paper_tasks_smoke.json" if args.smoke
+               else root / "benchmarks" / "results" / "paper_tasks_h200.json")
+    out = Path(args.out) if args.out else default
+    common = ["--d-model", "64", "--n-layer", "2", "--device", str(device), "--seed", str(args.seed)]
+    result = {"benchmark": "paper_tasks", "smoke": args.smoke, "steps_scale": args.steps_scale,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "sizes": sizes}
+    start = time.perf_counter()
+    if args.only in (None, "copying"):
+        result["selective_copying"] = run_copying(sizes["copy"], common, args.steps_scale, args.progress)
+    if args.only in (None, "induction"):
+        result["induction_heads"] = run_induction(sizes["induction"], common, args.steps_scale, args.progress, device)
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"total {result['total_seconds']:.0f} s; wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Induction heads (Gu & Dao 2023, section 4.1.2 and appendix E.1): recall the token that
+followed a trigger token, when the trigger comes back at the end.
+
+Vocabulary (16 tokens): 0..14 are content tokens, 15 (TRIGGER) is the special token. A sequence
+of --seq-len tokens is uniform random content tokens, except that TRIGGER appears exactly twice:
+once at a random position p (p <= seq_len - 3), followed at p + 1 by the token to recall, and as
+the last token. The model must predict, at the last position, the token at p + 1. The loss and
+the accuracy count that position only.
+
+The paper trains at length 256 and tests at every power of two from 2^6 to 2^20.
+`mambakit eval --task induction-heads --model DIR --lengths 64..1048576` does that: each
+sequence runs chunk by chunk through the model with its constant-size recurrent state carried
+(no gradients), so memory does not grow with the length."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .synthetic import check_positive_int, rng_for
+
+VOCAB_SIZE = 16
+TRIGGER = 15
+N_CONTENT_TOKENS = 15  # the tokens 0..14
+
+
+@dataclass
+class InductionHeads:
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        check_positive_int("seq_len", self.seq_len, minimum=4)
+
+    def batch_np(self, batch_size: int, seed: int, step: int, split: str = "train"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs (B, seq_len) uint8, targets (B,) uint8): batch `step` of the stream `seed` / `split`."""
+        check_positive_int("batch_size", batch_size)
+        rng = rng_for(seed, step, split)
+        L = self.seq_len
+        inputs = rng.integers(0, N_CONTENT_TOKENS, size=(batch_size, L), dtype=np.uint8)  # (B, L)
+        trigger_at = rng.integers(0, L - 2, size=batch_size)  # (B,): p in [0, L-3]
+        rows = np.arange(batch_size)
+        inputs[rows, trigger_at] = TRIGGER
+        inputs[:, -1] = TRIGGER
+        targets = inputs[rows, trigger_at + 1].copy()  # (B,): a content token, p + 1 <= L - 2
+        return inputs, targets
+
+    def batch(self, batch_size: int, seed: int, step: int, split: str = "train", device=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.batch_np(batch_size, seed, step, split)
+        return torch.from_numpy(inputs).long().to(device), torch.from_numpy(targets).long().to(device)
+
+
+def loss_fn(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the last position only (in fp32)."""
+    logits = model(inputs, logits_to_keep=1)[:, -1, :VOCAB_SIZE].float()  # (B, V)
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def last_logits_chunked(model, inputs: np.ndarray, chunk_len: int, device, autocast=None) -> torch.Tensor:
+    """inputs (B, L) uint8 -> the logits at the last position (B, 16), running chunk_len tokens at a
+    time with the recurrent state (a constant-size LMCache) carried across chunks."""
+    batch, length = inputs.shape
+    cache = model.allocate_cache(batch, device=device)
+    logits = None
+    for start in range(0, length, chunk_len):
+        ids = torch.from_numpy(inputs[:, start:start + chunk_len]).long().to(device)  # (B, chunk)
+        if autocast is not None:
+            with autocast():
+                logits = model(ids, cache=cache, logits_to_keep=1)
+        else:
+            logits = model(ids, cache=cache, logits_to_keep=1)
+    return logits[:, -1, :VOCAB_SIZE].float()
+
+
+@torch.no_grad()
+def evaluate_length(model, seq_len: int, batch_size: int, n_batches: int, seed: int, device,
+                    chunk_len: int = 8192, autocast=None) -> float:
+    """Accuracy at the last position over n_batches held-out batches of length seq_len."""
+    was_training = model.training
+    model.eval()
+    task, correct, total = InductionHeads(seq_len), 0, 0
+    for i in range(n_batches):
+        inputs, targets = task.batch_np(batch_size, seed, i, "eval")
+        pred = last_logits_chunked(model, inputs, chunk_len, device, autocast).argmax(-1).cpu()
+        correct += int((pred == torch.from_numpy(targets).long()).sum())
+        total += batch_size
+    model.train(was_training)
+    return correct / total
+
+
+def evaluate_lengths(model, lengths: list[int], batch_size: int, n_batches: int, seed: int, device,
+                     chunk_len: int = 8192, autocast=None, log=print) -> list[dict]:
+    """One row per length: length, accuracy, seconds."""
+    rows = []
+    for length in lengths:
+        start = time.perf_counter()
+        acc = evaluate_length(model, length, batch_size, n_batches, seed, device, chunk_len, autocast)
+        rows.append({"length": length, "accuracy": acc, "seconds": round(time.perf_counter() - start, 3)})
+        if log is not None:
+            log(f"length {length:>8}: accuracy {acc:.3f} ({rows[-1]['seconds']:.1f} s)")
+    return rows
+
+
+def parse_lengths(text: str) -> list[int]:
+    """"64..1048576" (every power of two in the range) or "64,256,1000" -> a list of lengths."""
+    text = text.strip()
+    if ".." in text:
+        lo_s, hi_s = text.split("..", 1)
+        try:
+            lo, hi = int(lo_s), int(hi_s)
+        except ValueError:
+            raise ValueError(f"--lengths: expected LO..HI with ints, got {text!r}") from None
+        if lo < 4 or hi < lo:
+            raise ValueError(f"--lengths: need 4 <= LO <= HI, got {text!r}")
+        out, p = [], 1
+        while p <= hi:
+            if p >= lo:
+                out.append(p)
+            p *= 2
+        if not out:
+            raise ValueError(f"--lengths: no power of two in {text!r}")
+        return out
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths: expected LO..HI or a comma-separated list of ints, got {text!r}") from None
+    if not out or min(out) < 4:
+        raise ValueError(f"--lengths: every length must be >= 4, got {text!r}")
+    return out
+
+
+def plot_lengths(rows: list[dict], path: Path, train_len: int | None, title: str,
+                 series: dict[str, list[dict]] | None = None) -> None:
+    """Accuracy against length (log2 x axis); `series` draws several models on one plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, rs in (series or {title: rows}).items():
+        ax.plot([r["length"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
+    if train_len:
+        ax.axvline(train_len, color="gray", ls="--", lw=0.8, label=f"train length {train_len}")
+    ax.axhline(1 / N_CONTENT_TOKENS, color="gray", ls=":", lw=0.8, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="sequence length", ylabel="accuracy", ylim=(0, 1.02), title="induction heads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- training ----------------------------------------------------------------------------
+
+def run(args, progress: bool = True):
+    """Trains one model from parsed flags; returns (model, summary, per-step rows)."""
+    from .fit import fit
+    from .synthetic import autocast_for, build_model, fit_config, model_args, resolve_device, summary_base
+    margs = model_args(args)
+    task = InductionHeads(args.seq_len)
+    device = resolve_device(args.device)
+    model = build_model(margs, VOCAB_SIZE, device, args.seed)
+    autocast = autocast_for(device)
+    batch_size = args.batch_size
+
+    def batch_at(step):
+        return task.batch(batch_size, args.seed, step, "train", device)
+
+    def ev():
+        return {"accuracy": evaluate_length(model, args.seq_len, batch_size, args.eval_batches, args.seed, device,
+                                            autocast=autocast)}
+
+    rows = fit(model, batch_at, loss_fn, fit_config(args), evaluate=ev, progress=progress, autocast=autocast)
+    summary = summary_base(args, model, rows, device)
+    summary.update(task="induction-heads", accuracy=rows[-1].get("accuracy"))
+    return model, summary, rows
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    from .synthetic import add_common_flags
+    parser = argparse.ArgumentParser(prog="mambakit train --task induction-heads",
+                                     description=__doc__.split("\n\n")[0])
+    add_common_flags(parser, seq_len=256, max_steps=2000, batch_size=64, lr=2e-3, out_dir="runs/induction-heads")
+    parser.add_argument("--eval-lengths", default="",
+                        help="after training, also evaluate at these lengths (as in mambakit eval --lengths)")
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    from .synthetic import autocast_for, print_summary, resolve_device, save_run
+    args = build_train_parser().parse_args(argv)
+    try:
+        lengths = parse_lengths(args.eval_lengths) if args.eval_lengths else []
+        InductionHeads(args.seq_len)
+        model, summary, rows = run(args, progress=not args.no_progress)
+        if lengths:
+            device = resolve_device(args.device)
+            summary["lengths"] = evaluate_lengths(model, lengths, args.batch_size, args.eval_batches, args.seed,
+                                                  device, autocast=autocast_for(device))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.out_dir:
+        title = f"induction heads: {args.layer}{'' if args.gate else ' (no gate)'}"
+        save_run(args.out_dir, model, summary, rows, "accuracy", title)
+        if lengths:
+            plot_lengths(summary["lengths"], Path(args.out_dir) / "lengths.png", args.seq_len, title)
+    print_summary(summary)
+    return 0
+
+
+# ---- evaluation --------------------------------------------------------------------------
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mambakit eval --task induction-heads",
+                                     description="accuracy of a trained induction-heads model against length")
+    parser.add_argument("--model", required=True, help="a model directory (mambakit train --task induction-heads)")
+    parser.add_argument("--lengths", default="64..1048576", help="LO..HI (powers of two) or a list a,b,c")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--chunk-len", type=int, default=8192, help="tokens per forward; the state carries over")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--out", default=None, help="the JSON to write (default: MODEL/length_eval.json; "
+                                                    "the plot goes beside it as .png)")
+    return parser
+
+
+def eval_main(argv: list[str]) -> int:
+    from ..checkpoint import atomic_write_json
+    from ..models.lm import MambaLM
+    from .synthetic import autocast_for, resolve_device
+    args = build_eval_parser().parse_args(argv)
+    try:
+        lengths = parse_lengths(args.lengths)
+        for name in ("batch_size", "eval_batches", "chunk_len"):
+            check_positive_int("--" + name.replace("_", "-"), getattr(args, name))
+        device = resolve_device(args.device)
+        model = MambaLM.from_pretrained(args.model, device=device).eval()
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    train_len = _train_len(Path(args.model))
+    rows = evaluate_lengths(model, lengths, args.batch_size, args.eval_batches, args.seed, device,
+                            args.chunk_len, autocast_for(device))
+    out = Path(args.out) if args.out else Path(args.model) / "length_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"task": "induction-heads", "model": str(args.model), "config": model.config.to_dict(),
+              "train_len": train_len, "batch_size": args.batch_size, "eval_batches": args.eval_batches,
+              "chunk_len": args.chunk_len, "device": str(device), "lengths": rows}
+    atomic_write_json(out, result)
+    cfg = model.config
+    plot_lengths(rows, out.with_suffix(".png"), train_len, f"{cfg.layer}{'' if cfg.gate else ' (no gate)'}")
+    print(json.dumps({"accuracy": {r["length"]: r["accuracy"] for r in rows}, "json": str(out)}))
+    return 0
+
+
+def _train_len(model_dir: Path) -> int | None:
+    """The training length from the run's metrics.json, when there is one."""
+    try:
+        with open(model_dir / "metrics.json") as f:
+            return int(json.load(f)["summary"]["seq_len"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None

@@ -1,0 +1,153 @@
+"""Selective copying (Gu & Dao 2023, section 3.1 and appendix E.1): remember a few tokens
+scattered at random positions among noise, then output them in order.
+
+Vocabulary (16 tokens):
+- 0 (NOISE): the filler between the tokens to remember;
+- 1..14: the data tokens;
+- 15 (MARKER): the answer positions: "output the next remembered token now".
+
+A sequence of --seq-len tokens (answers included) is a context of seq_len - n_memorize tokens,
+all NOISE but n_memorize data tokens at random distinct positions (uniform, so their spacing
+varies: an LTI model cannot solve it with a fixed delay), then n_memorize MARKERs. At the i-th
+MARKER the model must predict the i-th data token of the context. The loss and the accuracy
+(per token) count the answer positions only.
+
+`mambakit train --task selective-copying --layer s4d --no-gate ...` trains one of the paper's
+Table 1 variants; --help lists the flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .synthetic import check_positive_int, rng_for
+
+VOCAB_SIZE = 16
+NOISE = 0
+MARKER = 15
+N_DATA_TOKENS = 14  # the tokens 1..14
+
+
+@dataclass
+class SelectiveCopying:
+    seq_len: int = 4096  # the whole input: context + n_memorize answer markers
+    n_memorize: int = 16
+
+    def __post_init__(self) -> None:
+        check_positive_int("seq_len", self.seq_len)
+        check_positive_int("n_memorize", self.n_memorize)
+        if self.seq_len < 2 * self.n_memorize:
+            raise ValueError(f"seq_len ({self.seq_len}) must be >= 2 * n_memorize ({2 * self.n_memorize}): "
+                             f"the context holds n_memorize tokens, then n_memorize answer markers follow")
+
+    @property
+    def context_len(self) -> int:
+        return self.seq_len - self.n_memorize
+
+    def batch_np(self, batch_size: int, seed: int, step: int, split: str = "train"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs (B, seq_len), answers (B, n_memorize)) as uint8 arrays: batch `step` of the
+        stream `seed` / `split`."""
+        check_positive_int("batch_size", batch_size)
+        rng = rng_for(seed, step, split)
+        n, ctx = self.n_memorize, self.context_len
+        answers = rng.integers(1, 1 + N_DATA_TOKENS, size=(batch_size, n), dtype=np.uint8)  # (B, n)
+        # n distinct positions per row, uniformly, in increasing order
+        positions = np.sort(np.argpartition(rng.random((batch_size, ctx)), n - 1, axis=1)[:, :n], axis=1)  # (B, n)
+        inputs = np.full((batch_size, self.seq_len), NOISE, dtype=np.uint8)  # (B, L)
+        np.put_along_axis(inputs, positions, answers, axis=1)
+        inputs[:, ctx:] = MARKER
+        return inputs, answers
+
+    def batch(self, batch_size: int, seed: int, step: int, split: str = "train", device=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs (B, seq_len), answers (B, n_memorize)) as int64 tensors on `device`."""
+        inputs, answers = self.batch_np(batch_size, seed, step, split)
+        return (torch.from_numpy(inputs).long().to(device), torch.from_numpy(answers).long().to(device))
+
+
+def answer_logits(model, inputs: torch.Tensor, n_memorize: int) -> torch.Tensor:
+    """inputs (B, L) -> the logits at the answer positions over the task's vocabulary, (B, n, 16)."""
+    return model(inputs, logits_to_keep=n_memorize)[..., :VOCAB_SIZE]
+
+
+def loss_fn(model, inputs: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answer positions only (in fp32)."""
+    logits = answer_logits(model, inputs, answers.shape[1]).float()  # (B, n, V)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, task: SelectiveCopying, batch_size: int, n_batches: int, seed: int, device,
+             autocast=None) -> dict:
+    """Per-token accuracy on the answers (and the fraction of sequences with every answer
+    right) over n_batches held-out batches (the "eval" stream of `seed`)."""
+    correct = total = full = 0
+    was_training = model.training
+    model.eval()
+    for i in range(n_batches):
+        inputs, answers = task.batch(batch_size, seed, i, "eval", device)
+        if autocast is not None:
+            with autocast():
+                logits = answer_logits(model, inputs, task.n_memorize)
+        else:
+            logits = answer_logits(model, inputs, task.n_memorize)
+        hit = logits.argmax(-1) == answers  # (B, n)
+        correct += int(hit.sum())
+        total += hit.numel()
+        full += int(hit.all(dim=1).sum())
+    model.train(was_training)
+    return {"accuracy": correct / total, "sequence_accuracy": full / (n_batches * batch_size)}
+
+
+def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
+    """Trains one model from parsed flags; returns (model, summary, per-step rows)."""
+    from .fit import fit
+    from .synthetic import autocast_for, build_model, fit_config, model_args, resolve_device, summary_base
+    margs = model_args(args)
+    task = SelectiveCopying(args.seq_len, args.n_memorize)
+    device = resolve_device(args.device)
+    model = build_model(margs, VOCAB_SIZE, device, args.seed)
+    autocast = autocast_for(device)
+    cfg = fit_config(args)
+    batch_size = args.batch_size
+
+    def batch_at(step):
+        return task.batch(batch_size, args.seed, step, "train", device)
+
+    def ev():
+        return evaluate(model, task, batch_size, args.eval_batches, args.seed, device, autocast)
+
+    rows = fit(model, batch_at, loss_fn, cfg, evaluate=ev, progress=progress, autocast=autocast)
+    summary = summary_base(args, model, rows, device)
+    final = {k: v for k, v in rows[-1].items() if k in ("accuracy", "sequence_accuracy")}
+    summary.update(task="selective-copying", n_memorize=args.n_memorize, **final)
+    return model, summary, rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .synthetic import add_common_flags
+    parser = argparse.ArgumentParser(prog="mambakit train --task selective-copying",
+                                     description=__doc__.split("\n\n")[0])
+    add_common_flags(parser, seq_len=4096, max_steps=4000, batch_size=64, lr=2e-3,
+                     out_dir="runs/selective-copying")
+    parser.add_argument("--n-memorize", type=int, default=16, help="tokens to remember (default 16)")
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    from .synthetic import print_summary, save_run
+    args = build_parser().parse_args(argv)
+    try:
+        SelectiveCopying(args.seq_len, args.n_memorize)
+        model, summary, rows = run(args, progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.out_dir:
+        title = f"selective copying: {args.layer}{'' if args.gate else ' (no gate)'}"
+        save_run(args.out_dir, model, summary, rows, "accuracy", title)
+    print_summary(summary)
+    return 0

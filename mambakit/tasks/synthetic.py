@@ -1,0 +1,164 @@
+"""What the Mamba paper's synthetic tasks (selective copying, induction heads) share: seeded
+batch streams, the small MambaLM they train, the common flags, and writing a run's outputs.
+
+A batch is a pure function of (seed, split, step): nothing is stored, and a run (or a test)
+can regenerate any batch exactly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = {"train": 0, "eval": 1}
+
+
+def rng_for(seed: int, step: int, split: str = "train") -> np.random.Generator:
+    """The random stream of one batch: independent for every (seed, split, step)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    for name, value in (("seed", seed), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS[split], int(step)]))
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+@dataclass
+class ModelArgs:
+    layer: str = "mamba"  # "mamba" (S6) | "s4d"
+    gate: bool = True
+    d_model: int = 64
+    n_layer: int = 2
+    d_state: int = 16
+
+
+def build_model(args: ModelArgs, vocab_size: int, device: torch.device, seed: int):
+    """A small MambaLM (vocab 16, RMSNorm, tied embeddings) with the chosen mixer, seeded."""
+    from ..config import MambaConfig
+    from ..models.lm import MambaLM
+    config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size, d_state=args.d_state,
+                         layer=args.layer, gate=args.gate, pad_vocab_size_multiple=8)
+    torch.manual_seed(seed)
+    return MambaLM(config).to(device)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU: a factory of context managers for fit()."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return None
+
+
+def autocast_context(device: torch.device):
+    factory = autocast_for(device)
+    return factory() if factory is not None else contextlib.nullcontext()
+
+
+# ---- flags -------------------------------------------------------------------------------
+
+def add_common_flags(parser: argparse.ArgumentParser, *, seq_len: int, max_steps: int, batch_size: int,
+                     lr: float, out_dir: str) -> None:
+    parser.add_argument("--layer", choices=["mamba", "s4d"], default="mamba", help="the mixer: mamba (S6) or s4d")
+    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                        help="the SiLU(z) gate branch of the mixer (--no-gate: the paper's 'without gate')")
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--max-steps", type=int, default=max_steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=None, help="default: every 10%% of --max-steps")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop training early (evaluated) after this many seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--out-dir", default=out_dir, help="model, metrics JSON and plot go here ('' = none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def model_args(args) -> ModelArgs:
+    for name in ("d_model", "n_layer", "d_state", "seq_len", "max_steps", "batch_size", "eval_batches"):
+        check_positive_int("--" + name.replace("_", "-"), getattr(args, name))
+    if args.layer == "s4d" and args.d_state % 2:
+        raise ValueError(f"--d-state must be even for --layer s4d, got {args.d_state}")
+    return ModelArgs(layer=args.layer, gate=args.gate, d_model=args.d_model, n_layer=args.n_layer,
+                     d_state=args.d_state)
+
+
+def fit_config(args):
+    from .fit import FitConfig
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
+    every = args.eval_every if args.eval_every is not None else max(1, args.max_steps // 10)
+    return FitConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay,
+                     eval_every=every, seed=args.seed, time_limit_s=args.time_limit)
+
+
+# ---- outputs -----------------------------------------------------------------------------
+
+def save_run(out_dir: str | Path, model, summary: dict, rows: list[dict], plot_key: str, title: str) -> None:
+    """model (mambakit format: config.json + model.safetensors), metrics.json (the summary and
+    every step's row) and a training-curve plot (loss and `plot_key`) in out_dir."""
+    from ..checkpoint import atomic_write_json
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    atomic_write_json(out / "metrics.json", {"summary": summary, "steps": rows})
+    plot_curves(rows, plot_key, title, out / "curves.png")
+
+
+def plot_curves(rows: list[dict], key: str, title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
+    ax[0].set(xlabel="step", ylabel="training loss", yscale="log", title=title)
+    ev = [r for r in rows if key in r]
+    ax[1].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o")
+    ax[1].set(xlabel="step", ylabel=key, ylim=(0, 1.02), title=key)
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=None, sort_keys=True))
+
+
+def summary_base(args, model, rows: list[dict], device: torch.device) -> dict:
+    return {"model": asdict(model_args(args)), "n_params": n_params(model), "seq_len": args.seq_len,
+            "steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "device": str(device), "seconds": round(rows[-1]["seconds"], 2) if rows else 0.0,
+            "steps_run": len(rows), "final_loss": rows[-1]["loss"] if rows else None}
