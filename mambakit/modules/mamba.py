@@ -160,14 +160,7 @@ class Mamba(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
-        squeeze = hidden_states.ndim == 3
-        if squeeze:
-            if hidden_states.shape[1] != 1:
-                raise ValueError(f"step() takes one token, got hidden_states of shape {tuple(hidden_states.shape)}")
-            hidden_states = hidden_states[:, 0]
-        if hidden_states.ndim != 2 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"step() expects hidden_states of shape (B, {self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
+        hidden_states, squeeze = one_token(hidden_states, self.d_model)
         _check_state(cache, hidden_states.shape[0], self)
         # The shapes are guaranteed here, so this calls the unchecked in-place updates, and
         # F.linear rather than the Linear modules: at one token per step, overhead is the cost.
@@ -179,6 +172,19 @@ class Mamba(nn.Module):
                                       D=self.D, z=z)
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
         return out[:, None] if squeeze else out
+
+
+def one_token(hidden_states: torch.Tensor, d_model: int) -> tuple[torch.Tensor, bool]:
+    """A mixer step's input, (B, d_model) or (B, 1, d_model) -> ((B, d_model), whether it had
+    the length axis), with a ValueError naming the shape otherwise."""
+    squeeze = hidden_states.ndim == 3
+    if squeeze:
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"step() takes one token, got hidden_states of shape {tuple(hidden_states.shape)}")
+        hidden_states = hidden_states[:, 0]
+    if hidden_states.ndim != 2 or hidden_states.shape[-1] != d_model:
+        raise ValueError(f"step() expects hidden_states of shape (B, {d_model}), got {tuple(hidden_states.shape)}")
+    return hidden_states, squeeze
 
 
 def _batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

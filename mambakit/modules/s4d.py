@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .mamba import MambaState, _check_state
+from .mamba import MambaState, _check_state, one_token
 
 MODES = ("conv", "recurrent")
 
@@ -238,14 +238,7 @@ class S4D(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
-        squeeze = hidden_states.ndim == 3
-        if squeeze:
-            if hidden_states.shape[1] != 1:
-                raise ValueError(f"step() takes one token, got hidden_states of shape {tuple(hidden_states.shape)}")
-            hidden_states = hidden_states[:, 0]
-        if hidden_states.ndim != 2 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"step() expects hidden_states of shape (B, {self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
+        hidden_states, squeeze = one_token(hidden_states, self.d_model)
         _check_state(cache, hidden_states.shape[0], self)
         rdt = self._real_dtype()
         xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2*D_inner) or (B, D_inner)

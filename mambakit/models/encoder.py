@@ -1,0 +1,100 @@
+"""The bidirectional Mamba encoder that every tokenizer feeds (images, video, point clouds).
+
+tokens (B, L, dim) + position embeddings (B or 1, L, dim) -> hidden states (B, L, dim), in the
+token order it was given. Vim's arrangement: prenorm residual blocks (mambakit's `Block`:
+residual <- residual + hidden; hidden <- mixer(norm(residual))) with a residual stream kept in
+fp32, then a final norm of residual + hidden.
+
+Each layer runs one `BiMamba` per path of the scan order (models/scan_orders.py). With one
+path that is the identity (raster with Vim, or tokens a tokenizer has ordered) the tokens are
+scanned as given. With several (the cross-scan), each path gathers the tokens in its order,
+scans them both ways, scatters the outputs back, and the layer output is their mean."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..modules.bimamba import BiMamba
+from ..modules.block import Block
+from ..modules.norm import make_norm
+from .scan_orders import IdentityOrder, ScanOrder
+
+
+@dataclass
+class EncoderConfig:
+    d_model: int = 192
+    n_layer: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    n_paths: int = 1  # bidirectional mixers per layer: 1 (Vim), 2 (cross-scan)
+    rms_norm: bool = True
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    divide_out: bool = True  # Vim's (y_f + y_b) / 2
+
+    def check(self) -> None:
+        for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "n_paths"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+class PathMixer(nn.Module):
+    """One BiMamba per scan path; the paths' outputs, back in sequence order, are averaged."""
+
+    def __init__(self, cfg: EncoderConfig, layer_idx: int):
+        super().__init__()
+        self.paths = nn.ModuleList(
+            BiMamba(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, divide_out=cfg.divide_out, layer_idx=layer_idx)
+            for _ in range(cfg.n_paths))
+
+    def forward(self, hidden: torch.Tensor, order: ScanOrder) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+        if order.is_identity():
+            return self.paths[0](hidden)
+        out = None
+        for k, mixer in enumerate(self.paths):
+            y = order.unscan(mixer(order.scan(hidden, k)), k)  # (B, L, D) in sequence order
+            out = y if out is None else out + y
+        return out / len(self.paths)
+
+
+class PathBlock(Block):
+    """mambakit's prenorm residual block, with a PathMixer that takes the scan order."""
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, order: ScanOrder):
+        hidden, residual = self._pre(hidden, residual)
+        return self.mixer(hidden, order), residual
+
+
+class MambaEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(
+            PathBlock(cfg.d_model, PathMixer(cfg, i), make_norm(cfg.d_model, cfg.rms_norm, cfg.norm_eps),
+                      cfg.residual_in_fp32)
+            for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg.d_model, cfg.rms_norm, cfg.norm_eps)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None,
+                order: ScanOrder | None = None) -> torch.Tensor:
+        """tokens (B, L, D), pos (B or 1, L, D) added to them, order over L tokens with
+        cfg.n_paths paths (None: the tokens' own order). Returns the normed hidden (B, L, D)."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"the encoder expects tokens (B, L, {self.cfg.d_model}), got {tuple(tokens.shape)}")
+        length = tokens.shape[1]
+        order = IdentityOrder(length) if order is None else order
+        if order.length != length or order.num_paths != self.cfg.n_paths:
+            raise ValueError(f"scan order has {order.num_paths} path(s) over {order.length} tokens; the encoder "
+                             f"has {self.cfg.n_paths} path(s) and got {length} tokens")
+        hidden = tokens if pos is None else tokens + pos  # (B, L, D)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, order)
+        residual = hidden if residual is None else residual + hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L, D)

@@ -1,0 +1,163 @@
+"""The bidirectional Mamba mixer of Vision Mamba (Zhu et al. 2024, "bimamba v2").
+
+One in_proj and one out_proj are shared; each direction has its own conv1d, x_proj, dt_proj,
+A_log and D (the backward ones carry a `_b` suffix, as Vim names them). The forward direction
+scans the tokens 0..L-1, the backward one scans L-1..0, and the two outputs, put back in token
+order, are added (and halved with divide_out, Vim's `if_devide_out`) before out_proj:
+
+    x, z = in_proj(h)
+    y_f = scan_f(x, z)                          # causal over 0..L-1
+    y_b = flip(scan_b(flip(x), flip(z)))        # causal over L-1..0
+    out = out_proj((y_f + y_b) / 2)
+
+So the layer equals two single-direction `Mamba` mixers that share in_proj/out_proj, one of them
+run on the time-flipped tokens: (mixer_f(h) + flip(mixer_b(flip(h)))) / 2.
+
+The fused path (the default) runs both directions in one depthwise-conv call and one selective
+scan call by stacking them along the channel axis (2 * D_inner channels, grouped B/C with two
+groups), and gates by SiLU(z) once after the two are added (the gate is per token, so
+gate(y_f) + flip(gate'(y_b')) = (y_f + flip(y_b')) * SiLU(z)). `forward(h, fused=False)` is the
+readable reference: two explicit single-direction calls."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+class BiMamba(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 divide_out: bool = True, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"BiMamba: {name} must be an int >= 1, got {v!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.divide_out = divide_out
+        self.layer_idx = layer_idx
+        self.dt_init = (dt_min, dt_max, dt_init_floor)
+        di, n, r = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * di, bias=bias, **factory)
+        self.out_proj = nn.Linear(di, d_model, bias=bias, **factory)
+        for s in ("", "_b"):  # forward, backward
+            setattr(self, f"conv1d{s}", nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1,
+                                                  bias=conv_bias, **factory))
+            setattr(self, f"x_proj{s}", nn.Linear(di, r + 2 * n, bias=False, **factory))
+            setattr(self, f"dt_proj{s}", nn.Linear(r, di, bias=True, **factory))
+            a_log = nn.Parameter(torch.empty(di, n, device=device, dtype=torch.float32))
+            d = nn.Parameter(torch.empty(di, device=device, dtype=torch.float32))
+            a_log._no_weight_decay = d._no_weight_decay = True
+            setattr(self, "A_log" if not s else "A_b_log", a_log)
+            setattr(self, f"D{s}", d)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's init for each direction: A = -(1..N), D = 1, softplus(dt bias) log-uniform
+        in [dt_min, dt_max] (floored), dt_proj.weight ~ U(±1/sqrt(dt_rank))."""
+        dt_min, dt_max, floor = self.dt_init
+        dev = self.A_log.device
+        for s, a_log in (("", self.A_log), ("_b", self.A_b_log)):
+            a_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=dev))
+                        .expand(self.d_inner, -1))
+            getattr(self, f"D{s}").fill_(1.0)
+            dt_proj = getattr(self, f"dt_proj{s}")
+            std = self.dt_rank ** -0.5
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(self.d_inner, device=dev) * (math.log(dt_max) - math.log(dt_min))
+                           + math.log(dt_min)).clamp(min=floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+            dt_proj.bias._no_reinit = True
+            dt_proj.bias._no_weight_decay = True
+
+    def direction_params(self, backward: bool) -> dict:
+        """The per-direction parameters: conv1d, x_proj, dt_proj, A_log, D."""
+        s = "_b" if backward else ""
+        return {"conv1d": getattr(self, f"conv1d{s}"), "x_proj": getattr(self, f"x_proj{s}"),
+                "dt_proj": getattr(self, f"dt_proj{s}"), "A_log": self.A_b_log if backward else self.A_log,
+                "D": getattr(self, f"D{s}")}
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, fused: bool = True) -> torch.Tensor:
+        """hidden_states (B, L, d_model) -> (B, L, d_model). `cache` is accepted for Block's
+        call convention and must be None: a bidirectional layer has no recurrent state."""
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"BiMamba expects hidden_states of shape (B, L, {self.d_model}), "
+                             f"got {tuple(hidden_states.shape)}")
+        if cache is not None:
+            raise ValueError("BiMamba has no recurrent state: the backward scan needs the whole sequence, "
+                             "so it cannot decode token by token (cache must be None)")
+        xz = _batched_linear(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2*D_inner, L)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
+        x, z = xz.split(self.d_inner, dim=1)  # (B, D_inner, L) each
+        y = self._fused(x, z) if fused else self._reference(x, z)  # (B, D_inner, L)
+        if self.divide_out:
+            y = y / 2
+        out = _batched_linear(self.out_proj.weight, y)  # (B, d_model, L)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None].to(out.dtype)
+        return out.transpose(1, 2)  # (B, L, d_model)
+
+    # -- the reference: two explicit single-direction scans ------------------------------------
+
+    def _reference(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z: (B, D_inner, L) -> y_f + flip(y_b), (B, D_inner, L), each y gated by its own z."""
+        y_f = self._one_direction(x, z, **self.direction_params(False))  # (B, D_inner, L)
+        y_b = self._one_direction(x.flip(-1), z.flip(-1), **self.direction_params(True))  # reversed time
+        return y_f + y_b.flip(-1)
+
+    def _one_direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D) -> torch.Tensor:
+        """What Mamba._run does between in_proj and out_proj, for one direction."""
+        x = ops.causal_conv1d(x, conv1d.weight[:, 0], conv1d.bias, "silu")  # (B, D_inner, L)
+        x_dbl = _batched_linear(x_proj.weight, x)  # (B, R + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = _batched_linear(dt_proj.weight, dt)  # (B, D_inner, L)
+        A = -torch.exp(_at_least_fp32(A_log))  # (D_inner, N)
+        return ops.selective_scan(x, delta, A, B, C, D=_at_least_fp32(D), z=z,
+                                  delta_bias=_at_least_fp32(dt_proj.bias), delta_softplus=True)
+
+    # -- the fused path: both directions in one conv call and one scan call -------------------
+
+    def _fused(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z: (B, D_inner, L) -> (y_f + flip(y_b)) * SiLU(z), (B, D_inner, L)."""
+        batch, di, length = x.shape
+        f, b = self.direction_params(False), self.direction_params(True)
+        x2 = torch.cat([x, x.flip(-1)], dim=1)  # (B, 2*D_inner, L): forward channels, then backward ones
+        conv_w = torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])  # (2*D_inner, K)
+        conv_b = None if f["conv1d"].bias is None else torch.cat([f["conv1d"].bias, b["conv1d"].bias])
+        x2 = ops.causal_conv1d(x2, conv_w, conv_b, "silu")  # (B, 2*D_inner, L)
+        w_x = torch.stack([f["x_proj"].weight, b["x_proj"].weight]).to(x2.dtype)  # (2, R + 2N, D_inner)
+        x_dbl = torch.matmul(w_x, x2.reshape(batch, 2, di, length))  # (B, 2, R + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)  # (B, 2, R|N|N, L)
+        w_dt = torch.stack([f["dt_proj"].weight, b["dt_proj"].weight]).to(dt.dtype)  # (2, D_inner, R)
+        delta = torch.matmul(w_dt, dt).view(batch, 2 * di, length)  # (B, 2*D_inner, L)
+        A = -torch.exp(_at_least_fp32(torch.cat([f["A_log"], b["A_log"]])))  # (2*D_inner, N)
+        D = _at_least_fp32(torch.cat([f["D"], b["D"]]))  # (2*D_inner,)
+        dt_bias = _at_least_fp32(torch.cat([f["dt_proj"].bias, b["dt_proj"].bias]))  # (2*D_inner,)
+        # grouped B/C (B, G=2, N, L): channel d reads group d // D_inner, i.e. its own direction's
+        y2 = ops.selective_scan(x2, delta, A, B.contiguous(), C.contiguous(), D=D, z=None,
+                                delta_bias=dt_bias, delta_softplus=True)  # (B, 2*D_inner, L)
+        y_f, y_b = y2.split(di, dim=1)  # (B, D_inner, L) each; y_b in reversed time
+        return (y_f + y_b.flip(-1)) * F.silu(z)
+
+
+def _batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (O, C) on channels-first x (B, C, L) -> (B, O, L): one bmm over the stride-0
+    expanded weight (cast to x's dtype first, so autocast casts only the small weight)."""
+    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for fp16 / bf16 / fp32 parameters; fp64 stays fp64 (a float64 layer is exact)."""
+    return t if t.dtype == torch.float64 else t.float()
