@@ -330,3 +330,25 @@ def test_chunked_training_keeps_activation_memory_flat():
     assert kept[2048, "chunked"] < kept[2048, "whole"] / 20
     per_token = kept[2048, "chunked"] / 2048
     assert per_token < 200, per_token  # bytes per token: states at chunk boundaries, not activations
+
+
+def test_evaluation_of_long_sequences_runs_in_chunks_with_the_same_loss():
+    """With --chunk-len, evaluation runs each sequence chunk by chunk (a 1M-token sequence's
+    logits would not fit at once); the loss is the same as the whole-sequence loss."""
+    import contextlib
+
+    from mambakit.config import MambaConfig
+    from mambakit.data import Corpus
+    from mambakit.train import evaluate
+    rng = np.random.default_rng(0)
+    corpus = Corpus(train=rng.integers(0, 256, 4096), val=rng.integers(0, 256, 4096), name="random", vocab_size=257)
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=257, d_state=4), dtype=torch.float64)
+    losses, chunked_calls = {}, []
+    original = model.chunked_loss
+    model.chunked_loss = lambda *a, **k: chunked_calls.append(a[2]) or original(*a, **k)
+    for chunk_len in (None, 24):
+        cfg = TrainConfig(seq_len=100, batch_size=2, eval_batches=2, chunk_len=chunk_len)
+        losses[chunk_len] = evaluate(model, corpus, cfg, "cpu", contextlib.nullcontext)
+    assert chunked_calls == [24, 24]  # one chunked call per evaluation batch, none unchunked
+    assert losses[24] == pytest.approx(losses[None], rel=1e-12)
