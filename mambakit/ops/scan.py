@@ -241,14 +241,15 @@ class _ChunkedScan(torch.autograd.Function):
                       out=Gr.view(n, b, groups, Dg, N))
             reverse_linear_scan_(dA_c, Gr, carry, method)
             carry = dA_c[0] * Gr[0]
-            dC_tm[s:e] = torch.einsum("tbgdn,tbgd->tbgn", H.view(n, b, groups, Dg, N), dy_c.view(n, b, groups, Dg))
+            M = n * b * groups  # (t, b, g) rows: batched row-vector x matrix products, no permuted copies
+            dC_tm[s:e] = torch.matmul(dy_c.reshape(M, 1, Dg), H.view(M, Dg, N)).view(n, b, groups, N)
             # X_t = g_t * a_t * h_{t-1}: the gradient through a_t = exp(Δ_t A), times a_t
             torch.mul(Gr[1:], H[:-1], out=X[1:])
             torch.mul(Gr[0], h0, out=X[0])
             X.mul_(dA_c)
-            dA += torch.einsum("tbdn,tbd->dn", X, dt_c)
-            gB = torch.einsum("tbgdn,tbgn->tbgd", Gr.view(n, b, groups, Dg, N), B_c).reshape(n, b, dim)
+            gB = torch.matmul(Gr.view(M, Dg, N), B_c.reshape(M, N, 1)).view(n, b, dim)
             ddt_c = torch.einsum("tbdn,dn->tbd", X, A_c).addcmul_(u_c, gB)
+            dA += X.mul_(dt_c.unsqueeze(-1)).sum((0, 1))  # X is not needed after this; einsum permutes (slow)
             if delta_softplus:
                 ddt_c.mul_(torch.sigmoid(dt_raw_c))
             ddt_tm[s:e] = ddt_c
@@ -257,8 +258,7 @@ class _ChunkedScan(torch.autograd.Function):
             if D is not None:
                 du_c.addcmul_(dy_c, reader.D)
                 dD += (dy_c * u_c).sum((0, 1))
-            dB_tm[s:e] = torch.einsum("tbgdn,tbgd->tbgn", Gr.view(n, b, groups, Dg, N),
-                                      (dt_c * u_c).view(n, b, groups, Dg))
+            dB_tm[s:e] = torch.matmul((dt_c * u_c).reshape(M, 1, Dg), Gr.view(M, Dg, N)).view(n, b, groups, N)
 
         def back(g, like):  # time-major -> the input's layout and dtype
             g = g.movedim(0, -1)
