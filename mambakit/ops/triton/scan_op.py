@@ -93,6 +93,12 @@ selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not save and not torch.compiler.is_compiling():
+        # inference (prefill): the launcher directly, skipping the custom op's dispatch, which
+        # costs tens of µs a call when a short prefill is bound by host overhead
+        out, final, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                         cu_seqlens, False)
+        return out, final
     out, final, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                        bool(delta_softplus), save)
     return out, final
