@@ -86,10 +86,9 @@ class Mamba(nn.Module):
             self._A_value, self._A_key = -torch.exp(_at_least_fp32(self.A_log.detach())), key
         return self._A_value
 
-    def _ssm_params(self, x_dbl: torch.Tensor):
-        """x_dbl: (..., R + 2N) -> dt (..., R), B (..., N), C (..., N)."""
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return dt, B, C
+    def _ssm_params(self, x_dbl: torch.Tensor, dim: int = -1):
+        """x_dbl with R + 2N along `dim` -> dt (R), B (N), C (N) along it, as views."""
+        return torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=dim)
 
     def forward(self, hidden_states: torch.Tensor, cache: MambaState | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,7 +142,7 @@ class Mamba(nn.Module):
                                      return_final_state=with_states, cu_seqlens=cu_seqlens)
         x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
         x_dbl = _batched_linear(self.x_proj.weight, x)  # (B, R + 2N, L)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # (B, R|N|N, L)
+        dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
         delta = _batched_linear(self.dt_proj.weight, dt)  # (B, D_inner, L), contiguous
         A = self.A()  # (D_inner, N)
         scan_out = ops.selective_scan(
