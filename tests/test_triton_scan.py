@@ -117,18 +117,41 @@ def test_time_major_inputs_are_read_through_their_strides():
         torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("segments", [2, 5])
+@pytest.mark.parametrize("case", [dict(batch=1, dim=4, length=300, d_state=4, groups=2),
+                                  dict(batch=2, dim=2, length=200, d_state=16),
+                                  dict(batch=1, dim=2, length=129, d_state=3)], ids=["groups", "batch2", "odd-L"])
 @pytest.mark.parametrize("with_init", [False, True])
-def test_segmented_long_sequence_matches_reference(segments, with_init):
-    """A batch-1 sequence split into parallel segments, fixed up, and rescanned."""
-    from mambakit.ops.triton.scan_op import selective_scan_triton
-    kw = make_scan_inputs(1, 4, 43, 3, groups=2, with_init=with_init)
+def test_segmented_scan_matches_reference(case, with_init, kernel_layout, monkeypatch):
+    """Few rows and a long sequence: the lanes kernels cut each sequence into segments (a
+    summary pass, then each segment from its true start state; the backward likewise from its
+    true end adjoint). Forced here at small shapes; outputs, final state and every gradient."""
+    if kernel_layout != "lanes":
+        pytest.skip("lanes kernel only")
+    from mambakit.ops.triton.selective_scan_lanes import segment_plan
+    monkeypatch.setenv("MAMBAKIT_SCAN_SEG_ROWS", "1000000")
+    monkeypatch.setenv("MAMBAKIT_SCAN_MIN_SEG", "16")
+    seg_len, n_segs = segment_plan(case["batch"] * case["dim"], case["length"], False, 16)
+    assert n_segs >= 3 and seg_len % 64 == 0 and (n_segs - 1) * seg_len < case["length"] <= n_segs * seg_len
+    kw = make_scan_inputs(**case, with_init=with_init)
     y_ref, h_ref, g_ref = _run(selective_scan_ref, kw, delta_softplus=True)
-    y, h, g = _run(lambda **k: selective_scan_triton(**k, segments=segments), kw, delta_softplus=True)
+    y, h, g = _run(_triton, kw, delta_softplus=True)
     torch.testing.assert_close(y, y_ref, **FP32)
     torch.testing.assert_close(h, h_ref, **FP32)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_segment_plan():
+    """Segments only where rows are few; aligned, covering L, none shorter than the minimum."""
+    from mambakit.ops.triton.selective_scan_lanes import segment_plan
+    assert segment_plan(8 * 1536, 2048, False, 16)[1] >= 1
+    assert segment_plan(64 * 1536, 2048, False, 16) == (0, 1)  # enough rows already
+    assert segment_plan(1536, 131072, True, 16) == (0, 1)  # packed sequences: never
+    for rows, length in [(1536, 131072), (3072, 8192), (1536, 32768), (768, 1000), (1536, 300)]:
+        seg_len, n_segs = segment_plan(rows, length, False, 16)
+        if n_segs > 1:
+            assert seg_len % 64 == 0 and seg_len >= 512 and (n_segs - 1) * seg_len < length <= n_segs * seg_len
+    assert segment_plan(1536, 131072, False, 16)[1] >= 8
 
 
 def test_packed_sequences_save_states_by_chunk_not_by_sequence():

@@ -9,7 +9,6 @@ come back as empty tensors (custom ops cannot return None)."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -104,46 +103,12 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_
     return out, final
 
 
-def segment_count() -> int:
-    """MAMBAKIT_SCAN_SEGMENTS=S splits a single long sequence into S segments scanned in
-    parallel (see `_segmented`); 0 or 1 (the default, until it is timed on the device) is off."""
-    return int(os.environ.get("MAMBAKIT_SCAN_SEGMENTS", "0"))
-
-
-def _segmented(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, n_segments):
-    """A batch-1 sequence cut into segments that run as parallel packed sequences, which gives
-    a small batch enough programs to fill the GPU. Pass 1 scans every segment from a zero state
-    for its local final state. A short sequential fix-up, h_s+1 = exp(A Σ_seg Δ) h_s + local_s,
-    gives the true segment start states. Pass 2 rescans from them for the outputs. Everything is
-    custom ops and torch ops, so autograd derives the exact gradient (both passes' backwards)."""
-    L = u.shape[-1]
-    seg = -(-L // n_segments)
-    cu = torch.arange(0, L, seg, device=u.device, dtype=torch.int32)
-    cu = torch.cat([cu, torch.tensor([L], device=u.device, dtype=torch.int32)])
-    _, local = _scan(u, delta, A, B, C, None, None, delta_bias, None, cu, delta_softplus)  # (S, D, N)
-    dt = delta[0].float() + (delta_bias.float()[:, None] if delta_bias is not None else 0.0)  # (D, L)
-    dt = torch.nn.functional.softplus(dt) if delta_softplus else dt
-    csum = torch.nn.functional.pad(dt.cumsum(-1), (1, 0))  # (D, L+1): csum[:, t] = Σ_{<t} Δ
-    seg_sum = (csum[:, cu[1:].long()] - csum[:, cu[:-1].long()]).t()  # (S, D)
-    decay = torch.exp(seg_sum[..., None] * A.float())  # (S, D, N)
-    h = (initial_state[0].float() if initial_state is not None
-         else torch.zeros(u.shape[1], A.shape[1], device=u.device, dtype=torch.float32))
-    heads = []
-    for s in range(seg_sum.shape[0]):
-        heads.append(h)
-        h = decay[s] * h + local[s]
-    out, finals = _scan(u, delta, A, B, C, D, z, delta_bias, torch.stack(heads), cu, delta_softplus)
-    return out, finals[-1:]
-
-
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          initial_state=None, return_final_state=False, cu_seqlens=None, segments=None):
-    """Same signature and results as `selective_scan_ref` (arguments already checked)."""
-    segments = segment_count() if segments is None else segments
-    if cu_seqlens is None and u.shape[0] == 1 and segments > 1 and u.shape[-1] >= 2 * segments:
-        out, final = _segmented(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, segments)
-    else:
-        if cu_seqlens is not None:
-            cu_seqlens = cu_seqlens.to(torch.int32)
-        out, final = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus)
+                          initial_state=None, return_final_state=False, cu_seqlens=None):
+    """Same signature and results as `selective_scan_ref` (arguments already checked). Long
+    sequences in small batches are cut into segments scanned in parallel inside the kernels
+    (`selective_scan_lanes.segment_plan`)."""
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    out, final = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus)
     return (out, final) if return_final_state else out

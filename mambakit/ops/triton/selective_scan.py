@@ -378,12 +378,23 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
               if save_states else None)
     dummy = final
-    grid, shape = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
+    grid, shape, segs = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}
     if lc.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
-        from .selective_scan_lanes import lanes_shape
-        shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * lc.dim, lc.L, lc.varlen)
+        from .selective_scan_lanes import _fwd_summary_lanes, lanes_shape, segment_plan
+        seg_len, n_segs = segment_plan(lc.n_seqs * lc.dim, lc.L, lc.varlen, lc.BLOCK_L)
+        shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * n_segs * lc.dim, lc.L,
+                            lc.varlen)
         _override(shape, lanes, lc, B)
-        grid = (lc.n_seqs, cdiv(lc.dim, shape["BLOCK_D"]))
+        grid = (lc.n_seqs * n_segs, cdiv(lc.dim, shape["BLOCK_D"]))
+        if seg_len:  # pass 1: every segment's local final state and Σ Δ
+            seg_h = torch.empty(grid[0], lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
+            seg_dt = torch.empty(grid[0], lc.dim, device=u.device, dtype=torch.float32)
+            _fwd_summary_lanes[grid](
+                u, delta, A, B, delta_bias if delta_bias is not None else dummy, seg_h, seg_dt,
+                lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len, *u.stride(), *delta.stride(), *lc.bc_strides,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                BLOCK_N=lc.BLOCK_N, **shape)
+            segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     _kernels(lc.layout)[0][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
@@ -393,7 +404,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         *u.stride(), *delta.stride(), *_strides(z), *lc.bc_strides, *out.stride(), lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=save_states,
-        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape,
+        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs,
     )
     return out, final, states
 
@@ -413,25 +424,37 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     ddelta = torch.empty(u.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
     dinit = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
-    dA_part = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
-    dD_part = torch.empty(lc.n_seqs, lc.dim, **f32)
-    dbias_part = torch.empty(lc.n_seqs, lc.dim, **f32)
+    dfinal = None if dfinal is None else dfinal.float().contiguous()
     grid, n_dblocks, block_d = lc.grid, lc.n_dblocks, lc.BLOCK_D
-    shape = dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps)
+    shape, segs, n_segs = dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}, 1
     if lc.layout == "lanes":
-        from .selective_scan_lanes import lanes_bwd_shape
+        from .selective_scan_lanes import _bwd_summary_lanes, lanes_bwd_shape, segment_plan
+        seg_len, n_segs = segment_plan(lc.n_seqs * lc.dim, lc.L, lc.varlen, lc.BLOCK_L)
         shape = lanes_bwd_shape(lc.BLOCK_N, lc.cpg, lc.BLOCK_L, B.element_size(), lc.L, lc.varlen,
-                                lc.n_seqs * lc.dim)
+                                lc.n_seqs * n_segs * lc.dim)
         _override(shape, lanes, lc, B)
         block_d = shape["BLOCK_D"]
         n_dblocks = cdiv(lc.dim, block_d)
-        grid = (lc.n_seqs, n_dblocks)
+        grid = (lc.n_seqs * n_segs, n_dblocks)
+        if seg_len:  # pass 1: the adjoint out of every segment's start (from zero) and Σ Δ
+            seg_g = torch.empty(grid[0], lc.dim, lc.d_state, **f32)
+            seg_dt = torch.empty(grid[0], lc.dim, **f32)
+            _bwd_summary_lanes[grid](
+                delta, A, C, z if z is not None else seg_g, delta_bias if delta_bias is not None else seg_g, dout,
+                seg_g, seg_dt, lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len,
+                *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides,
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                BLOCK_N=lc.BLOCK_N, **shape)
+            segs = dict(seg_g_ptr=seg_g, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
+    # per-program partial sums over time: one row per sequence, or per segment
+    dA_part = torch.empty(lc.n_seqs * n_segs, lc.dim, lc.d_state, **f32)
+    dD_part = torch.empty(lc.n_seqs * n_segs, lc.dim, **f32)
+    dbias_part = torch.empty(lc.n_seqs * n_segs, lc.dim, **f32)
     # the lanes kernel writes every (row, n, t) of a dense batch; packed sequences and the other
     # layouts may leave entries unwritten, which must then read as zero
     alloc = torch.empty if lc.layout == "lanes" and not lc.varlen else torch.zeros
     dB_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
     dC_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
-    dfinal = None if dfinal is None else dfinal.float().contiguous()
     dummy = dinit
     _kernels(lc.layout)[1][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -442,7 +465,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
         *u.stride(), *delta.stride(), *_strides(z), *dout.stride(), *du.stride(), *lc.bc_strides, lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
-        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape,
+        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs,
     )
     # fixed-order reductions of the per-program partial sums (deterministic)
     blocks_per_group = lc.cpg // block_d

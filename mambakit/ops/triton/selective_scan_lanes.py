@@ -102,6 +102,15 @@ def _chunk_inputs(u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d
 
 
 @triton.jit
+def _reverse_scan(a, b, axis: tl.constexpr):
+    """r_t = b_t + a_t r_{t+1} along `axis`. Triton's associative_scan(reverse=True) emits warp
+    shuffles even when the axis lies within each thread (320 SHFL for a (4, 8, 8, 4) tile, seen
+    in the sm_90 SASS); flipping the axis (register renames here) around a forward scan does not."""
+    _, r = tl.associative_scan((tl.flip(a, axis), tl.flip(b, axis)), axis, _combine)
+    return tl.flip(r, axis)
+
+
+@triton.jit
 def _chunk_states(dA, dBu, h, t4):
     """The states after each step of a chunk, from the state h before it: an in-register scan."""
     dBu = tl.where(t4 == 0, dBu + dA * h, dBu)  # fold the carried state into the first step
@@ -110,16 +119,36 @@ def _chunk_states(dA, dBu, h, t4):
 
 
 @triton.jit
+def _program_span(cu_seqlens_ptr, L, n_segs, seg_len, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr):
+    """The time span [start, end) that this program scans: a whole sequence, or if SEGMENTED
+    one segment of a dense sequence (program row = sequence * n_segs + segment). Returns also
+    the sequence (its row in the initial/final states) and the segment index."""
+    pid = tl.program_id(0)
+    if SEGMENTED:
+        seq = pid // n_segs
+        seg = pid % n_segs
+        start = seg * seg_len  # seg_len is a multiple of 64: Triton sees start's alignment
+        end = tl.minimum(start + seg_len, L)
+        batch = seq
+    else:
+        batch, start, end = _seq_bounds(cu_seqlens_ptr, pid, L, VARLEN)
+        seq = pid
+        seg = pid * 0
+    return pid, seq, seg, batch, start, end
+
+
+@triton.jit
 def _lanes_setup(cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
-                 channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn,
+                 channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, n_segs, seg_len,
                  HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, VARLEN: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, NL: tl.constexpr):
-    """What a program owns (its sequence [start, end) and BLOCK_D channels), its indices in the
-    4-D (NL, BLOCK_D, T, NR) and 2-D (BLOCK_D, T) tiles, and the row pointers of its inputs."""
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
+                 SEGMENTED: tl.constexpr):
+    """What a program owns (its span [start, end) of one sequence and BLOCK_D channels), its
+    indices in the 4-D (NL, BLOCK_D, T, NR) and 2-D (BLOCK_D, T) tiles, and the row pointers of
+    its inputs."""
     NR: tl.constexpr = BLOCK_N // NL
-    pid_s = tl.program_id(0)
+    pid_s, seq, seg, batch, start, end = _program_span(cu_seqlens_ptr, L, n_segs, seg_len, VARLEN, SEGMENTED)
     pid_d = tl.program_id(1)
-    batch, start, end = _seq_bounds(cu_seqlens_ptr, pid_s, L, VARLEN)
     n4 = tl.arange(0, NL)[:, None, None, None] * NR + tl.arange(0, NR)[None, None, None, :]
     d4 = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :, None, None]
     t4 = tl.arange(0, T)[None, None, :, None]
@@ -146,9 +175,16 @@ def _lanes_setup(cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr
     # + 0 * d4: B and C are loaded as full 4-D tiles, which fixes the register layout (above)
     B_row = B_ptr + row_bc + n4 * s_bn + 0 * d4  # (NL, BLOCK_D, 1, NR)
     C_row = C_ptr + row_bc + n4 * s_bn + 0 * d4
-    state_row = pid_s.to(tl.int64) * dim * d_state
-    return (pid_s, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
-            u_row, dt_row, z_row, B_row, C_row, state_row)
+    state_row = seq.to(tl.int64) * dim * d_state
+    return (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias,
+            Dv, u_row, dt_row, z_row, B_row, C_row, state_row)
+
+
+@triton.jit
+def _segment_decay(seg_dt_ptr, row, dim, d4, A2):
+    """exp(A Σ_segment Δ), (NL, BLOCK_D, 1, NR): what a whole segment multiplies a state by."""
+    dt_sum = tl.load(seg_dt_ptr + row.to(tl.int64) * dim + d4, mask=d4 < dim, other=0.0)  # (1, BLOCK_D, 1, 1)
+    return tl.exp2(dt_sum * A2)
 
 
 @triton.jit
@@ -161,25 +197,36 @@ def _fwd_kernel_lanes(
     SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
+    seg_h_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
 ):
+    """If SEGMENTED, each program scans one segment of a sequence, starting from the true
+    state at the segment's start: the initial state carried through the earlier segments'
+    summaries (`_fwd_summary_lanes`), h <- exp(A Σ Δ) h + h_local, in order."""
     NR: tl.constexpr = BLOCK_N // NL
     CHUNKS_PER_SAVE: tl.constexpr = BLOCK_L // T
-    (pid_s, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+    (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
      u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
         cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
-        channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, HAS_BIAS, HAS_D, VARLEN,
-        BLOCK_D, BLOCK_N, T, NL)
+        channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, n_segs, seg_len,
+        HAS_BIAS, HAS_D, VARLEN, BLOCK_D, BLOCK_N, T, NL, SEGMENTED)
     if HAS_INIT:
         h = tl.load(init_ptr + state_row + dn4, mask=m_dn4, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
+    first_save = 0
+    if SEGMENTED:
+        first_save = seg * (seg_len // BLOCK_L)
+        for j in range(0, seg):
+            row = seq * n_segs + j
+            h_local = tl.load(seg_h_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
+            h = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * h + h_local
     out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
     for c in tl.range(0, tl.cdiv(end - start, T), num_stages=STAGES):
         t0 = start + c * T
         if SAVE_STATES:
             if c % CHUNKS_PER_SAVE == 0:
-                off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, c // CHUNKS_PER_SAVE, VARLEN) * dim * d_state
-                tl.store(chunk_states_ptr + off + dn4, h, mask=m_dn4)
+                row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + c // CHUNKS_PER_SAVE, VARLEN)
+                tl.store(chunk_states_ptr + row * dim * d_state + dn4, h, mask=m_dn4)
         m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
             u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
             HAS_BIAS, SOFTPLUS, FAST)
@@ -193,7 +240,40 @@ def _fwd_kernel_lanes(
             y = y * zz * tl.sigmoid(zz)
         tl.store(out_row + tt2 * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
         h = _at_step(hs, t4, T - 1, ORDERED)  # the state after the chunk's last step
-    tl.store(final_ptr + state_row + dn4, h, mask=m_dn4)
+    if SEGMENTED:
+        tl.store(final_ptr + state_row + dn4, h, mask=m_dn4 & (seg == n_segs - 1))
+    else:
+        tl.store(final_ptr + state_row + dn4, h, mask=m_dn4)
+
+
+@triton.jit
+def _fwd_summary_lanes(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, seg_h_ptr, seg_dt_ptr,
+    L, dim, d_state, channels_per_group, n_segs, seg_len,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bg, s_bn, s_bl,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
+    FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
+):
+    """Pass 1 of a segmented forward: each segment scanned from a zero state, for its local
+    final state h_local (rows, D, N) and its Σ Δ (rows, D). No C, z or output: a few
+    instructions per (state, step)."""
+    NR: tl.constexpr = BLOCK_N // NL
+    (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+     u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
+        u_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, L, dim, d_state,
+        channels_per_group, s_ub, s_ud, s_db, s_dd, 0, 0, s_bb, s_bg, s_bn, n_segs, seg_len,
+        HAS_BIAS, False, False, BLOCK_D, BLOCK_N, T, NL, True)
+    h = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
+    dt_sum = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    for c in tl.range(0, tl.cdiv(end - start, T), num_stages=STAGES):
+        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
+            u_row, dt_row, B_row, B_row, bias, A2, start + c * T, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+            HAS_BIAS, SOFTPLUS, FAST)
+        h = _at_step(_chunk_states(dA, dBu, h, t4), t4, T - 1, ORDERED)
+        dt_sum += tl.sum(dt, axis=1, keep_dims=True)
+    tl.store(seg_h_ptr + pid_s.to(tl.int64) * dim * d_state + dn4, h, mask=m_dn4)
+    tl.store(seg_dt_ptr + pid_s.to(tl.int64) * dim + d2, dt_sum, mask=mask_d2)
 
 
 @triton.jit
@@ -235,7 +315,7 @@ def _chunk_backward(h, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, 
     # folded into the last step
     x = dy[None, :, :, None] * Ct
     x = tl.where(t4 == T - 1, x + carry, x)
-    _, G = tl.associative_scan((a_next, x), 2, _combine, reverse=True)
+    G = _reverse_scan(a_next, x, 2)
     carry_out = _at_step(dA * G, t4, 0, ORDERED)  # exp(Δ_t0 A) G_t0
     X = G * (hs - dBu)  # G_t exp(Δ_t A) h_{t-1}: the gradient through exp(Δ_t A), times it
     gB = tl.sum(tl.sum(G * Bt, axis=3), axis=0)  # (BLOCK_D, T)
@@ -265,17 +345,22 @@ def _bwd_kernel_lanes(
     SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
+    seg_g_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
 ):
     """Walks the saved states' segments (BLOCK_L = 2 T steps) in reverse: the state before the
     segment's second chunk is recomputed from the saved one, then the second chunk and the first
     are taken back. Sums over channels (dB, dC) go to per-program rows, summed by torch in a
-    fixed order; sums over steps (dA, dD, dΔ-bias) stay in registers: no atomics."""
+    fixed order; sums over steps (dA, dD, dΔ-bias) stay in registers: no atomics.
+
+    If SEGMENTED, each program takes back one segment of a sequence, starting from the true
+    adjoint at the segment's end: the final state's gradient carried back through the later
+    segments' summaries (`_bwd_summary_lanes`), g <- exp(A Σ Δ) g + g_local, in reverse order."""
     NR: tl.constexpr = BLOCK_N // NL
-    (pid_s, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+    (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
      u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
         cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
-        channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, HAS_BIAS, HAS_D, VARLEN,
-        BLOCK_D, BLOCK_N, T, NL)
+        channels_per_group, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, n_segs, seg_len,
+        HAS_BIAS, HAS_D, VARLEN, BLOCK_D, BLOCK_N, T, NL, SEGMENTED)
     d64 = d2.to(tl.int64)
     dout_row = dout_ptr + batch.to(tl.int64) * s_gb + d64 * s_gd
     grad_off = batch.to(tl.int64) * s_ob + d64 * s_od  # du, dΔ, dz: contiguous fp32
@@ -283,24 +368,31 @@ def _bwd_kernel_lanes(
         carry = tl.load(dfinal_ptr + state_row + dn4, mask=m_dn4, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
+    first_save = 0
+    if SEGMENTED:
+        first_save = seg * (seg_len // BLOCK_L)
+        for i in range(0, n_segs - 1 - seg):
+            row = seq * n_segs + (n_segs - 1 - i)
+            g_local = tl.load(seg_g_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
+            carry = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * carry + g_local
     dA_acc = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
     # partial sums for dB, dC: (B, n_dblocks, N, L); packed sequences cover disjoint t in row 0
     part_row = (batch.to(tl.int64) * n_dblocks + pid_d) * d_state * L
-    n_segs = tl.cdiv(end - start, BLOCK_L)
-    for i in tl.range(0, n_segs, num_stages=STAGES):
-        seg = n_segs - 1 - i
-        t_seg = start + seg * BLOCK_L
-        off = _chunk_row(chunk_base_ptr, pid_s, n_chunks_max, seg, VARLEN) * dim * d_state
-        h0 = tl.load(chunk_states_ptr + off + dn4, mask=m_dn4, other=0.0)
+    n_saves = tl.cdiv(end - start, BLOCK_L)
+    for i in tl.range(0, n_saves, num_stages=STAGES):
+        save = n_saves - 1 - i
+        t_save = start + save * BLOCK_L
+        row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save, VARLEN)
+        h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0)
         # the state before the second chunk: the first chunk's states, recomputed
         m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
-            u_row, dt_row, B_row, C_row, bias, A2, t_seg, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+            u_row, dt_row, B_row, C_row, bias, A2, t_save, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
             HAS_BIAS, SOFTPLUS, FAST)
         h1 = _at_step(_chunk_states(dA, dBu, h0, t4), t4, T - 1, ORDERED)
         for k in tl.static_range(2):
-            t0 = t_seg + (1 - k) * T
+            t0 = t_save + (1 - k) * T
             h_start = h1 if k == 0 else h0
             m2, du, ddt, dz, dD_t, dA_sum, dB_sum, dC_sum, carry = _chunk_backward(
                 h_start, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
@@ -318,11 +410,55 @@ def _bwd_kernel_lanes(
             nl = part_row + n4 * L + tt4  # (NL, 1, T, NR)
             tl.store(dB_part_ptr + nl, dB_sum, mask=m4)
             tl.store(dC_part_ptr + nl, dC_sum, mask=m4)
-    tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4)
-    tl.store(dA_part_ptr + state_row + dn4, dA_acc, mask=m_dn4)
-    dm = pid_s.to(tl.int64) * dim + d2
-    tl.store(dD_part_ptr + dm, dD_acc, mask=mask_d2)
-    tl.store(dbias_part_ptr + dm, dbias_acc, mask=mask_d2)
+    if SEGMENTED:
+        tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4 & (seg == 0))
+    else:
+        tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4)
+    part = pid_s.to(tl.int64)  # one row per program span (sequence or segment), summed by torch
+    tl.store(dA_part_ptr + part * dim * d_state + dn4, dA_acc, mask=m_dn4)
+    tl.store(dD_part_ptr + part * dim + d2, dD_acc, mask=mask_d2)
+    tl.store(dbias_part_ptr + part * dim + d2, dbias_acc, mask=mask_d2)
+
+
+@triton.jit
+def _bwd_summary_lanes(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
+    L, dim, d_state, channels_per_group, n_segs, seg_len,
+    s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_bb, s_bg, s_bn, s_bl,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
+    FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
+):
+    """Pass 1 of a segmented backward: each segment taken back from a zero adjoint at its end,
+    for the adjoint that flows out of its first step, g_local (rows, D, N), and its Σ Δ (rows,
+    D). The adjoint needs only Δ, C and dy (no states): λ_t = exp(Δ_t A) (C_t dy_t + λ_{t+1})."""
+    NR: tl.constexpr = BLOCK_N // NL
+    (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
+     u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
+        delta_ptr, A_ptr, bias_ptr, delta_ptr, delta_ptr, delta_ptr, z_ptr, C_ptr, C_ptr, L, dim, d_state,
+        channels_per_group, s_db, s_dd, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, n_segs, seg_len,
+        HAS_BIAS, False, False, BLOCK_D, BLOCK_N, T, NL, True)
+    dout_row = dout_ptr + batch.to(tl.int64) * s_gb + d2.to(tl.int64) * s_gd
+    g = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
+    dt_sum = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    n_chunks = tl.cdiv(end - start, T)
+    for i in tl.range(0, n_chunks, num_stages=STAGES):
+        t0 = start + (n_chunks - 1 - i) * T
+        m2, u, dt_raw, dt, Ct, Ct, dA, dBu = _chunk_inputs(
+            dt_row, dt_row, C_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_dl, s_dl, s_bl,
+            HAS_BIAS, SOFTPLUS, FAST)
+        tt2 = t0 + t2
+        dy = tl.load(dout_row + tt2 * s_gl, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        x = dy[None, :, :, None] * Ct
+        x = tl.where(t4 == T - 1, x + g, x)  # the adjoint from the future enters at the last step
+        lam = _reverse_scan(dA, dA * x, 2)
+        g = _at_step(lam, t4, 0, ORDERED)
+        dt_sum += tl.sum(dt, axis=1, keep_dims=True)
+    tl.store(seg_g_ptr + pid_s.to(tl.int64) * dim * d_state + dn4, g, mask=m_dn4)
+    tl.store(seg_dt_ptr + pid_s.to(tl.int64) * dim + d2, dt_sum, mask=mask_d2)
 
 
 def _lanes_blocks(d_state_block: int, states_per_thread: int, channels_per_group: int) -> tuple[int, int]:
@@ -370,3 +506,22 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
     T = save_every // 2
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
+
+
+def segment_plan(rows: int, length: int, varlen: bool, save_every: int) -> tuple[int, int]:
+    """(seg_len, n_segs) for a dense batch with few (sequence, channel) rows: each sequence is
+    cut into n_segs segments scanned in parallel (a summary pass, then the scan from each
+    segment's true start), so that rows * n_segs programs' worth of rows fill the GPU. (0, 1)
+    means one program walks the whole sequence. MAMBAKIT_SCAN_SEG_ROWS is the number of rows
+    aimed at (0 turns segments off); MAMBAKIT_SCAN_MIN_SEG the shortest segment."""
+    target = int(os.environ.get("MAMBAKIT_SCAN_SEG_ROWS", "16384"))
+    min_len = int(os.environ.get("MAMBAKIT_SCAN_MIN_SEG", "512"))
+    if varlen or target <= 0 or rows >= target:
+        return 0, 1
+    unit = max(64, save_every)  # 16-aligned starts (vector loads) on the save grid
+    n = 1
+    while rows * n < target and length // (2 * n) >= min_len:
+        n *= 2
+    seg_len = -(-(-(-length // n)) // unit) * unit
+    n_segs = -(-length // seg_len)
+    return (seg_len, n_segs) if n_segs > 1 else (0, 1)
