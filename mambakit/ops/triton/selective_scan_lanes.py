@@ -511,12 +511,17 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
 def segment_plan(rows: int, length: int, varlen: bool, save_every: int) -> tuple[int, int]:
     """(seg_len, n_segs) for a dense batch with few (sequence, channel) rows: each sequence is
     cut into n_segs segments scanned in parallel (a summary pass, then the scan from each
-    segment's true start), so that rows * n_segs programs' worth of rows fill the GPU. (0, 1)
-    means one program walks the whole sequence. MAMBAKIT_SCAN_SEG_ROWS is the number of rows
-    aimed at (0 turns segments off); MAMBAKIT_SCAN_MIN_SEG the shortest segment."""
-    target = int(os.environ.get("MAMBAKIT_SCAN_SEG_ROWS", "16384"))
+    segment's true start), so that rows * n_segs one-warp programs fill the GPU. (0, 1) means
+    one program walks the whole sequence.
+
+    From the H200 sweep (BENCHMARKS.md): below 8192 rows (MAMBAKIT_SCAN_SEG_BELOW) the single
+    pass leaves the SMs idle (1 x 131072: 11.2 -> 3.6 ms forward); at 8 x 2048 (12288 rows)
+    cutting only added the summary pass (0.44 -> 0.51 ms). When cutting, aim at 65536 rows
+    (MAMBAKIT_SCAN_SEG_ROWS) with no segment shorter than 512 steps (MAMBAKIT_SCAN_MIN_SEG)."""
+    below = int(os.environ.get("MAMBAKIT_SCAN_SEG_BELOW", "8192"))
+    target = int(os.environ.get("MAMBAKIT_SCAN_SEG_ROWS", "65536"))
     min_len = int(os.environ.get("MAMBAKIT_SCAN_MIN_SEG", "512"))
-    if varlen or target <= 0 or rows >= target:
+    if varlen or rows >= below:
         return 0, 1
     unit = max(64, save_every)  # 16-aligned starts (vector loads) on the save grid
     n = 1
