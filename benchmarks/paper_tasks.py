@@ -7,10 +7,12 @@
     evaluated at every power of two 2^6..2^20 (each sequence chunk by chunk with the recurrent
     state carried, so memory stays flat), beside the same model with S4D.
 
-The whole run is sized for about 8 minutes on one H200 (every training also has a time limit,
-so a slower device stops early rather than overrunning; "steps_run" says what was done):
+The two parts are sized for one 10-minute device call each (every training also has a time
+limit, so a slower device stops early rather than overrunning; "steps_run" says what was done):
+copying about 7.5 minutes, induction about 5 minutes on one H200.
 
-    python benchmarks/paper_tasks.py                      # writes benchmarks/results/paper_tasks_h200.json + .png
+    python benchmarks/paper_tasks.py --only copying       # writes benchmarks/results/paper_tasks_copying_h200.json + .png
+    python benchmarks/paper_tasks.py --only induction     # ... paper_tasks_induction_h200.json + .png
     python benchmarks/paper_tasks.py --steps-scale 0.1    # a shorter run
     python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
 """
@@ -39,12 +41,13 @@ VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
     ("Mamba (gated S6)", "mamba", True),
 ]
 
-# The full run: (steps, batch, lr, time limit in s) per training, for ~7-8 min on one H200. A probe
-# there (--steps-scale 0.03) took 60-90 ms per S6 step at L=4096 x 32 (evaluations included),
-# ~27 ms per S4D step; 1M-token evaluation ~1-2 s per model.
+# The full run: (steps, batch, lr, time limit in s) per training. A probe on one H200 (--steps-scale
+# 0.03, session 3) took 60-90 ms per S6 step at L=4096 x 32 (evaluations included), ~27 ms per
+# S4D step; 1M-token evaluation ~1-2 s per model. Session 3's induction run (1500 steps) fell
+# off beyond 512 tokens, so session 4 trains 4000.
 FULL = {
-    "copy": dict(seq_len=4096, n_memorize=16, steps=1000, batch=32, lr=3e-3, limit=80, eval_batches=8),
-    "induction": dict(seq_len=256, steps=1500, batch=64, lr=2e-3, limit=55, eval_batches=8,
+    "copy": dict(seq_len=4096, n_memorize=16, steps=2000, batch=32, lr=3e-3, limit=105, eval_batches=8),
+    "induction": dict(seq_len=256, steps=4000, batch=64, lr=2e-3, limit=150, eval_batches=8,
                       lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384),
 }
 SMOKE = {
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["copying", "induction"], default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto, cpu with --smoke)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: benchmarks/results/paper_tasks_h200.json "
+    p.add_argument("--out", default=None, help="default: benchmarks/results/paper_tasks[_ONLY]_h200.json "
                                                "(runs/paper_tasks_smoke.json with --smoke)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     args = p.parse_args(argv)
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
     root = Path(__file__).resolve().parents[1]
     default = (root / "runs" / "paper_tasks_smoke.json" if args.smoke
-               else root / "benchmarks" / "results" / "paper_tasks_h200.json")
+               else root / "benchmarks" / "results" / f"paper_tasks{'_' + args.only if args.only else ''}_h200.json")
     out = Path(args.out) if args.out else default
     common = ["--d-model", "64", "--n-layer", "2", "--device", str(device), "--seed", str(args.seed)]
     result = {"benchmark": "paper_tasks", "smoke": args.smoke, "steps_scale": args.steps_scale,
