@@ -105,9 +105,10 @@ class BiMamba(nn.Module):
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         x, z = xz.split(self.d_inner, dim=1)  # (B, D_inner, L) each
         y = self._fused(x, z) if fused else self._reference(x, z)  # (B, D_inner, L)
-        if self.divide_out:
-            y = y / 2
-        out = _batched_linear(self.out_proj.weight, y)  # (B, d_model, L)
+        # out_proj(y / 2) as (W / 2) y: halving the small weight (exact, a power of two) instead
+        # of one more pass over the (B, D_inner, L) activations
+        w_out = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
+        out = _batched_linear(w_out, y)  # (B, d_model, L)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None].to(out.dtype)
         return out.transpose(1, 2)  # (B, L, d_model)
@@ -142,7 +143,9 @@ class BiMamba(nn.Module):
         # token) its loop compiles to 140 instead of 19 load instructions (sm_90 SASS).
         multiple = self.pad_to or (16 if x.is_cuda else 1)
         padded = -(-length // multiple) * multiple
-        x2 = x.new_zeros(batch, 2 * di, padded)  # (B, 2*D_inner, Lp): forward channels, then backward ones
+        x2 = x.new_empty(batch, 2 * di, padded)  # (B, 2*D_inner, Lp): forward channels, then backward ones
+        if padded > length:
+            x2[..., length:] = 0
         x2[:, :di, :length] = x
         x2[:, di:, :length] = x.flip(-1)
         conv_w = torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])  # (2*D_inner, K)
