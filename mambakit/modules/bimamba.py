@@ -100,18 +100,24 @@ class BiMamba(nn.Module):
         if cache is not None:
             raise ValueError("BiMamba has no recurrent state: the backward scan needs the whole sequence, "
                              "so it cannot decode token by token (cache must be None)")
-        xz = _batched_linear(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2*D_inner, L)
+        batch, length, _ = hidden_states.shape
+        # in_proj and out_proj as single 2-D GEMMs over the B*L tokens: as batched GEMMs over a
+        # stride-0 weight, cuBLAS chose sm75 kernels for Vim's shapes (1.0 + 0.43 ms a layer at
+        # B = 64, L = 4097 on the H200, 20 % of the model's time)
+        xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()  # (2*D_inner, B*L)
+        xz = xz.view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L), L contiguous
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         x, z = xz.split(self.d_inner, dim=1)  # (B, D_inner, L) each
         y = self._fused(x, z) if fused else self._reference(x, z)  # (B, D_inner, L)
+        y_rows = y.transpose(0, 1).reshape(self.d_inner, batch * length).t()  # (B*L, D_inner)
         # out_proj(y / 2) as (W / 2) y: halving the small weight (exact, a power of two) instead
         # of one more pass over the (B, D_inner, L) activations
         w_out = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
-        out = _batched_linear(w_out, y)  # (B, d_model, L)
+        out = y_rows @ w_out.t()  # (B*L, d_model)
         if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias[:, None].to(out.dtype)
-        return out.transpose(1, 2)  # (B, L, d_model)
+            out = out + self.out_proj.bias.to(out.dtype)
+        return out.view(batch, length, -1)  # (B, L, d_model)
 
     # -- the reference: two explicit single-direction scans ------------------------------------
 
