@@ -127,7 +127,7 @@ def test_segmented_scan_matches_reference(case, with_init, kernel_layout, monkey
     true end adjoint). Forced here at small shapes; outputs, final state and every gradient."""
     if kernel_layout != "lanes":
         pytest.skip("lanes kernel only")
-    from mambakit.ops.triton.selective_scan_lanes import segment_plan
+    from mambakit.ops.triton.selective_scan_segments import segment_plan
     monkeypatch.setenv("MAMBAKIT_SCAN_SEG_BELOW", "1000000")
     monkeypatch.setenv("MAMBAKIT_SCAN_SEG_ROWS", "1000000")
     monkeypatch.setenv("MAMBAKIT_SCAN_MIN_SEG", "16")
@@ -144,7 +144,7 @@ def test_segmented_scan_matches_reference(case, with_init, kernel_layout, monkey
 
 def test_segment_plan():
     """Segments only where rows are few; aligned, covering L, none shorter than the minimum."""
-    from mambakit.ops.triton.selective_scan_lanes import segment_plan
+    from mambakit.ops.triton.selective_scan_segments import segment_plan
     assert segment_plan(8 * 1536, 2048, False, 16) == (0, 1)  # enough rows already
     assert segment_plan(1536, 131072, True, 16) == (0, 1)  # packed sequences: never
     for rows, length in [(1536, 131072), (3072, 8192), (1536, 32768), (768, 1000), (1536, 300)]:

@@ -380,7 +380,8 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     dummy = final
     grid, shape, segs = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}
     if lc.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
-        from .selective_scan_lanes import _fwd_summary_lanes, lanes_shape, segment_plan
+        from .selective_scan_lanes import lanes_shape
+        from .selective_scan_segments import _fwd_summary_lanes, segment_plan
         seg_len, n_segs = segment_plan(lc.n_seqs * lc.dim, lc.L, lc.varlen, lc.BLOCK_L)
         shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * n_segs * lc.dim, lc.L,
                             lc.varlen)
@@ -428,7 +429,8 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     grid, n_dblocks, block_d = lc.grid, lc.n_dblocks, lc.BLOCK_D
     shape, segs, n_segs = dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}, 1
     if lc.layout == "lanes":
-        from .selective_scan_lanes import _bwd_summary_lanes, lanes_bwd_shape, segment_plan
+        from .selective_scan_lanes import lanes_bwd_shape
+        from .selective_scan_segments import _bwd_summary_lanes, segment_plan
         seg_len, n_segs = segment_plan(lc.n_seqs * lc.dim, lc.L, lc.varlen, lc.BLOCK_L)
         shape = lanes_bwd_shape(lc.BLOCK_N, lc.cpg, lc.BLOCK_L, B.element_size(), lc.L, lc.varlen,
                                 lc.n_seqs * n_segs * lc.dim)
