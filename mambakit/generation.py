@@ -155,6 +155,11 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
         from .graphs import graphed_decoder
         runner = graphed_decoder(model, batch, device)
         runner.load(cache)
+    elif device.type == "cpu":
+        from .cpu_decode import cpu_decoder
+        runner = cpu_decoder(model, batch)  # None where the plan does not apply: model.step then
+        if runner is not None:
+            runner.load(cache)
     try:
         yield from _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops,
                            pad, eos_token_id, done, keep_cache_current)

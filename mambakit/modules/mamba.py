@@ -125,14 +125,19 @@ class Mamba(nn.Module):
         return out, final
 
     def _run(self, hidden_states, state, cu_seqlens, always_states=False):
-        """Channels-first throughout: every (B, C, L) tensor handed to the conv and the scan is
-        contiguous along L (what their kernels read as vectors), and no projection needs a
-        transposed copy: in_proj is one GEMM into a (2*D_inner, B*L) buffer, x_proj, dt_proj and
-        out_proj are batched GEMMs over (B, C, L) operands."""
+        """Every (B, C, L) tensor handed to the conv and the scan is laid out for the kernel that
+        reads it: on CUDA channels-first, contiguous along L (the Triton kernels read L as
+        vectors); elsewhere time-major, contiguous along C (the chunked torch scan works on
+        (T, B, D) slices, which then need no copy). No projection makes a transposed copy in
+        either layout (see _project)."""
         with_states = state is not None or always_states
+        time_major = not hidden_states.is_cuda
         batch, length, _ = hidden_states.shape
-        xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()  # (2*D_inner, B*L)
-        xz = xz.view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L), L contiguous
+        if time_major:
+            xz = F.linear(hidden_states, self.in_proj.weight).transpose(1, 2)  # (B, 2*D_inner, L), C contiguous
+        else:
+            xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()  # (2*D_inner, B*L)
+            xz = xz.view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L), L contiguous
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         x, z = xz.split(self.d_inner, dim=1) if self.gate else (xz, None)  # (B, D_inner, L) each
@@ -141,9 +146,9 @@ class Mamba(nn.Module):
                                      initial_state=None if state is None else state.conv,
                                      return_final_state=with_states, cu_seqlens=cu_seqlens)
         x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
-        x_dbl = _batched_linear(self.x_proj.weight, x)  # (B, R + 2N, L)
+        x_dbl = _project(self.x_proj.weight, x, time_major)  # (B, R + 2N, L)
         dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
-        delta = _batched_linear(self.dt_proj.weight, dt)  # (B, D_inner, L), contiguous
+        delta = _project(self.dt_proj.weight, dt, time_major)  # (B, D_inner, L)
         A = self.A()  # (D_inner, N)
         scan_out = ops.selective_scan(
             x, delta, A, B, C, D=_at_least_fp32(self.D), z=z,
@@ -151,7 +156,7 @@ class Mamba(nn.Module):
             initial_state=None if state is None else state.ssm, return_final_state=with_states,
             cu_seqlens=cu_seqlens)
         y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
-        out = _batched_linear(self.out_proj.weight, y)  # (B, d_model, L)
+        out = _project(self.out_proj.weight, y, time_major)  # (B, d_model, L)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None].to(out.dtype)
         out = out.transpose(1, 2)  # (B, L, d_model), a view; its consumer (the residual add) reads it once
@@ -184,6 +189,14 @@ def one_token(hidden_states: torch.Tensor, d_model: int) -> tuple[torch.Tensor, 
     if hidden_states.ndim != 2 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"step() expects hidden_states of shape (B, {d_model}), got {tuple(hidden_states.shape)}")
     return hidden_states, squeeze
+
+
+def _project(weight: torch.Tensor, x: torch.Tensor, time_major: bool) -> torch.Tensor:
+    """weight (O, C) applied to x (B, C, L) -> (B, O, L): time-major (a GEMM over the (B, L, C)
+    view, whose rows are contiguous when x is time-major) or channels-first (_batched_linear)."""
+    if time_major:
+        return F.linear(x.transpose(1, 2), weight.to(x.dtype)).transpose(1, 2)
+    return _batched_linear(weight, x)
 
 
 def _batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""The planned CPU decoder (cpu_decode.py) against the readable path, MambaLM.step: the same
+logits at every step, the same cache afterwards, and a rebuild when a parameter changes."""
+
+import pytest
+import torch
+
+from mambakit import MambaConfig, MambaLM
+from mambakit.cpu_decode import CpuDecoder, cpu_decoder
+
+
+def make_model(**overrides):
+    torch.manual_seed(0)
+    config = dict(d_model=32, n_layer=3, vocab_size=61, d_state=8)
+    config.update(overrides)
+    model = MambaLM(MambaConfig(**config)).eval()
+    with torch.no_grad():  # random biases and norm weights, so that every term is exercised
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"bias": True, "rms_norm": False},  # in/out_proj biases, LayerNorm
+    {"d_conv": 2, "conv_bias": False},
+    {"d_conv": 5, "tie_embeddings": False},
+])
+@torch.no_grad()
+def test_planned_steps_equal_model_step(overrides):
+    model = make_model(**overrides)
+    prompt = torch.randint(0, 61, (3, 7))
+    _, ref_cache = model.prefill(prompt)
+    _, cache = model.prefill(prompt)
+    plan = CpuDecoder(model, 3)
+    plan.load(cache)
+    tokens = torch.randint(0, 61, (12, 3))
+    for step, token in enumerate(tokens):  # more steps than the ring has slots, so it wraps
+        expected = model.step(token, ref_cache)
+        got = plan(token)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    plan.store(cache)
+    for mine, ref in zip(cache.layers, ref_cache.layers):
+        torch.testing.assert_close(mine.conv, ref.conv, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.ssm, ref.ssm, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_generate_uses_the_plan_and_matches_the_step_loop():
+    model = make_model()
+    prompt = torch.randint(0, 61, (2, 5))
+    out = model.generate(prompt, max_new_tokens=10)
+    assert "_cpu_decoders" in model.__dict__  # the CPU path went through the plan
+    logits, cache = model.prefill(prompt)
+    expected = [prompt]
+    for _ in range(10):
+        token = logits[:, :61].argmax(-1)
+        expected.append(token[:, None])
+        logits = model.step(token, cache)
+    assert torch.equal(out, torch.cat(expected, 1))
+
+
+@torch.no_grad()
+def test_plan_is_rebuilt_after_an_in_place_change():
+    model = make_model()
+    first = cpu_decoder(model, 2)
+    assert cpu_decoder(model, 2) is first
+    model.backbone.layers[0].mixer.A_log.add_(0.5)  # A is derived: a stale plan would use the old one
+    second = cpu_decoder(model, 2)
+    assert second is not first
+    prompt = torch.randint(0, 61, (2, 4))
+    logits, ref_cache = model.prefill(prompt)
+    _, cache = model.prefill(prompt)
+    second.load(cache)
+    token = logits.argmax(-1)
+    torch.testing.assert_close(second(token), model.step(token, ref_cache), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_does_not_apply_where_it_cannot():
+    with torch.no_grad():
+        assert cpu_decoder(make_model(layer="s4d"), 1) is None  # S4D mixers decode through step()
+        assert cpu_decoder(make_model().double(), 1) is None  # fp64 models stay on the exact path
+    assert cpu_decoder(make_model(), 1) is None  # gradients on: never in-place buffers
