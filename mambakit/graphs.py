@@ -4,9 +4,10 @@ graph launch instead of hundreds of kernel launches.
 
 The graph works on its own static buffers: a cache, the input token and the output logits.
 `load` copies a cache's state in (a few MB), `store` copies it back out, so one captured
-graph serves every generation of that batch size. It is captured again when a parameter has
-been changed in place (training between generations), since the graph holds values derived
-from them (A = -exp(A_log))."""
+graph serves every generation of that batch size. The graph reads the parameters' storage on
+every replay and holds nothing derived from them (A = -exp(A_log) is computed inside it), so
+training between generations needs no new capture; one is made when a parameter has been
+replaced by a new tensor (`model.to(...)`, assigning a new Parameter)."""
 
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ class GraphedDecoder:
 def graphed_decoder(model, batch_size: int, device: torch.device) -> GraphedDecoder:
     """The model's captured decoder for this batch size, captured on first use."""
     graphs = model.__dict__.setdefault("_cuda_graphs", {})
-    version = tuple(p._version for p in model.parameters())
+    storage = tuple(p.data_ptr() for p in model.parameters())  # what the graph reads
     key = (batch_size, str(device))
     entry = graphs.get(key)
-    if entry is None or entry[0] != version:
-        graphs[key] = (version, GraphedDecoder(model, batch_size, device))
+    if entry is None or entry[0] != storage:
+        graphs[key] = (storage, GraphedDecoder(model, batch_size, device))
     return graphs[key][1]

@@ -101,3 +101,22 @@ def test_config_conversions_round_trip():
     assert back.padded_vocab_size == cfg.padded_vocab_size
     assert (back.d_model, back.d_state, back.d_conv, back.expand, back.resolved_dt_rank, back.bias, back.conv_bias) == \
         (96, 12, 3, 3, 7, True, False)
+
+
+def test_no_grad_forward_after_a_fused_optimizer_step_sees_the_new_parameters():
+    """Regression: A = -exp(A_log) was memoised for no-grad calls, keyed on A_log's version
+    counter, which torch's fused AdamW does not bump. Every evaluation after the first then ran
+    with the first one's A (on the device this held Table 1's gated S6 at 0.69 accuracy while
+    its training loss was 3e-4). A no-grad forward must equal a grad-enabled one after a step."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=32, d_state=4))
+    ids = torch.randint(0, 32, (2, 9))
+    with torch.no_grad():
+        model(ids)  # a first evaluation
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model(ids).float().logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        evaluated = model(ids)
+    trained = model(ids).detach()
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=0)

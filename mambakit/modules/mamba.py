@@ -77,14 +77,11 @@ class Mamba(nn.Module):
         )
 
     def A(self) -> torch.Tensor:
-        """A = -exp(A_log), (D_inner, N) fp32. Memoised while gradients are off (decoding),
-        keyed on A_log's version counter so that an in-place update is never missed."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # no Python-side state under compile
-            return -torch.exp(_at_least_fp32(self.A_log))
-        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, torch.is_inference_mode_enabled())
-        if getattr(self, "_A_key", None) != key:
-            self._A_value, self._A_key = -torch.exp(_at_least_fp32(self.A_log.detach())), key
-        return self._A_value
+        """A = -exp(A_log), (D_inner, N) fp32, computed on every call. It is not memoised: a
+        memo keyed on A_log's version counter went stale after training with fused AdamW
+        (torch's fused optimizers update parameters without bumping their version), so every
+        evaluation after the first one ran with the first one's A."""
+        return -torch.exp(_at_least_fp32(self.A_log))
 
     def _ssm_params(self, x_dbl: torch.Tensor, dim: int = -1):
         """x_dbl with R + 2N along `dim` -> dt (R), B (N), C (N) along it, as views."""
