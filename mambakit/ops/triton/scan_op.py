@@ -36,7 +36,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
     final = u.new_empty((n_seqs, dim, A.shape[1]), dtype=torch.float32)
     if save_states:
         lc = kernels._Launch(u, B, A, cu_seqlens, None)
-        states = u.new_empty((lc.state_rows, dim, A.shape[1]), dtype=torch.float32)
+        states = u.new_empty((lc.state_rows, dim, A.shape[1]), dtype=lc.states_dtype)
     else:
         states = u.new_empty(_EMPTY, dtype=torch.float32)
     return u.new_empty(u.shape), final, states  # contiguous, as the kernel writes it
@@ -73,20 +73,60 @@ def _setup_context(ctx, inputs, output):
     ctx.init_dtype = None if initial_state is None else initial_state.dtype
 
 
-def _backward(ctx, dout, dfinal, _dstates):
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _input_grads(ctx, dout, dfinal, bwd):
+    """The gradients of (u, delta, A, B, C, D, z, delta_bias, initial_state) in their dtypes,
+    None for absent inputs, from `bwd` (the custom op or the launcher itself)."""
     u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states = ctx.saved_tensors
     if states.numel() == 0:
         raise RuntimeError("mambakit.selective_scan: backward through a forward run without save_states; "
                            "call it with gradients enabled")
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = selective_scan_bwd(
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = bwd(
         u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states, dout, dfinal, ctx.delta_softplus)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dD.to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
-            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-            dinit.to(ctx.init_dtype) if ctx.has_init else None, None, None, None)
+    return (_as(du, u.dtype), _as(ddelta, delta.dtype), _as(dA, A.dtype), _as(dB, B.dtype), _as(dC, C.dtype),
+            _as(dD, D.dtype) if D is not None else None, _as(dz, z.dtype) if z is not None else None,
+            _as(dbias, delta_bias.dtype) if delta_bias is not None else None,
+            _as(dinit, ctx.init_dtype) if ctx.has_init else None)
+
+
+def _backward(ctx, dout, dfinal, _dstates):
+    return _input_grads(ctx, dout, dfinal, selective_scan_bwd) + (None, None, None)
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _launch_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states, dout, dfinal, delta_softplus):
+    return kernels.scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, states, dout, dfinal)
+
+
+class _EagerScan(torch.autograd.Function):
+    """Eager training calls the same launchers as the custom ops without their dispatch. The
+    dispatch (custom op -> autograd -> redispatch -> backend, forward and backward) costs a few
+    hundred µs of host time a call, which bounded short scans: at (16, 512) a forward+backward
+    took 1.25 ms of host time for 0.87 ms of GPU work (benchmarks/results/scan_host_overhead_h200.txt).
+    torch.compile still traces the custom ops (fake tensors, no graph breaks)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
+        ctx.set_materialize_grads(False)  # an unused final state sends no zeros to the kernel
+        out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                              cu_seqlens, True)
+        _setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, True),
+                       (out, final, states))
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        if dout is None:
+            dout = torch.zeros_like(ctx.saved_tensors[0])
+        return _input_grads(ctx, dout, dfinal, _launch_bwd) + (None, None)
+
+
+EAGER_FUNCTION = True  # False: eager training through the custom ops too (tests cover both paths)
 
 
 def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
@@ -98,6 +138,9 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_
         out, final, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                          cu_seqlens, False)
         return out, final
+    if save and EAGER_FUNCTION and not torch.compiler.is_compiling():
+        return _EagerScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                bool(delta_softplus))
     out, final, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                        bool(delta_softplus), save)
     return out, final

@@ -320,17 +320,18 @@ class _Launch:
         if layout == "by_state":  # 2-D (BLOCK_D, BLOCK_L) tiles: long chunks, few channels
             self.BLOCK_D = block_d or _block_d(self.cpg, 64)
             self.BLOCK_L = block_l or 256
-        elif layout == "lanes":  # the backward's tile (the forward has its own); the H200
-            # sweep (tune_scan_h200.json) favours short chunks: 16 steps, here also the interval at
-            # which the forward saves states (B * D * L / 16 * N fp32 values)
+        elif layout == "lanes":  # BLOCK_L is the interval at which the forward saves states
+            from .selective_scan_lanes import save_interval
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
-            self.BLOCK_L = block_l or 16
+            self.BLOCK_L = block_l or save_interval(u.dtype)
         else:
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
             self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
         self.BLOCK_L = min(self.BLOCK_L, max(2, next_power_of_2(self.L)))
         if layout == "lanes":
-            self.BLOCK_L = max(self.BLOCK_L, 4)  # two chunks of at least 2 steps in the backward
+            self.BLOCK_L = max(self.BLOCK_L, 2)
+        # the saved states: bf16 for bf16 inputs in the lanes layout (see save_interval), else fp32
+        self.states_dtype = torch.bfloat16 if layout == "lanes" and u.dtype == torch.bfloat16 else torch.float32
         # sized from L, not from the longest packed sequence, so that shapes never depend on
         # data (torch.compile's fake tensors) and no host sync is needed
         self.n_chunks = cdiv(self.L, self.BLOCK_L)
@@ -375,7 +376,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
-    states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
+    states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=lc.states_dtype)
               if save_states else None)
     dummy = final
     grid, shape, segs = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}

@@ -16,9 +16,9 @@ states for y costs NR - 1 in-register adds and log2(NL) shuffles per (channel, s
 Per-(channel, step) work (softplus, Δu, D·u, the SiLU gate) runs on a compact 2-D (BLOCK_D, T)
 tile and is broadcast to the 4-D tile, so it is not repeated for each state.
 
-The backward walks the saved segments (BLOCK_L = 2 T steps) in reverse. It recomputes the
-state before each segment's second chunk, then runs each chunk's forward scan and its adjoint
-scan in registers.
+The backward walks the saved segments in reverse, each one or two chunks of T = 8 steps
+(`save_interval`). With two, it recomputes the state before the second chunk; then it runs
+each chunk's forward scan and its adjoint scan in registers.
 
 With few rows and long sequences, the launchers cut each sequence into segments scanned in
 parallel (selective_scan_segments.py); the main kernels then start each segment from its true
@@ -321,15 +321,18 @@ def _bwd_kernel_lanes(
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
     seg_g_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
 ):
-    """Walks the saved states' segments (BLOCK_L = 2 T steps) in reverse: the state before the
-    segment's second chunk is recomputed from the saved one, then the second chunk and the first
-    are taken back. Sums over channels (dB, dC) go to per-program rows, summed by torch in a
+    """Walks the saved states' segments (BLOCK_L = CHUNKS * T steps, CHUNKS 1 or 2) in reverse.
+    With two chunks, the state before the segment's second chunk is recomputed from the saved
+    one, then the second chunk and the first are taken back; with one, the chunk is taken back
+    from the saved state directly (twice the saved states, a sixth less work). Sums over channels (dB, dC) go to per-program rows, summed by torch in a
     fixed order; sums over steps (dA, dD, dΔ-bias) stay in registers: no atomics.
 
     If SEGMENTED, each program takes back one segment of a sequence, starting from the true
     adjoint at the segment's end: the final state's gradient carried back through the later
     segments' summaries (`_bwd_summary_lanes`), g <- exp(A Σ Δ) g + g_local, in reverse order."""
     NR: tl.constexpr = BLOCK_N // NL
+    CHUNKS: tl.constexpr = BLOCK_L // T
+    tl.static_assert(CHUNKS == 1 or CHUNKS == 2)
     (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
      u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
         cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
@@ -359,14 +362,15 @@ def _bwd_kernel_lanes(
         save = n_saves - 1 - i
         t_save = start + save * BLOCK_L
         row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save, VARLEN)
-        h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0)
-        # the state before the second chunk: the first chunk's states, recomputed
-        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
-            u_row, dt_row, B_row, C_row, bias, A2, t_save, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
-            HAS_BIAS, SOFTPLUS, FAST)
-        h1 = _at_step(_chunk_states(dA, dBu, h0, t4), t4, T - 1, ORDERED)
-        for k in tl.static_range(2):
-            t0 = t_save + (1 - k) * T
+        h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0).to(tl.float32)
+        h1 = h0
+        if CHUNKS == 2:  # the state before the second chunk: the first chunk's states, recomputed
+            m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
+                u_row, dt_row, B_row, C_row, bias, A2, t_save, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+                HAS_BIAS, SOFTPLUS, FAST)
+            h1 = _at_step(_chunk_states(dA, dBu, h0, t4), t4, T - 1, ORDERED)
+        for k in tl.static_range(CHUNKS):
+            t0 = t_save + (CHUNKS - 1 - k) * T
             h_start = h1 if k == 0 else h0
             m2, du, ddt, dz, dD_t, dA_sum, dB_sum, dC_sum, carry = _chunk_backward(
                 h_start, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
@@ -392,6 +396,25 @@ def _bwd_kernel_lanes(
     tl.store(dA_part_ptr + part * dim * d_state + dn4, dA_acc, mask=m_dn4)
     tl.store(dD_part_ptr + part * dim + d2, dD_acc, mask=mask_d2)
     tl.store(dbias_part_ptr + part * dim + d2, dbias_acc, mask=mask_d2)
+
+
+# Overrides for the device sweeps (benchmarks/tune_save_interval.py), read once.
+_SAVE_EVERY = os.environ.get("MAMBAKIT_SCAN_SAVE_EVERY")
+_BWD_CHUNKS = os.environ.get("MAMBAKIT_SCAN_BWD_CHUNKS")
+
+
+def save_interval(dtype) -> int:
+    """Steps between the states that the forward saves for the backward. From the H200 sweep
+    (BENCHMARKS.md): saving every 8 steps lets the backward take each 8-step chunk back from a
+    saved state, where every 16 costs a recompute of the first chunk: the backward runs 11 %
+    faster. For bf16 inputs the saved states are bf16, which keeps their memory at that of
+    fp32 states every 16 steps; the error this adds to the recomputed states (2^-9 relative,
+    restarting every 8 steps) is that of rounding the bf16 inputs themselves. fp16 inputs keep
+    fp32 states (fp16 overflows where long sums of ΔBu do not), and so does fp32, every 16."""
+    if _SAVE_EVERY is not None:
+        return int(_SAVE_EVERY)
+    import torch
+    return 8 if dtype == torch.bfloat16 else 16
 
 
 def _lanes_blocks(d_state_block: int, states_per_thread: int, channels_per_group: int) -> tuple[int, int]:
@@ -434,8 +457,9 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
                     length: int, varlen: bool, rows: int) -> dict:
     """Block sizes for `_bwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py --backward):
     one warp per program, 4 states per thread with many (sequence, channel) rows and 2 with few
-    (twice the threads). T = half the save interval (each saved segment is two chunks)."""
+    (twice the threads). T = 8 steps, or the save interval where that is shorter: one chunk per
+    saved state (bf16, `save_interval`) or two (fp32 and fp16, states every 16 steps)."""
     NL, block_d = _lanes_blocks(d_state_block, 4 if rows >= 8192 else 2, channels_per_group)
-    T = save_every // 2
+    T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
