@@ -45,9 +45,14 @@ VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
 # 0.03, session 3) took 60-90 ms per S6 step at L=4096 x 32 (evaluations included), ~27 ms per
 # S4D step; 1M-token evaluation ~1-2 s per model. Session 3's induction run (1500 steps) fell
 # off beyond 512 tokens, so session 4 trains 4000; its 2000-step copying run was still at 0.07-0.18
-# accuracy (loss falling for S6), so copying trains 6000 steps (about 15 ms a step).
+# accuracy (loss falling for S6), so copying trains 6000 steps (about 15 ms a step). Session 4's
+# 6000 steps at L=4096 throughout left S6 at 0.16 (the paper trains 400K steps), so session 5
+# trains with a length curriculum (--curriculum-from 256): lengths 256..2048 over the first
+# half of the steps, then 4096; every evaluation is at 4096. (Sessions 3-4's evaluations also
+# ran with a stale A, fixed in session 5: see Mamba.A.)
 FULL = {
-    "copy": dict(seq_len=4096, n_memorize=16, steps=6000, batch=32, lr=3e-3, limit=110, eval_batches=8),
+    "copy": dict(seq_len=4096, n_memorize=16, steps=6000, batch=32, lr=3e-3, limit=150, eval_batches=8,
+                 curriculum_from=256),
     "induction": dict(seq_len=256, steps=4000, batch=64, lr=2e-3, limit=150, eval_batches=8,
                       lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384),
 }
@@ -70,6 +75,8 @@ def run_copying(c: dict, common: list[str], steps_scale: float, progress: bool) 
     for name, layer, gate in VARIANTS:
         argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate" if gate else "--no-gate",
                                                     "--n-memorize", str(c["n_memorize"])]
+        if c.get("curriculum_from"):
+            argv += ["--curriculum-from", str(c["curriculum_from"])]
         _, summary, rows = sc.run(sc.build_parser().parse_args(argv), progress=progress)
         summary["name"] = name
         summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]

@@ -218,3 +218,15 @@ def test_s6_learns_selective_copying_and_s4d_does_not():
     print(f"selective copying L=128, 8 tokens: S6 {s6:.3f} ({s6_seconds:.0f} s), S4D {s4d:.3f} ({s4d_seconds:.0f} s)")
     assert s6 > 0.9
     assert s4d < 0.6
+
+
+def test_length_curriculum():
+    """Doubling lengths from the start over the first half of the steps, then seq_len; none
+    without a start; every stage gets an equal share."""
+    at = sc.length_curriculum(4096, 256, 8000)
+    lengths = [at(step) for step in range(8000)]
+    assert lengths[0] == 256 and lengths[3999] == 2048 and set(lengths[4000:]) == {4096}
+    assert lengths == sorted(lengths)
+    assert [lengths.count(n) for n in (256, 512, 1024, 2048)] == [1000] * 4
+    assert {sc.length_curriculum(4096, None, 100)(s) for s in range(100)} == {4096}
+    assert {sc.length_curriculum(128, 256, 100)(s) for s in range(100)} == {128}

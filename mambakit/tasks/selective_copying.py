@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -103,6 +104,27 @@ def evaluate(model, task: SelectiveCopying, batch_size: int, n_batches: int, see
     return {"accuracy": correct / total, "sequence_accuracy": full / (n_batches * batch_size)}
 
 
+def length_curriculum(seq_len: int, start_len: int | None, max_steps: int) -> Callable[[int], int]:
+    """The training length at each step. Without start_len, always seq_len. With it, the length
+    doubles from start_len towards seq_len over the first half of the steps, one equal share
+    per length, and the second half trains at seq_len. The selection mechanism does not depend
+    on the length, so it is learnt on short sequences at a fraction of the cost; every
+    evaluation is at seq_len."""
+    if start_len is None or start_len >= seq_len:
+        return lambda step: seq_len
+    stages = []
+    length = start_len
+    while length < seq_len:
+        stages.append(length)
+        length *= 2
+    share = (max_steps // 2) / len(stages)
+
+    def at(step: int) -> int:
+        stage = int(step // share) if share > 0 else len(stages)
+        return stages[stage] if stage < len(stages) else seq_len
+    return at
+
+
 def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
     """Trains one model from parsed flags; returns (model, summary, per-step rows)."""
     from .fit import fit
@@ -114,9 +136,14 @@ def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
     autocast = autocast_for(device)
     cfg = fit_config(args)
     batch_size = args.batch_size
+    length_at = length_curriculum(args.seq_len, args.curriculum_from, args.max_steps)
+    tasks = {args.seq_len: task}
 
     def batch_at(step):
-        return task.batch(batch_size, args.seed, step, "train", device)
+        length = length_at(step)
+        if length not in tasks:
+            tasks[length] = SelectiveCopying(length, args.n_memorize)
+        return tasks[length].batch(batch_size, args.seed, step, "train", device)
 
     def ev():
         return evaluate(model, task, batch_size, args.eval_batches, args.seed, device, autocast)
@@ -124,7 +151,7 @@ def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
     rows = fit(model, batch_at, loss_fn, cfg, evaluate=ev, progress=progress, autocast=autocast)
     summary = summary_base(args, model, rows, device)
     final = {k: v for k, v in rows[-1].items() if k in ("accuracy", "sequence_accuracy")}
-    summary.update(task="selective-copying", n_memorize=args.n_memorize, **final)
+    summary.update(task="selective-copying", n_memorize=args.n_memorize, curriculum_from=args.curriculum_from, **final)
     return model, summary, rows
 
 
@@ -135,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(parser, seq_len=4096, max_steps=4000, batch_size=64, lr=2e-3,
                      out_dir="runs/selective-copying")
     parser.add_argument("--n-memorize", type=int, default=16, help="tokens to remember (default 16)")
+    parser.add_argument("--curriculum-from", type=int, default=None, metavar="LEN",
+                        help="train on lengths doubling from LEN up to --seq-len over the first half of the "
+                             "steps, then at --seq-len (default: --seq-len throughout)")
     return parser
 
 
@@ -143,6 +173,8 @@ def train_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         SelectiveCopying(args.seq_len, args.n_memorize)
+        if args.curriculum_from is not None:
+            SelectiveCopying(args.curriculum_from, args.n_memorize)  # a clear error for a too-short start
         model, summary, rows = run(args, progress=not args.no_progress)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
