@@ -116,3 +116,20 @@ def test_state_update_with_dt_proj_folded_in():
                       dt_weight=w)
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(state, state_ref, **TOL)
+
+
+def test_state_update_with_A_formed_from_A_log():
+    """The mixer's step passes A_log; the kernel forms A = -exp(A_log) and must equal the update
+    given A itself (the reference)."""
+    g = torch.Generator().manual_seed(8)
+    batch, dim, d_state = 2, 8, 4
+    state = _rand(batch, dim, d_state, g=g)
+    A_log = _rand(dim, d_state, g=g, scale=0.5)
+    args = dict(x=_rand(batch, dim, g=g), dt=_rand(batch, dim, g=g, scale=0.3, shift=-1.0), B=_rand(batch, d_state, g=g),
+                C=_rand(batch, d_state, g=g), D=_rand(dim, g=g), z=_rand(batch, dim, g=g))
+    y_ref, state_ref = selective_state_update_ref(state.clone(), A=-torch.exp(A_log), **args, dt_softplus=True)
+    from mambakit.ops.triton.step import state_update_
+    y = state_update_(state, args["x"], args["dt"], A_log, args["B"], args["C"], args["D"], args["z"], None, True,
+                      a_is_log=True)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)

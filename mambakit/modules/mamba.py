@@ -169,7 +169,7 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)  # (B, D_inner)
         x = ops.causal_conv1d_update_(x, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
         dt, B, C = self._ssm_params(F.linear(x, self.x_proj.weight))  # dt: (B, R), low rank
-        y = ops.dt_proj_state_update_(cache.ssm, x, dt, self.dt_proj.weight, self.dt_proj.bias, self.A(), B, C,
+        y = ops.dt_proj_state_update_(cache.ssm, x, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C,
                                       D=self.D, z=z)
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
         return out[:, None] if squeeze else out

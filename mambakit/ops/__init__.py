@@ -139,14 +139,17 @@ def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     return _state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A, B, C, D=None, z=None):
-    """The mixer's decoding update with its dt_proj folded in: Δ = softplus(dt_low_rank @
-    dt_weight.T + dt_bias). One fused Triton kernel on CUDA; a linear then the torch update
-    elsewhere. Unchecked, like selective_state_update_."""
+def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A_log, B, C, D=None, z=None):
+    """The mixer's decoding update with its dt_proj and A folded in: Δ = softplus(dt_low_rank @
+    dt_weight.T + dt_bias), A = -exp(A_log). One fused Triton kernel on CUDA (A formed in it, so
+    a CUDA-graph step launches nothing for it); a linear then the torch update elsewhere.
+    Unchecked, like selective_state_update_."""
     if _fused_step(state):
         from .triton.step import state_update_
-        return state_update_(state, x, dt_low_rank, A, B, C, D, z, dt_bias, True, dt_weight=dt_weight)
+        return state_update_(state, x, dt_low_rank, A_log, B, C, D, z, dt_bias, True, dt_weight=dt_weight,
+                             a_is_log=True)
     dt = torch.nn.functional.linear(dt_low_rank, dt_weight, dt_bias)
+    A = -torch.exp(A_log if A_log.dtype == torch.float64 else A_log.float())
     return _state_update_torch_(state, x, dt, A, B, C, D, z, None, True)
 
 

@@ -50,8 +50,8 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, dim, s_xb, s_s
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, w_dt_ptr,
                          dim, d_state, channels_per_group, dt_rank, s_hb, s_xb, s_dtb, s_bb, s_bg, s_zb, s_yb,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                         SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, A_IS_LOG: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -73,6 +73,8 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     if SOFTPLUS:
         dt = _softplus(dt)
     A = tl.load(A_ptr + d[:, None] * d_state + n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    if A_IS_LOG:  # A_ptr holds the mixer's A_log: A = -exp(A_log), formed here rather than by a launch per step
+        A = -tl.exp(A)
     Bv = tl.load(B_ptr + b * s_bb + group * s_bg + n, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_bb + group * s_bg + n, mask=mn, other=0.0).to(tl.float32)
     offs = b * s_hb + d[:, None] * d_state + n[None, :]
@@ -105,10 +107,12 @@ def conv_update_(x, conv_state, weight, bias=None, activation=None):
     return y
 
 
-def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_weight=None):
+def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_weight=None,
+                  a_is_log=False):
     """state: (B, D, N) contiguous, updated in place; x, dt, z: (B, D); A: (D, N); B, C: (B, N) or
     (B, G, N). Returns y (B, D) in x's dtype. With dt_weight (D, R), dt is the low-rank (B, R)
-    input of the mixer's dt_proj and Δ = dt @ dt_weight.T is computed in the kernel."""
+    input of the mixer's dt_proj and Δ = dt @ dt_weight.T is computed in the kernel. With
+    a_is_log, A is the mixer's A_log and A = -exp(A_log) is computed in the kernel."""
     import torch
     batch, dim, d_state = state.shape
     groups = B.shape[1] if B.ndim == 3 else 1
@@ -132,6 +136,6 @@ def state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softpl
         dim, d_state, cpg, dt_rank, state.stride(0), x.stride(0),
         dt.stride(0), Bv.stride(0), Bv.stride(1), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        DT_PROJ=dt_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+        DT_PROJ=dt_weight is not None, A_IS_LOG=bool(a_is_log), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_R=max(2, next_power_of_2(dt_rank)))
     return y
