@@ -39,7 +39,10 @@ def _combine(a1, b1, a2, b2):
 
 @triton.jit
 def _softplus(x):
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+    """log(1 + e^x), with log1p's series below x = -4 (see selective_scan_lanes._softplus_fast)."""
+    e = tl.exp(x)
+    series = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
+    return tl.where(x > 20.0, x, tl.where(x < -4.0, series, tl.log(1.0 + e)))
 
 
 @triton.jit
