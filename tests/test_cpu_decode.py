@@ -20,6 +20,18 @@ def make_model(**overrides):
     return model
 
 
+@torch.no_grad()
+def greedy_by_steps(model, prompt, n):
+    """The readable path: prefill, then n greedy tokens through MambaLM.step."""
+    logits, cache = model.prefill(prompt)
+    tokens = [prompt]
+    for _ in range(n):
+        token = logits[:, :61].argmax(-1)
+        tokens.append(token[:, None])
+        logits = model.step(token, cache)
+    return torch.cat(tokens, 1)
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"bias": True, "rms_norm": False},  # in/out_proj biases, LayerNorm
@@ -55,13 +67,7 @@ def test_generate_uses_the_plan_and_matches_the_step_loop(monkeypatch):
     out = model.generate(prompt, max_new_tokens=10)
     assert len(calls) == 9  # every step after the prefill's logits went through the plan
     monkeypatch.undo()
-    logits, cache = model.prefill(prompt)
-    expected = [prompt]
-    for _ in range(10):
-        token = logits[:, :61].argmax(-1)
-        expected.append(token[:, None])
-        logits = model.step(token, cache)
-    assert torch.equal(out, torch.cat(expected, 1))
+    assert torch.equal(out, greedy_by_steps(model, prompt, 10))
 
 
 def test_generation_after_a_fused_optimizer_step_uses_the_new_weights():
@@ -77,14 +83,7 @@ def test_generation_after_a_fused_optimizer_step_uses_the_new_weights():
     optimizer.step()
     assert [p._version for p in model.parameters()] == versions  # the premise: no version moved
     after = model.generate(prompt, max_new_tokens=6)
-    with torch.no_grad():
-        logits, cache = model.prefill(prompt)
-        expected = [prompt]
-        for _ in range(6):
-            token = logits[:, :61].argmax(-1)
-            expected.append(token[:, None])
-            logits = model.step(token, cache)
-    assert torch.equal(after, torch.cat(expected, 1)) and not torch.equal(after, before)
+    assert torch.equal(after, greedy_by_steps(model, prompt, 6)) and not torch.equal(after, before)
 
 
 def test_plan_does_not_apply_where_it_cannot():
