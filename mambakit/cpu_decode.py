@@ -50,7 +50,7 @@ class _LayerPlan:
         self.w_x = mixer.x_proj.weight.t()  # (D, R + 2N)
         self.w_dt, self.b_dt = mixer.dt_proj.weight.t(), mixer.dt_proj.bias  # (R, D), (D,)
         self.w_out, self.b_out = mixer.out_proj.weight.t(), mixer.out_proj.bias  # (D, d_model)
-        self.A = (-torch.exp(mixer.A_log.detach())).contiguous()  # (D, N)
+        self.A = mixer.A().detach()  # (D, N)
         self.D = mixer.D.detach()
         self.conv_bias = mixer.conv1d.bias
         taps = mixer.conv1d.weight.detach()[:, 0].t()  # (K, D): tap j multiplies the input j steps after the oldest

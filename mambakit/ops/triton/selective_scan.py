@@ -38,11 +38,25 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x), with log1p's series below x = -4 (see selective_scan_lanes._softplus_fast)."""
-    e = tl.exp(x)
+def _log2(x, FAST: tl.constexpr):
+    """log2 on the special-function unit (one MUFU.LG2) when compiled; tl.log2 (a polynomial of
+    a dozen FMAs) in the interpreter, which has no inline assembly."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    """log(1 + e^x) as ln2 * log2(1 + 2^(x log2 e)): two special-function operations with FAST.
+    Below x = -4 it is the series e - e^2/2 + e^3/3 of log1p(e) instead (relative error < e^3/4
+    < 2e-6): in fp32, 1 + e rounds away e's low bits, which quantized small steps Δ in units of
+    about 1e-7, while a state that must hold over 2^20 steps needs Δ of that order to be exact."""
+    e = tl.exp2(x * 1.4426950408889634)
     series = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
-    return tl.where(x > 20.0, x, tl.where(x < -4.0, series, tl.log(1.0 + e)))
+    return tl.where(x > 20.0, x, tl.where(x < -4.0, series, 0.6931471805599453 * _log2(1.0 + e, FAST)))
 
 
 @triton.jit
@@ -86,7 +100,7 @@ def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias_ptr, batch, row_bc, offs_d,
     dt_raw = tl.load(_at(delta_ptr, batch, offs_d, t, s_db, s_dd, s_dl), mask=m_dl, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt_raw += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
+    dt = _softplus(dt_raw, False) if SOFTPLUS else dt_raw
     dt = tl.where(m_dl, dt, 0.0)
     bn = offs_n[:, None] * s_bn + t[None, :] * s_bl
     Bt = tl.load(B_ptr + row_bc + bn, mask=m_nl, other=0.0).to(tl.float32)
@@ -207,7 +221,7 @@ def _bwd_kernel(
         if HAS_BIAS:
             dt_next += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         if SOFTPLUS:
-            dt_next = _softplus(dt_next)
+            dt_next = _softplus(dt_next, False)
         dt_next = tl.where(mask_d[:, None] & mask_next[None, :], dt_next, 0.0)
         a_next = tl.exp2(dt_next[:, :, None] * A2[:, None, :])  # 1 where dt_next = 0
         # recompute the chunk's states from its saved start state
@@ -331,8 +345,6 @@ class _Launch:
             self.BLOCK_D = block_d or _block_d(self.cpg, self.d_state)
             self.BLOCK_L = block_l or max(2, min(64, 8192 // (self.BLOCK_D * self.BLOCK_N)))
         self.BLOCK_L = min(self.BLOCK_L, max(2, next_power_of_2(self.L)))
-        if layout == "lanes":
-            self.BLOCK_L = max(self.BLOCK_L, 2)
         # the saved states: bf16 for bf16 inputs in the lanes layout (see save_interval), else fp32
         self.states_dtype = torch.bfloat16 if layout == "lanes" and u.dtype == torch.bfloat16 else torch.float32
         # sized from L, not from the longest packed sequence, so that shapes never depend on

@@ -36,7 +36,7 @@ def _load_dt(delta_ptr, bias_ptr, batch, offs_d, t, mask, mask_d, s_db, s_dd, s_
     dt_raw = tl.load(_at(delta_ptr, batch, offs_d, t, s_db, s_dd, s_dl), mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt_raw += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
+    dt = _softplus(dt_raw, False) if SOFTPLUS else dt_raw
     return dt_raw, tl.where(mask, dt, 0.0)
 
 

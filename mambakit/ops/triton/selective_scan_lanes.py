@@ -36,35 +36,12 @@ import os
 import triton
 import triton.language as tl
 
-from .selective_scan import _chunk_row, _combine, _seq_bounds
+from .selective_scan import _chunk_row, _combine, _seq_bounds, _softplus
 
 
 @triton.jit
 def _last(a, b):
     return b
-
-
-@triton.jit
-def _log2(x, FAST: tl.constexpr):
-    """log2 on the special-function unit (one MUFU.LG2) when compiled; tl.log2 (a polynomial of
-    a dozen FMAs) in the interpreter, which has no inline assembly."""
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
-def _softplus_fast(x, FAST: tl.constexpr):
-    """log(1 + e^x) as ln2 * log2(1 + 2^(x log2 e)): two special-function operations. It is
-    computed once per (channel, step) in each of the NL lanes that share them. Below x = -4 it
-    is the series e - e^2/2 + e^3/3 of log1p(e) instead (relative error < e^3/4 < 2e-6): in
-    fp32, 1 + e rounds away e's low bits, which quantized small steps Δ in units of about 1e-7,
-    while a state that must hold over 2^20 steps needs Δ of that order to be exact."""
-    e = tl.exp2(x * 1.4426950408889634)
-    series = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
-    return tl.where(x > 20.0, x, tl.where(x < -4.0, series, 0.6931471805599453 * _log2(1.0 + e, FAST)))
 
 
 @triton.jit
@@ -99,7 +76,7 @@ def _chunk_inputs(u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d
     dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt_raw += bias
-    dt = _softplus_fast(dt_raw, FAST) if SOFTPLUS else dt_raw
+    dt = _softplus(dt_raw, FAST) if SOFTPLUS else dt_raw
     dt = tl.where(m2, dt, 0.0)
     tt4 = t0 + t4
     m4 = mask_n4 & (tt4 < end)
@@ -288,7 +265,7 @@ def _chunk_backward(h, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, 
     if HAS_BIAS:
         dt_next += bias
     if SOFTPLUS:
-        dt_next = _softplus_fast(dt_next, FAST)
+        dt_next = _softplus(dt_next, FAST)
     a_next = tl.exp2(tl.where(m_next, dt_next, 0.0)[None, :, :, None] * A2)
     # adjoint G_t = C_t dy_t + exp(Δ_{t+1} A) G_{t+1}: a reverse in-register scan, with the carry
     # folded into the last step
@@ -329,8 +306,9 @@ def _bwd_kernel_lanes(
     """Walks the saved states' segments (BLOCK_L = CHUNKS * T steps, CHUNKS 1 or 2) in reverse.
     With two chunks, the state before the segment's second chunk is recomputed from the saved
     one, then the second chunk and the first are taken back; with one, the chunk is taken back
-    from the saved state directly (twice the saved states, a sixth less work). Sums over channels (dB, dC) go to per-program rows, summed by torch in a
-    fixed order; sums over steps (dA, dD, dΔ-bias) stay in registers: no atomics.
+    from the saved state directly (twice the saved states, a sixth less work). Sums over
+    channels (dB, dC) go to per-program rows, summed by torch in a fixed order; sums over steps
+    (dA, dD, dΔ-bias) stay in registers: no atomics.
 
     If SEGMENTED, each program takes back one segment of a sequence, starting from the true
     adjoint at the segment's end: the final state's gradient carried back through the later
