@@ -7,11 +7,12 @@
     evaluated at every power of two 2^6..2^20 (each sequence chunk by chunk with the recurrent
     state carried, so memory stays flat), beside the same model with S4D.
 
-The two parts are sized for one 10-minute device call each (every training also has a time
-limit, so a slower device stops early rather than overrunning; "steps_run" says what was done):
-copying about 7.5 minutes, induction about 2 minutes on one H200.
+The full run is sized for one 10-minute device call with --jobs 6 (the six trainings at once,
+one process each; every training also has a time limit, so a slower device stops early rather
+than overrunning, and "steps_run" says what was done).
 
-    python benchmarks/paper_tasks.py --only copying       # writes benchmarks/results/paper_tasks_copying_h200.json + .png
+    python benchmarks/paper_tasks.py --jobs 6             # writes benchmarks/results/paper_tasks_h200.json + .png
+    python benchmarks/paper_tasks.py --only copying       # ... paper_tasks_copying_h200.json + .png
     python benchmarks/paper_tasks.py --only induction     # ... paper_tasks_induction_h200.json + .png
     python benchmarks/paper_tasks.py --steps-scale 0.1    # a shorter run
     python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
@@ -40,6 +41,7 @@ VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
     ("Mamba with S4 (gated S4D)", "s4d", True),
     ("Mamba (gated S6)", "mamba", True),
 ]
+INDUCTION_VARIANTS = [("Mamba", "mamba"), ("S4D (gated)", "s4d")]
 
 # The full run: (steps, batch, lr, time limit in s) per training. A probe on one H200 (--steps-scale
 # 0.03, session 3) took 60-90 ms per S6 step at L=4096 x 32 (evaluations included), ~27 ms per
@@ -49,11 +51,14 @@ VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
 # 6000 steps at L=4096 throughout left S6 at 0.16 (the paper trains 400K steps), so session 5
 # trains with a length curriculum (--curriculum-from 256): lengths 256..2048 over the first
 # half of the steps, then 4096; every evaluation is at 4096. (Sessions 3-4's evaluations also
-# ran with a stale A, fixed in session 5: see Mamba.A.)
+# ran with a stale A, fixed in session 5: see Mamba.A.) Session 5's 6000 curriculum steps reached
+# 0.28 (S6) and 0.49 (gated S6), and its 4000-step induction model held to 4096 tokens only;
+# session 6 trains all six models at once (--jobs 6, one process each on one GPU) for 16000
+# steps each.
 FULL = {
-    "copy": dict(seq_len=4096, n_memorize=16, steps=6000, batch=32, lr=3e-3, limit=150, eval_batches=8,
+    "copy": dict(seq_len=4096, n_memorize=16, steps=16000, batch=32, lr=3e-3, limit=440, eval_batches=8,
                  curriculum_from=256),
-    "induction": dict(seq_len=256, steps=4000, batch=64, lr=2e-3, limit=150, eval_batches=8,
+    "induction": dict(seq_len=256, steps=16000, batch=64, lr=2e-3, limit=440, eval_batches=8,
                       lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384),
 }
 SMOKE = {
@@ -70,40 +75,56 @@ def task_argv(common: list[str], c: dict, steps_scale: float) -> list[str]:
                      "--eval-every", str(max(1, steps // 5)), "--time-limit", str(c["limit"]), "--out-dir", ""]
 
 
-def run_copying(c: dict, common: list[str], steps_scale: float, progress: bool) -> list[dict]:
-    results = []
-    for name, layer, gate in VARIANTS:
-        argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate" if gate else "--no-gate",
-                                                    "--n-memorize", str(c["n_memorize"])]
-        if c.get("curriculum_from"):
-            argv += ["--curriculum-from", str(c["curriculum_from"])]
-        _, summary, rows = sc.run(sc.build_parser().parse_args(argv), progress=progress)
-        summary["name"] = name
-        summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
-        print(f"selective copying  {name:<28} accuracy {summary['accuracy']:.3f}  "
-              f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
-        results.append(summary)
-    return results
+def train_copying_variant(c: dict, common: list[str], steps_scale: float, progress: bool,
+                          name: str, layer: str, gate: bool) -> dict:
+    """One Table 1 row: trains the variant, returns its summary (with the accuracy curve)."""
+    argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate" if gate else "--no-gate",
+                                                "--n-memorize", str(c["n_memorize"])]
+    if c.get("curriculum_from"):
+        argv += ["--curriculum-from", str(c["curriculum_from"])]
+    _, summary, rows = sc.run(sc.build_parser().parse_args(argv), progress=progress)
+    summary["name"] = name
+    summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
+    print(f"selective copying  {name:<28} accuracy {summary['accuracy']:.3f}  "
+          f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
+    return summary
 
 
-def run_induction(c: dict, common: list[str], steps_scale: float, progress: bool, device) -> list[dict]:
-    results = []
-    for name, layer in (("Mamba", "mamba"), ("S4D (gated)", "s4d")):
-        argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate"]
-        args = ih.build_train_parser().parse_args(argv)
-        model, summary, rows = ih.run(args, progress=progress)
-        summary["name"] = name
-        print(f"induction heads    {name:<12} train-length accuracy {summary['accuracy']:.3f} "
-              f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
+def train_induction_variant(c: dict, common: list[str], steps_scale: float, progress: bool,
+                            name: str, layer: str) -> dict:
+    """Trains one induction model at c["seq_len"], then evaluates it at every length, with bf16
+    autocast (as trained) and in fp32 (to tell numerics from the model's own retention)."""
+    argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate"]
+    args = ih.build_train_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    model, summary, rows = ih.run(args, progress=progress)
+    summary["name"] = name
+    print(f"induction heads    {name:<12} train-length accuracy {summary['accuracy']:.3f} "
+          f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
+    lengths = ih.parse_lengths(c["lengths"])
+    for key, autocast in (("lengths", autocast_for(device)), ("lengths_fp32", None)):
         start = time.perf_counter()
-        summary["lengths"] = ih.evaluate_lengths(
-            model, ih.parse_lengths(c["lengths"]), c["eval_batch"], c["eval_rounds"], args.seed, device,
-            chunk_len=c["chunk_len"], autocast=autocast_for(device),
-            log=lambda line: print(f"  {name}: {line}", flush=True))
-        summary["eval_seconds"] = round(time.perf_counter() - start, 1)
-        summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
-        results.append(summary)
-    return results
+        summary[key] = ih.evaluate_lengths(
+            model, lengths, c["eval_batch"], c["eval_rounds"], args.seed, device, chunk_len=c["chunk_len"],
+            autocast=autocast, log=lambda line, tag=key: print(f"  {name} {tag}: {line}", flush=True))
+        summary[key.replace("lengths", "eval_seconds")] = round(time.perf_counter() - start, 1)
+        if autocast is None:  # on CPU the two evaluations are the same
+            break
+    summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
+    return summary
+
+
+def run_jobs(calls: list[tuple], jobs: int) -> list[dict]:
+    """Runs each (function, *args) and returns the results in order: one after another with
+    jobs == 1, otherwise in up to `jobs` processes at once (each trains its own small model; on
+    one GPU they fill each other's gaps, since a d_model-64 model leaves it mostly idle)."""
+    if jobs <= 1:
+        return [fn(*args) for fn, *args in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *args) for fn, *args in calls]
+        return [f.result() for f in futures]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -123,8 +144,11 @@ def plot(result: dict, path: Path) -> None:
         ax[0].invert_yaxis()
     ind = result.get("induction_heads", [])
     for r in ind:
-        ax[1].plot([x["length"] for x in r["lengths"]], [x["accuracy"] for x in r["lengths"]], marker="o",
-                   label=f"{r['name']} ({r['n_params'] / 1e3:.0f}K)")
+        line, = ax[1].plot([x["length"] for x in r["lengths"]], [x["accuracy"] for x in r["lengths"]], marker="o",
+                           label=f"{r['name']} ({r['n_params'] / 1e3:.0f}K)")
+        if "lengths_fp32" in r:
+            ax[1].plot([x["length"] for x in r["lengths_fp32"]], [x["accuracy"] for x in r["lengths_fp32"]],
+                       ls="--", marker=".", color=line.get_color(), label=f"{r['name']}, fp32 evaluation")
     if ind:
         ax[1].axvline(ind[0]["seq_len"], color="gray", ls="--", lw=0.8, label="train length")
         ax[1].axhline(1 / ih.N_CONTENT_TOKENS, color="gray", ls=":", lw=0.8, label="chance")
@@ -148,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: benchmarks/results/paper_tasks[_ONLY]_h200.json "
                                                "(runs/paper_tasks_smoke.json with --smoke)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train up to this many models at once, each in its own process (default 1)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
     if not args.steps_scale > 0:
         raise SystemExit(f"error: --steps-scale must be > 0, got {args.steps_scale}")
     sizes = SMOKE if args.smoke else FULL
@@ -162,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "sizes": sizes}
     start = time.perf_counter()
+    calls = []
     if args.only in (None, "copying"):
-        result["selective_copying"] = run_copying(sizes["copy"], common, args.steps_scale, args.progress)
+        calls += [(train_copying_variant, sizes["copy"], common, args.steps_scale, args.progress, name, layer, gate)
+                  for name, layer, gate in VARIANTS]
     if args.only in (None, "induction"):
-        result["induction_heads"] = run_induction(sizes["induction"], common, args.steps_scale, args.progress, device)
+        calls += [(train_induction_variant, sizes["induction"], common, args.steps_scale, args.progress, name, layer)
+                  for name, layer in INDUCTION_VARIANTS]
+    for summary in run_jobs(calls, args.jobs):
+        key = "selective_copying" if summary["task"] == "selective-copying" else "induction_heads"
+        result.setdefault(key, []).append(summary)
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
