@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: benchmarks/results/paper_tasks[_ONLY]_h200.json "
                                                "(runs/paper_tasks_smoke.json with --smoke)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--layer", choices=["mamba", "s4d"], default=None,
+                   help="train only the variants with this mixer (default: all)")
     p.add_argument("--jobs", type=int, default=1,
                    help="train up to this many models at once, each in its own process (default 1)")
     args = p.parse_args(argv)
@@ -193,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     calls = []
     if args.only in (None, "copying"):
         calls += [(train_copying_variant, sizes["copy"], common, args.steps_scale, args.progress, name, layer, gate)
-                  for name, layer, gate in VARIANTS]
+                  for name, layer, gate in VARIANTS if args.layer in (None, layer)]
     if args.only in (None, "induction"):
         calls += [(train_induction_variant, sizes["induction"], common, args.steps_scale, args.progress, name, layer)
-                  for name, layer in INDUCTION_VARIANTS]
+                  for name, layer in INDUCTION_VARIANTS if args.layer in (None, layer)]
     for summary in run_jobs(calls, args.jobs):
         key = "selective_copying" if summary["task"] == "selective-copying" else "induction_heads"
         result.setdefault(key, []).append(summary)

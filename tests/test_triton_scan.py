@@ -32,8 +32,11 @@ def _run(fn, kw, grad_seed=1, **opts):
 @pytest.fixture(autouse=True, params=["lanes", "tile3d", "by_state"])
 def kernel_layout(request, monkeypatch):
     """Every test runs every kernel layout (ops/triton/selective_scan_lanes.py, _by_state.py)."""
+    from mambakit.ops.triton.selective_scan import clear_plans
     monkeypatch.setenv("MAMBAKIT_SCAN_KERNEL", request.param)
-    return request.param
+    clear_plans()  # the launch plans read the settings when first made for a shape
+    yield request.param
+    clear_plans()
 
 
 def _triton(**kw):
@@ -131,10 +134,12 @@ def test_segmented_scan_matches_reference(case, with_init, kernel_layout, monkey
     true end adjoint). Forced here at small shapes; outputs, final state and every gradient."""
     if kernel_layout != "lanes":
         pytest.skip("lanes kernel only")
+    from mambakit.ops.triton.selective_scan import clear_plans
     from mambakit.ops.triton.selective_scan_segments import segment_plan
     monkeypatch.setenv("MAMBAKIT_SCAN_SEG_BELOW", "1000000")
     monkeypatch.setenv("MAMBAKIT_SCAN_SEG_ROWS", "1000000")
     monkeypatch.setenv("MAMBAKIT_SCAN_MIN_SEG", "16")
+    clear_plans()
     seg_len, n_segs = segment_plan(case["batch"] * case["dim"], case["length"], False, 16)
     assert n_segs >= 3 and seg_len % 64 == 0 and (n_segs - 1) * seg_len < case["length"] <= n_segs * seg_len
     kw = make_scan_inputs(**case, with_init=with_init)

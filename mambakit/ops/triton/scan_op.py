@@ -49,7 +49,10 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = kernels.scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states,
                              dout, dfinal)
-    return tuple(g if g is not None else u.new_empty(_EMPTY, dtype=torch.float32) for g in grads)
+    # a custom op's outputs may not alias each other: dA, dD, dΔ-bias (and dB, dC) are views of
+    # one reduction, so they are copied here (the eager path, _EagerScan, keeps the views)
+    return tuple(u.new_empty(_EMPTY, dtype=torch.float32) if g is None else g.clone() if g._base is not None else g
+                 for g in grads)
 
 
 @selective_scan_bwd.register_fake
@@ -58,7 +61,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_states, dout, dfina
     n_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dim, d_state = A.shape
     return (u.new_empty(u.shape), u.new_empty(u.shape, dtype=delta.dtype), A.new_empty(A.shape, **f32),
-            B.new_empty(B.shape, **f32), C.new_empty(C.shape, **f32),
+            B.new_empty(B.shape, dtype=kernels.dbc_dtype(B, C)), C.new_empty(C.shape, dtype=kernels.dbc_dtype(B, C)),
             D.new_empty(D.shape, **f32) if D is not None else u.new_empty(_EMPTY, **f32),
             u.new_empty(u.shape, dtype=z.dtype) if z is not None else u.new_empty(_EMPTY, **f32),
             delta_bias.new_empty(delta_bias.shape, **f32) if delta_bias is not None else u.new_empty(_EMPTY, **f32),

@@ -179,7 +179,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr, chunk_base_ptr,
     dout_ptr, dfinal_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dpart_ptr, dB_part_ptr, dC_part_ptr,
     L, dim, d_state, channels_per_group, n_dblocks,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_ob, s_od, s_ol,
     s_bb, s_bg, s_bn, s_bl, n_chunks_max,
@@ -275,9 +275,10 @@ def _bwd_kernel(
         tl.store(dB_part_ptr + part_row + nl, dB_t, mask=m_ln)
         tl.store(dC_part_ptr + part_row + nl, dC_t, mask=m_ln)
     tl.store(dinit_ptr + state_row + dn, carry * a_first, mask=m_dn)
-    tl.store(dA_part_ptr + state_row + dn, dA_acc, mask=m_dn)
-    tl.store(dD_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dbias_acc, mask=mask_d)
+    sum_row = pid_s.to(tl.int64) * dim * (d_state + 2)  # [dA (D, N) | dD (D) | dΔ-bias (D)], summed by torch
+    tl.store(dpart_ptr + sum_row + dn, dA_acc, mask=m_dn)
+    tl.store(dpart_ptr + sum_row + dim * d_state + offs_d, dD_acc, mask=mask_d)
+    tl.store(dpart_ptr + sum_row + dim * (d_state + 1) + offs_d, dbias_acc, mask=mask_d)
 
 
 # ---- launching -------------------------------------------------------------------------------
@@ -295,14 +296,23 @@ def kernel_layout() -> str:
     return name
 
 
+_KERNELS: dict = {}
+
+
 def _kernels(layout: str):
-    if layout == "by_state":
-        from .selective_scan_by_state import _bwd_kernel_by_state, _fwd_kernel_by_state
-        return _fwd_kernel_by_state, _bwd_kernel_by_state
-    if layout == "lanes":
-        from .selective_scan_lanes import _bwd_kernel_lanes, _fwd_kernel_lanes
-        return _fwd_kernel_lanes, _bwd_kernel_lanes
-    return _fwd_kernel, _bwd_kernel
+    """(forward kernel, backward kernel) of a layout."""
+    pair = _KERNELS.get(layout)
+    if pair is None:
+        if layout == "by_state":
+            from .selective_scan_by_state import _bwd_kernel_by_state, _fwd_kernel_by_state
+            pair = _fwd_kernel_by_state, _bwd_kernel_by_state
+        elif layout == "lanes":
+            from .selective_scan_lanes import _bwd_kernel_lanes, _fwd_kernel_lanes
+            pair = _fwd_kernel_lanes, _bwd_kernel_lanes
+        else:
+            pair = _fwd_kernel, _bwd_kernel
+        _KERNELS[layout] = pair
+    return pair
 
 def _block_d(channels_per_group: int, d_state: int) -> int:
     """Channels per program: a power of two dividing the group size (so that one program reads
@@ -323,16 +333,21 @@ def _bc_operands(B, C):
 
 
 class _Launch:
-    """Shapes, strides and block sizes shared by the forward and backward launches."""
+    """Shapes, strides, block sizes and grids shared by the forward and backward launches.
+
+    Everything here depends only on the inputs' shapes, dtypes and B/C strides (and the
+    MAMBAKIT_SCAN_* settings), so dense inputs take it from a cache (`_plan`): at (16, 512) a
+    forward+backward is bound by host time, and working this out again cost ~100 µs a call."""
 
     def __init__(self, u, B, A, cu_seqlens, block_l, block_d=None):
-        self.layout = layout = kernel_layout()  # read once: the environment lookup costs µs
+        self.layout = layout = kernel_layout()
         self.batch, self.dim, self.L = u.shape
         self.d_state = A.shape[1]
         self.groups = B.shape[1] if B.ndim == 4 else 1
         self.cpg = self.dim // self.groups
         self.varlen = cu_seqlens is not None
         self.n_seqs = cu_seqlens.numel() - 1 if self.varlen else self.batch
+        self.elem_size = B.element_size()
         self.BLOCK_N = max(next_power_of_2(self.d_state), 2)
         if layout == "by_state":  # 2-D (BLOCK_D, BLOCK_L) tiles: long chunks, few channels
             self.BLOCK_D = block_d or _block_d(self.cpg, 64)
@@ -353,25 +368,96 @@ class _Launch:
         # saved chunk-start states: n_chunks per dense sequence; packed sequences end to end,
         # at most cdiv(L, BLOCK_L) + S chunks in all
         self.state_rows = self.n_chunks + self.n_seqs if self.varlen else self.n_seqs * self.n_chunks
-        self.chunk_base = None
-        if self.varlen:
-            counts = (cu_seqlens[1:] - cu_seqlens[:-1] + self.BLOCK_L - 1) // self.BLOCK_L
-            self.chunk_base = torch.cumsum(counts, 0) - counts  # exclusive sums, on the device
         self.n_dblocks = cdiv(self.dim, self.BLOCK_D)
         self.grid = (self.n_seqs, self.n_dblocks)
         Bv = B if B.ndim == 4 else B.unsqueeze(1)  # (b, G, N, L)
         self.bc_strides = (Bv.stride(0), Bv.stride(1), Bv.stride(2), Bv.stride(3))
+        self._fwd = self._bwd = None
+
+    def chunk_base(self, cu_seqlens):
+        """Packed sequences: where each sequence's saved states start (exclusive sums of its
+        chunk counts, on the device); None for a dense batch."""
+        if cu_seqlens is None:
+            return None
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1] + self.BLOCK_L - 1) // self.BLOCK_L
+        return torch.cumsum(counts, 0) - counts
+
+    def fwd_shape(self, num_warps=4, lanes=None):
+        """(grid, kernel shape kwargs, seg_len, n_segs) of the forward."""
+        if self._fwd is not None and lanes is None and num_warps == 4:
+            return self._fwd
+        grid, shape, seg_len, n_segs = self.grid, dict(BLOCK_D=self.BLOCK_D, num_warps=num_warps), 0, 1
+        if self.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
+            from .selective_scan_lanes import lanes_shape
+            from .selective_scan_segments import segment_plan
+            seg_len, n_segs = segment_plan(self.n_seqs * self.dim, self.L, self.varlen, self.BLOCK_L)
+            shape = lanes_shape(self.BLOCK_N, self.cpg, self.elem_size, self.BLOCK_L,
+                                self.n_seqs * n_segs * self.dim, self.L, self.varlen)
+            self._override(shape, lanes)
+            grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
+        plan = (grid, shape, seg_len, n_segs)
+        if lanes is None and num_warps == 4:
+            self._fwd = plan
+        return plan
+
+    def bwd_shape(self, num_warps=None, lanes=None):
+        """(grid, kernel shape kwargs, seg_len, n_segs) of the backward."""
+        if self._bwd is not None and lanes is None and num_warps is None:
+            return self._bwd
+        default = num_warps is None
+        if default:
+            num_warps = 2 if self.layout == "lanes" else 4
+        grid, shape, seg_len, n_segs = self.grid, dict(BLOCK_D=self.BLOCK_D, num_warps=num_warps), 0, 1
+        if self.layout == "lanes":
+            from .selective_scan_lanes import lanes_bwd_shape
+            from .selective_scan_segments import segment_plan
+            seg_len, n_segs = segment_plan(self.n_seqs * self.dim, self.L, self.varlen, self.BLOCK_L)
+            shape = lanes_bwd_shape(self.BLOCK_N, self.cpg, self.BLOCK_L, self.elem_size, self.L, self.varlen,
+                                    self.n_seqs * n_segs * self.dim)
+            self._override(shape, lanes)
+            grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
+        plan = (grid, shape, seg_len, n_segs)
+        if lanes is None and default:
+            self._bwd = plan
+        return plan
+
+    def _override(self, shape, lanes):
+        """A tuning sweep's override of the lanes kernels' shape; whether T stays within a
+        thread is worked out again for the new shape."""
+        if lanes:
+            from .selective_scan_lanes import t_in_thread
+            shape.update(lanes)
+            if "ORDERED" not in lanes:
+                shape["ORDERED"] = t_in_thread(shape["T"], self.elem_size, self.BLOCK_N, shape["BLOCK_D"],
+                                               shape["num_warps"], self.L, self.varlen)
 
 
-def _override(shape, lanes, lc, B):
-    """A tuning sweep's override of the lanes kernels' shape; whether T stays within a thread
-    is worked out again for the new shape."""
-    if lanes:
-        from .selective_scan_lanes import t_in_thread
-        shape.update(lanes)
-        if "ORDERED" not in lanes:
-            shape["ORDERED"] = t_in_thread(shape["T"], B.element_size(), lc.BLOCK_N, shape["BLOCK_D"],
-                                           shape["num_warps"], lc.L, lc.varlen)
+_PLANS: dict = {}
+
+
+def clear_plans() -> None:
+    """Forget the cached launch plans. A plan reads the MAMBAKIT_SCAN_* settings when it is
+    first made for a shape; call this after changing them within a process."""
+    _PLANS.clear()
+
+
+def _plan(u, B, A, cu_seqlens, block_l=None, block_d=None) -> _Launch:
+    """The launch plan for these inputs: cached for dense inputs at the default block sizes."""
+    if cu_seqlens is not None or block_l is not None or block_d is not None:
+        return _Launch(u, B, A, cu_seqlens, block_l, block_d)
+    key = (u.shape, u.dtype, B.shape, B.stride(), B.dtype, A.shape)
+    lc = _PLANS.get(key)
+    if lc is None:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        lc = _PLANS[key] = _Launch(u, B, A, None, None, None)
+    return lc
+
+
+def dbc_dtype(B, C) -> torch.dtype:
+    """The dtype in which scan_bwd returns dB and dC: theirs when they share one (one rounding of
+    the fp32 sums, in the same launch for both), else fp32."""
+    return B.dtype if B.dtype == C.dtype else torch.float32
 
 
 def _contig(t):
@@ -388,35 +474,30 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
     B, C = _bc_operands(B, C)
     init = None if initial_state is None else initial_state.float().contiguous()
-    lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
+    lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
     states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=lc.states_dtype)
               if save_states else None)
     dummy = final
-    grid, shape, segs = lc.grid, dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}
-    if lc.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
-        from .selective_scan_lanes import lanes_shape
-        from .selective_scan_segments import _fwd_summary_lanes, segment_plan
-        seg_len, n_segs = segment_plan(lc.n_seqs * lc.dim, lc.L, lc.varlen, lc.BLOCK_L)
-        shape = lanes_shape(lc.BLOCK_N, lc.cpg, B.element_size(), lc.BLOCK_L, lc.n_seqs * n_segs * lc.dim, lc.L,
-                            lc.varlen)
-        _override(shape, lanes, lc, B)
-        grid = (lc.n_seqs * n_segs, cdiv(lc.dim, shape["BLOCK_D"]))
-        if seg_len:  # pass 1: every segment's local final state and Σ Δ
-            seg_h = torch.empty(grid[0], lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
-            seg_dt = torch.empty(grid[0], lc.dim, device=u.device, dtype=torch.float32)
-            _fwd_summary_lanes[grid](
-                u, delta, A, B, delta_bias if delta_bias is not None else dummy, seg_h, seg_dt,
-                lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len, *u.stride(), *delta.stride(), *lc.bc_strides,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                BLOCK_N=lc.BLOCK_N, **shape)
-            segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
+    grid, shape, seg_len, n_segs = lc.fwd_shape(num_warps, lanes)
+    segs = {}
+    if seg_len:  # pass 1: every segment's local final state and Σ Δ
+        from .selective_scan_segments import _fwd_summary_lanes
+        seg_h = torch.empty(grid[0], lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
+        seg_dt = torch.empty(grid[0], lc.dim, device=u.device, dtype=torch.float32)
+        _fwd_summary_lanes[grid](
+            u, delta, A, B, delta_bias if delta_bias is not None else dummy, seg_h, seg_dt,
+            lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len, *u.stride(), *delta.stride(), *lc.bc_strides,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            BLOCK_N=lc.BLOCK_N, **shape)
+        segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
+    chunk_base = lc.chunk_base(cu_seqlens)
     _kernels(lc.layout)[0][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
-        lc.chunk_base if lc.chunk_base is not None else dummy,
+        chunk_base if chunk_base is not None else dummy,
         lc.L, lc.dim, lc.d_state, lc.cpg,
         *u.stride(), *delta.stride(), *_strides(z), *lc.bc_strides, *out.stride(), lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
@@ -429,67 +510,58 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
              block_l=None, block_d=None, num_warps=None, lanes=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit): du, ddelta and dz in the
-    dtypes of u, delta and z (the kernel accumulates in fp32 and rounds once on the store), the
-    rest in fp32."""
+    dtypes of u, delta and z (the kernel accumulates in fp32 and rounds once on the store); dB
+    and dC in B's dtype; the rest in fp32."""
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
     B, C = _bc_operands(B, C)
-    lc = _Launch(u, B, A, cu_seqlens, block_l, block_d)
-    if num_warps is None:
-        num_warps = 2 if lc.layout == "lanes" else 4
+    lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)  # (B, D, L), contiguous
     ddelta = torch.empty(u.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
     dinit = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
-    grid, n_dblocks, block_d = lc.grid, lc.n_dblocks, lc.BLOCK_D
-    shape, segs, n_segs = dict(BLOCK_D=lc.BLOCK_D, num_warps=num_warps), {}, 1
-    if lc.layout == "lanes":
-        from .selective_scan_lanes import lanes_bwd_shape
-        from .selective_scan_segments import _bwd_summary_lanes, segment_plan
-        seg_len, n_segs = segment_plan(lc.n_seqs * lc.dim, lc.L, lc.varlen, lc.BLOCK_L)
-        shape = lanes_bwd_shape(lc.BLOCK_N, lc.cpg, lc.BLOCK_L, B.element_size(), lc.L, lc.varlen,
-                                lc.n_seqs * n_segs * lc.dim)
-        _override(shape, lanes, lc, B)
-        block_d = shape["BLOCK_D"]
-        n_dblocks = cdiv(lc.dim, block_d)
-        grid = (lc.n_seqs * n_segs, n_dblocks)
-        if seg_len:  # pass 1: the adjoint out of every segment's start (from zero) and Σ Δ
-            seg_g = torch.empty(grid[0], lc.dim, lc.d_state, **f32)
-            seg_dt = torch.empty(grid[0], lc.dim, **f32)
-            _bwd_summary_lanes[grid](
-                delta, A, C, z if z is not None else seg_g, delta_bias if delta_bias is not None else seg_g, dout,
-                seg_g, seg_dt, lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len,
-                *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides,
-                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                BLOCK_N=lc.BLOCK_N, **shape)
-            segs = dict(seg_g_ptr=seg_g, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
-    # per-program partial sums over time: one row per sequence, or per segment
-    dA_part = torch.empty(lc.n_seqs * n_segs, lc.dim, lc.d_state, **f32)
-    dD_part = torch.empty(lc.n_seqs * n_segs, lc.dim, **f32)
-    dbias_part = torch.empty(lc.n_seqs * n_segs, lc.dim, **f32)
-    # the lanes kernel writes every (row, n, t) of a dense batch; packed sequences and the other
-    # layouts may leave entries unwritten, which must then read as zero
+    grid, shape, seg_len, n_segs = lc.bwd_shape(num_warps, lanes)
+    segs = {}
+    if seg_len:  # pass 1: the adjoint out of every segment's start (from zero) and Σ Δ
+        from .selective_scan_segments import _bwd_summary_lanes
+        seg_g = torch.empty(grid[0], lc.dim, lc.d_state, **f32)
+        seg_dt = torch.empty(grid[0], lc.dim, **f32)
+        _bwd_summary_lanes[grid](
+            delta, A, C, z if z is not None else seg_g, delta_bias if delta_bias is not None else seg_g, dout,
+            seg_g, seg_dt, lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len,
+            *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides,
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            BLOCK_N=lc.BLOCK_N, **shape)
+        segs = dict(seg_g_ptr=seg_g, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
+    n_dblocks, rows = grid[1], grid[0]
+    # per-program partial sums, reduced below in a fixed order (deterministic): over time, one
+    # row per program span (sequence or segment) of [dA (D, N) | dD (D) | dΔ-bias (D)]; over
+    # channels, dB and dC per channel block. The lanes kernel writes every (row, n, t) of a
+    # dense batch; packed sequences and the other layouts may leave entries unwritten, which
+    # must then read as zero.
+    sums_part = torch.empty(rows, lc.dim * (lc.d_state + 2), **f32)
     alloc = torch.empty if lc.layout == "lanes" and not lc.varlen else torch.zeros
-    dB_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
-    dC_part = alloc(lc.batch, n_dblocks, lc.d_state, lc.L, **f32)
+    dBC_part = alloc(2, lc.batch, n_dblocks, lc.d_state, lc.L, **f32)  # dB, dC
     dummy = dinit
+    chunk_base = lc.chunk_base(cu_seqlens)
     _kernels(lc.layout)[1][grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-        chunk_states, lc.chunk_base if lc.chunk_base is not None else dummy, dout, dfinal if dfinal is not None else dummy,
-        du, ddelta, dz if dz is not None else dummy, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part,
+        chunk_states, chunk_base if chunk_base is not None else dummy, dout, dfinal if dfinal is not None else dummy,
+        du, ddelta, dz if dz is not None else dummy, dinit, sums_part, dBC_part[0], dBC_part[1],
         lc.L, lc.dim, lc.d_state, lc.cpg, n_dblocks,
         *u.stride(), *delta.stride(), *_strides(z), *dout.stride(), *du.stride(), *lc.bc_strides, lc.n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
         SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
         BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs,
     )
-    # fixed-order reductions of the per-program partial sums (deterministic)
-    blocks_per_group = lc.cpg // block_d
-    dB = dB_part.view(lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(2)  # (b, G, N, L)
-    dC = dC_part.view(lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(2)
-    if B.ndim == 3:
-        dB, dC = dB[:, 0], dC[:, 0]
-    return (du, ddelta, dA_part.sum(0), dB, dC, dD_part.sum(0) if D is not None else None, dz,
-            dbias_part.sum(0) if delta_bias is not None else None, dinit)
+    blocks_per_group = lc.cpg // shape["BLOCK_D"]
+    if B.ndim == 3:  # (2, b, blocks, N, L) -> (2, b, N, L)
+        dBC = dBC_part.view(2, lc.batch, blocks_per_group, lc.d_state, lc.L).sum(2)
+    else:  # (2, b, G, blocks per group, N, L) -> (2, b, G, N, L)
+        dBC = dBC_part.view(2, lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(3)
+    dB, dC = dBC.to(dbc_dtype(B, C)).unbind(0)
+    dA, dD, dbias = sums_part.sum(0).split([lc.dim * lc.d_state, lc.dim, lc.dim])
+    return (du, ddelta, dA.view(lc.dim, lc.d_state), dB, dC, dD if D is not None else None, dz,
+            dbias if delta_bias is not None else None, dinit)

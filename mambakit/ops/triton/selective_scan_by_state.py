@@ -90,7 +90,7 @@ def _fwd_kernel_by_state(
 def _bwd_kernel_by_state(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr, chunk_base_ptr,
     dout_ptr, dfinal_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dpart_ptr, dB_part_ptr, dC_part_ptr,
     L, dim, d_state, channels_per_group, n_dblocks,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_ob, s_od, s_ol,
     s_bb, s_bg, s_bn, s_bl, n_chunks_max,
@@ -175,6 +175,7 @@ def _bwd_kernel_by_state(
         tl.store(_at(du_ptr, batch, offs_d, t, s_ob, s_od, s_ol), du.to(du_ptr.dtype.element_ty), mask=m_dl)
         tl.store(_at(ddelta_ptr, batch, offs_d, t, s_ob, s_od, s_ol), ddt.to(ddelta_ptr.dtype.element_ty), mask=m_dl)
     tl.store(dinit_ptr + state_row + dn, G * A_first, mask=m_dn)
-    tl.store(dA_part_ptr + state_row + dn, dA_acc, mask=m_dn)
-    tl.store(dD_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_part_ptr + pid_s.to(tl.int64) * dim + offs_d, dbias_acc, mask=mask_d)
+    sum_row = pid_s.to(tl.int64) * dim * (d_state + 2)  # [dA (D, N) | dD (D) | dΔ-bias (D)], summed by torch
+    tl.store(dpart_ptr + sum_row + dn, dA_acc, mask=m_dn)
+    tl.store(dpart_ptr + sum_row + dim * d_state + offs_d, dD_acc, mask=mask_d)
+    tl.store(dpart_ptr + sum_row + dim * (d_state + 1) + offs_d, dbias_acc, mask=mask_d)

@@ -293,7 +293,7 @@ def _chunk_backward(h, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, 
 def _bwd_kernel_lanes(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_seqlens_ptr, chunk_states_ptr, chunk_base_ptr,
     dout_ptr, dfinal_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dinit_ptr, dpart_ptr, dB_part_ptr, dC_part_ptr,
     L, dim, d_state, channels_per_group, n_dblocks,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_ob, s_od, s_ol,
     s_bb, s_bg, s_bn, s_bl, n_chunks_max,
@@ -375,10 +375,11 @@ def _bwd_kernel_lanes(
         tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4 & (seg == 0))
     else:
         tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4)
-    part = pid_s.to(tl.int64)  # one row per program span (sequence or segment), summed by torch
-    tl.store(dA_part_ptr + part * dim * d_state + dn4, dA_acc, mask=m_dn4)
-    tl.store(dD_part_ptr + part * dim + d2, dD_acc, mask=mask_d2)
-    tl.store(dbias_part_ptr + part * dim + d2, dbias_acc, mask=mask_d2)
+    # one row per program span (sequence or segment): [dA (D, N) | dD (D) | dΔ-bias (D)], summed by torch
+    part = pid_s.to(tl.int64) * dim * (d_state + 2)
+    tl.store(dpart_ptr + part + dn4, dA_acc, mask=m_dn4)
+    tl.store(dpart_ptr + part + dim * d_state + d2, dD_acc, mask=mask_d2)
+    tl.store(dpart_ptr + part + dim * (d_state + 1) + d2, dbias_acc, mask=mask_d2)
 
 
 # Overrides for the device sweeps (benchmarks/tune_save_interval.py), read once.
