@@ -385,6 +385,7 @@ def _bwd_kernel_lanes(
 # Overrides for the device sweeps (benchmarks/tune_save_interval.py), read once.
 _SAVE_EVERY = os.environ.get("MAMBAKIT_SCAN_SAVE_EVERY")
 _BWD_CHUNKS = os.environ.get("MAMBAKIT_SCAN_BWD_CHUNKS")
+_BWD_BLOCK_D = os.environ.get("MAMBAKIT_SCAN_BWD_BLOCK_D")  # "C" or "C_MANY:C_FEW" channels per program
 
 
 def save_interval(dtype) -> int:
@@ -443,7 +444,13 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
     one warp per program, 4 states per thread with many (sequence, channel) rows and 2 with few
     (twice the threads). T = 8 steps, or the save interval where that is shorter: one chunk per
     saved state (bf16, `save_interval`) or two (fp32 and fp16, states every 16 steps)."""
-    NL, block_d = _lanes_blocks(d_state_block, 4 if rows >= 8192 else 2, channels_per_group)
+    many_rows = rows >= 8192
+    NL, block_d = _lanes_blocks(d_state_block, 4 if many_rows else 2, channels_per_group)
+    if _BWD_BLOCK_D is not None:  # a sweep's override: channels per program (more per thread)
+        want = _BWD_BLOCK_D.split(":")
+        block_d = int(want[0] if many_rows or len(want) == 1 else want[1])
+        while block_d > 1 and channels_per_group % block_d:
+            block_d //= 2
     T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
