@@ -440,12 +440,18 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
 
 def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int, elem_size: int,
                     length: int, varlen: bool, rows: int) -> dict:
-    """Block sizes for `_bwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py --backward):
-    one warp per program, 4 states per thread with many (sequence, channel) rows and 2 with few
-    (twice the threads). T = 8 steps, or the save interval where that is shorter: one chunk per
-    saved state (bf16, `save_interval`) or two (fp32 and fp16, states every 16 steps)."""
+    """Block sizes for `_bwd_kernel_lanes`, from the H200 sweeps (benchmarks/tune_lanes.py --backward,
+    results/tune_bwd_block_h200.jsonl): one warp per program, 4 states per thread with many
+    (sequence, channel) rows and 2 with few (twice the threads). 8 channels per program, but 4
+    between 8192 and 16384 rows, where 8 leaves too few warps to hide latency (8 x 2048: the
+    backward 1.79 -> 1.66 ms with its partial sums, though they double; 16 x 512 and the
+    segmented long shapes are 10-20 % slower with 4). T = 8 steps, or the save interval where
+    that is shorter: one chunk per saved state (bf16, `save_interval`) or two (fp32 and fp16,
+    states every 16 steps)."""
     many_rows = rows >= 8192
     NL, block_d = _lanes_blocks(d_state_block, 4 if many_rows else 2, channels_per_group)
+    if many_rows and rows < 16384:
+        block_d = max(1, block_d // 2)  # twice the programs: 8 x 2048 (12288 rows) 1.79 -> 1.66 ms
     if _BWD_BLOCK_D is not None:  # a sweep's override: channels per program (more per thread)
         want = _BWD_BLOCK_D.split(":")
         block_d = int(want[0] if many_rows or len(want) == 1 else want[1])
