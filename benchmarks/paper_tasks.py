@@ -110,6 +110,11 @@ def train_induction_variant(c: dict, common: list[str], steps_scale: float, prog
         summary[key.replace("lengths", "eval_seconds")] = round(time.perf_counter() - start, 1)
         if autocast is None:  # on CPU the two evaluations are the same
             break
+    # the step sizes behind the curve: how long the most selective channels hold (ih.retention_horizons)
+    summary["retention"] = ih.retention_horizons(model, length=1024, batch_size=16, seed=args.seed, device=device)
+    for r in summary["retention"]:
+        print(f"  {name} layer {r['layer']} channel {r['channel']}: Δ write {r['delta_write']:.3g}, "
+              f"hold {r['delta_hold']:.3g}, horizon {r['horizon']:.3g} steps", flush=True)
     summary["curve"] = [{k: r[k] for k in ("step", "loss", "accuracy") if k in r} for r in rows if "accuracy" in r]
     return summary
 

@@ -230,3 +230,71 @@ def test_length_curriculum():
     assert [lengths.count(n) for n in (256, 512, 1024, 2048)] == [1000] * 4
     assert {sc.length_curriculum(4096, None, 100)(s) for s in range(100)} == {4096}
     assert {sc.length_curriculum(128, 256, 100)(s) for s in range(100)} == {128}
+
+
+@pytest.mark.parametrize("gate,bias", [(True, False), (False, True)])
+def test_step_sizes_are_the_deltas_the_scan_receives(gate, bias, monkeypatch):
+    """Mamba.step_sizes (a readable recomputation) against a spy on the scan's own inputs:
+    softplus(delta + delta_bias) as the mixer hands them to ops.selective_scan."""
+    import torch.nn.functional as F
+    from mambakit import ops
+    from mambakit.modules.mamba import Mamba
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=4, d_conv=3, gate=gate, bias=bias)
+    with torch.no_grad():
+        mixer.dt_proj.weight.normal_(0, 1.0)  # make Δ depend on the input
+    seen = []
+    real = ops.selective_scan
+
+    def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kw):
+        seen.append(F.softplus(delta.float() + delta_bias[:, None].float()))
+        return real(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, **kw)
+
+    monkeypatch.setattr(ops, "selective_scan", spy)
+    h = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        mixer(h)
+    assert seen[0].std() > 0.01  # Δ varies over tokens and channels
+    torch.testing.assert_close(mixer.step_sizes(h), seen[0], rtol=1e-5, atol=1e-6)
+
+
+def test_retention_horizons_of_constant_step_sizes():
+    """With dt_proj's weight at zero, Δ = softplus(bias) for every token, so the write and the
+    hold are equal and the horizon is 1 / (softplus(bias_d) · min_n |A_dn|) exactly."""
+    from mambakit.tasks.synthetic import ModelArgs, build_model
+    model = build_model(ModelArgs(d_model=16, n_layer=2, d_state=4), ih.VOCAB_SIZE, torch.device("cpu"), seed=0)
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.weight.zero_()
+    rows = ih.retention_horizons(model, length=64, batch_size=4, top=3)
+    assert [r["layer"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    for r in rows:
+        mixer = model.backbone.layers[r["layer"]].mixer
+        delta = torch.nn.functional.softplus(mixer.dt_proj.bias[r["channel"]]).item()
+        a_min = mixer.A()[r["channel"]].abs().min().item()
+        assert r["delta_write"] == pytest.approx(delta, rel=1e-5)
+        assert r["delta_hold"] == pytest.approx(delta, rel=1e-5)
+        assert r["horizon"] == pytest.approx(1 / (delta * a_min), rel=1e-5)
+
+
+def test_retention_horizons_find_a_channel_that_writes_only_after_the_trigger():
+    """A hand-set layer-0 channel whose Δ is large at the token after a trigger and tiny
+    elsewhere comes out first, with its write and hold step sizes."""
+    from mambakit.tasks.synthetic import ModelArgs, build_model
+    model = build_model(ModelArgs(d_model=16, n_layer=1, d_state=4), ih.VOCAB_SIZE, torch.device("cpu"), seed=0)
+    mixer = model.backbone.layers[0].mixer
+    calls = []
+
+    def fake(hidden_states):  # Δ = 0.5 one step after each trigger, 1e-4 elsewhere
+        delta = torch.full((hidden_states.shape[0], mixer.d_inner, hidden_states.shape[1]), 1e-4)
+        for b, t in calls[-1]:
+            delta[b, 3, t + 1] = 0.5
+        return delta
+
+    inputs, _ = ih.InductionHeads(64).batch_np(4, 0, 0, "eval")
+    calls.append([(b, t) for b in range(4) for t in np.flatnonzero(inputs[b, :-1] == ih.TRIGGER)])
+    mixer.step_sizes = fake
+    rows = ih.retention_horizons(model, length=64, batch_size=4, top=1)
+    assert rows[0]["channel"] == 3
+    assert rows[0]["delta_write"] == pytest.approx(0.5)
+    assert rows[0]["delta_hold"] == pytest.approx(1e-4)

@@ -83,6 +83,16 @@ class Mamba(nn.Module):
         evaluation after the first one ran with the first one's A."""
         return -torch.exp(_at_least_fp32(self.A_log))
 
+    @torch.no_grad()
+    def step_sizes(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The step sizes Δ = softplus(dt_proj(x) + bias) that the scan uses on these inputs,
+        (B, D_inner, L) fp32, from a zero state: a readable recomputation for diagnostics (how
+        long each channel keeps what it stores: exp(ΔA) per step), not a fast path."""
+        x = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)[..., :self.d_inner]  # (B, L, D_inner)
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :hidden_states.shape[1]])  # (B, D_inner, L), causal
+        dt, _, _ = self._ssm_params(F.linear(x.transpose(1, 2), self.x_proj.weight))  # (B, L, R)
+        return F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()).transpose(1, 2)
+
     def _ssm_params(self, x_dbl: torch.Tensor, dim: int = -1):
         """x_dbl with R + 2N along `dim` -> dt (R), B (N), C (N) along it, as views."""
         return torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=dim)

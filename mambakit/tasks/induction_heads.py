@@ -109,6 +109,48 @@ def evaluate_lengths(model, lengths: list[int], batch_size: int, n_batches: int,
     return rows
 
 
+@torch.no_grad()
+def retention_horizons(model, length: int = 1024, batch_size: int = 16, seed: int = 0, device=None,
+                       top: int = 4) -> list[dict]:
+    """How long each Mamba layer's most selective channels keep what they store, measured on
+    held-out sequences of `length`. Per layer, the `top` channels with the largest ratio of
+    Δ at the token to remember (just after the first trigger: the write) to the mean Δ over
+    the other content tokens (the hold), each with its horizon 1 / (Δ_hold · min_n |A_n|):
+    the number of steps over which its state decays by a factor e. A model extrapolates to
+    length L only if some channel holds for well over L steps. One row per (layer, channel)."""
+    from ..modules.mamba import Mamba
+    was_training = model.training
+    model.eval()
+    inputs, _ = InductionHeads(length).batch_np(batch_size, seed, 0, "eval")
+    first = (inputs[:, :-1] == TRIGGER).argmax(axis=1)  # (B,) the first trigger
+    hold = np.ones(inputs.shape, dtype=bool)  # content tokens other than the one to remember
+    rows_b = np.arange(batch_size)
+    hold[rows_b, first] = hold[rows_b, first + 1] = False
+    hold[:, -1] = False
+    mixer_inputs = {}
+    hooks = [layer.mixer.register_forward_pre_hook(
+        lambda module, args, i=i: mixer_inputs.__setitem__(i, args[0]))
+        for i, layer in enumerate(model.backbone.layers) if isinstance(layer.mixer, Mamba)]
+    try:
+        model(torch.from_numpy(inputs).long().to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    hold_t = torch.from_numpy(hold)
+    out = []
+    for i, h in sorted(mixer_inputs.items()):
+        mixer = model.backbone.layers[i].mixer
+        delta = mixer.step_sizes(h.to(mixer.in_proj.weight.dtype)).cpu()  # (B, D_inner, L)
+        write = delta[rows_b, :, first + 1].mean(0)  # (D_inner,)
+        held = (delta * hold_t[:, None, :]).sum((0, 2)) / hold_t.sum()  # (D_inner,)
+        a_min = mixer.A().abs().min(dim=1).values.cpu()  # (D_inner,)
+        for d in (write / held).argsort(descending=True)[:top].tolist():
+            out.append({"layer": i, "channel": d, "delta_write": write[d].item(), "delta_hold": held[d].item(),
+                        "min_abs_A": a_min[d].item(), "horizon": 1.0 / (held[d].item() * a_min[d].item())})
+    return out
+
+
 def parse_lengths(text: str) -> list[int]:
     """"64..1048576" (every power of two in the range) or "64,256,1000" -> a list of lengths."""
     text = text.strip()
