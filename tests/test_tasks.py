@@ -161,6 +161,7 @@ def test_induction_train_and_eval_cli(tmp_path, capsys):
     result = json.loads((out / "length_eval.json").read_text())
     assert [r["length"] for r in result["lengths"]] == [16, 32, 64] and result["train_len"] == 32
     assert all(0 <= r["accuracy"] <= 1 for r in result["lengths"])
+    assert result["retention"] == []  # S4D has no selective (Mamba) channels to read
     assert (out / "length_eval.png").is_file()
     with pytest.raises(SystemExit, match="lengths"):
         main(["eval", "--task", "induction-heads", "--model", str(out), "--lengths", "1..2"])

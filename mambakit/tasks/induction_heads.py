@@ -295,7 +295,10 @@ def eval_main(argv: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"task": "induction-heads", "model": str(args.model), "config": model.config.to_dict(),
               "train_len": train_len, "batch_size": args.batch_size, "eval_batches": args.eval_batches,
-              "chunk_len": args.chunk_len, "device": str(device), "lengths": rows}
+              "chunk_len": args.chunk_len, "device": str(device), "lengths": rows,
+              # the step sizes behind the curve (empty for S4D, which has no selective channels)
+              "retention": retention_horizons(model, length=1024, batch_size=args.batch_size, seed=args.seed,
+                                              device=device)}
     atomic_write_json(out, result)
     cfg = model.config
     plot_lengths(rows, out.with_suffix(".png"), train_len, f"{cfg.layer}{'' if cfg.gate else ' (no gate)'}")

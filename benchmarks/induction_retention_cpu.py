@@ -1,0 +1,52 @@
+"""Why induction heads stop extrapolating, measured on CPU at a small scale: trains the paper's
+2-layer, d_model 64 Mamba at length 64 (weight decay 0.1, then 0), evaluates it at 64..32768
+tokens, and reads the step sizes of its most selective channels (`retention_horizons`: Δ at
+the token to remember, Δ at the other tokens, and the horizon 1 / (Δ_hold · min |A|) over
+which a channel's memory decays by e). About 7 minutes on 2 cores.
+
+    python benchmarks/induction_retention_cpu.py    # writes benchmarks/results/induction_retention_cpu.json
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mambakit.tasks import induction_heads as ih  # noqa: E402
+
+TRAIN_LEN, STEPS, BATCH, LR = 64, 1500, 32, 2e-3
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "induction_retention_cpu.json"
+    runs = []
+    for wd in (0.1, 0.0):
+        args = ih.build_train_parser().parse_args([
+            "--seq-len", str(TRAIN_LEN), "--max-steps", str(STEPS), "--batch-size", str(BATCH), "--lr", str(LR),
+            "--weight-decay", str(wd), "--device", "cpu", "--out-dir", "", "--eval-every", "100000", "--no-progress"])
+        start = time.perf_counter()
+        model, summary, rows = ih.run(args, progress=False)
+        lengths = ih.evaluate_lengths(model, [TRAIN_LEN * 2 ** k for k in range(10)], 16, 2, 0, torch.device("cpu"),
+                                      chunk_len=4096, log=None)
+        retention = ih.retention_horizons(model, length=1024, batch_size=16)
+        run = {"weight_decay": wd, "train_len": TRAIN_LEN, "steps": STEPS, "batch_size": BATCH, "lr": LR,
+               "final_loss": rows[-1]["loss"], "train_accuracy": summary["accuracy"],
+               "seconds": round(time.perf_counter() - start, 1), "lengths": lengths, "retention": retention}
+        print(json.dumps({k: run[k] for k in ("weight_decay", "final_loss", "seconds")}), flush=True)
+        print("  accuracy:", [(r["length"], r["accuracy"]) for r in lengths], flush=True)
+        for r in retention:
+            print(f"  layer {r['layer']} channel {r['channel']}: Δ write {r['delta_write']:.3g}, "
+                  f"hold {r['delta_hold']:.3g}, horizon {r['horizon']:.3g} steps", flush=True)
+        runs.append(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "induction_retention_cpu", "torch": torch.__version__, "runs": runs},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
