@@ -141,7 +141,8 @@ def plot(result: dict, path: Path) -> None:
     if copy:
         names = [r["name"] for r in copy]
         accs = [r["accuracy"] for r in copy]
-        bars = ax[0].barh(names, accs, color=["tab:gray", "tab:blue", "tab:olive", "tab:green"][:len(copy)])
+        colors = dict(zip([v[0] for v in VARIANTS], ["tab:gray", "tab:blue", "tab:olive", "tab:green"]))
+        bars = ax[0].barh(names, accs, color=[colors.get(n, "tab:purple") for n in names])
         for bar, acc in zip(bars, accs):
             ax[0].text(min(acc + 0.01, 0.9), bar.get_y() + bar.get_height() / 2, f"{acc:.1%}", va="center")
         ax[0].set(xlim=(0, 1), xlabel="accuracy on the answers",
