@@ -5,7 +5,10 @@ the token to remember, Δ at the other tokens, and the horizon 1 / (Δ_hold · m
 which a channel's memory decays by e). About 7 minutes on 2 cores.
 
     python benchmarks/induction_retention_cpu.py    # writes benchmarks/results/induction_retention_cpu.json
+    python benchmarks/induction_retention_cpu.py --lr 5e-4 --steps 3000 --weight-decay 0.1 \
+        --out benchmarks/results/induction_retention_cpu_lr5e-4.json           # one configuration
 """
+import argparse
 import json
 import sys
 import time
@@ -20,19 +23,25 @@ TRAIN_LEN, STEPS, BATCH, LR = 64, 1500, 32, 2e-3
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--weight-decay", type=float, nargs="+", default=[0.1, 0.0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "induction_retention_cpu.json"))
+    opts = p.parse_args()
     torch.set_num_threads(2)
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "induction_retention_cpu.json"
+    out = Path(opts.out)
     runs = []
-    for wd in (0.1, 0.0):
+    for wd in opts.weight_decay:
         args = ih.build_train_parser().parse_args([
-            "--seq-len", str(TRAIN_LEN), "--max-steps", str(STEPS), "--batch-size", str(BATCH), "--lr", str(LR),
+            "--seq-len", str(TRAIN_LEN), "--max-steps", str(opts.steps), "--batch-size", str(BATCH), "--lr", str(opts.lr),
             "--weight-decay", str(wd), "--device", "cpu", "--out-dir", "", "--eval-every", "100000", "--no-progress"])
         start = time.perf_counter()
         model, summary, rows = ih.run(args, progress=False)
         lengths = ih.evaluate_lengths(model, [TRAIN_LEN * 2 ** k for k in range(10)], 16, 2, 0, torch.device("cpu"),
                                       chunk_len=4096, log=None)
         retention = ih.retention_horizons(model, length=1024, batch_size=16)
-        run = {"weight_decay": wd, "train_len": TRAIN_LEN, "steps": STEPS, "batch_size": BATCH, "lr": LR,
+        run = {"weight_decay": wd, "train_len": TRAIN_LEN, "steps": opts.steps, "batch_size": BATCH, "lr": opts.lr,
                "final_loss": rows[-1]["loss"], "train_accuracy": summary["accuracy"],
                "seconds": round(time.perf_counter() - start, 1), "lengths": lengths, "retention": retention}
         print(json.dumps({k: run[k] for k in ("weight_decay", "final_loss", "seconds")}), flush=True)
