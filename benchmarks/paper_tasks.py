@@ -15,6 +15,7 @@ than overrunning, and "steps_run" says what was done).
     python benchmarks/paper_tasks.py --only copying       # ... paper_tasks_copying_h200.json + .png
     python benchmarks/paper_tasks.py --only induction     # ... paper_tasks_induction_h200.json + .png
     python benchmarks/paper_tasks.py --steps-scale 0.1    # a shorter run
+    python benchmarks/paper_tasks.py --only induction --layer mamba --set induction.lr=5e-4   # one setting changed
     python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
 """
 
@@ -168,6 +169,31 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def apply_overrides(sizes: dict, settings: list[str]) -> dict:
+    """A copy of `sizes` with each "part.key=value" applied (value parsed as the type it replaces)."""
+    sizes = {part: dict(c) for part, c in sizes.items()}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        part, dot, key = name.partition(".")
+        if not sep or not dot or part not in sizes or key not in sizes[part]:
+            known = ", ".join(f"{p}.{k}" for p, c in sizes.items() for k in c)
+            raise SystemExit(f"error: --set {item!r}: expected PART.KEY=VALUE with one of: {known}")
+        old = sizes[part][key]
+        try:
+            if isinstance(old, int):  # 20000 or 2e4, but not 2.5
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError(value)
+                sizes[part][key] = int(number)
+            elif isinstance(old, float):
+                sizes[part][key] = float(value)
+            else:
+                sizes[part][key] = value
+        except ValueError:
+            raise SystemExit(f"error: --set {item!r}: {value!r} is not a {type(old).__name__}") from None
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny steps and lengths")
@@ -180,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--layer", choices=["mamba", "s4d"], default=None,
                    help="train only the variants with this mixer (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
+                   help="override one setting of the run, e.g. induction.lr=5e-4 or copy.steps=20000 "
+                        "(PART is copy or induction; repeatable)")
     p.add_argument("--jobs", type=int, default=1,
                    help="train up to this many models at once, each in its own process (default 1)")
     args = p.parse_args(argv)
@@ -187,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
     if not args.steps_scale > 0:
         raise SystemExit(f"error: --steps-scale must be > 0, got {args.steps_scale}")
-    sizes = SMOKE if args.smoke else FULL
+    sizes = apply_overrides(SMOKE if args.smoke else FULL, args.set)
     device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
     root = Path(__file__).resolve().parents[1]
     default = (root / "runs" / "paper_tasks_smoke.json" if args.smoke
