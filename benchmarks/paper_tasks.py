@@ -125,12 +125,24 @@ def run_jobs(calls: list[tuple], jobs: int) -> list[dict]:
     jobs == 1, otherwise in up to `jobs` processes at once (each trains its own small model; on
     one GPU they fill each other's gaps, since a d_model-64 model leaves it mostly idle)."""
     if jobs <= 1:
-        return [fn(*args) for fn, *args in calls]
+        return [_guarded(fn, *args) for fn, *args in calls]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *args) for fn, *args in calls]
+        futures = [pool.submit(_guarded, fn, *args) for fn, *args in calls]
         return [f.result() for f in futures]
+
+
+def _guarded(fn, c, common, steps_scale, progress, name, *rest) -> dict:
+    """fn's summary, or a summary that records its error: one failed training must not lose
+    the others' results."""
+    try:
+        return fn(c, common, steps_scale, progress, name, *rest)
+    except Exception as err:  # noqa: BLE001 (recorded in the JSON and reported by main)
+        import traceback
+        traceback.print_exc()
+        task = "selective-copying" if fn is train_copying_variant else "induction-heads"
+        return {"task": task, "name": name, "error": f"{type(err).__name__}: {err}"}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -138,7 +150,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    copy = result.get("selective_copying", [])
+    copy = [r for r in result.get("selective_copying", []) if "error" not in r]
     if copy:
         names = [r["name"] for r in copy]
         accs = [r["accuracy"] for r in copy]
@@ -149,7 +161,7 @@ def plot(result: dict, path: Path) -> None:
         ax[0].set(xlim=(0, 1), xlabel="accuracy on the answers",
                   title=f"selective copying, L={copy[0]['seq_len']}, {copy[0]['n_memorize']} tokens")
         ax[0].invert_yaxis()
-    ind = result.get("induction_heads", [])
+    ind = [r for r in result.get("induction_heads", []) if "error" not in r]
     for r in ind:
         line, = ax[1].plot([x["length"] for x in r["lengths"]], [x["accuracy"] for x in r["lengths"]], marker="o",
                            label=f"{r['name']} ({r['n_params'] / 1e3:.0f}K)")
@@ -220,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
     root = Path(__file__).resolve().parents[1]
     default = (root / "runs" / "paper_tasks_smoke.json" if args.smoke
-               else root / "benchmarks" / "results" / f"paper_tasks{'_' + args.only if args.only else ''}_h200.json")
+               else root / "benchmarks" / "results" /
+               f"paper_tasks{'_' + args.only if args.only else ''}{'_' + args.layer if args.layer else ''}"
+               f"{'_custom' if args.set else ''}_h200.json")
     out = Path(args.out) if args.out else default
     common = ["--d-model", "64", "--n-layer", "2", "--device", str(device), "--seed", str(args.seed)]
     result = {"benchmark": "paper_tasks", "smoke": args.smoke, "steps_scale": args.steps_scale,
@@ -237,12 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     for summary in run_jobs(calls, args.jobs):
         key = "selective_copying" if summary["task"] == "selective-copying" else "induction_heads"
         result.setdefault(key, []).append(summary)
+    failed = [f"{r['name']}: {r['error']}" for part in ("selective_copying", "induction_heads")
+              for r in result.get(part, []) if "error" in r]
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"total {result['total_seconds']:.0f} s; wrote {out} and {out.with_suffix('.png')}")
-    return 0
+    for line in failed:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class Mamba(nn.Module):
         x = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)[..., :self.d_inner]  # (B, L, D_inner)
         x = F.silu(self.conv1d(x.transpose(1, 2))[..., :hidden_states.shape[1]])  # (B, D_inner, L), causal
         dt, _, _ = self._ssm_params(F.linear(x.transpose(1, 2), self.x_proj.weight))  # (B, L, R)
-        return F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()).transpose(1, 2)
+        delta = F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float()  # the scan adds the bias in fp32
+        return F.softplus(delta).transpose(1, 2)
 
     def _ssm_params(self, x_dbl: torch.Tensor, dim: int = -1):
         """x_dbl with R + 2N along `dim` -> dt (R), B (N), C (N) along it, as views."""

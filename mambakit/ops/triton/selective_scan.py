@@ -395,6 +395,7 @@ class _Launch:
                                 self.n_seqs * n_segs * self.dim, self.L, self.varlen)
             self._override(shape, lanes)
             grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
+        self._time_in_thread_needs_contiguous_bc(shape)
         plan = (grid, shape, seg_len, n_segs)
         if lanes is None and num_warps == 4:
             self._fwd = plan
@@ -416,10 +417,18 @@ class _Launch:
                                     self.n_seqs * n_segs * self.dim)
             self._override(shape, lanes)
             grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
+        self._time_in_thread_needs_contiguous_bc(shape)
         plan = (grid, shape, seg_len, n_segs)
         if lanes is None and default:
             self._bwd = plan
         return plan
+
+    def _time_in_thread_needs_contiguous_bc(self, shape):
+        """The lanes kernels keep a chunk's T steps in one thread only when B and C load as
+        16-byte vectors along time; with a time stride other than 1 Triton may spread T over
+        lanes, where the ordered first/last reductions (`_at_step`) would be wrong."""
+        if shape.get("ORDERED") and self.bc_strides[3] != 1:
+            shape["ORDERED"] = False
 
     def _override(self, shape, lanes):
         """A tuning sweep's override of the lanes kernels' shape; whether T stays within a
@@ -436,8 +445,10 @@ _PLANS: dict = {}
 
 
 def clear_plans() -> None:
-    """Forget the cached launch plans. A plan reads the MAMBAKIT_SCAN_* settings when it is
-    first made for a shape; call this after changing them within a process."""
+    """Forget the cached launch plans. A plan reads MAMBAKIT_SCAN_KERNEL and the segment
+    settings (MAMBAKIT_SCAN_SEG_*) when it is first made for a shape; call this after changing
+    them within a process. MAMBAKIT_SCAN_SAVE_EVERY, _BWD_CHUNKS and _BWD_BLOCK_D are read
+    once, at import."""
     _PLANS.clear()
 
 

@@ -36,6 +36,7 @@ import os
 import triton
 import triton.language as tl
 
+from .host import next_power_of_2
 from .selective_scan import _chunk_row, _combine, _seq_bounds, _softplus
 
 
@@ -443,18 +444,20 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
     """Block sizes for `_bwd_kernel_lanes`, from the H200 sweeps (benchmarks/tune_lanes.py --backward,
     results/tune_bwd_block_h200.jsonl): one warp per program, 4 states per thread with many
     (sequence, channel) rows and 2 with few (twice the threads). 8 channels per program, but 4
-    between 8192 and 16384 rows, where 8 leaves too few warps to hide latency (8 x 2048: the
+    between 8192 and 16384 rows up to L = 4096, where 8 leaves too few warps to hide latency (8 x 2048: the
     backward 1.79 -> 1.66 ms with its partial sums, though they double; 16 x 512 and the
     segmented long shapes are 10-20 % slower with 4). T = 8 steps, or the save interval where
     that is shorter: one chunk per saved state (bf16, `save_interval`) or two (fp32 and fp16,
     states every 16 steps)."""
     many_rows = rows >= 8192
     NL, block_d = _lanes_blocks(d_state_block, 4 if many_rows else 2, channels_per_group)
-    if many_rows and rows < 16384:
-        block_d = max(1, block_d // 2)  # twice the programs: 8 x 2048 (12288 rows) 1.79 -> 1.66 ms
+    if many_rows and rows < 16384 and length <= 4096:
+        # twice the programs: 8 x 2048 (12288 rows) 1.79 -> 1.66 ms. The dB/dC partial rows
+        # double too (0.8 GB at 8 x 2048 x 1536), hence the bound on L.
+        block_d = max(1, block_d // 2)
     if _BWD_BLOCK_D is not None:  # a sweep's override: channels per program (more per thread)
         want = _BWD_BLOCK_D.split(":")
-        block_d = int(want[0] if many_rows or len(want) == 1 else want[1])
+        block_d = next_power_of_2(max(1, int(want[0] if many_rows or len(want) == 1 else want[1])))
         while block_d > 1 and channels_per_group % block_d:
             block_d //= 2
     T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
