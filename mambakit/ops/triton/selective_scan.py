@@ -372,6 +372,9 @@ class _Launch:
         self.grid = (self.n_seqs, self.n_dblocks)
         Bv = B if B.ndim == 4 else B.unsqueeze(1)  # (b, G, N, L)
         self.bc_strides = (Bv.stride(0), Bv.stride(1), Bv.stride(2), Bv.stride(3))
+        # B and C rows do not load as aligned 16-byte vectors along time: packed sequences
+        # start anywhere, and a time stride other than 1 is no vector at all (t_in_thread)
+        self.unaligned = self.varlen or self.bc_strides[3] != 1
         self._fwd = self._bwd = None
 
     def chunk_base(self, cu_seqlens):
@@ -384,51 +387,36 @@ class _Launch:
 
     def fwd_shape(self, num_warps=4, lanes=None):
         """(grid, kernel shape kwargs, seg_len, n_segs) of the forward."""
-        if self._fwd is not None and lanes is None and num_warps == 4:
-            return self._fwd
-        grid, shape, seg_len, n_segs = self.grid, dict(BLOCK_D=self.BLOCK_D, num_warps=num_warps), 0, 1
-        if self.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
-            from .selective_scan_lanes import lanes_shape
-            from .selective_scan_segments import segment_plan
-            seg_len, n_segs = segment_plan(self.n_seqs * self.dim, self.L, self.varlen, self.BLOCK_L)
-            shape = lanes_shape(self.BLOCK_N, self.cpg, self.elem_size, self.BLOCK_L,
-                                self.n_seqs * n_segs * self.dim, self.L, self.varlen)
-            self._override(shape, lanes)
-            grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
-        self._time_in_thread_needs_contiguous_bc(shape)
-        plan = (grid, shape, seg_len, n_segs)
         if lanes is None and num_warps == 4:
-            self._fwd = plan
-        return plan
+            if self._fwd is None:
+                self._fwd = self._shape(False, num_warps, None)
+            return self._fwd
+        return self._shape(False, num_warps, lanes)
 
     def bwd_shape(self, num_warps=None, lanes=None):
         """(grid, kernel shape kwargs, seg_len, n_segs) of the backward."""
-        if self._bwd is not None and lanes is None and num_warps is None:
+        if lanes is None and num_warps is None:
+            if self._bwd is None:
+                self._bwd = self._shape(True, 2 if self.layout == "lanes" else 4, None)
             return self._bwd
-        default = num_warps is None
-        if default:
-            num_warps = 2 if self.layout == "lanes" else 4
+        return self._shape(True, num_warps or (2 if self.layout == "lanes" else 4), lanes)
+
+    def _shape(self, backward, num_warps, lanes):
         grid, shape, seg_len, n_segs = self.grid, dict(BLOCK_D=self.BLOCK_D, num_warps=num_warps), 0, 1
-        if self.layout == "lanes":
-            from .selective_scan_lanes import lanes_bwd_shape
+        if self.layout == "lanes":  # its own channel blocks; BLOCK_L stays the save interval
+            from .selective_scan_lanes import lanes_bwd_shape, lanes_shape
             from .selective_scan_segments import segment_plan
             seg_len, n_segs = segment_plan(self.n_seqs * self.dim, self.L, self.varlen, self.BLOCK_L)
-            shape = lanes_bwd_shape(self.BLOCK_N, self.cpg, self.BLOCK_L, self.elem_size, self.L, self.varlen,
-                                    self.n_seqs * n_segs * self.dim)
+            rows = self.n_seqs * n_segs * self.dim
+            if backward:
+                shape = lanes_bwd_shape(self.BLOCK_N, self.cpg, self.BLOCK_L, self.elem_size, self.L,
+                                        self.unaligned, rows)
+            else:
+                shape = lanes_shape(self.BLOCK_N, self.cpg, self.elem_size, self.BLOCK_L, rows, self.L,
+                                    self.unaligned)
             self._override(shape, lanes)
             grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
-        self._time_in_thread_needs_contiguous_bc(shape)
-        plan = (grid, shape, seg_len, n_segs)
-        if lanes is None and default:
-            self._bwd = plan
-        return plan
-
-    def _time_in_thread_needs_contiguous_bc(self, shape):
-        """The lanes kernels keep a chunk's T steps in one thread only when B and C load as
-        16-byte vectors along time; with a time stride other than 1 Triton may spread T over
-        lanes, where the ordered first/last reductions (`_at_step`) would be wrong."""
-        if shape.get("ORDERED") and self.bc_strides[3] != 1:
-            shape["ORDERED"] = False
+        return grid, shape, seg_len, n_segs
 
     def _override(self, shape, lanes):
         """A tuning sweep's override of the lanes kernels' shape; whether T stays within a
@@ -438,7 +426,7 @@ class _Launch:
             shape.update(lanes)
             if "ORDERED" not in lanes:
                 shape["ORDERED"] = t_in_thread(shape["T"], self.elem_size, self.BLOCK_N, shape["BLOCK_D"],
-                                               shape["num_warps"], self.L, self.varlen)
+                                               shape["num_warps"], self.L, self.unaligned)
 
 
 _PLANS: dict = {}

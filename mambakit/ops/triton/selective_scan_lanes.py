@@ -414,16 +414,17 @@ def _lanes_blocks(d_state_block: int, states_per_thread: int, channels_per_group
 
 
 def t_in_thread(T: int, elem_size: int, d_state_block: int, block_d: int, num_warps: int, length: int,
-                varlen: bool) -> bool:
+                unaligned: bool) -> bool:
     """Whether Triton will keep a chunk's T steps within each thread: B and C rows load as
-    aligned 16-byte vectors (Triton marks integers divisible by 16, so L must be; packed
-    sequences start anywhere), T fits one vector, and the tile has a vector for every thread."""
-    return (not varlen and length % 16 == 0 and T * elem_size <= 16
+    aligned 16-byte vectors (Triton marks integers divisible by 16, so L must be; `unaligned`:
+    packed sequences, which start anywhere, or B/C strided in time), T fits one vector, and the
+    tile has a vector for every thread."""
+    return (not unaligned and length % 16 == 0 and T * elem_size <= 16
             and d_state_block * block_d >= 32 * num_warps)
 
 
 def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, save_every: int,
-                rows: int, length: int, varlen: bool) -> dict:
+                rows: int, length: int, unaligned: bool) -> dict:
     """Block sizes for `_fwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py, in
     BENCHMARKS.md). One warp per program. With many (sequence, channel) rows, 8 states per
     thread (fewest shuffles and least repeated per-step work); with few rows, 4 states per
@@ -436,11 +437,11 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
     T = min(max(2, 16 // elem_size), save_every)
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3,
                 FAST=os.environ.get("TRITON_INTERPRET") != "1",
-                ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
+                ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
 
 
 def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int, elem_size: int,
-                    length: int, varlen: bool, rows: int) -> dict:
+                    length: int, unaligned: bool, rows: int) -> dict:
     """Block sizes for `_bwd_kernel_lanes`, from the H200 sweeps (benchmarks/tune_lanes.py --backward,
     results/tune_bwd_block_h200.jsonl): one warp per program, 4 states per thread with many
     (sequence, channel) rows and 2 with few (twice the threads). 8 channels per program, but 4
@@ -462,4 +463,4 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
             block_d //= 2
     T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
-                ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, varlen))
+                ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
