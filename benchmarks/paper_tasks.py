@@ -57,14 +57,17 @@ INDUCTION_VARIANTS = [("Mamba", "mamba"), ("S4D (gated)", "s4d")]
 # session 6 trains all six models at once (--jobs 6, one process each on one GPU) for 16000
 # steps each.
 FULL = {
-    "copy": dict(seq_len=4096, n_memorize=16, steps=16000, batch=32, lr=3e-3, limit=440, eval_batches=8,
-                 curriculum_from=256),
-    "induction": dict(seq_len=256, steps=16000, batch=64, lr=2e-3, limit=440, eval_batches=8,
+    "copy": dict(seq_len=4096, n_memorize=16, steps=16000, batch=32, lr=3e-3, weight_decay=0.1, min_lr_ratio=0.1,
+                 limit=440, eval_batches=8, curriculum_from=256),
+    "induction": dict(seq_len=256, steps=16000, batch=64, lr=2e-3, weight_decay=0.1, min_lr_ratio=0.1,
+                      limit=440, eval_batches=8,
                       lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384),
 }
 SMOKE = {
-    "copy": dict(seq_len=128, n_memorize=8, steps=20, batch=8, lr=2e-3, limit=60, eval_batches=2),
-    "induction": dict(seq_len=32, steps=20, batch=8, lr=2e-3, limit=60, eval_batches=2,
+    "copy": dict(seq_len=128, n_memorize=8, steps=20, batch=8, lr=2e-3, weight_decay=0.1, min_lr_ratio=0.1,
+                 limit=60, eval_batches=2),
+    "induction": dict(seq_len=32, steps=20, batch=8, lr=2e-3, weight_decay=0.1, min_lr_ratio=0.1, limit=60,
+                      eval_batches=2,
                       lengths="16..1024", eval_batch=4, eval_rounds=1, chunk_len=256),
 }
 
@@ -72,7 +75,8 @@ SMOKE = {
 def task_argv(common: list[str], c: dict, steps_scale: float) -> list[str]:
     steps = max(1, round(c["steps"] * steps_scale))
     return common + ["--seq-len", str(c["seq_len"]), "--max-steps", str(steps), "--batch-size", str(c["batch"]),
-                     "--lr", str(c["lr"]), "--eval-batches", str(c["eval_batches"]),
+                     "--lr", str(c["lr"]), "--weight-decay", str(c["weight_decay"]),
+                     "--min-lr-ratio", str(c["min_lr_ratio"]), "--eval-batches", str(c["eval_batches"]),
                      "--eval-every", str(max(1, steps // 5)), "--time-limit", str(c["limit"]), "--out-dir", ""]
 
 

@@ -96,6 +96,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, seq_len: int, max_steps
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1,
+                        help="the cosine schedule ends at lr x this (1: a constant lr after warmup)")
     parser.add_argument("--eval-every", type=int, default=None, help="default: every 10%% of --max-steps")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--time-limit", type=float, default=None,
@@ -120,7 +122,7 @@ def fit_config(args):
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
     every = args.eval_every if args.eval_every is not None else max(1, args.max_steps // 10)
     return FitConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay,
-                     eval_every=every, seed=args.seed, time_limit_s=args.time_limit)
+                     min_lr_ratio=args.min_lr_ratio, eval_every=every, seed=args.seed, time_limit_s=args.time_limit)
 
 
 # ---- outputs -----------------------------------------------------------------------------
