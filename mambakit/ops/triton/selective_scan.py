@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .host import cdiv, next_power_of_2
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -485,24 +486,22 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         from .selective_scan_segments import _fwd_summary_lanes
         seg_h = torch.empty(grid[0], lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
         seg_dt = torch.empty(grid[0], lc.dim, device=u.device, dtype=torch.float32)
-        _fwd_summary_lanes[grid](
+        launch(_fwd_summary_lanes, grid, [
             u, delta, A, B, delta_bias if delta_bias is not None else dummy, seg_h, seg_dt,
-            lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len, *u.stride(), *delta.stride(), *lc.bc_strides,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            BLOCK_N=lc.BLOCK_N, **shape)
+            lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len, *u.stride(), *delta.stride(), *lc.bc_strides],
+            dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_N=lc.BLOCK_N, **shape))
         segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     chunk_base = lc.chunk_base(cu_seqlens)
-    _kernels(lc.layout)[0][grid](
+    launch(_kernels(lc.layout)[0], grid, [
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, out, final, states if states is not None else dummy,
         chunk_base if chunk_base is not None else dummy,
         lc.L, lc.dim, lc.d_state, lc.cpg,
         *u.stride(), *delta.stride(), *_strides(z), *lc.bc_strides, *out.stride(), lc.n_chunks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
-        SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=save_states,
-        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs,
-    )
+    ], dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
+            SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=bool(save_states),
+            BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs))
     return out, final, states
 
 
@@ -526,12 +525,12 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
         from .selective_scan_segments import _bwd_summary_lanes
         seg_g = torch.empty(grid[0], lc.dim, lc.d_state, **f32)
         seg_dt = torch.empty(grid[0], lc.dim, **f32)
-        _bwd_summary_lanes[grid](
+        launch(_bwd_summary_lanes, grid, [
             delta, A, C, z if z is not None else seg_g, delta_bias if delta_bias is not None else seg_g, dout,
             seg_g, seg_dt, lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len,
-            *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides,
-            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            BLOCK_N=lc.BLOCK_N, **shape)
+            *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides],
+            dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                 BLOCK_N=lc.BLOCK_N, **shape))
         segs = dict(seg_g_ptr=seg_g, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     n_dblocks, rows = grid[1], grid[0]
     # per-program partial sums, reduced below in a fixed order (deterministic): over time, one
@@ -544,23 +543,21 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     dBC_part = alloc(2, lc.batch, n_dblocks, lc.d_state, lc.L, **f32)  # dB, dC
     dummy = dinit
     chunk_base = lc.chunk_base(cu_seqlens)
-    _kernels(lc.layout)[1][grid](
+    launch(_kernels(lc.layout)[1], grid, [
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
         chunk_states, chunk_base if chunk_base is not None else dummy, dout, dfinal if dfinal is not None else dummy,
         du, ddelta, dz if dz is not None else dummy, dinit, sums_part, dBC_part[0], dBC_part[1],
         lc.L, lc.dim, lc.d_state, lc.cpg, n_dblocks,
         *u.stride(), *delta.stride(), *_strides(z), *dout.stride(), *du.stride(), *lc.bc_strides, lc.n_chunks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
-        SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen,
-        BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs,
-    )
+    ], dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DFINAL=dfinal is not None,
+            SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs))
     blocks_per_group = lc.cpg // shape["BLOCK_D"]
     if B.ndim == 3:  # (2, b, blocks, N, L) -> (2, b, N, L)
         dBC = dBC_part.view(2, lc.batch, blocks_per_group, lc.d_state, lc.L).sum(2)
     else:  # (2, b, G, blocks per group, N, L) -> (2, b, G, N, L)
         dBC = dBC_part.view(2, lc.batch, lc.groups, blocks_per_group, lc.d_state, lc.L).sum(3)
     dB, dC = dBC.to(dbc_dtype(B, C)).unbind(0)
-    dA, dD, dbias = sums_part.sum(0).split([lc.dim * lc.d_state, lc.dim, lc.dim])
+    dA, dD, dbias = sums_part.sum(0).split_with_sizes([lc.dim * lc.d_state, lc.dim, lc.dim])
     return (du, ddelta, dA.view(lc.dim, lc.d_state), dB, dC, dD if D is not None else None, dz,
             dbias if delta_bias is not None else None, dinit)
