@@ -7,6 +7,8 @@ which a channel's memory decays by e). About 7 minutes on 2 cores.
     python benchmarks/induction_retention_cpu.py    # writes benchmarks/results/induction_retention_cpu.json
     python benchmarks/induction_retention_cpu.py --lr 5e-4 --steps 3000 --weight-decay 0.1 \
         --out benchmarks/results/induction_retention_cpu_lr5e-4.json           # one configuration
+    python benchmarks/induction_retention_cpu.py --lr 1e-3 --min-lr-ratio 1 --warmup-steps 100 \
+        --weight-decay 0 --steps 4500 --out benchmarks/results/induction_retention_cpu_const_4500.json
 """
 import argparse
 import json
@@ -27,6 +29,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--weight-decay", type=float, nargs="+", default=[0.1, 0.0])
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="1: a constant lr after warmup")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "induction_retention_cpu.json"))
     opts = p.parse_args()
     torch.set_num_threads(2)
@@ -35,13 +39,15 @@ def main() -> int:
     for wd in opts.weight_decay:
         args = ih.build_train_parser().parse_args([
             "--seq-len", str(TRAIN_LEN), "--max-steps", str(opts.steps), "--batch-size", str(BATCH), "--lr", str(opts.lr),
-            "--weight-decay", str(wd), "--device", "cpu", "--out-dir", "", "--eval-every", "100000", "--no-progress"])
+            "--weight-decay", str(wd), "--min-lr-ratio", str(opts.min_lr_ratio),
+            *(["--warmup-steps", str(opts.warmup_steps)] if opts.warmup_steps is not None else []), "--device", "cpu", "--out-dir", "", "--eval-every", "100000", "--no-progress"])
         start = time.perf_counter()
         model, summary, rows = ih.run(args, progress=False)
         lengths = ih.evaluate_lengths(model, [TRAIN_LEN * 2 ** k for k in range(10)], 16, 2, 0, torch.device("cpu"),
                                       chunk_len=4096, log=None)
         retention = ih.retention_horizons(model, length=1024, batch_size=16)
         run = {"weight_decay": wd, "train_len": TRAIN_LEN, "steps": opts.steps, "batch_size": BATCH, "lr": opts.lr,
+               "min_lr_ratio": opts.min_lr_ratio, "warmup_steps": args.warmup_steps,
                "final_loss": rows[-1]["loss"], "train_accuracy": summary["accuracy"],
                "seconds": round(time.perf_counter() - start, 1), "lengths": lengths, "retention": retention}
         print(json.dumps({k: run[k] for k in ("weight_decay", "final_loss", "seconds")}), flush=True)
