@@ -22,6 +22,19 @@ def test_signature_follows_dtype_alignment_and_values_but_holds_no_tensor():
     assert not any(isinstance(v, torch.Tensor) for item in sig for v in (item if isinstance(item, tuple) else (item,)))
 
 
+def test_only_a_set_launch_hook_sends_launches_through_triton():
+    """Triton 3.5+ keeps an empty HookChain as the launch hook: that is no hook (the first version
+    of `launch` took it for one and never used its cache); a chain with a call, or a plain
+    function (older Triton), is."""
+    assert not launch_mod._hooked(None)
+    knobs = pytest.importorskip("triton.knobs")
+    chain = knobs.HookChain()
+    assert not launch_mod._hooked(chain)
+    chain.add(lambda *a: None)
+    assert launch_mod._hooked(chain)
+    assert launch_mod._hooked(lambda *a: None)
+
+
 def test_launch_without_cuda_takes_tritons_path():
     calls = []
 

@@ -37,6 +37,11 @@ def signature(values) -> tuple:
     return tuple([(v.dtype, v.data_ptr() % 16) if isinstance(v, _Tensor) else v for v in values])
 
 
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: a function, or a HookChain (Triton 3.5+) with calls in it."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _tail(kernel, n_positional: int) -> tuple[tuple[str, ...], dict]:
     """The kernel's parameters after the positional ones, and their defaults."""
     params = list(inspect.signature(kernel.fn).parameters.values())[n_positional:]
@@ -54,7 +59,7 @@ def launch(kernel, grid: tuple, args: list, kwargs: dict) -> None:
     device = torch.cuda.current_device()
     key = (id(kernel), device, signature(args), tuple(kwargs), signature(kwargs.values()))
     entry = _CACHE.get(key)
-    if entry is None or _hooks.launch_enter_hook is not None or _hooks.launch_exit_hook is not None:
+    if entry is None or _hooked(_hooks.launch_enter_hook) or _hooked(_hooks.launch_exit_hook):
         compiled = kernel[grid](*args, **kwargs)
         if entry is None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             if len(_CACHE) >= _MAX_ENTRIES:
