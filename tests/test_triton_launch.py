@@ -35,6 +35,26 @@ def test_only_a_set_launch_hook_sends_launches_through_triton():
     assert launch_mod._hooked(lambda *a: None)
 
 
+def test_a_cache_entry_lists_the_parameters_after_the_positional_ones_with_their_defaults():
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+
+    @triton.jit
+    def kernel(a_ptr, n, BLOCK: tl.constexpr, extra_ptr=None, FLAG: tl.constexpr = 3):
+        pass
+
+    class Compiled:  # what Triton returns from a launch: the launcher, the function, the metadata
+        run, function, packed_metadata = object(), object(), object()
+
+    launch_mod._remember("key", kernel, Compiled(), 2)
+    try:
+        assert launch_mod._CACHE["key"][3:] == (("BLOCK", "extra_ptr", "FLAG"), {"extra_ptr": None, "FLAG": 3}, kernel)
+        launch_mod._remember("other", kernel, object(), 2)  # no launcher: not cached, and no error
+        assert "other" not in launch_mod._CACHE
+    finally:
+        launch_mod.clear_cache()
+
+
 def test_launch_without_cuda_takes_tritons_path():
     calls = []
 
@@ -73,7 +93,7 @@ def test_cached_launches_match_the_first_and_a_misaligned_view_compiles_its_own(
         def counting(*a, run=run):
             hits["n"] += 1
             return run(*a)
-        launch_mod._CACHE[key] = (counting,) + entry[1:]
+        launch_mod._CACHE[key] = (counting,) + entry[1:]  # same kernel, names and defaults
     for _ in range(2):
         again = run_once(kw)
         for a, b in zip(first, again):

@@ -61,16 +61,29 @@ def launch(kernel, grid: tuple, args: list, kwargs: dict) -> None:
     entry = _CACHE.get(key)
     if entry is None or _hooked(_hooks.launch_enter_hook) or _hooked(_hooks.launch_exit_hook):
         compiled = kernel[grid](*args, **kwargs)
-        if entry is None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-            if len(_CACHE) >= _MAX_ENTRIES:
-                _CACHE.clear()
-            names, defaults = _tail(kernel, len(args))
-            _CACHE[key] = (compiled.run, compiled.function, compiled.packed_metadata, names, defaults)
+        if entry is None:
+            _remember(key, kernel, compiled, len(args))
         return
-    run, function, metadata, names, defaults = entry
+    run, function, metadata, names, defaults, cached_kernel = entry
+    if cached_kernel is not kernel:  # the id of a kernel since freed, reused: no entry of this one
+        del _CACHE[key]
+        launch(kernel, grid, args, kwargs)
+        return
     rest = [kwargs[n] if n in kwargs else defaults[n] for n in names]
     grid = tuple(grid) + (1,) * (3 - len(grid))
     run(grid[0], grid[1], grid[2], _current_stream(device), function, metadata, None, None, None, *args, *rest)
+
+
+def _remember(key, kernel, compiled, n_positional: int) -> None:
+    """Caches what a direct launch needs; a kernel or a Triton that lacks it is not cached (its
+    launches keep taking Triton's path), so nothing here can fail a launch that has been made."""
+    try:
+        entry = (compiled.run, compiled.function, compiled.packed_metadata) + _tail(kernel, n_positional) + (kernel,)
+    except (AttributeError, TypeError, ValueError):
+        return
+    if len(_CACHE) >= _MAX_ENTRIES:
+        _CACHE.clear()
+    _CACHE[key] = entry
 
 
 def clear_cache() -> None:
