@@ -3,6 +3,7 @@ pipeline stages, for the forward (no saved states) or, with --backward, the back
 
     python benchmarks/tune_lanes.py OUT.jsonl
     python benchmarks/tune_lanes.py OUT.jsonl --backward
+    python benchmarks/tune_lanes.py OUT.jsonl --shapes 8x2048      # some of scan.py's shapes only
 
 Official figures are in ../shared/GUIDE.md and come side by side from benchmarks/scan.py."""
 import itertools, json, sys, torch
@@ -12,8 +13,12 @@ from scan import SHAPES, make_inputs
 from mambakit.ops.triton.selective_scan import scan_bwd, scan_fwd
 
 backward = "--backward" in sys.argv
+shapes = SHAPES[:4] if backward else SHAPES
+if "--shapes" in sys.argv:
+    wanted = sys.argv[sys.argv.index("--shapes") + 1].split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in wanted]
 out = open(sys.argv[1], "a")
-for batch, length in (SHAPES[:4] if backward else SHAPES):
+for batch, length in shapes:
     kw = make_inputs(batch, length)
     args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     if backward:
