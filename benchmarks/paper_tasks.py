@@ -16,6 +16,8 @@ than overrunning, and "steps_run" says what was done).
     python benchmarks/paper_tasks.py --only induction     # ... paper_tasks_induction_h200.json + .png
     python benchmarks/paper_tasks.py --steps-scale 0.1    # a shorter run
     python benchmarks/paper_tasks.py --only induction --layer mamba --set induction.lr=5e-4   # one setting changed
+    python benchmarks/paper_tasks.py --only induction --layer mamba --state-dir runs/ind \
+        --set induction.steps=204800     # longer than one call: run again to continue where it stopped
     python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
 """
 
@@ -76,6 +78,17 @@ SMOKE = {
 }
 
 
+def state_argv(state_dir: str | None, part: str, name: str) -> list[str]:
+    """With --state-dir: the variant's resumable training state in its own folder, saved every
+    1000 steps and at the time limit, and resumed when one is there (so a training longer than
+    one device call runs over several calls with the same command)."""
+    if not state_dir:
+        return []
+    from mambakit.tasks.synthetic import STATE_FILE
+    folder = Path(state_dir) / f"{part}_{''.join(ch if ch.isalnum() else '_' for ch in name).strip('_')}"
+    return ["--out-dir", str(folder), "--save-every", "1000"] + (["--resume"] if (folder / STATE_FILE).exists() else [])
+
+
 def task_argv(common: list[str], c: dict, steps_scale: float) -> list[str]:
     steps = max(1, round(c["steps"] * steps_scale))
     return common + ["--seq-len", str(c["seq_len"]), "--max-steps", str(steps), "--batch-size", str(c["batch"]),
@@ -85,9 +98,10 @@ def task_argv(common: list[str], c: dict, steps_scale: float) -> list[str]:
 
 
 def train_copying_variant(c: dict, common: list[str], steps_scale: float, progress: bool,
-                          name: str, layer: str, gate: bool) -> dict:
+                          name: str, layer: str, gate: bool, state_dir: str | None = None) -> dict:
     """One Table 1 row: trains the variant, returns its summary (with the accuracy curve)."""
-    argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate" if gate else "--no-gate",
+    argv = task_argv(common, c, steps_scale) + state_argv(state_dir, "copy", name) + [
+        "--layer", layer, "--gate" if gate else "--no-gate",
                                                 "--n-memorize", str(c["n_memorize"])]
     if c.get("curriculum_from"):
         argv += ["--curriculum-from", str(c["curriculum_from"])]
@@ -100,10 +114,10 @@ def train_copying_variant(c: dict, common: list[str], steps_scale: float, progre
 
 
 def train_induction_variant(c: dict, common: list[str], steps_scale: float, progress: bool,
-                            name: str, layer: str) -> dict:
+                            name: str, layer: str, state_dir: str | None = None) -> dict:
     """Trains one induction model at c["seq_len"], then evaluates it at every length, with bf16
     autocast (as trained) and in fp32 (to tell numerics from the model's own retention)."""
-    argv = task_argv(common, c, steps_scale) + ["--layer", layer, "--gate"]
+    argv = task_argv(common, c, steps_scale) + state_argv(state_dir, "induction", name) + ["--layer", layer, "--gate"]
     args = ih.build_train_parser().parse_args(argv)
     device = resolve_device(args.device)
     model, summary, rows = ih.run(args, progress=progress)
@@ -231,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(PART is copy or induction; repeatable)")
     p.add_argument("--jobs", type=int, default=1,
                    help="train up to this many models at once, each in its own process (default 1)")
+    p.add_argument("--state-dir", default=None,
+                   help="keep each model's resumable training state here and continue it when present: "
+                        "a training longer than its time limit goes on in the next call of the same command")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
@@ -251,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     calls = []
     if args.only in (None, "copying"):
-        calls += [(train_copying_variant, sizes["copy"], common, args.steps_scale, args.progress, name, layer, gate)
-                  for name, layer, gate in VARIANTS if args.layer in (None, layer)]
+        calls += [(train_copying_variant, sizes["copy"], common, args.steps_scale, args.progress, name, layer, gate,
+                   args.state_dir) for name, layer, gate in VARIANTS if args.layer in (None, layer)]
     if args.only in (None, "induction"):
-        calls += [(train_induction_variant, sizes["induction"], common, args.steps_scale, args.progress, name, layer)
-                  for name, layer in INDUCTION_VARIANTS if args.layer in (None, layer)]
+        calls += [(train_induction_variant, sizes["induction"], common, args.steps_scale, args.progress, name, layer,
+                   args.state_dir) for name, layer in INDUCTION_VARIANTS if args.layer in (None, layer)]
     for summary in run_jobs(calls, args.jobs):
         key = "selective_copying" if summary["task"] == "selective-copying" else "induction_heads"
         result.setdefault(key, []).append(summary)

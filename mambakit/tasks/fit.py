@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +25,15 @@ class FitConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     seed: int = 0
-    time_limit_s: float | None = None  # stop early (with a last evaluation) once training has run this long
+    time_limit_s: float | None = None  # stop early (with a last evaluation) once this process has trained this long
+    # a resumable state (model, optimizer, step, rows) written atomically to this file every
+    # save_every steps (0: only at the end and on an early stop); resume=True continues from it
+    state_path: str | None = None
+    save_every: int = 0
+    resume: bool = False
+
+    # what a resumed run must share with the one that wrote the state, for the same schedule
+    SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed")
 
     def check(self) -> None:
         for name in ("max_steps", "eval_every"):
@@ -41,6 +50,10 @@ class FitConfig:
                                                   and not isinstance(self.time_limit_s, bool)
                                                   and self.time_limit_s > 0):
             raise ValueError(f"time_limit_s must be a number > 0 or None, got {self.time_limit_s!r}")
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"--save-every must be an int >= 0, got {self.save_every!r}")
+        if self.resume and not self.state_path:
+            raise ValueError("--resume needs a state to resume from: give --out-dir")
 
 
 def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..., torch.Tensor], cfg: FitConfig,
@@ -57,10 +70,18 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=fused or None)
     rows: list[dict] = []
+    first, seconds_before = 0, 0.0
+    if cfg.resume:
+        first, rows = load_state(cfg, model, optimizer)
+        seconds_before = rows[-1]["seconds"] if rows else 0.0
+    elif cfg.state_path and Path(cfg.state_path).exists():
+        raise ValueError(f"{cfg.state_path} already holds a training state; pass --resume to continue it "
+                         f"or choose another --out-dir")
     bar = _bar(cfg.max_steps, progress)
+    bar.update(first)
     start = time.perf_counter()
     model.train()
-    for step in range(cfg.max_steps):
+    for step in range(first, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -75,8 +96,9 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "seconds": time.perf_counter() - start}
-        out_of_time = cfg.time_limit_s is not None and row["seconds"] >= cfg.time_limit_s and step + 1 < cfg.max_steps
+        elapsed = time.perf_counter() - start
+        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "seconds": seconds_before + elapsed}
+        out_of_time = cfg.time_limit_s is not None and elapsed >= cfg.time_limit_s and step + 1 < cfg.max_steps
         if out_of_time:
             row["stopped_early"] = True
         if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps or out_of_time):
@@ -85,12 +107,49 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
                 row.update(evaluate())
             model.train()
         rows.append(row)
+        if cfg.state_path and (step + 1 == cfg.max_steps or out_of_time
+                               or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            save_state(cfg, model, optimizer, rows)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr", "seconds", "stopped_early")})
         if out_of_time:
             break
     bar.close()
     return rows
+
+
+def save_state(cfg: FitConfig, model: nn.Module, optimizer, rows: list[dict]) -> None:
+    """Everything a resumed run needs, written atomically (a temporary file, then a rename):
+    the batches and the schedule are functions of the step, so these make the resume exact."""
+    from ..checkpoint import atomic_write
+    state = {"step": rows[-1]["step"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rows": rows, "schedule": {f: getattr(cfg, f) for f in cfg.SCHEDULE_FIELDS}}
+    atomic_write(cfg.state_path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(cfg: FitConfig, model: nn.Module, optimizer) -> tuple[int, list[dict]]:
+    """Loads cfg.state_path into the model and optimizer; returns (the step to continue from,
+    the rows so far). A missing or unreadable state, another model or another schedule is a
+    ValueError that names it."""
+    path = Path(cfg.state_path)
+    if not path.is_file():
+        raise ValueError(f"--resume: there is no training state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        schedule, step, rows = state["schedule"], int(state["step"]), list(state["rows"])
+    except Exception as err:  # noqa: BLE001 (any corruption is reported the same way)
+        raise ValueError(f"the training state {path} cannot be read ({type(err).__name__}: {err})") from None
+    differ = [f"{f} {schedule.get(f)!r} -> {getattr(cfg, f)!r}" for f in cfg.SCHEDULE_FIELDS
+              if schedule.get(f) != getattr(cfg, f)]
+    if differ:
+        raise ValueError(f"--resume: {path} was written with other settings ({', '.join(differ)}); "
+                         f"a resumed run must keep them to continue the same schedule")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"--resume: {path} holds another model ({str(err).splitlines()[0]})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    return step, rows
 
 
 def _bar(total: int, enabled: bool):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 SPLITS = {"train": 0, "eval": 1}
+STATE_FILE = "fit_state.pt"  # the resumable training state in --out-dir (--save-every, --resume)
 
 
 def rng_for(seed: int, step: int, split: str = "train") -> np.random.Generator:
@@ -105,6 +106,11 @@ def add_common_flags(parser: argparse.ArgumentParser, *, seq_len: int, max_steps
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out-dir", default=out_dir, help="model, metrics JSON and plot go here ('' = none)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="write a resumable training state (OUT_DIR/fit_state.pt) every N steps, at the end "
+                             "and on a --time-limit stop (default 0: no state)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from OUT_DIR/fit_state.pt (same settings; --time-limit applies anew)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -121,8 +127,15 @@ def fit_config(args):
     from .fit import FitConfig
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
     every = args.eval_every if args.eval_every is not None else max(1, args.max_steps // 10)
+    saving = args.save_every > 0 or args.resume
+    if saving and not args.out_dir:
+        raise ValueError("--save-every and --resume need an --out-dir for the training state")
+    state_path = str(Path(args.out_dir) / STATE_FILE) if saving else None
+    if state_path and not args.resume:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return FitConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay,
-                     min_lr_ratio=args.min_lr_ratio, eval_every=every, seed=args.seed, time_limit_s=args.time_limit)
+                     min_lr_ratio=args.min_lr_ratio, eval_every=every, seed=args.seed, time_limit_s=args.time_limit,
+                     state_path=state_path, save_every=args.save_every, resume=args.resume)
 
 
 # ---- outputs -----------------------------------------------------------------------------
