@@ -77,3 +77,23 @@ def test_bad_resumes_are_clear_errors(tmp_path):
     (tmp_path / "broken" / "fit_state.pt").write_bytes(b"not a state")
     with pytest.raises(ValueError, match="cannot be read"):
         _train(tmp_path / "broken", "--resume")
+
+
+def test_rows_hold_each_steps_loss_as_a_float_read_after_the_step(monkeypatch):
+    """fit() reads the losses from the device in batches (READ_LOSSES_EVERY): every row still
+    ends with its own step's loss, a float; the first one equals the loss of a fresh model of
+    the same seed on batch 0, computed directly."""
+    from mambakit.tasks import fit as fit_mod
+    from mambakit.tasks.synthetic import ModelArgs, build_model
+    monkeypatch.setattr(fit_mod, "READ_LOSSES_EVERY", 3)  # reads after steps 3 and 6, and at the end
+    task = ih.InductionHeads(16)
+    batch_at = lambda step: task.batch(4, 0, step, "train", "cpu")  # noqa: E731
+    fresh = build_model(ModelArgs(d_model=16), ih.VOCAB_SIZE, torch.device("cpu"), seed=0)
+    expected_first = ih.loss_fn(fresh, *batch_at(0)).item()
+    model = build_model(ModelArgs(d_model=16), ih.VOCAB_SIZE, torch.device("cpu"), seed=0)
+    cfg = fit_mod.FitConfig(max_steps=7, lr=3e-3, warmup_steps=2, eval_every=100)
+    rows = fit_mod.fit(model, batch_at, ih.loss_fn, cfg, progress=False)
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert all(type(r["loss"]) is float for r in rows)
+    assert rows[0]["loss"] == expected_first
+    assert rows[-1]["loss"] != rows[0]["loss"]

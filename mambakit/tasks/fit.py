@@ -70,6 +70,7 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=fused or None)
     rows: list[dict] = []
+    unread: list[dict] = []  # rows whose loss is still a device tensor
     first, seconds_before = 0, 0.0
     if cfg.resume:
         first, rows = load_state(cfg, model, optimizer)
@@ -97,25 +98,45 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
-        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "seconds": seconds_before + elapsed}
+        # the loss stays on the device until a flush below: reading it every step would make
+        # the host wait for the GPU, and a small model's loop is bound by the host's time
+        row = {"step": step + 1, "loss": loss.detach(), "lr": lr, "seconds": seconds_before + elapsed}
+        rows.append(row)
+        unread.append(row)
         out_of_time = cfg.time_limit_s is not None and elapsed >= cfg.time_limit_s and step + 1 < cfg.max_steps
         if out_of_time:
             row["stopped_early"] = True
-        if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps or out_of_time):
+        last = step + 1 == cfg.max_steps or out_of_time
+        evaluating = evaluate is not None and ((step + 1) % cfg.eval_every == 0 or last)
+        saving = cfg.state_path and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0))
+        if evaluating or saving or len(unread) >= READ_LOSSES_EVERY:
+            _read_losses(unread)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if evaluating:
             model.eval()
             with torch.no_grad():
                 row.update(evaluate())
             model.train()
-        rows.append(row)
-        if cfg.state_path and (step + 1 == cfg.max_steps or out_of_time
-                               or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr", "seconds", "stopped_early")})
+        if saving:
             save_state(cfg, model, optimizer, rows)
         bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "lr", "seconds", "stopped_early")})
         if out_of_time:
             break
+    _read_losses(unread)
     bar.close()
     return rows
+
+
+READ_LOSSES_EVERY = 100  # steps between reads of the losses from the device
+
+
+def _read_losses(rows: list[dict]) -> None:
+    """Replaces the rows' loss tensors by floats, with one device-to-host copy, and empties the list."""
+    if rows:
+        for row, value in zip(rows, torch.stack([r["loss"] for r in rows]).float().tolist()):
+            row["loss"] = value
+        rows.clear()
 
 
 def save_state(cfg: FitConfig, model: nn.Module, optimizer, rows: list[dict]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import check_positive_int, rng_for
+from .synthetic import check_positive_int, rng_for, to_device
 
 VOCAB_SIZE = 16
 TRIGGER = 15
@@ -54,7 +54,7 @@ class InductionHeads:
     def batch(self, batch_size: int, seed: int, step: int, split: str = "train", device=None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = self.batch_np(batch_size, seed, step, split)
-        return torch.from_numpy(inputs).long().to(device), torch.from_numpy(targets).long().to(device)
+        return to_device(inputs, targets, device=device)
 
 
 def loss_fn(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

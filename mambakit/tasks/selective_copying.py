@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .synthetic import check_positive_int, rng_for
+from .synthetic import check_positive_int, rng_for, to_device
 
 VOCAB_SIZE = 16
 NOISE = 0
@@ -67,7 +67,7 @@ class SelectiveCopying:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs (B, seq_len), answers (B, n_memorize)) as int64 tensors on `device`."""
         inputs, answers = self.batch_np(batch_size, seed, step, split)
-        return (torch.from_numpy(inputs).long().to(device), torch.from_numpy(answers).long().to(device))
+        return to_device(inputs, answers, device=device)
 
 
 def answer_logits(model, inputs: torch.Tensor, n_memorize: int) -> torch.Tensor:

@@ -34,6 +34,15 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def to_device(*arrays: np.ndarray, device=None) -> tuple[torch.Tensor, ...]:
+    """Integer numpy arrays -> int64 tensors on `device`. To CUDA the copy goes from pinned
+    memory without blocking: a copy from pageable memory makes the host wait until the GPU has
+    finished the work queued before it, so a training loop could not queue its next step early."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return tuple(torch.from_numpy(a).long().pin_memory().to(device, non_blocking=True) if cuda
+                 else torch.from_numpy(a).long().to(device) for a in arrays)
+
+
 # ---- the model ---------------------------------------------------------------------------
 
 @dataclass
