@@ -97,3 +97,21 @@ def test_rows_hold_each_steps_loss_as_a_float_read_after_the_step(monkeypatch):
     assert all(type(r["loss"]) is float for r in rows)
     assert rows[0]["loss"] == expected_first
     assert rows[-1]["loss"] != rows[0]["loss"]
+
+
+@pytest.mark.gpu
+def test_on_cuda_rows_hold_their_own_losses_and_a_resume_is_exact(tmp_path, monkeypatch):
+    """The same two properties on the GPU, where the losses stay on the device between reads and
+    the batches are copied from pinned memory without blocking."""
+    from mambakit.tasks import fit as fit_mod
+    monkeypatch.setattr(fit_mod, "READ_LOSSES_EVERY", 3)
+    cuda = [a if a != "cpu" else "cuda" for a in TINY]
+    whole = ih.run(ih.build_train_parser().parse_args(cuda + ["--out-dir", ""]), progress=False)
+    assert all(type(r["loss"]) is float for r in whole[2]) and len(whole[2]) == 12
+    first = ih.run(ih.build_train_parser().parse_args(cuda + ["--out-dir", str(tmp_path), "--save-every", "5",
+                                                              "--time-limit", "1e-9"]), progress=False)
+    assert len(first[2]) == 1
+    rest = ih.run(ih.build_train_parser().parse_args(cuda + ["--out-dir", str(tmp_path), "--resume"]),
+                  progress=False)
+    assert [r["step"] for r in rest[2]] == list(range(1, 13))
+    torch.testing.assert_close(rest[0].state_dict(), whole[0].state_dict(), rtol=1e-5, atol=1e-6)
