@@ -139,7 +139,7 @@ class Mamba(nn.Module):
         (T, B, D) slices, which then need no copy). No projection makes a transposed copy in
         either layout (see _project)."""
         with_states = state is not None or always_states
-        time_major = not hidden_states.is_cuda
+        time_major = _time_major(hidden_states)
         batch, length, _ = hidden_states.shape
         if time_major:
             xz = F.linear(hidden_states, self.in_proj.weight).transpose(1, 2)  # (B, 2*D_inner, L), C contiguous
@@ -156,13 +156,15 @@ class Mamba(nn.Module):
         x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
         x_dbl = _project(self.x_proj.weight, x, time_major)  # (B, R + 2N, L)
         dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
-        delta = _project(self.dt_proj.weight, dt, time_major)  # (B, D_inner, L)
         A = self.A()  # (D_inner, N)
-        scan_out = ops.selective_scan(
-            x, delta, A, B, C, D=_at_least_fp32(self.D), z=z,
-            delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True,
-            initial_state=None if state is None else state.ssm, return_final_state=with_states,
-            cu_seqlens=cu_seqlens)
+        scan_kw = dict(D=_at_least_fp32(self.D), z=z, delta_bias=_at_least_fp32(self.dt_proj.bias),
+                       delta_softplus=True, initial_state=None if state is None else state.ssm,
+                       return_final_state=with_states, cu_seqlens=cu_seqlens)
+        if time_major:
+            delta = _project(self.dt_proj.weight, dt, time_major)  # (B, D_inner, L)
+            scan_out = ops.selective_scan(x, delta, A, B, C, **scan_kw)
+        else:  # Δ = dt_proj(dt) formed inside: the Triton scan's backward keeps dt (B, R, L), not Δ
+            scan_out = ops.selective_scan_dt_proj(x, dt, self.dt_proj.weight, A, B, C, **scan_kw)
         y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
         out = _project(self.out_proj.weight, y, time_major)  # (B, d_model, L)
         if self.out_proj.bias is not None:
@@ -197,6 +199,13 @@ def one_token(hidden_states: torch.Tensor, d_model: int) -> tuple[torch.Tensor, 
     if hidden_states.ndim != 2 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"step() expects hidden_states of shape (B, {d_model}), got {tuple(hidden_states.shape)}")
     return hidden_states, squeeze
+
+
+def _time_major(hidden_states: torch.Tensor) -> bool:
+    """The layout of the mixer's (B, C, L) tensors: time-major off CUDA (the chunked torch scan),
+    channels-first on CUDA (the Triton kernels). A function, so that a CPU test can run the
+    channels-first path."""
+    return not hidden_states.is_cuda
 
 
 def _project(weight: torch.Tensor, x: torch.Tensor, time_major: bool) -> torch.Tensor:

@@ -13,9 +13,10 @@ import os
 
 import torch
 
-from .checks import check_conv_args, check_conv_update_args, check_scan_args, check_state_update_args
+from .checks import (check_conv_args, check_conv_update_args, check_dt_proj_args, check_scan_args,
+                     check_state_update_args)
 from .conv import causal_conv1d_torch
-from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
+from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, dt_projection, selective_scan_ref,
                         selective_state_update_ref)
 from .scan import selective_scan_chunked
 from .step import causal_conv1d_update_ as _conv_update_torch_
@@ -36,7 +37,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = [
-    "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
+    "selective_scan", "selective_scan_dt_proj", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
     "selective_scan_ref", "causal_conv1d_ref", "selective_state_update_ref", "causal_conv1d_update_ref",
     "selective_scan_chunked", "causal_conv1d_torch", "BACKENDS",
 ]
@@ -76,6 +77,23 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     from .triton.scan_op import selective_scan_triton
     return selective_scan_triton(u, delta, A, B, C, **kw)
+
+
+def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None):
+    """selective_scan(u, Δ, ...) with Δ = dt_weight @ dt formed inside: dt (B, R, L) is the low-rank
+    step input and dt_weight (D, R) the mixer's dt_proj weight (its bias is delta_bias). With the
+    Triton backend, training keeps dt instead of Δ for the backward and forms Δ again there: one
+    (B, D, L) tensor less held per layer. Elsewhere it is exactly the composition below."""
+    which = _resolve(backend, u if isinstance(u, torch.Tensor) else None)
+    check_dt_proj_args(u, dt, dt_weight)
+    kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
+              return_final_state=return_final_state, cu_seqlens=cu_seqlens)
+    if which != "triton":
+        return selective_scan(u, dt_projection(dt_weight, dt), A, B, C, **kw, backend=which)
+    check_scan_args(u, u, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)  # Δ has u's shape: dt checked above
+    from .triton.scan_op import selective_scan_dt_proj_triton
+    return selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, **kw)
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,

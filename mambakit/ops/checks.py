@@ -120,6 +120,19 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     return ScanShape(batch, dim, length, d_state, groups, grouped, n_seqs)
 
 
+def check_dt_proj_args(u, dt, dt_weight) -> None:
+    """The low-rank step input dt (B, R, L) and the projection dt_weight (D, R) of
+    selective_scan_dt_proj, against u (B, D, L)."""
+    require_tensor("u", u, ndim=3)
+    batch, dim, length = u.shape
+    require_tensor("dt", dt, ndim=3)
+    require_tensor("dt_weight", dt_weight, ndim=2)
+    if dt.shape[0] != batch or dt.shape[2] != length:
+        raise ValueError(f"dt must have shape (B={batch}, R, L={length}) from u, got {_shape(dt)}")
+    require_shape("dt_weight", dt_weight, (dim, dt.shape[1]), "(D, R) with D from u and R from dt")
+    require_same_device("u", u, dt=dt, dt_weight=dt_weight)
+
+
 def check_conv_args(x, weight, bias=None, activation=None, initial_state=None, cu_seqlens=None) -> int:
     """Returns the kernel width K."""
     require_tensor("x", x, ndim=3)

@@ -134,3 +134,9 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     if activation is not None:
         y = F.silu(y)
     return y.to(x.dtype), window[..., 1:].to(conv_state.dtype)
+
+
+def dt_projection(dt_weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Δ before its bias and softplus: dt_weight (D, R) applied to the low-rank dt (B, R, L) ->
+    (B, D, L), in dt's dtype (the weight is cast, as under autocast), as one batched GEMM."""
+    return torch.bmm(dt_weight.to(dt.dtype).expand(dt.shape[0], -1, -1), dt)
