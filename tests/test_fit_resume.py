@@ -66,8 +66,11 @@ def test_bad_resumes_are_clear_errors(tmp_path):
         args = ih.build_train_parser().parse_args(TINY + ["--out-dir", str(tmp_path / "run"), "--resume",
                                                           "--lr", "1e-3"])
         ih.run(args, progress=False)
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match=r"other settings \(batch_size 4 -> 8, seq_len 16 -> 32\)"):
+        _train(tmp_path / "run", "--resume", "--batch-size", "8", "--seq-len", "32")  # other batches
+    with pytest.raises(ValueError, match=r"other settings \(d_model 16 -> 32\)"):
         _train(tmp_path / "run", "--resume", "--d-model", "32")
+    _train(tmp_path / "run", "--resume", "--eval-batches", "2", "--time-limit", "5")  # these may change
     with pytest.raises(ValueError, match="need an --out-dir"):
         args = ih.build_train_parser().parse_args(TINY + ["--out-dir", "", "--save-every", "3"])
         ih.run(args, progress=False)

@@ -16,9 +16,12 @@ def test_signature_follows_dtype_alignment_and_values_but_holds_no_tensor():
     assert signature([aligned]) != signature([shifted])
     assert signature([aligned]) != signature([aligned.to(torch.float16)])
     assert signature([aligned, 1]) != signature([aligned, 16]) != signature([aligned, 17])
+    # equal in Python, but Triton compiles a bool, an int and a float differently
+    assert len({signature([True]), signature([1]), signature([1.0])}) == 3
+    assert signature([0]) != signature([False]) != signature([0.0])
     param = torch.nn.Parameter(torch.zeros(8))  # a subclass: still keyed by dtype and alignment
     sig = signature([param, None, True])
-    assert sig == ((torch.float32, param.data_ptr() % 16), None, True)
+    assert sig == ((torch.float32, param.data_ptr() % 16), (type(None), None), (bool, True))
     assert not any(isinstance(v, torch.Tensor) for item in sig for v in (item if isinstance(item, tuple) else (item,)))
 
 

@@ -138,5 +138,6 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
 
 def dt_projection(dt_weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """Δ before its bias and softplus: dt_weight (D, R) applied to the low-rank dt (B, R, L) ->
-    (B, D, L), in dt's dtype (the weight is cast, as under autocast), as one batched GEMM."""
+    (B, D, L), as one batched GEMM with the weight cast to dt's dtype (under autocast the GEMM
+    runs in the autocast dtype, whatever dt's)."""
     return torch.bmm(dt_weight.to(dt.dtype).expand(dt.shape[0], -1, -1), dt)

@@ -31,6 +31,9 @@ class FitConfig:
     state_path: str | None = None
     save_every: int = 0
     resume: bool = False
+    # the caller's other settings that decide the batches and the model (a task trainer's flags):
+    # stored with the state, and a resume must match them too
+    settings: dict | None = None
 
     # what a resumed run must share with the one that wrote the state, for the same schedule
     SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed")
@@ -63,7 +66,10 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
     Every cfg.eval_every steps (and at the end) `evaluate()` adds its metrics to the row.
     Returns one row per step: step, loss, lr, seconds (+ the evaluation's keys). With
     cfg.time_limit_s, training stops after the step that crosses the limit (evaluated, and
-    marked "stopped_early": True); the schedule is still that of cfg.max_steps."""
+    marked "stopped_early": True); the schedule is still that of cfg.max_steps. With
+    cfg.state_path the state is saved (see FitConfig) and cfg.resume continues it: the
+    parameters and losses are those of an uninterrupted run, and only the rows where a call
+    stopped carry the extra evaluation and mark."""
     from ..train import lr_at, param_groups  # the LM trainer's schedule and weight-decay groups
     cfg.check()
     fused = next(model.parameters()).is_cuda
@@ -144,8 +150,14 @@ def save_state(cfg: FitConfig, model: nn.Module, optimizer, rows: list[dict]) ->
     the batches and the schedule are functions of the step, so these make the resume exact."""
     from ..checkpoint import atomic_write
     state = {"step": rows[-1]["step"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rows": rows, "schedule": {f: getattr(cfg, f) for f in cfg.SCHEDULE_FIELDS}}
+             "rows": rows, "schedule": _settings(cfg)}
     atomic_write(cfg.state_path, lambda tmp: torch.save(state, tmp))
+
+
+def _settings(cfg: FitConfig) -> dict:
+    """What a resumed run must share with the one that wrote the state: the schedule's fields
+    and the caller's settings."""
+    return {**{f: getattr(cfg, f) for f in cfg.SCHEDULE_FIELDS}, **(cfg.settings or {})}
 
 
 def load_state(cfg: FitConfig, model: nn.Module, optimizer) -> tuple[int, list[dict]]:
@@ -160,8 +172,9 @@ def load_state(cfg: FitConfig, model: nn.Module, optimizer) -> tuple[int, list[d
         schedule, step, rows = state["schedule"], int(state["step"]), list(state["rows"])
     except Exception as err:  # noqa: BLE001 (any corruption is reported the same way)
         raise ValueError(f"the training state {path} cannot be read ({type(err).__name__}: {err})") from None
-    differ = [f"{f} {schedule.get(f)!r} -> {getattr(cfg, f)!r}" for f in cfg.SCHEDULE_FIELDS
-              if schedule.get(f) != getattr(cfg, f)]
+    now = _settings(cfg)
+    differ = [f"{f} {schedule.get(f)!r} -> {now.get(f)!r}" for f in sorted(set(schedule) | set(now))
+              if schedule.get(f) != now.get(f)]
     if differ:
         raise ValueError(f"--resume: {path} was written with other settings ({', '.join(differ)}); "
                          f"a resumed run must keep them to continue the same schedule")

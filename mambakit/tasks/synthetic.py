@@ -17,6 +17,10 @@ import torch
 
 SPLITS = {"train": 0, "eval": 1}
 STATE_FILE = "fit_state.pt"  # the resumable training state in --out-dir (--save-every, --resume)
+# flags that do not change what a run trains (where, how long this call, what it writes or shows);
+# a resume must keep every other flag (the batch size, the lengths, the model ...)
+NOT_RUN_SETTINGS = ("time_limit", "resume", "save_every", "out_dir", "no_progress", "device", "eval_every",
+                    "eval_batches", "eval_lengths")
 
 
 def rng_for(seed: int, step: int, split: str = "train") -> np.random.Generator:
@@ -144,7 +148,8 @@ def fit_config(args):
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return FitConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay,
                      min_lr_ratio=args.min_lr_ratio, eval_every=every, seed=args.seed, time_limit_s=args.time_limit,
-                     state_path=state_path, save_every=args.save_every, resume=args.resume)
+                     state_path=state_path, save_every=args.save_every, resume=args.resume,
+                     settings={k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS})
 
 
 # ---- outputs -----------------------------------------------------------------------------

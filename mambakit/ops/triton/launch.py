@@ -33,8 +33,9 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the trito
 
 def signature(values) -> tuple:
     """What a compiled kernel depends on in `values`: each tensor's dtype and its address modulo
-    16 (never the tensor itself, so that the cache holds no memory), and any other value as is."""
-    return tuple([(v.dtype, v.data_ptr() % 16) if isinstance(v, _Tensor) else v for v in values])
+    16 (never the tensor itself, so that the cache holds no memory), and any other value with its
+    type (True, 1 and 1.0 are equal in Python but compile to different kernels)."""
+    return tuple([(v.dtype, v.data_ptr() % 16) if isinstance(v, _Tensor) else (type(v), v) for v in values])
 
 
 def _hooked(hook) -> bool:
@@ -64,11 +65,7 @@ def launch(kernel, grid: tuple, args: list, kwargs: dict) -> None:
         if entry is None:
             _remember(key, kernel, compiled, len(args))
         return
-    run, function, metadata, names, defaults, cached_kernel = entry
-    if cached_kernel is not kernel:  # the id of a kernel since freed, reused: no entry of this one
-        del _CACHE[key]
-        launch(kernel, grid, args, kwargs)
-        return
+    run, function, metadata, names, defaults, _kernel = entry  # the entry holds its kernel: its id stays unique
     rest = [kwargs[n] if n in kwargs else defaults[n] for n in names]
     grid = tuple(grid) + (1,) * (3 - len(grid))
     run(grid[0], grid[1], grid[2], _current_stream(device), function, metadata, None, None, None, *args, *rest)

@@ -163,6 +163,9 @@ class _EagerScanDtProj(torch.autograd.Function):
         out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                               cu_seqlens, True)
         ctx.save_for_backward(u, dt, dt_weight, A, B, C, D, z, delta_bias, cu_seqlens, states)
+        # the dtype the projection ran in (bf16 under autocast, even for fp32 dt): the backward,
+        # which runs without autocast, forms Δ again in it, so that it is the forward's Δ
+        ctx.delta_dtype = delta.dtype
         ctx.delta_softplus = delta_softplus
         ctx.has_init = initial_state is not None
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
@@ -173,14 +176,15 @@ class _EagerScanDtProj(torch.autograd.Function):
         u, dt, dt_weight, A, B, C, D, z, delta_bias, cu_seqlens, states = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
-        delta = dt_projection(dt_weight, dt)  # the forward's Δ, formed again
+        dt_c, weight_c = dt.to(ctx.delta_dtype), dt_weight.to(ctx.delta_dtype)  # as the forward's GEMM ran
+        delta = dt_projection(weight_c, dt_c)  # the forward's Δ, formed again
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = kernels.scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, cu_seqlens, ctx.delta_softplus, states, dout, dfinal)
         d_dt = d_weight = None
         if ctx.needs_input_grad[1]:  # Δ = W dt: d(dt) = W^T dΔ, (B, R, L)
-            d_dt = torch.bmm(dt_weight.to(ddelta.dtype).t().expand(dt.shape[0], -1, -1), ddelta)
-        if ctx.needs_input_grad[2]:  # dW = Σ_b dΔ dt^T, (D, R)
-            d_weight = torch.bmm(ddelta, dt.transpose(1, 2)).sum(0)
+            d_dt = torch.bmm(weight_c.t().expand(dt.shape[0], -1, -1), ddelta)
+        if ctx.needs_input_grad[2]:  # dW = Σ_b dΔ dt^T, (D, R), the sum over the batch in fp32
+            d_weight = torch.bmm(ddelta, dt_c.transpose(1, 2)).sum(0, dtype=torch.float32)
         return (_as(du, u.dtype), None if d_dt is None else _as(d_dt, dt.dtype),
                 None if d_weight is None else _as(d_weight, dt_weight.dtype), _as(dA, A.dtype), _as(dB, B.dtype),
                 _as(dC, C.dtype), _as(dD, D.dtype) if D is not None else None,
