@@ -1,12 +1,12 @@
 """ops.selective_scan_dt_proj: the scan with Δ = dt_weight @ dt formed inside. The Triton path's
 training Function (_EagerScanDtProj) must give the outputs and every gradient of the readable
-composition (dt_projection, then the scan), and must not keep a (B, D, L) Δ for the backward."""
+composition (batched_linear, then the scan), and must not keep a (B, D, L) Δ for the backward."""
 
 import pytest
 import torch
 
 from mambakit.ops import selective_scan, selective_scan_dt_proj
-from mambakit.ops.reference import dt_projection
+from mambakit.ops.reference import batched_linear
 from scan_inputs import make_scan_inputs
 
 pytest.importorskip("triton")
@@ -31,7 +31,7 @@ def test_outputs_and_every_gradient_match_the_composition(with_init, bf16):
     plain = {k: v.clone().requires_grad_() for k, v in kw.items()}
     y, h = selective_scan_dt_proj(**fused, delta_softplus=True, return_final_state=True, backend="triton")
     rest = {k: v for k, v in plain.items() if k not in ("dt", "dt_weight")}
-    y_ref, h_ref = selective_scan(delta=dt_projection(plain["dt_weight"], plain["dt"]), **rest, delta_softplus=True,
+    y_ref, h_ref = selective_scan(delta=batched_linear(plain["dt_weight"], plain["dt"]), **rest, delta_softplus=True,
                                   return_final_state=True, backend="triton")
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(h, h_ref)
@@ -70,7 +70,7 @@ def test_the_backward_keeps_dt_not_delta():
 
     rest = {k: v for k, v in kw.items() if k not in ("dt", "dt_weight")}
     fused = kept(lambda: selective_scan_dt_proj(**kw, delta_softplus=True, backend="triton"))
-    plain = kept(lambda: selective_scan(delta=dt_projection(kw["dt_weight"], kw["dt"]), **rest, delta_softplus=True,
+    plain = kept(lambda: selective_scan(delta=batched_linear(kw["dt_weight"], kw["dt"]), **rest, delta_softplus=True,
                                         backend="triton"))
     assert fused == 2  # u and z
     assert plain == fused + 1  # and Δ
@@ -88,7 +88,7 @@ def test_other_backends_compute_the_composition():
     kw = _inputs(dim=4, length=10)
     rest = {k: v for k, v in kw.items() if k not in ("dt", "dt_weight")}
     y = selective_scan_dt_proj(**kw, delta_softplus=True, backend="reference")
-    y_ref = selective_scan(delta=dt_projection(kw["dt_weight"], kw["dt"]), **rest, delta_softplus=True,
+    y_ref = selective_scan(delta=batched_linear(kw["dt_weight"], kw["dt"]), **rest, delta_softplus=True,
                            backend="reference")
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
 
@@ -131,7 +131,7 @@ def test_under_autocast_an_fp32_dt_gets_the_compositions_gradients():
     rest = {k: v for k, v in plain.items() if k not in ("dt", "dt_weight")}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = selective_scan_dt_proj(**fused, delta_softplus=True, backend="triton")
-        delta = dt_projection(plain["dt_weight"], plain["dt"])
+        delta = batched_linear(plain["dt_weight"], plain["dt"])
         assert delta.dtype == torch.bfloat16
         y_ref = selective_scan(delta=delta, **rest, delta_softplus=True, backend="triton")
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .mamba import _at_least_fp32, _batched_linear
+from ..ops.reference import batched_linear
+from .mamba import _at_least_fp32
 
 
 class BiMamba(nn.Module):
@@ -134,9 +135,9 @@ class BiMamba(nn.Module):
     def _one_direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D) -> torch.Tensor:
         """What Mamba._run does between in_proj and out_proj, for one direction."""
         x = ops.causal_conv1d(x, conv1d.weight[:, 0], conv1d.bias, "silu")  # (B, D_inner, L)
-        x_dbl = _batched_linear(x_proj.weight, x)  # (B, R + 2N, L)
+        x_dbl = batched_linear(x_proj.weight, x)  # (B, R + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = _batched_linear(dt_proj.weight, dt)  # (B, D_inner, L)
+        delta = batched_linear(dt_proj.weight, dt)  # (B, D_inner, L)
         A = -torch.exp(_at_least_fp32(A_log))  # (D_inner, N)
         return ops.selective_scan(x, delta, A, B, C, D=_at_least_fp32(D), z=z,
                                   delta_bias=_at_least_fp32(dt_proj.bias), delta_softplus=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.reference import batched_linear
 
 
 @dataclass
@@ -210,18 +211,10 @@ def _time_major(hidden_states: torch.Tensor) -> bool:
 
 def _project(weight: torch.Tensor, x: torch.Tensor, time_major: bool) -> torch.Tensor:
     """weight (O, C) applied to x (B, C, L) -> (B, O, L): time-major (a GEMM over the (B, L, C)
-    view, whose rows are contiguous when x is time-major) or channels-first (_batched_linear)."""
+    view, whose rows are contiguous when x is time-major) or channels-first (batched_linear)."""
     if time_major:
         return F.linear(x.transpose(1, 2), weight.to(x.dtype)).transpose(1, 2)
-    return _batched_linear(weight, x)
-
-
-def _batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (O, C) applied to channels-first x (B, C, L) -> (B, O, L), as one batched GEMM
-    over a stride-0 expanded weight: no transposed copy of x, forward or backward (torch.matmul
-    would fold the batch into rows and copy x^T). The weight is cast to x's dtype first, so
-    that under autocast only the small weight is cast, not its expansion."""
-    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
+    return batched_linear(weight, x)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from .checks import (check_conv_args, check_conv_update_args, check_dt_proj_args, check_scan_args,
                      check_state_update_args)
 from .conv import causal_conv1d_torch
-from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, dt_projection, selective_scan_ref,
+from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, batched_linear, selective_scan_ref,
                         selective_state_update_ref)
 from .scan import selective_scan_chunked
 from .step import causal_conv1d_update_ as _conv_update_torch_
@@ -90,7 +90,7 @@ def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
               return_final_state=return_final_state, cu_seqlens=cu_seqlens)
     if which != "triton":
-        return selective_scan(u, dt_projection(dt_weight, dt), A, B, C, **kw, backend=which)
+        return selective_scan(u, batched_linear(dt_weight, dt), A, B, C, **kw, backend=which)
     check_scan_args(u, u, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)  # Δ has u's shape: dt checked above
     from .triton.scan_op import selective_scan_dt_proj_triton
     return selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, **kw)

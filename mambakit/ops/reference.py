@@ -136,8 +136,11 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     return y.to(x.dtype), window[..., 1:].to(conv_state.dtype)
 
 
-def dt_projection(dt_weight: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """Δ before its bias and softplus: dt_weight (D, R) applied to the low-rank dt (B, R, L) ->
-    (B, D, L), as one batched GEMM with the weight cast to dt's dtype (under autocast the GEMM
-    runs in the autocast dtype, whatever dt's)."""
-    return torch.bmm(dt_weight.to(dt.dtype).expand(dt.shape[0], -1, -1), dt)
+def batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (O, C) applied to channels-first x (B, C, L) -> (B, O, L), as one batched GEMM
+    over a stride-0 expanded weight: no transposed copy of x, forward or backward (torch.matmul
+    would fold the batch into rows and copy x^T). The weight is cast to x's dtype first, so
+    that under autocast only the small weight is cast, not its expansion (the GEMM then runs in
+    the autocast dtype, whatever x's). The mixers' projections, and Δ = dt_proj(dt) before its
+    bias and softplus."""
+    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import dt_projection
+from ..reference import batched_linear
 from . import selective_scan as kernels
 
 _EMPTY = (0,)
@@ -88,12 +88,16 @@ def _input_grads(ctx, dout, dfinal, bwd):
     if states.numel() == 0:
         raise RuntimeError("mambakit.selective_scan: backward through a forward run without save_states; "
                            "call it with gradients enabled")
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = bwd(
-        u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states, dout, dfinal, ctx.delta_softplus)
-    return (_as(du, u.dtype), _as(ddelta, delta.dtype), _as(dA, A.dtype), _as(dB, B.dtype), _as(dC, C.dtype),
-            _as(dD, D.dtype) if D is not None else None, _as(dz, z.dtype) if z is not None else None,
-            _as(dbias, delta_bias.dtype) if delta_bias is not None else None,
-            _as(dinit, ctx.init_dtype) if ctx.has_init else None)
+    grads = bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states, dout, dfinal, ctx.delta_softplus)
+    return _in_dtypes(grads, (u, delta, A, B, C, D, z, delta_bias), ctx)
+
+
+def _in_dtypes(grads, inputs, ctx) -> tuple:
+    """Each gradient in its input's dtype, None for an absent input (or a gradient not asked
+    for); the last one is initial_state's (ctx.has_init, ctx.init_dtype)."""
+    *grads, dinit = grads
+    return tuple(None if t is None or g is None else _as(g, t.dtype) for g, t in zip(grads, inputs)) + (
+        _as(dinit, ctx.init_dtype) if ctx.has_init else None,)
 
 
 def _backward(ctx, dout, dfinal, _dstates):
@@ -151,15 +155,15 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_
 
 
 class _EagerScanDtProj(torch.autograd.Function):
-    """The scan of Δ = dt_projection(dt_weight, dt) that saves the low-rank dt (B, R, L) for the
+    """The scan of Δ = batched_linear(dt_weight, dt) that saves the low-rank dt (B, R, L) for the
     backward instead of Δ (B, D, L), and forms Δ again there (one small GEMM): per layer of the
     130m model at 8 x 2048, 50 MB less held from forward to backward. The gradients are those of
-    the composition dt_projection then the scan (tests/test_triton_scan_dt_proj.py)."""
+    the composition batched_linear then the scan (tests/test_triton_scan_dt_proj.py)."""
 
     @staticmethod
     def forward(ctx, u, dt, dt_weight, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
         ctx.set_materialize_grads(False)
-        delta = dt_projection(dt_weight, dt)  # (B, D, L), freed when the forward returns
+        delta = batched_linear(dt_weight, dt)  # (B, D, L), freed when the forward returns
         out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                               cu_seqlens, True)
         ctx.save_for_backward(u, dt, dt_weight, A, B, C, D, z, delta_bias, cu_seqlens, states)
@@ -177,7 +181,7 @@ class _EagerScanDtProj(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(u)
         dt_c, weight_c = dt.to(ctx.delta_dtype), dt_weight.to(ctx.delta_dtype)  # as the forward's GEMM ran
-        delta = dt_projection(weight_c, dt_c)  # the forward's Δ, formed again
+        delta = batched_linear(weight_c, dt_c)  # the forward's Δ, formed again
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = kernels.scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, cu_seqlens, ctx.delta_softplus, states, dout, dfinal)
         d_dt = d_weight = None
@@ -185,17 +189,13 @@ class _EagerScanDtProj(torch.autograd.Function):
             d_dt = torch.bmm(weight_c.t().expand(dt.shape[0], -1, -1), ddelta)
         if ctx.needs_input_grad[2]:  # dW = Σ_b dΔ dt^T, (D, R), the sum over the batch in fp32
             d_weight = torch.bmm(ddelta, dt_c.transpose(1, 2)).sum(0, dtype=torch.float32)
-        return (_as(du, u.dtype), None if d_dt is None else _as(d_dt, dt.dtype),
-                None if d_weight is None else _as(d_weight, dt_weight.dtype), _as(dA, A.dtype), _as(dB, B.dtype),
-                _as(dC, C.dtype), _as(dD, D.dtype) if D is not None else None,
-                _as(dz, z.dtype) if z is not None else None,
-                _as(dbias, delta_bias.dtype) if delta_bias is not None else None,
-                _as(dinit, ctx.init_dtype) if ctx.has_init else None, None, None)
+        return _in_dtypes((du, d_dt, d_weight, dA, dB, dC, dD, dz, dbias, dinit),
+                          (u, dt, dt_weight, A, B, C, D, z, delta_bias), ctx) + (None, None)
 
 
 def selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                                   initial_state=None, return_final_state=False, cu_seqlens=None):
-    """selective_scan_triton(u, dt_projection(dt_weight, dt), ...): in eager training through
+    """selective_scan_triton(u, batched_linear(dt_weight, dt), ...): in eager training through
     _EagerScanDtProj (Δ not held for the backward), otherwise the composition itself."""
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
@@ -205,7 +205,7 @@ def selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, D=None, z=None, del
         out, final = _EagerScanDtProj.apply(u, dt, dt_weight, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                             bool(delta_softplus))
     else:
-        out, final = _scan(u, dt_projection(dt_weight, dt), A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+        out, final = _scan(u, batched_linear(dt_weight, dt), A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                            delta_softplus)
     return (out, final) if return_final_state else out
 
