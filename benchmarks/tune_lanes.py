@@ -4,6 +4,7 @@ pipeline stages, for the forward (no saved states) or, with --backward, the back
     python benchmarks/tune_lanes.py OUT.jsonl
     python benchmarks/tune_lanes.py OUT.jsonl --backward
     python benchmarks/tune_lanes.py OUT.jsonl --shapes 8x2048      # some of scan.py's shapes only
+    python benchmarks/tune_lanes.py OUT.jsonl --prefetch           # default shapes, register prefetch off/on
 
 Official figures are in ../shared/GUIDE.md and come side by side from benchmarks/scan.py."""
 import itertools, json, sys, torch
@@ -18,6 +19,30 @@ if "--shapes" in sys.argv:
     wanted = sys.argv[sys.argv.index("--shapes") + 1].split(",")
     shapes = [tuple(int(v) for v in s.split("x")) for s in wanted]
 out = open(sys.argv[1], "a")
+
+
+def prefetch_sweep():
+    """The default shapes with the register prefetch of the next chunk off and on, forward and
+    backward (bf16: one chunk per saved state, where the backward can prefetch)."""
+    for batch, length in SHAPES:
+        kw = make_inputs(batch, length)
+        args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        _, _, states = scan_fwd(*args, None, True, None, True)
+        dout = torch.randn_like(kw["u"])
+        fwd = lambda lanes: scan_fwd(*args, None, True, None, False, lanes=lanes)  # noqa: E731
+        bwd = lambda lanes: scan_bwd(*args, None, True, states, dout, None, lanes=lanes)  # noqa: E731
+        row = dict(B=batch, L=length)
+        for name, run in (("fwd", fwd), ("bwd", bwd)):
+            for prefetch in (False, True):
+                row[f"{name}_ms_prefetch{int(prefetch)}"] = round(
+                    do_bench(lambda: run(dict(PREFETCH=prefetch)), warmup=5, rep=30), 4)
+        out.write(json.dumps(row) + "\n"); out.flush()
+        print(json.dumps(row), flush=True)
+
+
+if "--prefetch" in sys.argv:
+    prefetch_sweep()
+    sys.exit(0)
 for batch, length in shapes:
     kw = make_inputs(batch, length)
     args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]

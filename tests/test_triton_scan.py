@@ -70,8 +70,17 @@ def test_outputs_and_gradients_match_reference(case, with_init):
     _assert_matches_reference(make_scan_inputs(**case, with_init=with_init))
 
 
+@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("lengths", [[3, 1, 6], [17], [5, 12]])
-def test_varlen_matches_reference(lengths):
+def test_varlen_matches_reference(lengths, prefetch, kernel_layout, monkeypatch):
+    """Packed sequences, with and without the lanes forward's prefetch of the next chunk (which
+    must read nothing past each sequence's end)."""
+    if prefetch == "1":
+        if kernel_layout != "lanes":
+            pytest.skip("lanes kernel only")
+        from mambakit.ops.triton.selective_scan import clear_plans
+        monkeypatch.setenv("MAMBAKIT_SCAN_FWD_PREFETCH", "1")
+        clear_plans()
     kw = make_scan_inputs(1, 4, sum(lengths), 5, groups=2, with_init=True, n_seqs=len(lengths))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     y_ref, h_ref, g_ref = _run(selective_scan_ref, kw, delta_softplus=True, cu_seqlens=cu.to(DEVICE))
@@ -192,11 +201,17 @@ def test_packed_sequences_save_states_by_chunk_not_by_sequence():
     assert states.shape[0] == lc.n_chunks + len(lengths) < len(lengths) * lc.n_chunks
 
 
-@pytest.mark.parametrize("lanes", [dict(NL=2, BLOCK_D=16, STAGES=1), dict(NL=4, BLOCK_D=8, STAGES=3),
-                                   dict(NL=8, BLOCK_D=4, STAGES=2)], ids=["8-states", "4-states", "2-states"])
+@pytest.mark.parametrize("lanes", [dict(NL=2, BLOCK_D=16, STAGES=1, PREFETCH=False),
+                                   dict(NL=2, BLOCK_D=16, STAGES=1, PREFETCH=True),
+                                   dict(NL=4, BLOCK_D=8, STAGES=3, PREFETCH=False),
+                                   dict(NL=4, BLOCK_D=8, STAGES=3, PREFETCH=True),
+                                   dict(NL=8, BLOCK_D=4, STAGES=2, PREFETCH=False)],
+                         ids=["8-states", "8-states-prefetch", "4-states", "4-states-prefetch", "2-states"])
 def test_lanes_forward_shapes_match_reference(lanes, kernel_layout):
     """The lanes forward at each of its register shapes (the launcher picks one from the number
-    of rows, so a small test would otherwise see only one), with saved states every 16 steps."""
+    of rows, so a small test would otherwise see only one), with saved states every 16 steps,
+    with and without the register prefetch of the next chunk (L = 45: the last chunk is partial,
+    and the prefetch past the end must read nothing)."""
     if kernel_layout != "lanes":
         pytest.skip("lanes kernel only")
     from mambakit.ops.triton.selective_scan import scan_fwd
@@ -210,6 +225,35 @@ def test_lanes_forward_shapes_match_reference(lanes, kernel_layout):
     first32 = {k: (v[..., :32] if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
     _, h32 = selective_scan_ref(**first32, delta_softplus=True, return_final_state=True)
     torch.testing.assert_close(states.view(2, -1, 32, 16)[:, 2], h32.to(DEVICE), **FP32)
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 12, 1, 27]], ids=["dense", "packed"])
+@pytest.mark.parametrize("lanes", [dict(NL=4, BLOCK_D=8), dict(NL=8, BLOCK_D=4)], ids=["4-states", "2-states"])
+def test_lanes_backward_prefetch_matches_reference(lanes, lengths, kernel_layout):
+    """The lanes backward with its register prefetch of the segment before (one chunk per saved
+    state, as for bf16 inputs): every gradient against the reference's, for dense rows whose
+    last segment is partial and for packed sequences (the prefetch at each sequence's first
+    segment must load that segment again, never the sequence before it)."""
+    if kernel_layout != "lanes":
+        pytest.skip("lanes kernel only")
+    from mambakit.ops.triton.selective_scan import scan_bwd, scan_fwd
+    n_seqs = len(lengths) if lengths else None
+    kw = make_scan_inputs(1 if lengths else 2, 8, sum(lengths) if lengths else 45, 8, with_init=True,
+                          n_seqs=n_seqs)
+    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
+                                                   dtype=torch.int32, device=DEVICE)
+    _, _, g_ref = _run(selective_scan_ref, kw, delta_softplus=True, cu_seqlens=cu)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    args = [kw[k].to(DEVICE) for k in names]
+    init = kw["initial_state"].to(DEVICE)
+    y, h, states = scan_fwd(*args, init, True, cu, True, block_l=8)
+    gen = torch.Generator().manual_seed(1)  # the output gradients of _run
+    gy = torch.randn(y.shape, generator=gen).to(DEVICE)
+    gh = torch.randn(h.shape, generator=gen).to(DEVICE)
+    for prefetch in (False, True):
+        grads = scan_bwd(*args, cu, True, states, gy, gh, block_l=8, lanes=dict(lanes, T=8, PREFETCH=prefetch))
+        for name, got in zip((*names, "initial_state"), grads):
+            torch.testing.assert_close(got, g_ref[name], **FP32, msg=lambda m, n=name, p=prefetch: f"d{n} {p}: {m}")
 
 
 def test_bf16_inputs_save_bf16_states_every_8_steps(kernel_layout):

@@ -460,6 +460,11 @@ def dbc_dtype(B, C) -> torch.dtype:
     return B.dtype if B.dtype == C.dtype else torch.float32
 
 
+def _summary_shape(shape: dict) -> dict:
+    """The main kernel's shape for a segment summary kernel, which has no register prefetch."""
+    return {k: v for k, v in shape.items() if k != "PREFETCH"}
+
+
 def _contig(t):
     return None if t is None else t.contiguous()
 
@@ -489,7 +494,8 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         launch(_fwd_summary_lanes, grid, [
             u, delta, A, B, delta_bias if delta_bias is not None else dummy, seg_h, seg_dt,
             lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len, *u.stride(), *delta.stride(), *lc.bc_strides],
-            dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_N=lc.BLOCK_N, **shape))
+            dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_N=lc.BLOCK_N,
+                 **_summary_shape(shape)))
         segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     chunk_base = lc.chunk_base(cu_seqlens)
     launch(_kernels(lc.layout)[0], grid, [
@@ -530,7 +536,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
             seg_g, seg_dt, lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len,
             *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides],
             dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                 BLOCK_N=lc.BLOCK_N, **shape))
+                 BLOCK_N=lc.BLOCK_N, **_summary_shape(shape)))
         segs = dict(seg_g_ptr=seg_g, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     n_dblocks, rows = grid[1], grid[0]
     # per-program partial sums, reduced below in a fixed order (deterministic): over time, one

@@ -66,25 +66,48 @@ def _at_step(x, t4, step: tl.constexpr, ORDERED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_inputs(u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """One chunk's inputs: per (channel, step) m2, u, dt_raw, dt (BLOCK_D, T); per (state,
-    channel, step) B, C, exp(ΔA) and ΔBu (NL, BLOCK_D, T, NR). Masked steps have Δ = 0, so
-    exp(ΔA) = 1 and ΔBu = 0 pass the state through."""
+def _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl):
+    """One chunk's raw inputs, in their own dtypes: u, dt_raw (BLOCK_D, T); B, C (NL, BLOCK_D, T, NR).
+    Steps at or past `end` read as 0 and touch no memory."""
     tt2 = t0 + t2
     m2 = mask_d2 & (tt2 < end)
-    u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0).to(tl.float32)
-    dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0).to(tl.float32)
+    u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0)
+    dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0)
+    tt4 = t0 + t4
+    m4 = mask_n4 & (tt4 < end)
+    Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0)
+    Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0)
+    return u, dt_raw, Bt, Ct
+
+
+@triton.jit
+def _chunk_math(u, dt_raw, Bt, Ct, m2, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                FAST: tl.constexpr):
+    """From one chunk's raw inputs: u, dt_raw, dt (BLOCK_D, T) and B, C, exp(ΔA), ΔBu (NL, BLOCK_D,
+    T, NR), in fp32. Masked steps (m2 false) have Δ = 0, so exp(ΔA) = 1 and ΔBu = 0 pass the
+    state through."""
+    u = u.to(tl.float32)
+    dt_raw = dt_raw.to(tl.float32)
     if HAS_BIAS:
         dt_raw += bias
     dt = _softplus(dt_raw, FAST) if SOFTPLUS else dt_raw
     dt = tl.where(m2, dt, 0.0)
-    tt4 = t0 + t4
-    m4 = mask_n4 & (tt4 < end)
-    Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0).to(tl.float32)
-    Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0).to(tl.float32)
+    Bt = Bt.to(tl.float32)
+    Ct = Ct.to(tl.float32)
     dA = tl.exp2(dt[None, :, :, None] * A2)
     dBu = (dt * u)[None, :, :, None] * Bt
+    return u, dt_raw, dt, Bt, Ct, dA, dBu
+
+
+@triton.jit
+def _chunk_inputs(u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """One chunk's inputs, loaded and prepared (`_chunk_loads`, `_chunk_math`): m2 and the fp32
+    u, dt_raw, dt, B, C, exp(ΔA), ΔBu."""
+    u, dt_raw, Bt, Ct = _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl,
+                                     s_bl)
+    m2 = mask_d2 & (t0 + t2 < end)
+    u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_math(u, dt_raw, Bt, Ct, m2, bias, A2, HAS_BIAS, SOFTPLUS, FAST)
     return m2, u, dt_raw, dt, Bt, Ct, dA, dBu
 
 
@@ -185,6 +208,7 @@ def _fwd_kernel_lanes(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
     seg_h_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """If SEGMENTED, each program scans one segment of a sequence, starting from the true
     state at the segment's start: the initial state carried through the earlier segments'
@@ -208,22 +232,42 @@ def _fwd_kernel_lanes(
             h_local = tl.load(seg_h_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
             h = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * h + h_local
     out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
+    if PREFETCH:  # the first chunk's raw inputs; each step of the loop then loads the next one's
+        u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, start, end, t2, t4, mask_d2, mask_n4,
+                                            s_ul, s_dl, s_bl)
+        z_n = u_n
+        if HAS_Z:
+            z_n = tl.load(z_row + (start + t2) * s_zl, mask=mask_d2 & (start + t2 < end), other=0.0)
     for c in tl.range(0, tl.cdiv(end - start, T), num_stages=STAGES):
         t0 = start + c * T
+        tt2 = t0 + t2
+        m2 = mask_d2 & (tt2 < end)
         if SAVE_STATES:
             if c % CHUNKS_PER_SAVE == 0:
                 row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + c // CHUNKS_PER_SAVE, VARLEN)
                 tl.store(chunk_states_ptr + row * dim * d_state + dn4, h, mask=m_dn4)
-        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
-            u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
-            HAS_BIAS, SOFTPLUS, FAST)
+        if PREFETCH:
+            # this chunk's inputs were loaded one step ago; the next chunk's loads are issued
+            # now, so their latency hides behind this chunk's work (few warps per SM here)
+            u_raw, dtr_raw, B_raw, C_raw, z_raw = u_n, dtr_n, B_n, C_n, z_n
+            u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, t0 + T, end, t2, t4, mask_d2,
+                                                mask_n4, s_ul, s_dl, s_bl)
+            if HAS_Z:
+                z_n = tl.load(z_row + (tt2 + T) * s_zl, mask=mask_d2 & (tt2 + T < end), other=0.0)
+        else:
+            u_raw, dtr_raw, B_raw, C_raw = _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2,
+                                                        mask_n4, s_ul, s_dl, s_bl)
+            z_raw = u_raw
+            if HAS_Z:
+                z_raw = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0)
+        u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_math(u_raw, dtr_raw, B_raw, C_raw, m2, bias, A2, HAS_BIAS,
+                                                     SOFTPLUS, FAST)
         hs = _chunk_states(dA, dBu, h, t4)  # (NL, BLOCK_D, T, NR)
-        tt2 = t0 + t2
         y = tl.sum(tl.sum(hs * Ct, axis=3), axis=0)  # (BLOCK_D, T)
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            zz = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0).to(tl.float32)
+            zz = z_raw.to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
         tl.store(out_row + tt2 * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
         h = _at_step(hs, t4, T - 1, ORDERED)  # the state after the chunk's last step
@@ -234,23 +278,41 @@ def _fwd_kernel_lanes(
 
 
 @triton.jit
-def _chunk_backward(h, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
-                    mask_d2, mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl,
+def _bwd_loads(t0, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2, mask_n4,
+               s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z: tl.constexpr):
+    """One backward chunk's raw inputs, in their own dtypes: those of `_chunk_loads`, then z,
+    dout and Δ's raw input at the next step, dt_next (BLOCK_D, T)."""
+    u, dt_raw, Bt, Ct = _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl,
+                                     s_bl)
+    tt2 = t0 + t2
+    m2 = mask_d2 & (tt2 < end)
+    dout = tl.load(dout_row + tt2 * s_gl, mask=m2, other=0.0)
+    zz = dout  # unused without z
+    if HAS_Z:
+        zz = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0)
+    dt_next = tl.load(dt_row + (tt2 + 1) * s_dl, mask=mask_d2 & (tt2 + 1 < end), other=0.0)
+    return u, dt_raw, Bt, Ct, zz, dout, dt_next
+
+
+@triton.jit
+def _chunk_backward(h, carry, t0, u_raw, dtr_raw, B_raw, C_raw, z_raw, dout_raw, dtn_raw, bias, A2, Dv, end,
+                    t2, t4, mask_d2,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     FAST: tl.constexpr, T: tl.constexpr, ORDERED: tl.constexpr):
-    """One chunk of the backward pass, from the state h before it and the adjoint `carry` that
-    flows into its last step from the future. Returns the per-(channel, step) gradients, the
-    per-(state, step) sums over this program's channels for dB and dC, the per-(channel, state)
-    sum over steps for dA, and the adjoint that flows out of its first step."""
-    m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
-        u_row, dt_row, B_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
-        HAS_BIAS, SOFTPLUS, FAST)
-    hs = _chunk_states(dA, dBu, h, t4)
+    """One chunk of the backward pass (its raw inputs from `_bwd_loads`), from the state h before
+    it and the adjoint `carry` that flows into its last step from the future. Returns the
+    per-(channel, step) gradients, the per-(state, step) sums over this program's channels for
+    dB and dC, the per-(channel, state) sum over steps for dA, and the adjoint that flows out of
+    its first step."""
     tt2 = t0 + t2
-    dout = tl.load(dout_row + tt2 * s_gl, mask=m2, other=0.0).to(tl.float32)
+    m2 = mask_d2 & (tt2 < end)
+    u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_math(u_raw, dtr_raw, B_raw, C_raw, m2, bias, A2, HAS_BIAS, SOFTPLUS,
+                                                 FAST)
+    hs = _chunk_states(dA, dBu, h, t4)
+    dout = dout_raw.to(tl.float32)
     dz = dout  # unused without z
     if HAS_Z:
-        zz = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0).to(tl.float32)
+        zz = z_raw.to(tl.float32)
         sz = tl.sigmoid(zz)
         y = tl.sum(tl.sum(hs * Ct, axis=3), axis=0)
         if HAS_D:
@@ -262,7 +324,7 @@ def _chunk_backward(h, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, 
     dy = tl.where(m2, dy, 0.0)
     # exp(Δ_{t+1} A): the multiplier from the adjoint at t+1 back to t (Δ at the next step)
     m_next = mask_d2 & (tt2 + 1 < end)
-    dt_next = tl.load(dt_row + (tt2 + 1) * s_dl, mask=m_next, other=0.0).to(tl.float32)
+    dt_next = dtn_raw.to(tl.float32)
     if HAS_BIAS:
         dt_next += bias
     if SOFTPLUS:
@@ -303,6 +365,7 @@ def _bwd_kernel_lanes(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
     seg_g_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """Walks the saved states' segments (BLOCK_L = CHUNKS * T steps, CHUNKS 1 or 2) in reverse.
     With two chunks, the state before the segment's second chunk is recomputed from the saved
@@ -342,11 +405,32 @@ def _bwd_kernel_lanes(
     # partial sums for dB, dC: (B, n_dblocks, N, L); packed sequences cover disjoint t in row 0
     part_row = (batch.to(tl.int64) * n_dblocks + pid_d) * d_state * L
     n_saves = tl.cdiv(end - start, BLOCK_L)
+    tl.static_assert(CHUNKS == 1 or not PREFETCH)
+    if PREFETCH:  # the last segment's raw inputs and saved state; each step then loads the one before
+        last = tl.maximum(n_saves - 1, 0)  # an empty packed sequence loads nothing
+        u_n, dtr_n, B_n, C_n, z_n, g_n, dtn_n = _bwd_loads(
+            start + last * BLOCK_L, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2, mask_n4,
+            s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
+        row_n = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + last, VARLEN)
+        h_n = tl.load(chunk_states_ptr + row_n * dim * d_state + dn4, mask=m_dn4 & (n_saves > 0), other=0.0)
     for i in tl.range(0, n_saves, num_stages=STAGES):
         save = n_saves - 1 - i
         t_save = start + save * BLOCK_L
-        row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save, VARLEN)
-        h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0).to(tl.float32)
+        if PREFETCH:
+            # this segment's inputs were loaded one step ago; the loads of the one before it
+            # (this one again at the first: never before `start`) are issued now, so that
+            # their latency hides behind this segment's work
+            u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r, h0 = u_n, dtr_n, B_n, C_n, z_n, g_n, dtn_n, h_n
+            save_p = tl.maximum(save - 1, 0)
+            u_n, dtr_n, B_n, C_n, z_n, g_n, dtn_n = _bwd_loads(
+                start + save_p * BLOCK_L, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2,
+                mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
+            row_n = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save_p, VARLEN)
+            h_n = tl.load(chunk_states_ptr + row_n * dim * d_state + dn4, mask=m_dn4, other=0.0)
+            h0 = h0.to(tl.float32)
+        else:
+            row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save, VARLEN)
+            h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0).to(tl.float32)
         h1 = h0
         if CHUNKS == 2:  # the state before the second chunk: the first chunk's states, recomputed
             m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
@@ -356,9 +440,13 @@ def _bwd_kernel_lanes(
         for k in tl.static_range(CHUNKS):
             t0 = t_save + (CHUNKS - 1 - k) * T
             h_start = h1 if k == 0 else h0
+            if not PREFETCH:
+                u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r = _bwd_loads(
+                    t0, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2, mask_n4,
+                    s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
             m2, du, ddt, dz, dD_t, dA_sum, dB_sum, dC_sum, carry = _chunk_backward(
-                h_start, carry, t0, u_row, dt_row, z_row, B_row, C_row, dout_row, bias, A2, Dv, end, t2, t4,
-                mask_d2, mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST, T, ORDERED)
+                h_start, carry, t0, u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r, bias, A2, Dv, end, t2, t4, mask_d2,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST, T, ORDERED)
             tt2 = t0 + t2
             tl.store(du_ptr + grad_off + tt2 * s_ol, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddelta_ptr + grad_off + tt2 * s_ol, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
@@ -427,15 +515,18 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
                 rows: int, length: int, unaligned: bool) -> dict:
     """Block sizes for `_fwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py, in
     BENCHMARKS.md). One warp per program. With many (sequence, channel) rows, 8 states per
-    thread (fewest shuffles and least repeated per-step work); with few rows, 4 states per
-    thread (twice the threads) and a 3-stage software pipeline on the loads, since there are
-    too few warps to hide the memory latency otherwise. T is one 16-byte vector of time steps
+    thread (fewest shuffles and least repeated per-step work), and each chunk's inputs loaded
+    into registers one chunk ahead (PREFETCH); with few rows, 4 states per thread (twice the
+    threads) and Triton's 3-stage software pipeline on the loads. Either way there are too few
+    warps per SM to hide the memory latency otherwise. T is one 16-byte vector of time steps
     (no more than the save interval)."""
     many_rows = rows >= 8192
     states_per_thread = 8 if many_rows else 4
     NL, block_d = _lanes_blocks(d_state_block, states_per_thread, channels_per_group)
     T = min(max(2, 16 // elem_size), save_every)
-    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3,
+    forced = os.environ.get("MAMBAKIT_SCAN_FWD_PREFETCH")  # "0" or "1": a sweep's or a test's override
+    prefetch = many_rows if forced is None else forced == "1"
+    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3, PREFETCH=prefetch,
                 FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
 
@@ -462,5 +553,8 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
         while block_d > 1 and channels_per_group % block_d:
             block_d //= 2
     T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
-    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
+    forced = os.environ.get("MAMBAKIT_SCAN_BWD_PREFETCH")  # "0" or "1": a sweep's or a test's override
+    prefetch = T == save_every and (False if forced is None else forced == "1")
+    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, PREFETCH=prefetch,
+                FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
