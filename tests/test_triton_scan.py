@@ -227,35 +227,6 @@ def test_lanes_forward_shapes_match_reference(lanes, kernel_layout):
     torch.testing.assert_close(states.view(2, -1, 32, 16)[:, 2], h32.to(DEVICE), **FP32)
 
 
-@pytest.mark.parametrize("lengths", [None, [5, 12, 1, 27]], ids=["dense", "packed"])
-@pytest.mark.parametrize("lanes", [dict(NL=4, BLOCK_D=8), dict(NL=8, BLOCK_D=4)], ids=["4-states", "2-states"])
-def test_lanes_backward_prefetch_matches_reference(lanes, lengths, kernel_layout):
-    """The lanes backward with its register prefetch of the segment before (one chunk per saved
-    state, as for bf16 inputs): every gradient against the reference's, for dense rows whose
-    last segment is partial and for packed sequences (the prefetch at each sequence's first
-    segment must load that segment again, never the sequence before it)."""
-    if kernel_layout != "lanes":
-        pytest.skip("lanes kernel only")
-    from mambakit.ops.triton.selective_scan import scan_bwd, scan_fwd
-    n_seqs = len(lengths) if lengths else None
-    kw = make_scan_inputs(1 if lengths else 2, 8, sum(lengths) if lengths else 45, 8, with_init=True,
-                          n_seqs=n_seqs)
-    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
-                                                   dtype=torch.int32, device=DEVICE)
-    _, _, g_ref = _run(selective_scan_ref, kw, delta_softplus=True, cu_seqlens=cu)
-    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-    args = [kw[k].to(DEVICE) for k in names]
-    init = kw["initial_state"].to(DEVICE)
-    y, h, states = scan_fwd(*args, init, True, cu, True, block_l=8)
-    gen = torch.Generator().manual_seed(1)  # the output gradients of _run
-    gy = torch.randn(y.shape, generator=gen).to(DEVICE)
-    gh = torch.randn(h.shape, generator=gen).to(DEVICE)
-    for prefetch in (False, True):
-        grads = scan_bwd(*args, cu, True, states, gy, gh, block_l=8, lanes=dict(lanes, T=8, PREFETCH=prefetch))
-        for name, got in zip((*names, "initial_state"), grads):
-            torch.testing.assert_close(got, g_ref[name], **FP32, msg=lambda m, n=name, p=prefetch: f"d{n} {p}: {m}")
-
-
 def test_bf16_inputs_save_bf16_states_every_8_steps(kernel_layout):
     """bf16 inputs: the lanes forward saves bf16 states every 8 steps (save_interval) and the
     backward takes each chunk back from one; outputs and gradients stay within the official

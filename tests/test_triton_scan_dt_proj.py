@@ -1,6 +1,7 @@
 """ops.selective_scan_dt_proj: the scan with Δ = dt_weight @ dt formed inside. The Triton path's
 training Function (_EagerScanDtProj) must give the outputs and every gradient of the readable
-composition (batched_linear, then the scan), and must not keep a (B, D, L) Δ for the backward."""
+composition (batched_linear, then the scan), and must not keep a (B, D, L) Δ for the backward.
+Under TRITON_INTERPRET=1 on CPU; with the compiled kernels on the device."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from mambakit.ops.reference import batched_linear
 from scan_inputs import make_scan_inputs
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs(batch=2, dim=8, length=24, d_state=4, rank=3, with_init=True, seed=0):
@@ -18,7 +20,7 @@ def _inputs(batch=2, dim=8, length=24, d_state=4, rank=3, with_init=True, seed=0
     g = torch.Generator().manual_seed(seed + 1)
     kw["dt"] = torch.randn(batch, rank, length, generator=g)
     kw["dt_weight"] = torch.randn(dim, rank, generator=g) * 0.5
-    return kw
+    return {k: v.to(DEVICE) for k, v in kw.items()}
 
 
 @pytest.mark.parametrize("with_init, bf16", [(False, False), (True, False), (True, True)])
@@ -36,7 +38,7 @@ def test_outputs_and_every_gradient_match_the_composition(with_init, bf16):
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(h, h_ref)
     g = torch.Generator().manual_seed(5)
-    gy, gh = torch.randn(y.shape, generator=g).to(y.dtype), torch.randn(h.shape, generator=g)
+    gy, gh = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype), torch.randn(h.shape, generator=g).to(DEVICE)
     ((y * gy).sum() + (h * gh).sum()).backward()
     ((y_ref * gy).sum() + (h_ref * gh).sum()).backward()
     for name in kw:
@@ -95,19 +97,20 @@ def test_other_backends_compute_the_composition():
 
 @pytest.mark.parametrize("scan_backend", ["torch", "triton"])
 def test_the_mixers_channels_first_path_matches_its_time_major_path(monkeypatch, scan_backend):
-    """Mamba._run's CUDA layout (channels-first, selective_scan_dt_proj), run on CPU by choosing
-    that layout, with the scan on the torch path or the Triton kernels (interpreter): the output
+    """Mamba._run's CUDA layout (channels-first, selective_scan_dt_proj), chosen on either device,
+    with the scan on the torch path or the Triton kernels (the interpreter on CPU): the output
     and every parameter's gradient equal those of the CPU layout (time-major, Δ then the scan)."""
     from mambakit import ops
     from mambakit.modules import mamba as mamba_mod
     torch.manual_seed(0)
-    layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2)
-    h = torch.randn(2, 13, 8)
+    layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2).to(DEVICE)
+    h = torch.randn(2, 13, 8, device=DEVICE)
+    monkeypatch.setattr(mamba_mod, "_time_major", lambda t: True)
 
     def run():
         layer.zero_grad()
         out = layer(h)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}
 
     out_ref, grads_ref = run()
@@ -129,13 +132,13 @@ def test_under_autocast_an_fp32_dt_gets_the_compositions_gradients():
     fused = {k: v.clone().requires_grad_() for k, v in kw.items()}
     plain = {k: v.clone().requires_grad_() for k, v in kw.items()}
     rest = {k: v for k, v in plain.items() if k not in ("dt", "dt_weight")}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = selective_scan_dt_proj(**fused, delta_softplus=True, backend="triton")
         delta = batched_linear(plain["dt_weight"], plain["dt"])
         assert delta.dtype == torch.bfloat16
         y_ref = selective_scan(delta=delta, **rest, delta_softplus=True, backend="triton")
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, y.dtype)
     (y.float() * gy).sum().backward()
     (y_ref.float() * gy).sum().backward()
     for name in kw:

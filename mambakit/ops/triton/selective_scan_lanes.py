@@ -365,7 +365,6 @@ def _bwd_kernel_lanes(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
     seg_g_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
 ):
     """Walks the saved states' segments (BLOCK_L = CHUNKS * T steps, CHUNKS 1 or 2) in reverse.
     With two chunks, the state before the segment's second chunk is recomputed from the saved
@@ -405,32 +404,11 @@ def _bwd_kernel_lanes(
     # partial sums for dB, dC: (B, n_dblocks, N, L); packed sequences cover disjoint t in row 0
     part_row = (batch.to(tl.int64) * n_dblocks + pid_d) * d_state * L
     n_saves = tl.cdiv(end - start, BLOCK_L)
-    tl.static_assert(CHUNKS == 1 or not PREFETCH)
-    if PREFETCH:  # the last segment's raw inputs and saved state; each step then loads the one before
-        last = tl.maximum(n_saves - 1, 0)  # an empty packed sequence loads nothing
-        u_n, dtr_n, B_n, C_n, z_n, g_n, dtn_n = _bwd_loads(
-            start + last * BLOCK_L, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2, mask_n4,
-            s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
-        row_n = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + last, VARLEN)
-        h_n = tl.load(chunk_states_ptr + row_n * dim * d_state + dn4, mask=m_dn4 & (n_saves > 0), other=0.0)
     for i in tl.range(0, n_saves, num_stages=STAGES):
         save = n_saves - 1 - i
         t_save = start + save * BLOCK_L
-        if PREFETCH:
-            # this segment's inputs were loaded one step ago; the loads of the one before it
-            # (this one again at the first: never before `start`) are issued now, so that
-            # their latency hides behind this segment's work
-            u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r, h0 = u_n, dtr_n, B_n, C_n, z_n, g_n, dtn_n, h_n
-            save_p = tl.maximum(save - 1, 0)
-            u_n, dtr_n, B_n, C_n, z_n, g_n, dtn_n = _bwd_loads(
-                start + save_p * BLOCK_L, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2,
-                mask_n4, s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
-            row_n = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save_p, VARLEN)
-            h_n = tl.load(chunk_states_ptr + row_n * dim * d_state + dn4, mask=m_dn4, other=0.0)
-            h0 = h0.to(tl.float32)
-        else:
-            row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save, VARLEN)
-            h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0).to(tl.float32)
+        row = _chunk_row(chunk_base_ptr, seq, n_chunks_max, first_save + save, VARLEN)
+        h0 = tl.load(chunk_states_ptr + row * dim * d_state + dn4, mask=m_dn4, other=0.0).to(tl.float32)
         h1 = h0
         if CHUNKS == 2:  # the state before the second chunk: the first chunk's states, recomputed
             m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
@@ -440,10 +418,9 @@ def _bwd_kernel_lanes(
         for k in tl.static_range(CHUNKS):
             t0 = t_save + (CHUNKS - 1 - k) * T
             h_start = h1 if k == 0 else h0
-            if not PREFETCH:
-                u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r = _bwd_loads(
-                    t0, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2, mask_n4,
-                    s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
+            u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r = _bwd_loads(
+                t0, u_row, dt_row, z_row, B_row, C_row, dout_row, end, t2, t4, mask_d2, mask_n4,
+                s_ul, s_dl, s_zl, s_gl, s_bl, HAS_Z)
             m2, du, ddt, dz, dD_t, dA_sum, dB_sum, dC_sum, carry = _chunk_backward(
                 h_start, carry, t0, u_r, dtr_r, B_r, C_r, z_r, g_r, dtn_r, bias, A2, Dv, end, t2, t4, mask_d2,
                 HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST, T, ORDERED)
@@ -515,17 +492,20 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
                 rows: int, length: int, unaligned: bool) -> dict:
     """Block sizes for `_fwd_kernel_lanes`, from the H200 sweep (benchmarks/tune_lanes.py, in
     BENCHMARKS.md). One warp per program. With many (sequence, channel) rows, 8 states per
-    thread (fewest shuffles and least repeated per-step work), and each chunk's inputs loaded
-    into registers one chunk ahead (PREFETCH); with few rows, 4 states per thread (twice the
-    threads) and Triton's 3-stage software pipeline on the loads. Either way there are too few
-    warps per SM to hide the memory latency otherwise. T is one 16-byte vector of time steps
-    (no more than the save interval)."""
+    thread (fewest shuffles and least repeated per-step work); with few rows, 4 states per
+    thread (twice the threads) and Triton's 3-stage software pipeline on the loads, since there
+    are too few warps to hide the memory latency otherwise. Between 8192 and 16384 rows each
+    chunk's inputs are loaded into registers one chunk ahead instead (PREFETCH; 8 x 2048:
+    0.438 -> 0.379 ms). It takes the kernel from 168 to 241 registers, which caps an SM at 8
+    one-warp programs: with more rows (16 x 512: 0.147 -> 0.171 ms) the warps hide the latency
+    better without it (results/tune_prefetch_h200.jsonl). T is one 16-byte vector of time
+    steps (no more than the save interval)."""
     many_rows = rows >= 8192
     states_per_thread = 8 if many_rows else 4
     NL, block_d = _lanes_blocks(d_state_block, states_per_thread, channels_per_group)
     T = min(max(2, 16 // elem_size), save_every)
     forced = os.environ.get("MAMBAKIT_SCAN_FWD_PREFETCH")  # "0" or "1": a sweep's or a test's override
-    prefetch = many_rows if forced is None else forced == "1"
+    prefetch = many_rows and rows < 16384 if forced is None else forced == "1"
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3, PREFETCH=prefetch,
                 FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
@@ -553,8 +533,5 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
         while block_d > 1 and channels_per_group % block_d:
             block_d //= 2
     T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
-    forced = os.environ.get("MAMBAKIT_SCAN_BWD_PREFETCH")  # "0" or "1": a sweep's or a test's override
-    prefetch = T == save_every and (False if forced is None else forced == "1")
-    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, PREFETCH=prefetch,
-                FAST=os.environ.get("TRITON_INTERPRET") != "1",
+    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
