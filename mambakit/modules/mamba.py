@@ -151,13 +151,20 @@ class Mamba(nn.Module):
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         x, z = xz.split(self.d_inner, dim=1) if self.gate else (xz, None)  # (B, D_inner, L) each
         conv_w = self.conv1d.weight.squeeze(1)  # (D_inner, K)
+        A = self.A()  # (D_inner, N)
+        if not time_major and not with_states:
+            # conv, x_proj and the scan in one op: its Triton training path holds the conv's
+            # input for the backward, not its output, and Δ's low-rank input, not Δ
+            y = ops.conv_proj_scan(x, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
+                                   D=_at_least_fp32(self.D), z=z, delta_bias=_at_least_fp32(self.dt_proj.bias),
+                                   cu_seqlens=cu_seqlens)  # (B, D_inner, L)
+            return self._out(y, time_major), None
         conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
                                      initial_state=None if state is None else state.conv,
                                      return_final_state=with_states, cu_seqlens=cu_seqlens)
         x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
         x_dbl = _project(self.x_proj.weight, x, time_major)  # (B, R + 2N, L)
         dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
-        A = self.A()  # (D_inner, N)
         scan_kw = dict(D=_at_least_fp32(self.D), z=z, delta_bias=_at_least_fp32(self.dt_proj.bias),
                        delta_softplus=True, initial_state=None if state is None else state.ssm,
                        return_final_state=with_states, cu_seqlens=cu_seqlens)
@@ -167,11 +174,14 @@ class Mamba(nn.Module):
         else:  # Δ = dt_proj(dt) formed inside: the Triton scan's backward keeps dt (B, R, L), not Δ
             scan_out = ops.selective_scan_dt_proj(x, dt, self.dt_proj.weight, A, B, C, **scan_kw)
         y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
+        return self._out(y, time_major), (MambaState(conv_final, ssm_final) if with_states else None)
+
+    def _out(self, y: torch.Tensor, time_major: bool) -> torch.Tensor:
+        """out_proj of the scan output y (B, D_inner, L) -> (B, L, d_model)."""
         out = _project(self.out_proj.weight, y, time_major)  # (B, d_model, L)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None].to(out.dtype)
-        out = out.transpose(1, 2)  # (B, L, d_model), a view; its consumer (the residual add) reads it once
-        return out, (MambaState(conv_final, ssm_final) if with_states else None)
+        return out.transpose(1, 2)  # (B, L, d_model), a view; its consumer (the residual add) reads it once
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""

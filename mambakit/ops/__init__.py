@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from .checks import (check_conv_args, check_conv_update_args, check_dt_proj_args, check_scan_args,
-                     check_state_update_args)
+from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_update_args, check_dt_proj_args,
+                     check_scan_args, check_state_update_args)
 from .conv import causal_conv1d_torch
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, batched_linear, selective_scan_ref,
                         selective_state_update_ref)
@@ -37,7 +37,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = [
-    "selective_scan", "selective_scan_dt_proj", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
+    "selective_scan", "selective_scan_dt_proj", "conv_proj_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
     "selective_scan_ref", "causal_conv1d_ref", "selective_state_update_ref", "causal_conv1d_update_ref",
     "selective_scan_chunked", "causal_conv1d_torch", "BACKENDS",
 ]
@@ -94,6 +94,31 @@ def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias
     check_scan_args(u, u, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)  # Δ has u's shape: dt checked above
     from .triton.scan_op import selective_scan_dt_proj_triton
     return selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, **kw)
+
+
+def conv_proj_scan(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None, delta_bias=None,
+                   cu_seqlens=None, *, backend=None):
+    """A Mamba mixer from its conv input to its gated scan output, without states in or out:
+    u = SiLU(causal_conv1d(x)), (dt, B, C) = x_proj_weight @ u split as (R, N, N), then
+    selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D, z, delta_bias, softplus).
+    x, z: (B, D, L); conv_weight (D, K); x_proj_weight (R + 2N, D); dt_proj_weight (D, R);
+    A (D, N). Returns y (B, D, L). With the Triton backend, eager training holds the conv's
+    input for the backward instead of its output and runs the conv again there (one (B, D, L)
+    tensor less per layer); everywhere else it is exactly that composition."""
+    which = _resolve(backend, x if isinstance(x, torch.Tensor) else None)
+    check_conv_proj_scan_args(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
+                              cu_seqlens)
+    if which == "triton":
+        from .triton.conv_scan_op import conv_proj_scan_triton, eager_training
+        if eager_training((x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias)):
+            return conv_proj_scan_triton(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z,
+                                         delta_bias, cu_seqlens)
+    n = A.shape[1]
+    u = causal_conv1d(x, conv_weight, conv_bias, "silu", cu_seqlens=cu_seqlens, backend=which)  # (B, D, L)
+    x_dbl = batched_linear(x_proj_weight, u)  # (B, R + 2N, L)
+    dt, B, C = x_dbl.split([x_dbl.shape[1] - 2 * n, n, n], dim=1)
+    return selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=True, cu_seqlens=cu_seqlens, backend=which)
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,

@@ -202,3 +202,30 @@ def check_conv_update_args(x, conv_state, weight, bias=None, activation=None) ->
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     require_same_device("conv_state", conv_state, x=x, weight=weight, bias=bias)
+
+
+def check_conv_proj_scan_args(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
+                              cu_seqlens) -> None:
+    """conv_proj_scan's arguments: x (B, D, L), the conv's weight (D, K) and bias (D,), x_proj's
+    weight (R + 2N, D), dt_proj's weight (D, R), A (D, N), D and delta_bias (D,), z (B, D, L)."""
+    check_conv_args(x, conv_weight, conv_bias, "silu", None, cu_seqlens)
+    dim = x.shape[1]
+    require_tensor("A", A, ndim=2)
+    require_shape("A", A, (dim, A.shape[1]), "(D, N) with D from x")
+    d_state = A.shape[1]
+    require_tensor("x_proj_weight", x_proj_weight, ndim=2)
+    if x_proj_weight.shape[1] != dim or x_proj_weight.shape[0] <= 2 * d_state:
+        raise ValueError(f"x_proj_weight must have shape (R + 2N, D={dim}) with R >= 1 and N={d_state} from A, "
+                         f"got {_shape(x_proj_weight)}")
+    rank = x_proj_weight.shape[0] - 2 * d_state
+    require_tensor("dt_proj_weight", dt_proj_weight, ndim=2)
+    require_shape("dt_proj_weight", dt_proj_weight, (dim, rank), "(D, R) with D from x and R from x_proj_weight")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            require_tensor(name, t, ndim=1)
+            require_shape(name, t, (dim,), "(D,)")
+    if z is not None:
+        require_tensor("z", z, ndim=3)
+        require_shape("z", z, x.shape, "same as x: (B, D, L)")
+    require_same_device("x", x, x_proj_weight=x_proj_weight, dt_proj_weight=dt_proj_weight, A=A, D=D, z=z,
+                        delta_bias=delta_bias)

@@ -1,0 +1,114 @@
+"""ops.conv_proj_scan: a Mamba mixer's conv -> x_proj -> scan. Its Triton training Function
+(_EagerConvProjScan), which holds the conv's input for the backward and runs the conv again
+there, must give the outputs and every gradient of the readable composition, and must not hold
+the conv output. Under TRITON_INTERPRET=1 on CPU; with the compiled kernels on the device."""
+
+import pytest
+import torch
+
+from mambakit import ops
+from mambakit.ops.triton import scan_op
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("x", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "z", "delta_bias")
+
+
+def _inputs(batch=2, dim=8, length=21, d_state=4, rank=3, width=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(
+        x=torch.randn(batch, dim, length, generator=g),
+        conv_weight=torch.randn(dim, width, generator=g) * 0.5,
+        conv_bias=torch.randn(dim, generator=g) * 0.1,
+        x_proj_weight=torch.randn(rank + 2 * d_state, dim, generator=g) * 0.4,
+        dt_proj_weight=torch.randn(dim, rank, generator=g) * 0.5,
+        A=-(torch.rand(dim, d_state, generator=g) * 2 + 0.1),
+        D=torch.randn(dim, generator=g),
+        z=torch.randn(batch, dim, length, generator=g),
+        delta_bias=torch.randn(dim, generator=g) * 0.3 - 1.0,
+    )
+    return {k: v.to(DEVICE) for k, v in kw.items()}
+
+
+def _grads(kw, backend, composed=False, cu_seqlens=None, autocast=False, monkeypatch=None):
+    """y and every input's gradient; composed: the Triton backend through its composition of ops."""
+    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+    if composed:
+        monkeypatch.setattr(scan_op, "EAGER_FUNCTION", False)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        y = ops.conv_proj_scan(**leaves, cu_seqlens=cu_seqlens, backend=backend)
+    if composed:
+        monkeypatch.setattr(scan_op, "EAGER_FUNCTION", True)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, y.dtype)
+    (y.float() * gy.float()).sum().backward()
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+FP32 = dict(rtol=6e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_outputs_and_every_gradient_match_the_reference_and_the_composition(packed, monkeypatch):
+    kw = _inputs(batch=1 if packed else 2)
+    cu = torch.tensor([0, 5, 6, 21], dtype=torch.int32, device=DEVICE) if packed else None
+    y, g = _grads(kw, "triton", cu_seqlens=cu)
+    y_ref, g_ref = _grads(kw, "reference", cu_seqlens=cu)  # the sequential scan and reference conv
+    y_ops, g_ops = _grads(kw, "triton", composed=True, cu_seqlens=cu, monkeypatch=monkeypatch)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    torch.testing.assert_close(y, y_ops, rtol=1e-5, atol=1e-5)
+    for name in NAMES:
+        torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, n=name: f"d{n} vs reference: {m}")
+        torch.testing.assert_close(g[name], g_ops[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=name: f"d{n} vs composition: {m}")
+
+
+def test_under_autocast_it_matches_the_composition(monkeypatch):
+    """bf16 autocast with a bf16 x and fp32 weights, as in the mixer: the backward (outside
+    autocast) must form the forward's bf16 projections again."""
+    kw = _inputs()
+    kw = {k: (v.to(torch.bfloat16) if k in ("x", "z") else v) for k, v in kw.items()}
+    y, g = _grads(kw, "triton", autocast=True)
+    y_ops, g_ops = _grads(kw, "triton", composed=True, autocast=True, monkeypatch=monkeypatch)
+    assert y.dtype == y_ops.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ops, rtol=0, atol=0)
+    for name in NAMES:
+        assert g[name].dtype == g_ops[name].dtype, name
+        # weight gradients: ours sum over the batch in fp32, autograd's in the GEMM's bf16
+        tol = dict(rtol=2e-2, atol=2e-2) if name.endswith("proj_weight") else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(g[name].float(), g_ops[name].float(), **tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_the_backward_holds_the_conv_input_not_its_output(monkeypatch):
+    """Every tensor autograd holds for the backward, counted by shape (B, D, L): the composition
+    holds x (the conv's), the conv output u (x_proj's and the scan's) and z; the fused Function
+    holds x and z only."""
+    kw = {k: v.requires_grad_() for k, v in _inputs().items()}
+    bdl = tuple(kw["x"].shape)
+
+    def held(fn):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return shapes.count(bdl)
+
+    fused = held(lambda: ops.conv_proj_scan(**kw, backend="triton"))
+    monkeypatch.setattr(scan_op, "EAGER_FUNCTION", False)
+    composed = held(lambda: ops.conv_proj_scan(**kw, backend="triton"))
+    assert fused == 2  # x and z
+    assert composed >= fused + 1  # and u
+
+
+def test_bad_shapes_are_named():
+    kw = _inputs()
+    with pytest.raises(ValueError, match="x_proj_weight must have shape"):
+        ops.conv_proj_scan(**dict(kw, x_proj_weight=kw["x_proj_weight"][:, :5]), backend="triton")
+    with pytest.raises(ValueError, match="x_proj_weight must have shape"):  # no room for R >= 1
+        ops.conv_proj_scan(**dict(kw, x_proj_weight=kw["x_proj_weight"][:8]), backend="triton")
+    with pytest.raises(ValueError, match=r"dt_proj_weight must have shape \(8, 3\)"):
+        ops.conv_proj_scan(**dict(kw, dt_proj_weight=kw["dt_proj_weight"][:, :2]), backend="triton")
+    with pytest.raises(ValueError, match="z must have shape"):
+        ops.conv_proj_scan(**dict(kw, z=kw["z"][..., :5]), backend="torch")
