@@ -75,6 +75,26 @@ def test_more_than_2_31_elements_uses_64_bit_offsets():
     torch.testing.assert_close(y[-1:, tail].float(), expect, **BF16)
 
 
+def test_time_major_inputs_past_2_31_time_offsets_match_channels_first():
+    """Time-major views, (1, L, D) read as (1, D, L), whose time offsets t * D pass 2^31: the
+    launchers copy them channels-first (ops/triton/selective_scan._time_safe) rather than let
+    the lanes kernels' 32-bit time offsets wrap."""
+    dim, length = 2560, 2**20  # (L - 1) * D = 2.7e9 > 2^31; about 40 GB in all
+    assert (length - 1) * dim >= 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u, delta, z = (torch.randn(1, length, dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                   for _ in range(3))
+    A = -torch.rand(dim, 4, device="cuda", generator=g) - 0.5
+    B = torch.randn(1, 4, length, device="cuda", dtype=torch.bfloat16, generator=g)
+    C = torch.randn(1, 4, length, device="cuda", dtype=torch.bfloat16, generator=g)
+    with torch.no_grad():
+        y = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, backend="triton")
+        y_ref = selective_scan(u.contiguous(), delta.contiguous(), A, B, C, z=z.contiguous(), delta_softplus=True,
+                               backend="triton")
+    assert u.stride(-1) == dim
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph_mamba_block_matches_eager():
     from mambakit import Mamba
     torch.manual_seed(0)

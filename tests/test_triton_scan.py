@@ -290,3 +290,18 @@ def test_small_steps_are_not_quantized(kernel_layout):
     assert y_ref.abs().max() < 1e-3  # the regime of the test: tiny steps
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-10)
+
+
+def test_time_offsets_that_would_overflow_32_bits_are_copied_channels_first():
+    """The launchers' guard, on meta tensors (strides without memory): a time-major view whose
+    t * stride(L) passes 2^31 is made contiguous; one that fits, or a channels-first tensor of
+    any length, is passed through. The device test runs the whole scan at such a shape."""
+    from mambakit.ops.triton.selective_scan import _bc_operands, _time_safe
+    wide = torch.empty(1, 2**20, 2560, device="meta").transpose(1, 2)  # (1, D, L), stride D along L
+    fits = torch.empty(1, 2**16, 2560, device="meta").transpose(1, 2)
+    long = torch.empty(1, 2560, 2**20, device="meta")
+    assert _time_safe(wide).stride(-1) == 1
+    assert _time_safe(fits) is fits and _time_safe(long) is long and _time_safe(None) is None
+    Bw = torch.empty(1, 2**27 + 2, 16, device="meta").transpose(1, 2)  # (1, N, L), stride N along L
+    B, C = _bc_operands(Bw, Bw)
+    assert B.stride(-1) == 1 and C.stride(-1) == 1

@@ -325,10 +325,23 @@ def _block_d(channels_per_group: int, d_state: int) -> int:
     return block
 
 
+def _time_offsets_fit(t) -> bool:
+    """Whether every offset along time, t * stride(L), fits the 32-bit arithmetic of the lanes
+    kernels (row offsets are 64-bit in every kernel). A time-major view, (B, L, D) read as
+    (B, D, L), has stride D along L: at D = 2560 it overflows past L = 838,860."""
+    return t is None or (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
+
+
+def _time_safe(t):
+    """t, or a contiguous copy of it where its time offsets would overflow (`_time_offsets_fit`):
+    a rare case that costs one copy, never a wrong answer."""
+    return t if _time_offsets_fit(t) else t.contiguous()
+
+
 def _bc_operands(B, C):
     """B and C as the kernels read them: through one shared set of strides (so slices of one
     x_proj output, with equal strides, need no copy); otherwise both made contiguous."""
-    if B.stride() == C.stride():
+    if B.stride() == C.stride() and _time_offsets_fit(B):
         return B, C
     return B.contiguous(), C.contiguous()
 
@@ -477,6 +490,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
              block_l=None, block_d=None, num_warps=4, lanes=None):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
+    u, delta, z = _time_safe(u), _time_safe(delta), _time_safe(z)
     B, C = _bc_operands(B, C)
     init = None if initial_state is None else initial_state.float().contiguous()
     lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
@@ -517,6 +531,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
     dtypes of u, delta and z (the kernel accumulates in fp32 and rounds once on the store); dB
     and dC in B's dtype; the rest in fp32."""
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
+    u, delta, z, dout = _time_safe(u), _time_safe(delta), _time_safe(z), _time_safe(dout)
     B, C = _bc_operands(B, C)
     lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
