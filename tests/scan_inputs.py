@@ -26,3 +26,15 @@ def make_scan_inputs(batch, dim, length, d_state, groups=None, dtype=torch.float
     if requires_grad:
         kw = {k: (v.requires_grad_() if v is not None else None) for k, v in kw.items()}
     return kw
+
+
+def count_held(fn, shape) -> int:
+    """How many tensors of `shape` autograd holds for the backward while `fn()` runs its forward."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes.count(tuple(shape))

@@ -6,10 +6,12 @@ the conv output. Under TRITON_INTERPRET=1 on CPU; with the compiled kernels on t
 import pytest
 import torch
 
-from mambakit import ops
-from mambakit.ops.triton import scan_op
-
 pytest.importorskip("triton")
+
+from mambakit import ops  # noqa: E402
+from mambakit.ops.triton import scan_op  # noqa: E402
+from scan_inputs import count_held  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "z", "delta_bias")
 
@@ -84,20 +86,9 @@ def test_the_backward_holds_the_conv_input_not_its_output(monkeypatch):
     holds x and z only."""
     kw = {k: v.requires_grad_() for k, v in _inputs().items()}
     bdl = tuple(kw["x"].shape)
-
-    def held(fn):
-        shapes = []
-
-        def pack(t):
-            shapes.append(tuple(t.shape))
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return shapes.count(bdl)
-
-    fused = held(lambda: ops.conv_proj_scan(**kw, backend="triton"))
+    fused = count_held(lambda: ops.conv_proj_scan(**kw, backend="triton"), bdl)
     monkeypatch.setattr(scan_op, "EAGER_FUNCTION", False)
-    composed = held(lambda: ops.conv_proj_scan(**kw, backend="triton"))
+    composed = count_held(lambda: ops.conv_proj_scan(**kw, backend="triton"), bdl)
     assert fused == 2  # x and z
     assert composed >= fused + 1  # and u
 

@@ -8,7 +8,7 @@ import torch
 
 from mambakit.ops import selective_scan, selective_scan_dt_proj
 from mambakit.ops.reference import batched_linear
-from scan_inputs import make_scan_inputs
+from scan_inputs import count_held, make_scan_inputs
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,16 +59,7 @@ def test_the_backward_keeps_dt_not_delta():
     Δ besides u and z; selective_scan_dt_proj keeps only u and z at that size."""
     kw = {k: v.requires_grad_() for k, v in _inputs(with_init=False).items()}
     bdl = tuple(kw["u"].shape)
-
-    def kept(fn):
-        shapes = []
-
-        def pack(t):
-            shapes.append(tuple(t.shape))
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return shapes.count(bdl)
+    kept = lambda fn: count_held(fn, bdl)  # noqa: E731
 
     rest = {k: v for k, v in kw.items() if k not in ("dt", "dt_weight")}
     fused = kept(lambda: selective_scan_dt_proj(**kw, delta_softplus=True, backend="triton"))

@@ -101,13 +101,7 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     what = "(B, G, N, L)" if grouped else "(B, N, L)"
     require_shape("B", B, expect, f"{what} with B, L from u and N from A")
     require_shape("C", C, expect, f"{what} with B, L from u and N from A")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None:
-            require_tensor(name, t, ndim=1)
-            require_shape(name, t, (dim,), "(D,)")
-    if z is not None:
-        require_tensor("z", z, ndim=3)
-        require_shape("z", z, u.shape, "same as u: (B, D, L)")
+    _check_skip_and_gate(D, delta_bias, z, dim, "u", u)
     require_same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                         initial_state=initial_state, cu_seqlens=cu_seqlens)
     n_seqs = batch
@@ -220,12 +214,17 @@ def check_conv_proj_scan_args(x, conv_weight, conv_bias, x_proj_weight, dt_proj_
     rank = x_proj_weight.shape[0] - 2 * d_state
     require_tensor("dt_proj_weight", dt_proj_weight, ndim=2)
     require_shape("dt_proj_weight", dt_proj_weight, (dim, rank), "(D, R) with D from x and R from x_proj_weight")
+    _check_skip_and_gate(D, delta_bias, z, dim, "x", x)
+    require_same_device("x", x, x_proj_weight=x_proj_weight, dt_proj_weight=dt_proj_weight, A=A, D=D, z=z,
+                        delta_bias=delta_bias)
+
+
+def _check_skip_and_gate(D, delta_bias, z, dim: int, ref_name: str, ref: torch.Tensor) -> None:
+    """The scan's optional per-channel D and delta_bias (D,), and its gate z, shaped as `ref` (B, D, L)."""
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
             require_tensor(name, t, ndim=1)
             require_shape(name, t, (dim,), "(D,)")
     if z is not None:
         require_tensor("z", z, ndim=3)
-        require_shape("z", z, x.shape, "same as x: (B, D, L)")
-    require_same_device("x", x, x_proj_weight=x_proj_weight, dt_proj_weight=dt_proj_weight, A=A, D=D, z=z,
-                        delta_bias=delta_bias)
+        require_shape("z", z, ref.shape, f"same as {ref_name}: (B, D, L)")
