@@ -34,7 +34,7 @@ def _inputs(batch=2, dim=8, length=21, d_state=4, rank=3, width=4, seed=0):
 
 def _grads(kw, backend, composed=False, cu_seqlens=None, autocast=False, monkeypatch=None):
     """y and every input's gradient; composed: the Triton backend through its composition of ops."""
-    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+    leaves = {k: (None if v is None else v.clone().requires_grad_()) for k, v in kw.items()}
     if composed:
         monkeypatch.setattr(scan_op, "EAGER_FUNCTION", False)
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
@@ -43,15 +43,19 @@ def _grads(kw, backend, composed=False, cu_seqlens=None, autocast=False, monkeyp
         monkeypatch.setattr(scan_op, "EAGER_FUNCTION", True)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, y.dtype)
     (y.float() * gy.float()).sum().backward()
-    return y.detach(), {k: v.grad for k, v in leaves.items()}
+    return y.detach(), {k: None if v is None else v.grad for k, v in leaves.items()}
 
 
 FP32 = dict(rtol=6e-4, atol=2e-3)
 
 
+@pytest.mark.parametrize("optionals", [True, False], ids=["all", "none"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_outputs_and_every_gradient_match_the_reference_and_the_composition(packed, monkeypatch):
+def test_outputs_and_every_gradient_match_the_reference_and_the_composition(packed, optionals, monkeypatch):
+    """none: no conv bias, D, gate z or delta_bias (an ungated mixer without biases)."""
     kw = _inputs(batch=1 if packed else 2)
+    if not optionals:
+        kw = {k: (None if k in ("conv_bias", "D", "z", "delta_bias") else v) for k, v in kw.items()}
     cu = torch.tensor([0, 5, 6, 21], dtype=torch.int32, device=DEVICE) if packed else None
     y, g = _grads(kw, "triton", cu_seqlens=cu)
     y_ref, g_ref = _grads(kw, "reference", cu_seqlens=cu)  # the sequential scan and reference conv
@@ -59,6 +63,9 @@ def test_outputs_and_every_gradient_match_the_reference_and_the_composition(pack
     torch.testing.assert_close(y, y_ref, **FP32)
     torch.testing.assert_close(y, y_ops, rtol=1e-5, atol=1e-5)
     for name in NAMES:
+        if kw[name] is None:
+            assert g[name] is None and g_ref[name] is None
+            continue
         torch.testing.assert_close(g[name], g_ref[name], **FP32, msg=lambda m, n=name: f"d{n} vs reference: {m}")
         torch.testing.assert_close(g[name], g_ops[name], rtol=1e-4, atol=1e-5,
                                    msg=lambda m, n=name: f"d{n} vs composition: {m}")
