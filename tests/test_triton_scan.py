@@ -305,3 +305,40 @@ def test_time_offsets_that_would_overflow_32_bits_are_copied_channels_first():
     Bw = torch.empty(1, 2**27 + 2, 16, device="meta").transpose(1, 2)  # (1, N, L), stride N along L
     B, C = _bc_operands(Bw, Bw)
     assert B.stride(-1) == 1 and C.stride(-1) == 1
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_out_may_be_u_itself(segmented, kernel_layout, monkeypatch):
+    """selective_scan(out=u) for inference: y written over u (the lanes kernels read each chunk
+    of u before writing it; the other layouts write through a fresh tensor), equal to the
+    reference, in u's own memory. Segmented: the two-pass long-sequence path."""
+    from mambakit.ops.triton.selective_scan import clear_plans
+    if segmented:
+        monkeypatch.setenv("MAMBAKIT_SCAN_SEG_BELOW", "1000000")
+        monkeypatch.setenv("MAMBAKIT_SCAN_MIN_SEG", "16")
+        clear_plans()
+    kw = make_scan_inputs(2, 8, 77, 4, with_init=True)
+    y_ref = selective_scan_ref(**kw, delta_softplus=True)
+    dev = {k: v.to(DEVICE) for k, v in kw.items()}
+    u = dev.pop("u").clone()
+    ptr = u.data_ptr()
+    with torch.no_grad():
+        y = selective_scan(u, **dev, delta_softplus=True, backend="triton", out=u)
+    assert y is u and u.data_ptr() == ptr
+    torch.testing.assert_close(u, y_ref.to(DEVICE), **FP32)
+    clear_plans()
+
+
+def test_out_is_for_inference_and_must_match_u(kernel_layout):
+    kw = {k: v.to(DEVICE) for k, v in make_scan_inputs(1, 4, 9, 3).items() if v is not None}
+    with pytest.raises(ValueError, match="out must have u's shape, dtype and device"):
+        with torch.no_grad():
+            selective_scan(**kw, backend="triton", out=torch.empty(1, 4, 8, device=DEVICE))
+    u = kw.pop("u").requires_grad_()
+    with pytest.raises(ValueError, match="for inference"):
+        selective_scan(u, **kw, backend="triton", out=torch.empty_like(u))
+    with torch.no_grad():  # the torch path writes the same result into out
+        out = torch.empty_like(u)
+        y = selective_scan(u, **kw, backend="torch", out=out)
+        assert y is out
+        torch.testing.assert_close(out, selective_scan(u, **kw, backend="torch"), rtol=0, atol=0)

@@ -15,6 +15,8 @@ from mambakit.models.vision import PRESETS, create_model, resize_pos_embed, resi
 from mambakit.modules.bimamba import BiMamba
 from mambakit.modules.mamba import Mamba
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _randomize(module: torch.nn.Module, scale: float = 0.3) -> None:
     """Move every parameter off its init, so that the two directions differ everywhere."""
@@ -100,6 +102,34 @@ def test_fused_path_equals_reference_with_gradients(dtype, tol, pad_to):
     for name in p1:
         torch.testing.assert_close(p1[name], p2[name], rtol=tol, atol=tol, msg=name)
         assert p1[name].abs().sum() > 0, name  # every parameter, both directions, gets a gradient
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
+    """Without autograd the fused layer takes `_fused_inference` (in_proj's halves apart, the
+    scan by blocks of channels written over its input, the merge by blocks): the same outputs
+    as the fused training path and the reference, with the scans on the torch path or the
+    Triton kernels (the interpreter on CPU)."""
+    from mambakit import ops
+    bi = BiMamba(12, d_state=8).to(DEVICE)
+    bi.pad_to = 16
+    bi.scan_block_rows = 1 if blocks == 2 else 10**9
+    _randomize(bi, 0.2)
+    h = torch.randn(3, 21, 12, device=DEVICE)
+    with torch.no_grad():
+        want = bi(h, fused=False)
+    real = ops._resolve
+    monkeypatch.setattr(ops, "_resolve", lambda b, x=None: backend if b is None else real(b, x))
+    calls = []
+    real_inference = bi._fused_inference
+    monkeypatch.setattr(bi, "_fused_inference", lambda *a: calls.append(1) or real_inference(*a))
+    with torch.no_grad():
+        got = bi(h)
+    trained = bi(h)  # with autograd: the training path
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got, trained.detach(), rtol=2e-5, atol=2e-5)
 
 
 def test_bimamba_bad_input():

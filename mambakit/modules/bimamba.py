@@ -49,6 +49,8 @@ class BiMamba(nn.Module):
         self.divide_out = divide_out
         # the fused path pads the sequence to a multiple of this (None: 16 for CUDA tensors, else 1)
         self.pad_to: int | None = None
+        # inference scans blocks of channels of at least this many (sequence, channel) rows
+        self.scan_block_rows = 8192
         self.layer_idx = layer_idx
         self.dt_init = (dt_min, dt_max, dt_init_floor)
         di, n, r = self.d_inner, d_state, self.dt_rank
@@ -106,15 +108,16 @@ class BiMamba(nn.Module):
         # in_proj and out_proj as single 2-D GEMMs over the B*L tokens: as batched GEMMs over a
         # stride-0 weight, cuBLAS chose sm75 kernels for Vim's shapes (1.0 + 0.43 ms a layer at
         # B = 64, L = 4097 on the H200, 20 % of the model's time)
-        xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()  # (2*D_inner, B*L)
-        xz = xz.view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L), L contiguous
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
-        x, z = xz.split(self.d_inner, dim=1)  # (B, D_inner, L) each
-        if fused:
-            y_cols = self._fused(x, z)  # (D_inner, B*L)
+        tokens = hidden_states.reshape(batch * length, -1).t()  # (d_model, B*L)
+        if fused and _no_autograd(self, hidden_states):
+            y_cols = self._fused_inference(tokens, batch, length)  # (D_inner, B*L)
         else:
-            y_cols = self._reference(x, z).transpose(0, 1).reshape(self.d_inner, batch * length)
+            xz = self._in_cols(slice(None), tokens).view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L)
+            x, z = xz.split(self.d_inner, dim=1)  # (B, D_inner, L) each, L contiguous
+            if fused:
+                y_cols = self._fused(x, z)  # (D_inner, B*L)
+            else:
+                y_cols = self._reference(x, z).transpose(0, 1).reshape(self.d_inner, batch * length)
         y_rows = y_cols.t()  # (B*L, D_inner), a view
         # out_proj(y / 2) as (W / 2) y: halving the small weight (exact, a power of two) instead
         # of one more pass over the (B, D_inner, L) activations
@@ -144,8 +147,17 @@ class BiMamba(nn.Module):
 
     # -- the fused path: both directions in one conv call and one scan call -------------------
 
-    def _fused(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: (B, D_inner, L) -> (y_f + flip(y_b)) * SiLU(z) as columns, (D_inner, B*L)."""
+    def _in_cols(self, rows: slice, tokens: torch.Tensor) -> torch.Tensor:
+        """in_proj's output channels `rows` for the tokens (d_model, B*L), as columns (C, B*L)."""
+        out = self.in_proj.weight[rows] @ tokens
+        if self.in_proj.bias is not None:
+            out = out + self.in_proj.bias[rows, None].to(out.dtype)
+        return out
+
+    def _stacked_conv_proj(self, x: torch.Tensor):
+        """Both directions stacked along channels, through their convs and x_projs: x (B, D_inner,
+        L) -> the conv outputs x2 (B, 2*D_inner, Lp), dt (B, 2, R, Lp), B and C (B, 2, N, Lp), and
+        the stacked (w_dt (2, D_inner, R), A (2*D_inner, N), D, dt_bias (2*D_inner,))."""
         batch, di, length = x.shape
         f, b = self.direction_params(False), self.direction_params(True)
         # Zero steps appended after each direction's sequence change none of its L outputs (the
@@ -157,19 +169,67 @@ class BiMamba(nn.Module):
         x2 = _glue(stack_directions, x.is_cuda)(x, padded)  # (B, 2*D_inner, Lp)
         conv_w = torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])  # (2*D_inner, K)
         conv_b = None if f["conv1d"].bias is None else torch.cat([f["conv1d"].bias, b["conv1d"].bias])
-        x2 = ops.causal_conv1d(x2, conv_w, conv_b, "silu")  # (B, 2*D_inner, L)
+        x2 = ops.causal_conv1d(x2, conv_w, conv_b, "silu")  # (B, 2*D_inner, Lp)
         w_x = torch.stack([f["x_proj"].weight, b["x_proj"].weight]).to(x2.dtype)  # (2, R + 2N, D_inner)
         x_dbl = torch.matmul(w_x, x2.reshape(batch, 2, di, padded))  # (B, 2, R + 2N, Lp)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)  # (B, 2, R|N|N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)  # (B, 2, R|N|N, Lp)
         w_dt = torch.stack([f["dt_proj"].weight, b["dt_proj"].weight]).to(dt.dtype)  # (2, D_inner, R)
-        delta = torch.matmul(w_dt, dt).view(batch, 2 * di, padded)  # (B, 2*D_inner, Lp)
         A = -torch.exp(_at_least_fp32(torch.cat([f["A_log"], b["A_log"]])))  # (2*D_inner, N)
         D = _at_least_fp32(torch.cat([f["D"], b["D"]]))  # (2*D_inner,)
         dt_bias = _at_least_fp32(torch.cat([f["dt_proj"].bias, b["dt_proj"].bias]))  # (2*D_inner,)
+        return x2, dt, B, C, (w_dt, A, D, dt_bias)
+
+    def _fused(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z: (B, D_inner, L) -> (y_f + flip(y_b)) * SiLU(z) as columns, (D_inner, B*L)."""
+        batch, di, length = x.shape
+        x2, dt, B, C, (w_dt, A, D, dt_bias) = self._stacked_conv_proj(x)
+        delta = torch.matmul(w_dt, dt).view(batch, 2 * di, -1)  # (B, 2*D_inner, Lp)
         # grouped B/C (B, G=2, N, L): channel d reads group d // D_inner, i.e. its own direction's
         y2 = ops.selective_scan(x2, delta, A, B.contiguous(), C.contiguous(), D=D, z=None,
-                                delta_bias=dt_bias, delta_softplus=True)  # (B, 2*D_inner, L)
+                                delta_bias=dt_bias, delta_softplus=True)  # (B, 2*D_inner, Lp)
         return _glue(merge_directions, x.is_cuda)(y2, z, length)  # (D_inner, B*L)
+
+    def _fused_inference(self, tokens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """The fused path without autograd, holding less at once: the tokens (d_model, B*L) ->
+        (y_f + flip(y_b)) * SiLU(z) as columns (D_inner, B*L), the same values as `_fused`.
+        - x's half of in_proj first, and z's only once the directions are merged;
+        - the scan by blocks of channels, each block's Δ formed just before its scan, and its
+          output written over its own input (selective_scan's out=);
+        - the merge by the same blocks, so that flipping y_b copies one block at a time.
+        By this count, in units of one (B, D_inner, L) activation, the layer's peak goes from
+        about 8 to about 4 (the stacked conv input and output, 2 each): not yet measured."""
+        di = self.d_inner
+        x = self._in_cols(slice(0, di), tokens).view(di, batch, length).transpose(0, 1)  # (B, D_inner, L)
+        x2, dt, B, C, (w_dt, A, D, dt_bias) = self._stacked_conv_proj(x)
+        del x
+        # two blocks where each keeps at least scan_block_rows (sequence, channel) rows: 8192,
+        # so that the scan keeps its many-rows kernel shape (selective_scan_lanes.lanes_shape)
+        blocks = 2 if batch * di >= 2 * self.scan_block_rows and di % 2 == 0 else 1
+        size = di // blocks
+        for direction in range(2):
+            for c0 in range(0, di, size):
+                ch = slice(direction * di + c0, direction * di + c0 + size)
+                delta = batched_linear(w_dt[direction, c0:c0 + size], dt[:, direction])  # (B, size, Lp)
+                ops.selective_scan(x2[:, ch], delta, A[ch], B[:, direction], C[:, direction], D=D[ch],
+                                   delta_bias=dt_bias[ch], delta_softplus=True, out=x2[:, ch])
+        y = x2.new_empty(di, batch, length)  # y_f + flip(y_b) as (D_inner, B, L)
+        for c0 in range(0, di, size):
+            c1 = c0 + size
+            torch.add(x2[:, c0:c1, :length].transpose(0, 1),
+                      x2[:, di + c0:di + c1, :length].flip(-1).transpose(0, 1), out=y[c0:c1])
+        del x2
+        gate = F.silu(self._in_cols(slice(di, 2 * di), tokens), inplace=True)  # (D_inner, B*L)
+        return y.view(di, -1).mul_(gate)
+
+
+def _no_autograd(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether a call records nothing for a backward (no_grad, inference mode, or nothing that
+    requires grad), outside torch.compile's tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not hidden_states.requires_grad and not any(p.requires_grad for p in module.parameters())
 
 
 def stack_directions(x: torch.Tensor, padded: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_update_args, check_dt_proj_args,
-                     check_scan_args, check_state_update_args)
+                     check_scan_args, check_scan_out, check_state_update_args)
 from .conv import causal_conv1d_torch
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, batched_linear, selective_scan_ref,
                         selective_state_update_ref)
@@ -63,20 +63,27 @@ def _resolve(backend: str | None, x=None) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None):
+                   initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None, out=None):
     """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
     initial_state: (B, D, N), or (S, D, N) with cu_seqlens (int32 (S+1,) offsets, batch 1).
-    Returns y (B, D, L) [, final_state (B or S, D, N), fp32 or fp64]."""
+    Returns y (B, D, L) [, final_state (B or S, D, N), fp32 or fp64].
+    out: for inference (no gradient), a (B, D, L) tensor of u's dtype to write y into and return;
+    it may be u itself, which the Triton kernels then overwrite without a second (B, D, L) buffer."""
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
               return_final_state=return_final_state, cu_seqlens=cu_seqlens)
     which = _resolve(backend, u if isinstance(u, torch.Tensor) else None)
-    if which == "reference":
-        return selective_scan_ref(u, delta, A, B, C, **kw)
-    if which == "torch":
-        return selective_scan_chunked(u, delta, A, B, C, **kw)
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
-    from .triton.scan_op import selective_scan_triton
-    return selective_scan_triton(u, delta, A, B, C, **kw)
+    if out is not None:
+        check_scan_out(out, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if which == "triton":
+        check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+        from .triton.scan_op import selective_scan_triton
+        return selective_scan_triton(u, delta, A, B, C, **kw, out=out)
+    result = (selective_scan_ref if which == "reference" else selective_scan_chunked)(u, delta, A, B, C, **kw)
+    if out is None:
+        return result
+    y, final = result if return_final_state else (result, None)
+    out.copy_(y)
+    return (out, final) if return_final_state else out
 
 
 def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -228,3 +228,15 @@ def _check_skip_and_gate(D, delta_bias, z, dim: int, ref_name: str, ref: torch.T
     if z is not None:
         require_tensor("z", z, ndim=3)
         require_shape("z", z, ref.shape, f"same as {ref_name}: (B, D, L)")
+
+
+def check_scan_out(out, u, *inputs) -> None:
+    """selective_scan's `out=`: a tensor of u's shape, dtype and device, and no gradient asked
+    for (autograd cannot record a scan written over its own input)."""
+    require_tensor("out", out, ndim=3)
+    if out.shape != u.shape or out.dtype != u.dtype or out.device != u.device:
+        raise ValueError(f"out must have u's shape, dtype and device {_shape(u)}, {u.dtype}, {u.device}; "
+                         f"got {_shape(out)}, {out.dtype}, {out.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, out, *inputs)):
+        raise ValueError("selective_scan(out=...) is for inference: run it under torch.no_grad(), or without "
+                         "inputs that require grad")

@@ -137,15 +137,18 @@ class _EagerScan(torch.autograd.Function):
 EAGER_FUNCTION = True  # False: eager training through the custom ops too (tests cover both paths)
 
 
-def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
+def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, out=None):
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if not save and not torch.compiler.is_compiling():
         # inference (prefill): the launcher directly, skipping the custom op's dispatch, which
         # costs tens of µs a call when a short prefill is bound by host overhead
         out, final, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                         cu_seqlens, False)
+                                         cu_seqlens, False, out=out)
         return out, final
+    if out is not None:  # torch.compile's tracing: the custom op, then a copy
+        y, final = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus)
+        return out.copy_(y), final
     if save and EAGER_FUNCTION and not torch.compiler.is_compiling():
         return _EagerScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                 bool(delta_softplus))
@@ -211,11 +214,12 @@ def selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, D=None, z=None, del
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          initial_state=None, return_final_state=False, cu_seqlens=None):
+                          initial_state=None, return_final_state=False, cu_seqlens=None, out=None):
     """Same signature and results as `selective_scan_ref` (arguments already checked). Long
     sequences in small batches are cut into segments scanned in parallel inside the kernels
-    (`selective_scan_lanes.segment_plan`)."""
+    (`selective_scan_lanes.segment_plan`). `out` (inference only, checked): written in place,
+    and it may be u itself."""
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    out, final = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus)
+    out, final = _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, out)
     return (out, final) if return_final_state else out

@@ -332,6 +332,12 @@ def _time_offsets_fit(t) -> bool:
     return t is None or (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
 
 
+def _overlaps(out, *inputs) -> bool:
+    """Whether `out` shares memory with any of the inputs (a conservative test: same storage)."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(t is not None and t.untyped_storage().data_ptr() == ptr for t in inputs)
+
+
 def _time_safe(t):
     """t, or a contiguous copy of it where its time offsets would overflow (`_time_offsets_fit`):
     a rare case that costs one copy, never a wrong answer."""
@@ -487,14 +493,23 @@ def _strides(t):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
-             block_l=None, block_d=None, num_warps=4, lanes=None):
-    """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None."""
+             block_l=None, block_d=None, num_warps=4, lanes=None, out=None):
+    """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None.
+    `out`: a (b, D, L) tensor of u's dtype to write the output into, which may be u itself (the
+    lanes kernels read each chunk of u before they write the same chunk of the output, and each
+    program owns its rows); written through a fresh tensor where that is not so."""
+    if out is not None and not (_time_offsets_fit(out) and (kernel_layout() == "lanes"
+                                                             or not _overlaps(out, u, delta, z))):
+        y, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                    cu_seqlens, save_states, block_l, block_d, num_warps, lanes)
+        return out.copy_(y), final, states
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
     u, delta, z = _time_safe(u), _time_safe(delta), _time_safe(z)
     B, C = _bc_operands(B, C)
     init = None if initial_state is None else initial_state.float().contiguous()
     lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    if out is None:
+        out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
     states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=lc.states_dtype)
               if save_states else None)
