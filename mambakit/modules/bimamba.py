@@ -154,19 +154,22 @@ class BiMamba(nn.Module):
             out = out + self.in_proj.bias[rows, None].to(out.dtype)
         return out
 
-    def _stacked_conv_proj(self, x: torch.Tensor):
-        """Both directions stacked along channels, through their convs and x_projs: x (B, D_inner,
-        L) -> the conv outputs x2 (B, 2*D_inner, Lp), dt (B, 2, R, Lp), B and C (B, 2, N, Lp), and
-        the stacked (w_dt (2, D_inner, R), A (2*D_inner, N), D, dt_bias (2*D_inner,))."""
-        batch, di, length = x.shape
-        f, b = self.direction_params(False), self.direction_params(True)
+    def _stack(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, D_inner, L) -> both directions stacked along channels, (B, 2*D_inner, Lp)."""
         # Zero steps appended after each direction's sequence change none of its L outputs (the
         # conv and the scan are causal). A length that is a multiple of 16 lets the Triton scan
         # keep each chunk's time steps in one thread with 16-byte loads; at L = 4097 (Vim's class
         # token) its loop compiles to 140 instead of 19 load instructions (sm_90 SASS).
         multiple = self.pad_to or (16 if x.is_cuda else 1)
-        padded = -(-length // multiple) * multiple
-        x2 = _glue(stack_directions, x.is_cuda)(x, padded)  # (B, 2*D_inner, Lp)
+        padded = -(-x.shape[-1] // multiple) * multiple
+        return _glue(stack_directions, x.is_cuda)(x, padded)  # (B, 2*D_inner, Lp)
+
+    def _conv_proj(self, x2: torch.Tensor):
+        """The stacked directions x2 (B, 2*D_inner, Lp) through their convs and x_projs -> the conv
+        outputs (B, 2*D_inner, Lp), dt (B, 2, R, Lp), B and C (B, 2, N, Lp), and the stacked
+        (w_dt (2, D_inner, R), A (2*D_inner, N), D, dt_bias (2*D_inner,))."""
+        batch, di, padded = x2.shape[0], x2.shape[1] // 2, x2.shape[2]
+        f, b = self.direction_params(False), self.direction_params(True)
         conv_w = torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])  # (2*D_inner, K)
         conv_b = None if f["conv1d"].bias is None else torch.cat([f["conv1d"].bias, b["conv1d"].bias])
         x2 = ops.causal_conv1d(x2, conv_w, conv_b, "silu")  # (B, 2*D_inner, Lp)
@@ -182,7 +185,7 @@ class BiMamba(nn.Module):
     def _fused(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x, z: (B, D_inner, L) -> (y_f + flip(y_b)) * SiLU(z) as columns, (D_inner, B*L)."""
         batch, di, length = x.shape
-        x2, dt, B, C, (w_dt, A, D, dt_bias) = self._stacked_conv_proj(x)
+        x2, dt, B, C, (w_dt, A, D, dt_bias) = self._conv_proj(self._stack(x))
         delta = torch.matmul(w_dt, dt).view(batch, 2 * di, -1)  # (B, 2*D_inner, Lp)
         # grouped B/C (B, G=2, N, L): channel d reads group d // D_inner, i.e. its own direction's
         y2 = ops.selective_scan(x2, delta, A, B.contiguous(), C.contiguous(), D=D, z=None,
@@ -195,13 +198,15 @@ class BiMamba(nn.Module):
         - x's half of in_proj first, and z's only once the directions are merged;
         - the scan by blocks of channels, each block's Δ formed just before its scan, and its
           output written over its own input (selective_scan's out=);
-        - the merge by the same blocks, so that flipping y_b copies one block at a time.
-        By this count, in units of one (B, D_inner, L) activation, the layer's peak goes from
-        about 8 to about 4 (the stacked conv input and output, 2 each): not yet measured."""
+        - the merge by quarters of the channels, so that flipping y_b copies a quarter at a time.
+        Counted on CPU with the kernels' allocations only (benchmarks/vision_memory.py, 512 px,
+        batch 8), Vim-Ti's forward peaks at half the live bytes of the training path's: 1.14x
+        DeiT-Ti's, against 2.3x."""
         di = self.d_inner
         x = self._in_cols(slice(0, di), tokens).view(di, batch, length).transpose(0, 1)  # (B, D_inner, L)
-        x2, dt, B, C, (w_dt, A, D, dt_bias) = self._stacked_conv_proj(x)
-        del x
+        x2 = self._stack(x)
+        del x  # before the conv: its input and output are the layer's peak
+        x2, dt, B, C, (w_dt, A, D, dt_bias) = self._conv_proj(x2)
         # two blocks where each keeps at least scan_block_rows (sequence, channel) rows: 8192,
         # so that the scan keeps its many-rows kernel shape (selective_scan_lanes.lanes_shape)
         blocks = 2 if batch * di >= 2 * self.scan_block_rows and di % 2 == 0 else 1
@@ -212,7 +217,9 @@ class BiMamba(nn.Module):
                 delta = batched_linear(w_dt[direction, c0:c0 + size], dt[:, direction])  # (B, size, Lp)
                 ops.selective_scan(x2[:, ch], delta, A[ch], B[:, direction], C[:, direction], D=D[ch],
                                    delta_bias=dt_bias[ch], delta_softplus=True, out=x2[:, ch])
+                del delta
         y = x2.new_empty(di, batch, length)  # y_f + flip(y_b) as (D_inner, B, L)
+        size = di // 4 if di % 4 == 0 else di  # flip's copy: a quarter of y_b at a time
         for c0 in range(0, di, size):
             c1 = c0 + size
             torch.add(x2[:, c0:c1, :length].transpose(0, 1),
