@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision_memory_cpu.json"))
     args = p.parse_args()
     _kernel_stand_ins()
-    import mambakit.modules.bimamba as bimamba
+    from mambakit import ops
     from mambakit.models.vision import create_model
     from vision import TinyViT
     torch.manual_seed(0)
@@ -104,11 +104,11 @@ def main() -> None:
     rows = []
     vim = create_model("vim_tiny", num_classes=1000, img_size=args.size).eval()
     for name, inference_path in (("vim_tiny (inference path)", True), ("vim_tiny (training path)", False)):
-        real = bimamba._no_autograd
+        real = ops.no_autograd
         if not inference_path:
-            bimamba._no_autograd = lambda *a: False
+            ops.no_autograd = lambda *a: False
         peak, at = peak_bytes(vim, images)
-        bimamba._no_autograd = real
+        ops.no_autograd = real
         rows.append(dict(model=name, peak_mb=round(peak / 1e6, 2), alive_at_peak=[(round(n / 1e6, 2), op) for n, op in at]))
     peak, at = peak_bytes(TinyViT(img_size=args.size).eval(), images)
     rows.append(dict(model="deit_tiny architecture (TinyViT)", peak_mb=round(peak / 1e6, 2),

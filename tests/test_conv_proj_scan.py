@@ -110,3 +110,37 @@ def test_bad_shapes_are_named():
         ops.conv_proj_scan(**dict(kw, dt_proj_weight=kw["dt_proj_weight"][:, :2]), backend="triton")
     with pytest.raises(ValueError, match="z must have shape"):
         ops.conv_proj_scan(**dict(kw, z=kw["z"][..., :5]), backend="torch")
+
+
+@pytest.mark.parametrize("scan_backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_cache", [False, True], ids=["no-cache", "cache"])
+def test_the_mixers_inference_writes_y_over_the_conv_output_and_matches(scan_backend, with_cache, monkeypatch):
+    """Without autograd the mixer's channels-first path (CUDA's, chosen here on either device)
+    writes the scan's output over the conv output (out=): the output, and with a cache the final
+    conv and SSM states, equal those of the time-major path."""
+    from mambakit.modules import mamba as mamba_mod
+    torch.manual_seed(0)
+    layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2).to(DEVICE)
+    h = torch.randn(2, 13, 8, device=DEVICE)
+
+    def run():
+        cache = layer.allocate_state(2, device=DEVICE) if with_cache else None
+        with torch.no_grad():
+            out = layer(h, cache=cache)
+        return out, cache
+
+    monkeypatch.setattr(mamba_mod, "_time_major", lambda t: True)
+    out_ref, cache_ref = run()
+    monkeypatch.setattr(mamba_mod, "_time_major", lambda t: False)
+    real = ops._resolve
+    monkeypatch.setattr(ops, "_resolve", lambda b, x=None: scan_backend if b is None else real(b, x))
+    writes = []
+    real_scan = ops.selective_scan
+    monkeypatch.setattr(ops, "selective_scan", lambda u, *a, out=None, **k: writes.append(out is u) or
+                        real_scan(u, *a, out=out, **k))
+    out, cache = run()
+    assert writes == [True]
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    if with_cache:
+        torch.testing.assert_close(cache.conv, cache_ref.conv, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cache.ssm, cache_ref.ssm, rtol=1e-5, atol=1e-6)

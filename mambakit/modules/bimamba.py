@@ -109,7 +109,7 @@ class BiMamba(nn.Module):
         # stride-0 weight, cuBLAS chose sm75 kernels for Vim's shapes (1.0 + 0.43 ms a layer at
         # B = 64, L = 4097 on the H200, 20 % of the model's time)
         tokens = hidden_states.reshape(batch * length, -1).t()  # (d_model, B*L)
-        if fused and _no_autograd(self, hidden_states):
+        if fused and ops.no_autograd(hidden_states, *self.parameters()):
             y_cols = self._fused_inference(tokens, batch, length)  # (D_inner, B*L)
         else:
             xz = self._in_cols(slice(None), tokens).view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L)
@@ -227,16 +227,6 @@ class BiMamba(nn.Module):
         del x2
         gate = F.silu(self._in_cols(slice(di, 2 * di), tokens), inplace=True)  # (D_inner, B*L)
         return y.view(di, -1).mul_(gate)
-
-
-def _no_autograd(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether a call records nothing for a backward (no_grad, inference mode, or nothing that
-    requires grad), outside torch.compile's tracing."""
-    if torch.compiler.is_compiling():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not hidden_states.requires_grad and not any(p.requires_grad for p in module.parameters())
 
 
 def stack_directions(x: torch.Tensor, padded: int) -> torch.Tensor:

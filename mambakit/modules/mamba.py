@@ -172,7 +172,9 @@ class Mamba(nn.Module):
             delta = _project(self.dt_proj.weight, dt, time_major)  # (B, D_inner, L)
             scan_out = ops.selective_scan(x, delta, A, B, C, **scan_kw)
         else:  # Δ = dt_proj(dt) formed inside: the Triton scan's backward keeps dt (B, R, L), not Δ
-            scan_out = ops.selective_scan_dt_proj(x, dt, self.dt_proj.weight, A, B, C, **scan_kw)
+            inference = ops.no_autograd(hidden_states, *self.parameters())  # then y goes over the conv output
+            scan_out = ops.selective_scan_dt_proj(x, dt, self.dt_proj.weight, A, B, C, **scan_kw,
+                                                  out=x if inference else None)
         y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
         return self._out(y, time_major), (MambaState(conv_final, ssm_final) if with_states else None)
 

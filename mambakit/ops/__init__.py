@@ -37,10 +37,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = [
-    "selective_scan", "selective_scan_dt_proj", "conv_proj_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
+    "selective_scan", "selective_scan_dt_proj", "conv_proj_scan", "causal_conv1d", "no_autograd", "selective_state_update", "causal_conv1d_update",
     "selective_scan_ref", "causal_conv1d_ref", "selective_state_update_ref", "causal_conv1d_update_ref",
     "selective_scan_chunked", "causal_conv1d_torch", "BACKENDS",
 ]
+
+
+def no_autograd(*tensors) -> bool:
+    """Whether a call on these tensors records nothing for a backward (no_grad, inference mode,
+    or none of them requires grad), outside torch.compile's tracing: then an op may write its
+    output over an input (out=)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def _resolve(backend: str | None, x=None) -> str:
@@ -87,17 +96,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None):
+                           initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None, out=None):
     """selective_scan(u, Δ, ...) with Δ = dt_weight @ dt formed inside: dt (B, R, L) is the low-rank
     step input and dt_weight (D, R) the mixer's dt_proj weight (its bias is delta_bias). With the
     Triton backend, training keeps dt instead of Δ for the backward and forms Δ again there: one
-    (B, D, L) tensor less held per layer. Elsewhere it is exactly the composition below."""
+    (B, D, L) tensor less held per layer. Elsewhere it is exactly the composition below. `out`:
+    as selective_scan's (inference only; it may be u itself)."""
     which = _resolve(backend, u if isinstance(u, torch.Tensor) else None)
     check_dt_proj_args(u, dt, dt_weight)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
               return_final_state=return_final_state, cu_seqlens=cu_seqlens)
-    if which != "triton":
-        return selective_scan(u, batched_linear(dt_weight, dt), A, B, C, **kw, backend=which)
+    if which != "triton" or out is not None:  # out: inference, where the composition is what runs
+        return selective_scan(u, batched_linear(dt_weight, dt), A, B, C, **kw, backend=which, out=out)
     check_scan_args(u, u, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)  # Δ has u's shape: dt checked above
     from .triton.scan_op import selective_scan_dt_proj_triton
     return selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, **kw)
@@ -124,8 +134,10 @@ def conv_proj_scan(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     u = causal_conv1d(x, conv_weight, conv_bias, "silu", cu_seqlens=cu_seqlens, backend=which)  # (B, D, L)
     x_dbl = batched_linear(x_proj_weight, u)  # (B, R + 2N, L)
     dt, B, C = x_dbl.split([x_dbl.shape[1] - 2 * n, n, n], dim=1)
+    inference = no_autograd(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias)
     return selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                  delta_softplus=True, cu_seqlens=cu_seqlens, backend=which)
+                                  delta_softplus=True, cu_seqlens=cu_seqlens, backend=which,
+                                  out=u if inference else None)  # inference: y over u, a buffer less
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
