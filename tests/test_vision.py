@@ -104,13 +104,12 @@ def test_fused_path_equals_reference_with_gradients(dtype, tol, pad_to):
         assert p1[name].abs().sum() > 0, name  # every parameter, both directions, gets a gradient
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("backend,blocks", [("torch", 1), ("torch", 2), ("triton", 2)])
 def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
     """Without autograd the fused layer takes `_fused_inference` (in_proj's halves apart, the
     scan by blocks of channels written over its input, the merge by blocks): the same outputs
-    as the fused training path and the reference, with the scans on the torch path or the
-    Triton kernels (the interpreter on CPU)."""
+    as the reference, and with the torch scan as the fused training path; with the Triton
+    kernels (the interpreter on CPU) the scans write over their inputs in place."""
     from mambakit import ops
     bi = BiMamba(12, d_state=8).to(DEVICE)
     bi.pad_to = 16
@@ -126,10 +125,11 @@ def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
     monkeypatch.setattr(bi, "_fused_inference", lambda *a: calls.append(1) or real_inference(*a))
     with torch.no_grad():
         got = bi(h)
-    trained = bi(h)  # with autograd: the training path
     assert calls == [1]
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(got, trained.detach(), rtol=2e-5, atol=2e-5)
+    if backend == "torch":  # the training path under the interpreter would cost 10 s more
+        trained = bi(h)  # with autograd
+        torch.testing.assert_close(got, trained.detach(), rtol=2e-5, atol=2e-5)
 
 
 def test_bimamba_bad_input():
