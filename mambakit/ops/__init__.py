@@ -16,6 +16,7 @@ import torch
 from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_update_args, check_dt_proj_args,
                      check_scan_args, check_scan_out, check_state_update_args)
 from .conv import causal_conv1d_torch
+from .recording import no_autograd
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, batched_linear, selective_scan_ref,
                         selective_state_update_ref)
 from .scan import selective_scan_chunked
@@ -41,15 +42,6 @@ __all__ = [
     "selective_scan_ref", "causal_conv1d_ref", "selective_state_update_ref", "causal_conv1d_update_ref",
     "selective_scan_chunked", "causal_conv1d_torch", "BACKENDS",
 ]
-
-
-def no_autograd(*tensors) -> bool:
-    """Whether a call on these tensors records nothing for a backward (no_grad, inference mode,
-    or none of them requires grad), outside torch.compile's tracing: then an op may write its
-    output over an input (out=)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def _resolve(backend: str | None, x=None) -> str:

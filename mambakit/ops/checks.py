@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MAX_D_STATE
+from .recording import records_grad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -237,6 +238,6 @@ def check_scan_out(out, u, *inputs) -> None:
     if out.shape != u.shape or out.dtype != u.dtype or out.device != u.device:
         raise ValueError(f"out must have u's shape, dtype and device {_shape(u)}, {u.dtype}, {u.device}; "
                          f"got {_shape(out)}, {out.dtype}, {out.device}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, out, *inputs)):
+    if records_grad(u, out, *inputs):
         raise ValueError("selective_scan(out=...) is for inference: run it under torch.no_grad(), or without "
                          "inputs that require grad")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_scan_args, compute_dtype
+from .recording import records_grad
 from .varlen import split_varlen
 
 DEFAULT_INNER = "sequential"
@@ -290,6 +291,6 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                             return_final_state, A=A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
                             chunk_size=chunk_size, inner=inner)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    save = records_grad(*inputs)
     y, final = _ChunkedScan.apply(*inputs, delta_softplus, chunk_size, inner, save)
     return (y, final) if return_final_state else y

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..recording import records_grad
 from . import causal_conv1d as kernels
 
 _EMPTY = (0,)
@@ -77,9 +78,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
     """Same results as `causal_conv1d_ref`; with cu_seqlens (batch 1), initial_state is (S, D, K-1)."""
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
-    if needs_grad or torch.compiler.is_compiling():
+    if records_grad(x, weight, bias, initial_state) or torch.compiler.is_compiling():
         y = causal_conv1d_fwd(x, weight, bias, initial_state, cu_seqlens, activation is not None)
     else:  # inference: the launcher directly, without the custom op's dispatch (see scan_op._scan)
         y = kernels.conv_fwd(x, weight, bias, initial_state, activation is not None, cu_seqlens)

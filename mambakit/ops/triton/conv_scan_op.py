@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..recording import records_grad
 from ..reference import batched_linear
 from . import causal_conv1d as conv_kernels
 from . import selective_scan as scan_kernels
@@ -71,8 +72,7 @@ def eager_training(inputs) -> bool:
     """Whether a call with these inputs trains eagerly: then _EagerConvProjScan runs it. Otherwise
     (inference, torch.compile's tracing) the composition of the Triton ops does."""
     from .scan_op import EAGER_FUNCTION
-    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-            and EAGER_FUNCTION and not torch.compiler.is_compiling())
+    return records_grad(*inputs) and EAGER_FUNCTION and not torch.compiler.is_compiling()
 
 
 def conv_proj_scan_triton(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None,

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..recording import records_grad
 from ..reference import batched_linear
 from . import selective_scan as kernels
 
@@ -139,7 +140,7 @@ EAGER_FUNCTION = True  # False: eager training through the custom ops too (tests
 
 def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, out=None):
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    save = records_grad(*inputs)
     if not save and not torch.compiler.is_compiling():
         # inference (prefill): the launcher directly, skipping the custom op's dispatch, which
         # costs tens of µs a call when a short prefill is bound by host overhead
@@ -203,7 +204,7 @@ def selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, D=None, z=None, del
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
     inputs = (u, dt, dt_weight, A, B, C, D, z, delta_bias, initial_state)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    save = records_grad(*inputs)
     if save and EAGER_FUNCTION and not torch.compiler.is_compiling():
         out, final = _EagerScanDtProj.apply(u, dt, dt_weight, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                             bool(delta_softplus))

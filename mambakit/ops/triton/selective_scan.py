@@ -480,7 +480,7 @@ def dbc_dtype(B, C) -> torch.dtype:
 
 
 def _summary_shape(shape: dict) -> dict:
-    """The main kernel's shape for a segment summary kernel, which has no register prefetch."""
+    """The forward kernel's shape for its segment summary kernel, which has no register prefetch."""
     return {k: v for k, v in shape.items() if k != "PREFETCH"}
 
 
@@ -566,7 +566,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, ch
             seg_g, seg_dt, lc.L, lc.dim, lc.d_state, lc.cpg, n_segs, seg_len,
             *delta.stride(), *_strides(z), *dout.stride(), *lc.bc_strides],
             dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                 BLOCK_N=lc.BLOCK_N, **_summary_shape(shape)))
+                 BLOCK_N=lc.BLOCK_N, **shape))
         segs = dict(seg_g_ptr=seg_g, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     n_dblocks, rows = grid[1], grid[0]
     # per-program partial sums, reduced below in a fixed order (deterministic): over time, one
