@@ -86,15 +86,16 @@ def test_other_backends_compute_the_composition():
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gate", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("scan_backend", ["torch", "triton"])
-def test_the_mixers_channels_first_path_matches_its_time_major_path(monkeypatch, scan_backend):
-    """Mamba._run's CUDA layout (channels-first, selective_scan_dt_proj), chosen on either device,
-    with the scan on the torch path or the Triton kernels (the interpreter on CPU): the output
+def test_the_mixers_channels_first_path_matches_its_time_major_path(monkeypatch, scan_backend, gate):
+    """Mamba._run's CUDA layout (channels-first, conv_proj_scan with the gate in xz), chosen on
+    either device, with the torch ops or the Triton kernels (the interpreter on CPU): the output
     and every parameter's gradient equal those of the CPU layout (time-major, Δ then the scan)."""
     from mambakit import ops
     from mambakit.modules import mamba as mamba_mod
     torch.manual_seed(0)
-    layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2).to(DEVICE)
+    layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2, gate=gate).to(DEVICE)
     h = torch.randn(2, 13, 8, device=DEVICE)
     monkeypatch.setattr(mamba_mod, "_time_major", lambda t: True)
 

@@ -155,9 +155,10 @@ class Mamba(nn.Module):
         if not time_major and not with_states:
             # conv, x_proj and the scan in one op: its Triton training path holds the conv's
             # input for the backward, not its output, and Δ's low-rank input, not Δ
-            y = ops.conv_proj_scan(x, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
-                                   D=_at_least_fp32(self.D), z=z, delta_bias=_at_least_fp32(self.dt_proj.bias),
-                                   cu_seqlens=cu_seqlens)  # (B, D_inner, L)
+            # the gate rides in xz, so that xz's gradient comes back whole in its own layout
+            y = ops.conv_proj_scan(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
+                                   D=_at_least_fp32(self.D), delta_bias=_at_least_fp32(self.dt_proj.bias),
+                                   cu_seqlens=cu_seqlens, gate_in_x=self.gate)  # (B, D_inner, L)
             return self._out(y, time_major), None
         conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
                                      initial_state=None if state is None else state.conv,

@@ -106,30 +106,47 @@ def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias
 
 
 def conv_proj_scan(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None, delta_bias=None,
-                   cu_seqlens=None, *, backend=None):
+                   cu_seqlens=None, *, backend=None, gate_in_x=False):
     """A Mamba mixer from its conv input to its gated scan output, without states in or out:
     u = SiLU(causal_conv1d(x)), (dt, B, C) = x_proj_weight @ u split as (R, N, N), then
     selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D, z, delta_bias, softplus).
     x, z: (B, D, L); conv_weight (D, K); x_proj_weight (R + 2N, D); dt_proj_weight (D, R);
-    A (D, N). Returns y (B, D, L). With the Triton backend, eager training holds the conv's
-    input for the backward instead of its output and runs the conv again there (one (B, D, L)
-    tensor less per layer); everywhere else it is exactly that composition."""
+    A (D, N). Returns y (B, D, L). gate_in_x: x is in_proj's whole output xz (B, 2D, L), the
+    conv input then the gate, and z is None; x's gradient then comes back as one tensor in xz's
+    own layout. With the Triton backend, eager training holds the conv's input for the backward
+    instead of its output and runs the conv again there (one (B, D, L) tensor less per layer);
+    everywhere else it is exactly that composition."""
     which = _resolve(backend, x if isinstance(x, torch.Tensor) else None)
-    check_conv_proj_scan_args(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
+    xc, gate = _split_gate(x, z, conv_weight, gate_in_x)
+    check_conv_proj_scan_args(xc, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, gate, delta_bias,
                               cu_seqlens)
     if which == "triton":
         from .triton.conv_scan_op import conv_proj_scan_triton, eager_training
         if eager_training((x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias)):
             return conv_proj_scan_triton(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z,
-                                         delta_bias, cu_seqlens)
+                                         delta_bias, cu_seqlens, gate_in_x=gate_in_x)
     n = A.shape[1]
-    u = causal_conv1d(x, conv_weight, conv_bias, "silu", cu_seqlens=cu_seqlens, backend=which)  # (B, D, L)
+    u = causal_conv1d(xc, conv_weight, conv_bias, "silu", cu_seqlens=cu_seqlens, backend=which)  # (B, D, L)
     x_dbl = batched_linear(x_proj_weight, u)  # (B, R + 2N, L)
     dt, B, C = x_dbl.split([x_dbl.shape[1] - 2 * n, n, n], dim=1)
     inference = no_autograd(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias)
-    return selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D=D, z=z, delta_bias=delta_bias,
+    return selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D=D, z=gate, delta_bias=delta_bias,
                                   delta_softplus=True, cu_seqlens=cu_seqlens, backend=which,
                                   out=u if inference else None)  # inference: y over u, a buffer less
+
+
+def _split_gate(x, z, conv_weight, gate_in_x: bool):
+    """conv_proj_scan's (conv input, gate): x and z, or with gate_in_x the halves of x (B, 2D, L)."""
+    if not gate_in_x:
+        return x, z
+    if z is not None:
+        raise ValueError("conv_proj_scan(gate_in_x=True) takes the gate in x's second half; z must be None")
+    dim = conv_weight.shape[0] if isinstance(conv_weight, torch.Tensor) and conv_weight.ndim == 2 else None
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or dim is None or x.shape[1] != 2 * dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"with gate_in_x=True, x must have shape (B, 2D, L) with D from conv_weight (D, K) "
+                         f"= {dim}, got {got}")
+    return x[:, :dim], x[:, dim:]
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,

@@ -100,7 +100,7 @@ def _conv_da_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, seq_start_ptr, seq_id_ptr,
 
 @triton.jit
 def _conv_dx_kernel(x_ptr, init_ptr, seq_start_ptr, seq_id_ptr, seq_end_ptr, w_ptr, da_ptr, dx_ptr,
-                    dw_part_ptr, dbias_part_ptr, L, dim, n_lblocks, s_xb, s_xd, s_xl,
+                    dw_part_ptr, dbias_part_ptr, L, dim, n_lblocks, s_xb, s_xd, s_xl, s_ob, s_od, s_ol,
                     WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, VARLEN: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx[e] = Σ_k w[k] da[e + (K-1) - k] within e's sequence; partial dw, dbias per program."""
@@ -119,7 +119,8 @@ def _conv_dx_kernel(x_ptr, init_ptr, seq_start_ptr, seq_id_ptr, seq_end_ptr, w_p
         wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
         dx += wk[:, None] * tl.load(da_row + tt[None, :], mask=mask_d[:, None] & ok[None, :], other=0.0)
     m = mask_d[:, None] & mask_e[None, :]
-    tl.store(dx_ptr + b.to(tl.int64) * dim * L + offs_d[:, None].to(tl.int64) * L + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+    dx_off = b.to(tl.int64) * s_ob + offs_d[:, None].to(tl.int64) * s_od + e[None, :].to(tl.int64) * s_ol
+    tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=m)
     # dw[d, k] = Σ_t da[t] x[t - (K-1) + k], with t over this program's outputs
     da = tl.load(da_row + e[None, :], mask=m, other=0.0)
     part = ((b * n_lblocks + pid_l).to(tl.int64) * dim + offs_d.to(tl.int64)) * WIDTH
@@ -161,8 +162,10 @@ def conv_fwd(x, weight, bias, initial_state, silu, cu_seqlens):
     return y
 
 
-def conv_bwd(x, weight, bias, initial_state, silu, cu_seqlens, dy):
-    """(dx (B, D, L) in x's dtype, dweight (D, K), dbias (D,) or None, dinit or None in fp32)."""
+def conv_bwd(x, weight, bias, initial_state, silu, cu_seqlens, dy, dx_out=None):
+    """(dx (B, D, L) in x's dtype, dweight (D, K), dbias (D,) or None, dinit or None in fp32).
+    dx_out: a (B, D, L) tensor of x's dtype, with any strides, to write dx into; it may be dy
+    itself (dy is read whole, into da, before dx is written)."""
     batch, dim, L, BLOCK_D, BLOCK_L, grid = _launch_shape(x)
     width = weight.shape[1]
     weight = weight.contiguous()
@@ -178,12 +181,12 @@ def conv_bwd(x, weight, bias, initial_state, silu, cu_seqlens, dy):
         maps[0] if maps[0] is not None else dummy, maps[1] if maps[1] is not None else dummy, dy, da, L, dim,
         *x.stride(), *dy.stride(), HAS_BIAS=bias is not None, SILU=silu, **common)
     n_lblocks = grid[2]
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # rounded once, on the store
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if dx_out is None else dx_out  # rounded once, on the store
     dw_part = torch.empty(batch, n_lblocks, dim, width, **f32)
     dbias_part = torch.empty(batch, n_lblocks, dim, **f32)
     _conv_dx_kernel[grid](
         x, init if init is not None else dummy, *(m if m is not None else dummy for m in maps), weight, da, dx,
-        dw_part, dbias_part, L, dim, n_lblocks, *x.stride(), **common)
+        dw_part, dbias_part, L, dim, n_lblocks, *x.stride(), *dx.stride(), **common)
     dinit = None
     if initial_state is not None:
         dinit = _dinit(weight, da, width, cu_seqlens, initial_state)

@@ -540,19 +540,37 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     return out, final, states
 
 
+def _grad_buffers(u, delta, z, grads_out):
+    """du, ddelta, dz (B, D, L), in the dtypes of u, delta and z, which the kernel writes
+    through one set of strides: contiguous, or du and dz are `grads_out`'s tensors (ddelta
+    then gets their strides) when those share strides and dtypes fit."""
+    if grads_out is not None:
+        du, dz = grads_out
+        fits = (du.shape == u.shape and du.dtype == u.dtype and _time_offsets_fit(du)
+                and (z is None if dz is None else (dz.shape == u.shape and dz.dtype == z.dtype
+                                                   and dz.stride() == du.stride())))
+        if fits:
+            return du, torch.empty_strided(u.shape, du.stride(), device=u.device, dtype=delta.dtype), dz
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)  # (B, D, L), contiguous
+    ddelta = torch.empty(u.shape, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    return du, ddelta, dz
+
+
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states, dout, dfinal,
-             block_l=None, block_d=None, num_warps=None, lanes=None):
+             block_l=None, block_d=None, num_warps=None, lanes=None, grads_out=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit): du, ddelta and dz in the
     dtypes of u, delta and z (the kernel accumulates in fp32 and rounds once on the store); dB
-    and dC in B's dtype; the rest in fp32."""
+    and dC in B's dtype; the rest in fp32. grads_out: (du, dz or None), (B, D, L) tensors with
+    one set of strides, for the kernel to write du and dz into (slices of one buffer laid out as
+    the caller's gradient must be, for example); where they do not fit (`_grad_buffers`), du
+    and dz are fresh and the caller must check what came back."""
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z, dout: read through their strides
     u, delta, z, dout = _time_safe(u), _time_safe(delta), _time_safe(z), _time_safe(dout)
     B, C = _bc_operands(B, C)
     lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)  # (B, D, L), contiguous
-    ddelta = torch.empty(u.shape, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    du, ddelta, dz = _grad_buffers(u, delta, z, grads_out)
     dinit = torch.empty(lc.n_seqs, lc.dim, lc.d_state, **f32)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     grid, shape, seg_len, n_segs = lc.bwd_shape(num_warps, lanes)

@@ -386,7 +386,7 @@ def _bwd_kernel_lanes(
         HAS_BIAS, HAS_D, VARLEN, BLOCK_D, BLOCK_N, T, NL, SEGMENTED)
     d64 = d2.to(tl.int64)
     dout_row = dout_ptr + batch.to(tl.int64) * s_gb + d64 * s_gd
-    grad_off = batch.to(tl.int64) * s_ob + d64 * s_od  # du, dΔ, dz: contiguous fp32
+    grad_off = batch.to(tl.int64) * s_ob + d64 * s_od  # du, dΔ, dz: one set of strides
     if HAS_DFINAL:
         carry = tl.load(dfinal_ptr + state_row + dn4, mask=m_dn4, other=0.0).to(tl.float32)
     else:
