@@ -107,13 +107,13 @@ def test_fused_path_equals_reference_with_gradients(dtype, tol, pad_to):
 @pytest.mark.parametrize("backend,blocks", [("torch", 1), ("torch", 2), ("triton", 2)])
 def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
     """Without autograd the fused layer takes `_fused_inference` (in_proj's halves apart, the
-    scan by blocks of channels written over its input, the merge by blocks): the same outputs
+    scan by blocks of the batch written over its input, the merge by blocks): the same outputs
     as the reference, and with the torch scan as the fused training path; with the Triton
     kernels (the interpreter on CPU) the scans write over their inputs in place."""
     from mambakit import ops
     bi = BiMamba(12, d_state=8).to(DEVICE)
     bi.pad_to = 16
-    bi.scan_block_rows = 1 if blocks == 2 else 10**9
+    bi.scan_block_bytes = 1 if blocks == 2 else 10**12  # two blocks: 2 sequences and 1
     _randomize(bi, 0.2)
     h = torch.randn(3, 21, 12, device=DEVICE)
     with torch.no_grad():

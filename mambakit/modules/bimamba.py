@@ -49,8 +49,9 @@ class BiMamba(nn.Module):
         self.divide_out = divide_out
         # the fused path pads the sequence to a multiple of this (None: 16 for CUDA tensors, else 1)
         self.pad_to: int | None = None
-        # inference scans blocks of channels of at least this many (sequence, channel) rows
-        self.scan_block_rows = 8192
+        # inference scans the batch in two blocks when the whole batch's Δ (B, 2*D_inner, Lp)
+        # would take more than this many bytes (at 512 px and up for Vim-Ti at batch 64)
+        self.scan_block_bytes = 64 * 2**20
         self.layer_idx = layer_idx
         self.dt_init = (dt_min, dt_max, dt_init_floor)
         di, n, r = self.d_inner, d_state, self.dt_rank
@@ -196,28 +197,29 @@ class BiMamba(nn.Module):
         """The fused path without autograd, holding less at once: the tokens (d_model, B*L) ->
         (y_f + flip(y_b)) * SiLU(z) as columns (D_inner, B*L), the same values as `_fused`.
         - x's half of in_proj first, and z's only once the directions are merged;
-        - the scan by blocks of channels, each block's Δ formed just before its scan, and its
-          output written over its own input (selective_scan's out=);
+        - one scan for both directions, by blocks of the batch when Δ is large, each block's Δ
+          formed just before its scan, and its output written over its own input (out=);
         - the merge by quarters of the channels, so that flipping y_b copies a quarter at a time.
         Counted on CPU with the kernels' allocations only (benchmarks/vision_memory.py, 512 px,
-        batch 8), Vim-Ti's forward peaks at half the live bytes of the training path's: 1.14x
-        DeiT-Ti's, against 2.3x."""
+        batch 8, one block), Vim-Ti's forward peaks at half the live bytes of the training
+        path's: 1.16x DeiT-Ti's, against 2.3x; measured on the H200 (batch 64), 1.02-1.04x."""
         di = self.d_inner
         x = self._in_cols(slice(0, di), tokens).view(di, batch, length).transpose(0, 1)  # (B, D_inner, L)
         x2 = self._stack(x)
         del x  # before the conv: its input and output are the layer's peak
         x2, dt, B, C, (w_dt, A, D, dt_bias) = self._conv_proj(x2)
-        # two blocks where each keeps at least scan_block_rows (sequence, channel) rows: 8192,
-        # so that the scan keeps its many-rows kernel shape (selective_scan_lanes.lanes_shape)
-        blocks = 2 if batch * di >= 2 * self.scan_block_rows and di % 2 == 0 else 1
-        size = di // blocks
-        for direction in range(2):
-            for c0 in range(0, di, size):
-                ch = slice(direction * di + c0, direction * di + c0 + size)
-                delta = batched_linear(w_dt[direction, c0:c0 + size], dt[:, direction])  # (B, size, Lp)
-                ops.selective_scan(x2[:, ch], delta, A[ch], B[:, direction], C[:, direction], D=D[ch],
-                                   delta_bias=dt_bias[ch], delta_softplus=True, out=x2[:, ch])
-                del delta
+        # both directions in one grouped scan (B/C (b, 2, N, Lp): channel d reads its direction's),
+        # over the batch in two blocks when Δ is large: each block's Δ is formed just before its
+        # scan, whose output goes over its input
+        padded = x2.shape[-1]
+        blocks = 2 if batch >= 2 and batch * 2 * di * padded * x2.element_size() > self.scan_block_bytes else 1
+        step = -(-batch // blocks)
+        for b0 in range(0, batch, step):
+            rows = slice(b0, b0 + step)
+            delta = torch.matmul(w_dt, dt[rows]).view(-1, 2 * di, padded)  # (b, 2*D_inner, Lp)
+            ops.selective_scan(x2[rows], delta, A, B[rows].contiguous(), C[rows].contiguous(), D=D,
+                               delta_bias=dt_bias, delta_softplus=True, out=x2[rows])
+            del delta
         y = x2.new_empty(di, batch, length)  # y_f + flip(y_b) as (D_inner, B, L)
         size = di // 4 if di % 4 == 0 else di  # flip's copy: a quarter of y_b at a time
         for c0 in range(0, di, size):
