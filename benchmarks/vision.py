@@ -88,11 +88,15 @@ def make_model(name: str, size: int, smoke: bool) -> tuple[nn.Module, str]:
     return make_deit(size)
 
 
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
+                                                                                             enabled=False)
+
+
 def measure(model: nn.Module, size: int, batch: int, device: torch.device, dtype, iters: int, warmup: int) -> dict:
     """images/s and peak memory of `iters` inference batches after `warmup` ones."""
     x = torch.randn(batch, 3, size, size, device=device)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
-                                                                                             enabled=False)
+    ctx = _autocast(device, dtype)
     cuda = device.type == "cuda"
     with torch.inference_mode(), ctx:
         for _ in range(warmup):
@@ -125,12 +129,32 @@ def run_one(name: str, size: int, args, device, dtype) -> dict:
             batch //= 2
     else:
         row = {"batch": 0, "images_per_s": None, "ms_per_batch": None, "peak_mem_gib": None, "oom": True}
+    if args.profile and name == "vim_tiny" and row["batch"]:
+        print_profile(model, size, row["batch"], device, dtype, args.profile)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     row.update(model=name, size=size, tokens=(size // 16) ** 2 + 1, params=params, source=source)
     print(json.dumps(row), flush=True)
     return row
+
+
+def print_profile(model: nn.Module, size: int, batch: int, device: torch.device, dtype, top: int) -> None:
+    """The `top` kernels (GPU time) of one inference batch, grouped by input shapes, so that a
+    copy or elementwise kernel can be traced to the tensors it reads."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(batch, 3, size, size, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), _autocast(device, dtype):
+        model(x)
+        with profile(activities=activities, record_shapes=True) as prof:
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one {size}-px batch of {batch}:", flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=top, max_name_column_width=50,
+                                                             max_shapes_column_width=80), flush=True)
 
 
 def crossover(rows: list[dict], key: str, better) -> int | None:
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/vision_h200.json)")
+    p.add_argument("--profile", type=int, default=0, help="print the top N ops of one Vim-Ti batch at each size")
     args = p.parse_args(argv)
     if args.smoke:
         device, dtype = torch.device("cpu"), None
