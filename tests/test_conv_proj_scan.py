@@ -198,3 +198,24 @@ def test_gate_in_x_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"x must have shape \(B, 2D, L\) with D from conv_weight \(D, K\) = 8, "
                                          r"got \(2, 8, 21\)"):
         ops.conv_proj_scan(kw["x"], **rest, backend="torch", gate_in_x=True)
+
+
+def test_the_mixers_cuda_layout_traces_in_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) of the gated mixer's channels-first path (conv_proj_scan with
+    the gate in xz, over the Triton custom ops; the interpreter on CPU, aot_eager so that no C++
+    compiler is needed): no graph break, and the output and input gradient of eager (the fused
+    Function). The device's test_triton_gpu.py compiles it with inductor."""
+    from mambakit.modules import mamba as mamba_mod
+    torch.manual_seed(0)
+    layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2).to(DEVICE)
+    monkeypatch.setattr(mamba_mod, "_time_major", lambda t: False)
+    real = ops._resolve
+    monkeypatch.setattr(ops, "_resolve", lambda b, x=None: "triton" if b is None else real(b, x))
+    h = torch.randn(2, 13, 8, device=DEVICE, requires_grad=True)
+    want = layer(h)
+    want.sum().backward()
+    g_want, h.grad = h.grad.clone(), None
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(h)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, g_want, rtol=1e-4, atol=1e-5)
