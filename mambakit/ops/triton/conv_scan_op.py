@@ -72,9 +72,10 @@ class _EagerConvProjScan(torch.autograd.Function):
         du.baddbmm_(w_x.t().expand(batch, -1, -1).to(du.dtype), d_xdbl.to(du.dtype))
         d_w_x = torch.bmm(d_xdbl, u_c.transpose(1, 2)).sum(0, dtype=torch.float32)
         del u, u_c, d_xdbl
-        # dx over du (the conv reads du whole before it writes dx)
+        # dx over du, which has x's dtype (the conv's output u has it; the conv reads du whole
+        # before it writes dx)
         dx, d_conv_w, d_conv_b, _ = conv_kernels.conv_bwd(xc, conv_weight, conv_bias, None, True, cu_seqlens,
-                                                          du.to(xc.dtype), dx_out=du if du.dtype == xc.dtype else None)
+                                                          du, dx_out=du)
         if dxz is not None:
             dx, dz = _gathered(dxz, dim, dx, dz), None
         grads = (dx, d_conv_w, d_conv_b, d_w_x, d_w_dt, dA, dD, dz, dbias)
