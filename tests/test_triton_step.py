@@ -100,6 +100,28 @@ def test_fused_add_rms_norm_equals_block_pre(residual_in_fp32, first, dtype):
                                atol=1e-6 if dtype == torch.float32 else 8e-3)
 
 
+def test_fused_add_rms_norm_over_encoder_rows():
+    """Over an encoder's (B, L, dim) rows (many rows per program, a strided view of padded rows)
+    with the normed output written in autocast's dtype: _pre's values rounded once to it."""
+    from mambakit.modules.block import Block
+    from mambakit.modules.norm import RMSNorm
+    from mambakit.ops.triton.norm import add_rms_norm
+    g = torch.Generator().manual_seed(3)
+    dim = 48
+    norm = RMSNorm(dim).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+    block = Block(dim, torch.nn.Identity(), norm, residual_in_fp32=True)
+    hidden = _rand(2, 640, dim, g=g)[:, :600]  # 1200 rows, row stride of the padded 640
+    residual = _rand(2, 600, dim, g=g)
+    want_h, want_r = block._pre(hidden, residual)
+    got_h, got_r = add_rms_norm(hidden, residual, norm.weight, norm.eps, torch.float32, torch.float16)
+    assert got_h.dtype == torch.float16 and got_h.shape == (2, 600, dim) and got_r.shape == (2, 600, dim)
+    torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
+    torch.testing.assert_close(got_h, want_h.to(torch.float16), rtol=1e-3, atol=1e-3)
+    assert (got_h.float() - want_h).abs().max() < 2e-3 * want_h.abs().max()
+
+
 def test_state_update_with_dt_proj_folded_in():
     """Δ computed in the kernel from the low-rank input and dt_proj's weight equals the linear
     layer followed by the update."""

@@ -123,6 +123,7 @@ def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
     calls = []
     real_inference = bi._fused_inference
     monkeypatch.setattr(bi, "_fused_inference", lambda *a: calls.append(1) or real_inference(*a))
+    monkeypatch.setattr(bi, "_triton_inference", lambda h: False)  # on CUDA: not the padded path
     with torch.no_grad():
         got = bi(h)
     assert calls == [1]
@@ -237,6 +238,18 @@ def test_presets_forward_and_backward_small(name):
     logits.sum().backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+def test_patch_embedding_as_one_gemm_equals_the_conv():
+    """The CUDA path's GEMM over flattened patches is the strided conv: (C, p, p)-major patch
+    rows against the conv weight, in raster order, for non-square images too."""
+    from mambakit.models.vision import PatchEmbed
+    torch.manual_seed(0)
+    pe = PatchEmbed((16, 24), 8, 3, 10).double()
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    want = pe.proj(x).flatten(2).transpose(1, 2)  # (B, 6, 10)
+    torch.testing.assert_close(pe.as_gemm(x), want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(pe.as_gemm(x.transpose(2, 3).reshape(2, 3, 16, 24)), want)
 
 
 def test_class_token_in_the_middle_and_patches_in_raster_order():

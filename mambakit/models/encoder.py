@@ -52,9 +52,12 @@ class PathMixer(nn.Module):
             BiMamba(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, divide_out=cfg.divide_out, layer_idx=layer_idx)
             for _ in range(cfg.n_paths))
 
-    def forward(self, hidden: torch.Tensor, order: ScanOrder) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+    def forward(self, hidden: torch.Tensor, order: ScanOrder, length: int | None = None) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); with `length`, the steps from it to L are padding (identity order only)."""
         if order.is_identity():
-            return self.paths[0](hidden)
+            return self.paths[0](hidden, length=length)
+        if length is not None and length != hidden.shape[1]:
+            raise ValueError("padded sequences take the identity scan order only")
         out = None
         for k, mixer in enumerate(self.paths):
             y = order.unscan(mixer(order.scan(hidden, k)), k)  # (B, L, D) in sequence order
@@ -65,9 +68,10 @@ class PathMixer(nn.Module):
 class PathBlock(Block):
     """mambakit's prenorm residual block, with a PathMixer that takes the scan order."""
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, order: ScanOrder):
-        hidden, residual = self._pre(hidden, residual)
-        return self.mixer(hidden, order), residual
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, order: ScanOrder,
+                length: int | None = None):
+        hidden, residual = self._pre_inference(hidden, residual)
+        return self.mixer(hidden, order, length), residual
 
 
 class MambaEncoder(nn.Module):
@@ -93,8 +97,23 @@ class MambaEncoder(nn.Module):
             raise ValueError(f"scan order has {order.num_paths} path(s) over {order.length} tokens; the encoder "
                              f"has {self.cfg.n_paths} path(s) and got {length} tokens")
         hidden = tokens if pos is None else tokens + pos  # (B, L, D)
+        padded = self._padded_length(hidden, order)
+        if padded != length:  # zero steps after each sequence: whole 16-step rows for the Triton scan
+            hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], padded - length, hidden.shape[2])], 1)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, order)
+            hidden, residual = layer(hidden, residual, order, length if padded != length else None)
         residual = hidden if residual is None else residual + hidden
+        residual = residual[:, :length]
         return self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L, D)
+
+    def _padded_length(self, hidden: torch.Tensor, order: ScanOrder) -> int:
+        """The sequence length the layers run at: L rounded up to a multiple of 16 when every
+        mixer takes its padded Triton path (identity order; see BiMamba._padded_inference),
+        else L itself."""
+        length = hidden.shape[1]
+        if length % 16 == 0 or not order.is_identity() or not self.layers:
+            return length
+        if not self.layers[0].mixer.paths[0]._triton_inference(hidden):
+            return length
+        return -(-length // 16) * 16

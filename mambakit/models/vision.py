@@ -94,7 +94,21 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"image size {tuple(x.shape[2:])} does not match the model's img_size {self.img_size}; "
                              f"create the model with img_size={tuple(x.shape[2:])} (position embeddings are "
                              f"interpolated when its weights are loaded)")
+        if x.is_cuda:
+            return self.as_gemm(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, M, D)
+
+    def as_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The same patch projection as one GEMM over the flattened patches (kernel = stride, so
+        the conv is exactly that). On the H200 cuDNN's conv took 4.1 ms for 64 images of 1024 px
+        under bf16 autocast; the copy into patch rows and the GEMM take a fraction of it."""
+        batch, chans, height, width = x.shape
+        p = self.patch_size
+        if torch.is_autocast_enabled(x.device.type):  # copy the pixels once, in the GEMM's dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        patches = (x.reshape(batch, chans, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(batch, (height // p) * (width // p), chans * p * p))  # (B, M, C*p*p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, M, D)
 
 
 class VisionMamba(nn.Module):

@@ -52,6 +52,9 @@ class BiMamba(nn.Module):
         # inference scans the batch in two blocks when the whole batch's Δ (B, 2*D_inner, Lp)
         # would take more than this many bytes (at 512 px and up for Vim-Ti at batch 64)
         self.scan_block_bytes = 64 * 2**20
+        # the scan backend of inference: None picks the Triton kernels for CUDA tensors (the
+        # padded path, `_padded_inference`); "triton" forces them (on CPU under TRITON_INTERPRET=1)
+        self.backend: str | None = None
         self.layer_idx = layer_idx
         self.dt_init = (dt_min, dt_max, dt_init_floor)
         di, n, r = self.d_inner, d_state, self.dt_rank
@@ -96,16 +99,34 @@ class BiMamba(nn.Module):
                 "dt_proj": getattr(self, f"dt_proj{s}"), "A_log": self.A_b_log if backward else self.A_log,
                 "D": getattr(self, f"D{s}")}
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, fused: bool = True) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cache=None, fused: bool = True,
+                length: int | None = None) -> torch.Tensor:
         """hidden_states (B, L, d_model) -> (B, L, d_model). `cache` is accepted for Block's
-        call convention and must be None: a bidirectional layer has no recurrent state."""
+        call convention and must be None: a bidirectional layer has no recurrent state.
+        `length`: the sequences' true length when the steps from it to L are padding (the
+        encoder pads to a multiple of 16 for the Triton path); the padding never reaches the
+        first `length` outputs, and its own outputs are unspecified (finite)."""
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"BiMamba expects hidden_states of shape (B, L, {self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
         if cache is not None:
             raise ValueError("BiMamba has no recurrent state: the backward scan needs the whole sequence, "
                              "so it cannot decode token by token (cache must be None)")
-        batch, length, _ = hidden_states.shape
+        full = hidden_states.shape[1]
+        if length is not None and not 1 <= length <= full:
+            raise ValueError(f"BiMamba: length {length} must be in [1, {full}] (the steps given)")
+        length = full if length is None else length
+        if fused and self._triton_inference(hidden_states):
+            if full % 16:  # pad to whole 16-step rows (one copy); the encoder pads once instead
+                padded = hidden_states.new_zeros(hidden_states.shape[0], -(-full // 16) * 16, self.d_model)
+                padded[:, :length] = hidden_states[:, :length]
+                return self._padded_inference(padded, length)[:, :full]
+            return self._padded_inference(hidden_states, length)
+        if length < full:  # padding given to another path: run on the true steps only
+            out = hidden_states.new_zeros(hidden_states.shape)
+            out[:, :length] = self.forward(hidden_states[:, :length], fused=fused)
+            return out
+        batch = hidden_states.shape[0]
         # in_proj and out_proj as single 2-D GEMMs over the B*L tokens: as batched GEMMs over a
         # stride-0 weight, cuBLAS chose sm75 kernels for Vim's shapes (1.0 + 0.43 ms a layer at
         # B = 64, L = 4097 on the H200, 20 % of the model's time)
@@ -127,6 +148,58 @@ class BiMamba(nn.Module):
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias.to(out.dtype)
         return out.view(batch, length, -1)  # (B, L, d_model)
+
+    # -- inference on the Triton kernels: padded rows, nothing flipped ---------------------------
+
+    def _triton_inference(self, hidden: torch.Tensor) -> bool:
+        """Whether this call takes `_padded_inference`: no autograd, outside torch.compile, and
+        the Triton kernels for these inputs (CUDA, or backend="triton" under the interpreter)."""
+        if not ops.no_autograd(hidden, *self.parameters()) or hidden.dtype == torch.float64:
+            return False
+        if self.backend is None:
+            return hidden.is_cuda and ops.triton_available()
+        return ops._resolve(self.backend, hidden) == "triton"
+
+    def _padded_inference(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
+        """hidden (B, Lp, d_model), Lp a multiple of 16 and the steps from `length` on padding ->
+        (B, Lp, d_model). Every activation is laid out as columns (C, B*Lp), so the projections
+        are single GEMMs over the tokens, and each sequence's row of Lp steps is an aligned
+        vector run for the scan. The backward direction runs anti-causally (conv) and backward
+        in time (scan) over the tokens as they lie (ops/triton/bidirectional.py), so nothing is
+        flipped; each direction gates by the same SiLU(z), and out_proj over both directions'
+        channels, [W, W] / 2, adds them: out = W (y_f + y_b) / 2."""
+        from ..ops.triton.bidirectional import bidirectional_conv
+        from ..ops.triton.selective_scan import scan_fwd
+        batch, padded, _ = hidden.shape
+        if padded % 16:
+            raise ValueError(f"_padded_inference: the padded length {padded} must be a multiple of 16")
+        di, r, n = self.d_inner, self.dt_rank, self.d_state
+        tokens = hidden.reshape(batch * padded, -1).t()  # (d_model, B*Lp)
+        x = self._in_cols(slice(0, di), tokens)  # (D_inner, B*Lp)
+        f, b = self.direction_params(False), self.direction_params(True)
+        y2 = x.new_empty(2 * di, batch, padded)  # both directions' conv outputs, then scan outputs
+        rows = y2.permute(1, 0, 2)  # (B, 2*D_inner, Lp)
+        bidirectional_conv(x.view(di, batch, padded).permute(1, 0, 2), f["conv1d"].weight[:, 0],
+                           b["conv1d"].weight[:, 0], f["conv1d"].bias, b["conv1d"].bias, length, rows)
+        del x
+        z = self._in_cols(slice(di, 2 * di), tokens).view(di, batch, padded).permute(1, 0, 2)  # (B, D_inner, Lp)
+        for k, p in enumerate((f, b)):
+            u_cols = y2[k * di:(k + 1) * di].view(di, -1)  # (D_inner, B*Lp)
+            x_dbl = p["x_proj"].weight @ u_cols  # (R + 2N, B*Lp)
+            delta = p["dt_proj"].weight @ x_dbl[:r]  # (D_inner, B*Lp)
+            B_, C_ = (x_dbl[r + j * n:r + (j + 1) * n].view(n, batch, padded).permute(1, 0, 2)
+                      for j in (0, 1))  # (B, N, Lp) each
+            u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
+            scan_fwd(u, delta.view(di, batch, padded).permute(1, 0, 2), -torch.exp(p["A_log"].float()), B_, C_,
+                     p["D"].float(), z, p["dt_proj"].bias.float(), None, True, None, False, out=u,
+                     reverse=k == 1)
+            del x_dbl, delta, B_, C_
+        w = self.out_proj.weight
+        w2 = torch.cat([w, w], dim=1) * (0.5 if self.divide_out else 1.0)  # (d_model, 2*D_inner)
+        out = y2.view(2 * di, -1).t() @ w2.t()  # (B*Lp, d_model)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias.to(out.dtype)
+        return out.view(batch, padded, -1)
 
     # -- the reference: two explicit single-direction scans ------------------------------------
 

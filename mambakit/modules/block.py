@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import triton_available
+from ..ops import no_autograd, triton_available
 from .mamba import MambaState
 from .norm import RMSNorm
 
@@ -26,6 +26,17 @@ class Block(nn.Module):
         if self.residual_in_fp32 and residual.dtype != torch.float64:  # fp64 models stay exact
             residual = residual.float()
         return hidden, residual
+
+    def _pre_inference(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """`_pre`, as one fused kernel on CUDA when nothing is recorded for a backward (RMSNorm,
+        Triton): the residual add and the norm in one pass over the (..., dim) rows, the normed
+        output written in autocast's dtype when autocast is on (the rounding that its first GEMM
+        would apply), with exactly _pre's roundings otherwise."""
+        if (hidden.is_cuda and hidden.dtype != torch.float64 and isinstance(self.norm, RMSNorm) and triton_available()
+                and no_autograd(hidden, residual, self.norm.weight)):
+            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+            return self._pre_fused(hidden, residual, out_dtype)
+        return self._pre(hidden, residual)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
                 cache: MambaState | None = None, cu_seqlens: torch.Tensor | None = None
@@ -51,9 +62,9 @@ class Block(nn.Module):
             hidden, residual = self._pre(hidden, residual)
         return self.mixer.step(hidden, cache), residual
 
-    def _pre_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+    def _pre_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None, out_dtype=None):
         from ..ops.triton.norm import add_rms_norm
         r_dtype = hidden.dtype if residual is None else torch.promote_types(residual.dtype, hidden.dtype)
-        if self.residual_in_fp32:
+        if self.residual_in_fp32 and r_dtype != torch.float64:
             r_dtype = torch.float32
-        return add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, r_dtype)
+        return add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, r_dtype, out_dtype)

@@ -493,15 +493,23 @@ def _strides(t):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
-             block_l=None, block_d=None, num_warps=4, lanes=None, out=None):
+             block_l=None, block_d=None, num_warps=4, lanes=None, out=None, reverse=False):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None.
     `out`: a (b, D, L) tensor of u's dtype to write the output into, which may be u itself (the
     lanes kernels read each chunk of u before they write the same chunk of the output, and each
-    program owns its rows); written through a fresh tensor where that is not so."""
+    program owns its rows); written through a fresh tensor where that is not so.
+    `reverse`: scan from step L-1 down to 0 (the lanes kernel only; dense inputs, no saved
+    states: an inference path); final_state is then the state after step 0."""
+    if reverse:
+        if cu_seqlens is not None or save_states or kernel_layout() != "lanes":
+            raise ValueError("a reversed scan takes dense inputs, saves no states and runs the lanes kernel "
+                             f"(cu_seqlens={cu_seqlens is not None}, save_states={save_states}, "
+                             f"MAMBAKIT_SCAN_KERNEL={kernel_layout()!r})")
+        lanes = {**(lanes or {}), "PREFETCH": False, "REVERSE": True}
     if out is not None and not (_time_offsets_fit(out) and (kernel_layout() == "lanes"
                                                              or not _overlaps(out, u, delta, z))):
         y, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                    cu_seqlens, save_states, block_l, block_d, num_warps, lanes)
+                                    cu_seqlens, save_states, block_l, block_d, num_warps, lanes, reverse=reverse)
         return out.copy_(y), final, states
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
     u, delta, z = _time_safe(u), _time_safe(delta), _time_safe(z)
@@ -516,6 +524,8 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     dummy = final
     grid, shape, seg_len, n_segs = lc.fwd_shape(num_warps, lanes)
     segs = {}
+    if seg_len and reverse:  # no segment summaries backward in time: one program per row
+        grid, shape, seg_len, n_segs = (lc.n_seqs, grid[1]), shape, 0, 1
     if seg_len:  # pass 1: every segment's local final state and Σ Δ
         from .selective_scan_segments import _fwd_summary_lanes
         seg_h = torch.empty(grid[0], lc.dim, lc.d_state, device=u.device, dtype=torch.float32)

@@ -129,6 +129,14 @@ def _chunk_states(dA, dBu, h, t4):
 
 
 @triton.jit
+def _chunk_states_reversed(dA, dBu, h, t4, T: tl.constexpr):
+    """As `_chunk_states` for a scan that runs backward in time (h_t = exp(Δ_t A) h_{t+1} + Δ_t B_t u_t):
+    h is the state after the chunk's last step in that order, i.e. from the chunk that follows in time."""
+    dBu = tl.where(t4 == T - 1, dBu + dA * h, dBu)  # fold the carried state into the last step
+    return _reverse_scan(dA, dBu, 2)
+
+
+@triton.jit
 def _program_span(cu_seqlens_ptr, L, n_segs, seg_len, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr):
     """The time span [start, end) that this program scans: a whole sequence, or if SEGMENTED
     one segment of a dense sequence (program row = sequence * n_segs + segment). Returns also
@@ -208,11 +216,17 @@ def _fwd_kernel_lanes(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
     seg_h_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, REVERSE: tl.constexpr = False,
 ):
     """If SEGMENTED, each program scans one segment of a sequence, starting from the true
     state at the segment's start: the initial state carried through the earlier segments'
-    summaries (`_fwd_summary_lanes`), h <- exp(A Σ Δ) h + h_local, in order."""
+    summaries (`_fwd_summary_lanes`), h <- exp(A Σ Δ) h + h_local, in order.
+
+    If REVERSE, the scan runs from the last step down to the first (Vision Mamba's backward
+    direction, without flipping its inputs in memory): the same aligned chunks in the opposite
+    order, each scanned backward in registers; outputs stay at their own time steps. Steps past
+    `end` in the last chunk, scanned first, pass the zero state through. Not with SAVE_STATES,
+    SEGMENTED, VARLEN or PREFETCH (the launcher checks)."""
     NR: tl.constexpr = BLOCK_N // NL
     CHUNKS_PER_SAVE: tl.constexpr = BLOCK_L // T
     (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
@@ -238,8 +252,12 @@ def _fwd_kernel_lanes(
         z_n = u_n
         if HAS_Z:
             z_n = tl.load(z_row + (start + t2) * s_zl, mask=mask_d2 & (start + t2 < end), other=0.0)
-    for c in tl.range(0, tl.cdiv(end - start, T), num_stages=STAGES):
-        t0 = start + c * T
+    n_chunks = tl.cdiv(end - start, T)
+    for c in tl.range(0, n_chunks, num_stages=STAGES):
+        if REVERSE:
+            t0 = start + (n_chunks - 1 - c) * T
+        else:
+            t0 = start + c * T
         tt2 = t0 + t2
         m2 = mask_d2 & (tt2 < end)
         if SAVE_STATES:
@@ -262,7 +280,10 @@ def _fwd_kernel_lanes(
                 z_raw = tl.load(z_row + tt2 * s_zl, mask=m2, other=0.0)
         u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_math(u_raw, dtr_raw, B_raw, C_raw, m2, bias, A2, HAS_BIAS,
                                                      SOFTPLUS, FAST)
-        hs = _chunk_states(dA, dBu, h, t4)  # (NL, BLOCK_D, T, NR)
+        if REVERSE:
+            hs = _chunk_states_reversed(dA, dBu, h, t4, T)  # (NL, BLOCK_D, T, NR)
+        else:
+            hs = _chunk_states(dA, dBu, h, t4)  # (NL, BLOCK_D, T, NR)
         y = tl.sum(tl.sum(hs * Ct, axis=3), axis=0)  # (BLOCK_D, T)
         if HAS_D:
             y += Dv * u
@@ -270,7 +291,10 @@ def _fwd_kernel_lanes(
             zz = z_raw.to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
         tl.store(out_row + tt2 * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
-        h = _at_step(hs, t4, T - 1, ORDERED)  # the state after the chunk's last step
+        if REVERSE:
+            h = _at_step(hs, t4, 0, ORDERED)  # the state after the chunk's first step, scanned last
+        else:
+            h = _at_step(hs, t4, T - 1, ORDERED)  # the state after the chunk's last step
     if SEGMENTED:
         tl.store(final_ptr + state_row + dn4, h, mask=m_dn4 & (seg == n_segs - 1))
     else:

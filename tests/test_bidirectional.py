@@ -1,0 +1,155 @@
+"""Vision Mamba's padded inference path: both scan directions over the tokens as they lie.
+
+The anti-causal conv and the reversed scan are checked against the causal references run on
+flipped inputs; the whole layer, and the encoder that pads for it, against the readable
+two-direction reference. On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit.models.vision import create_model
+from mambakit.modules.bimamba import BiMamba
+from mambakit.ops.reference import selective_scan_ref
+from mambakit.ops.triton.bidirectional import bidirectional_conv, bidirectional_conv_ref
+from mambakit.ops.triton.selective_scan import scan_fwd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _columns(batch: int, dim: int, padded: int, g: torch.Generator) -> torch.Tensor:
+    """A (B, D, Lp) view of a (D, B*Lp) column buffer: the layout of the padded path."""
+    return torch.randn(dim, batch, padded, generator=g).to(DEVICE).permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("length,padded,bias", [(13, 16, True), (16, 16, True), (17, 32, False), (2, 16, True)])
+def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
+    g = torch.Generator().manual_seed(length)
+    batch, dim, width = 2, 8, 4
+    x = _columns(batch, dim, padded, g)
+    x[..., length:] = 1e3  # padding steps: must never be read
+    w_f, w_b = (torch.randn(dim, width, generator=g).to(DEVICE) for _ in range(2))
+    b_f, b_b = (torch.randn(dim, generator=g).to(DEVICE) if bias else None for _ in range(2))
+    out = torch.full((2 * dim, batch, padded), float("nan"), device=DEVICE).permute(1, 0, 2)
+    bidirectional_conv(x, w_f, w_b, b_f, b_b, length, out)
+    want = bidirectional_conv_ref(x, w_f, w_b, b_f, b_b, length)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert (out[..., length:] == 0).all()  # the backward scan meets these first: zero input
+    # the backward half is anti-causal: its first step sees the next ones, the forward half's does not
+    x2 = x.clone()
+    x2[:, :, min(1, length - 1)] += 1.0
+    out2 = torch.empty_like(out)
+    bidirectional_conv(x2, w_f, w_b, b_f, b_b, length, out2)
+    if length > 1:
+        assert not torch.allclose(out2[:, dim:, 0], out[:, dim:, 0])
+        torch.testing.assert_close(out2[:, :dim, 0], out[:, :dim, 0])
+
+
+def test_bidirectional_conv_bad_input():
+    x = torch.randn(2, 4, 16, device=DEVICE)
+    w = torch.randn(4, 4, device=DEVICE)
+    out = torch.empty(2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="out must be"):
+        bidirectional_conv(x, w, w, None, None, 16, torch.empty(2, 4, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="length 17"):
+        bidirectional_conv(x, w, w, None, None, 17, out)
+    with pytest.raises(ValueError, match="weights"):
+        bidirectional_conv(x, w, w[:, :3], None, None, 16, out)
+    with pytest.raises(ValueError, match="both directions' biases"):
+        bidirectional_conv(x, w, w, torch.randn(4, device=DEVICE), None, 16, out)
+    with pytest.raises(ValueError, match="unit stride"):
+        bidirectional_conv(x.transpose(1, 2).contiguous().transpose(1, 2), w, w, None, None, 16, out)
+
+
+@pytest.mark.parametrize("length", [45, 32])
+def test_reversed_scan_is_the_flipped_causal_scan(length):
+    """scan_fwd(reverse=True) runs from step L-1 down to 0: the causal reference on the
+    time-flipped inputs, flipped back; final_state is the state after step 0. L = 45 leaves a
+    partial chunk at the end, which the reversed scan meets first."""
+    g = torch.Generator().manual_seed(length)
+    batch, dim, n = 2, 8, 4
+    u, delta, z = (_columns(batch, dim, length, g) for _ in range(3))
+    delta = delta * 0.5
+    A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
+    B, C = (torch.randn(batch, n, length, generator=g).to(DEVICE) for _ in range(2))
+    D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
+    y, final, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=True)
+    want, want_final = selective_scan_ref(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D, z.flip(-1),
+                                          bias, delta_softplus=True, return_final_state=True)
+    torch.testing.assert_close(y, want.flip(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, want_final, rtol=1e-4, atol=1e-4)
+    causal = selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    assert not torch.allclose(y, causal, atol=1e-2)  # the direction is seen
+    # written over its input, as the padded path does
+    u2 = u.clone()
+    scan_fwd(u2, delta, A, B, C, D, z, bias, None, True, None, False, out=u2, reverse=True)
+    torch.testing.assert_close(u2, y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reversed scan"):
+        scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, True, reverse=True)
+
+
+def _bimamba(d_model: int = 12, seed: int = 0) -> BiMamba:
+    torch.manual_seed(seed)
+    bi = BiMamba(d_model, d_state=8).to(DEVICE)
+    with torch.no_grad():
+        for p in bi.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return bi
+
+
+@pytest.mark.parametrize("length", [21, 32, 1])
+def test_padded_inference_equals_the_two_direction_reference(length, monkeypatch):
+    bi = _bimamba()
+    bi.backend = "triton"
+    h = torch.randn(3, length, 12, device=DEVICE)
+    calls = []
+    real = bi._padded_inference
+    monkeypatch.setattr(bi, "_padded_inference", lambda x, n: calls.append((x.shape[1], n)) or real(x, n))
+    with torch.no_grad():
+        want = bi(h, fused=False)
+        got = bi(h)
+    assert calls == [(-(-length // 16) * 16, length)]
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_padding_never_reaches_the_true_steps():
+    """Given `length`, the steps after it are padding: whatever they hold, the first `length`
+    outputs are the reference's on the true steps (both directions: the backward scan starts
+    in the padding)."""
+    bi = _bimamba()
+    bi.backend = "triton"
+    h = torch.randn(2, 32, 12, device=DEVICE)
+    with torch.no_grad():
+        want = bi(h[:, :19], fused=False)
+        h[:, 19:] = 50.0 * torch.randn(2, 13, 12, device=DEVICE)
+        got = bi(h, length=19)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[:, :19], want, rtol=2e-5, atol=2e-5)
+        bi.backend = "torch"  # the other paths take the same argument
+        torch.testing.assert_close(bi(h, length=19)[:, :19], want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="length 33"):
+        bi(h, length=33)
+
+
+def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
+    """The encoder pads 17 tokens (16 patches and the class token) to 32 once, runs every layer
+    on the padded rows, and returns the same features as the unpadded torch path."""
+    torch.manual_seed(0)
+    model = create_model("vim_tiny", num_classes=5, img_size=32, patch_size=8, d_model=16, n_layer=2).to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
+    lengths = []
+    for m in mixers:
+        real = m._padded_inference
+        monkeypatch.setattr(m, "_padded_inference", lambda h, n, real=real: lengths.append((h.shape[1], n)) or real(h, n))
+    with torch.no_grad():
+        for m in mixers:
+            m.backend = "torch"
+        want = model.forward_features(x)
+        for m in mixers:
+            m.backend = "triton"
+        got = model.forward_features(x)
+    assert lengths == [(32, 17)] * 2
+    assert got.shape == want.shape == (2, 17, 16)
+    torch.testing.assert_close(got, want, rtol=5e-5, atol=5e-5)
