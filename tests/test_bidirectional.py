@@ -23,12 +23,17 @@ def _columns(batch: int, dim: int, padded: int, g: torch.Generator) -> torch.Ten
     return torch.randn(dim, batch, padded, generator=g).to(DEVICE).permute(1, 0, 2)
 
 
+def _token_rows(batch: int, padded: int, dim: int, g: torch.Generator) -> torch.Tensor:
+    """(B, Lp, D) token rows inside a wider buffer (in_proj's output rows hold more channels)."""
+    return torch.randn(batch, padded, dim + 5, generator=g).to(DEVICE)[..., 2:dim + 2]
+
+
 @pytest.mark.parametrize("length,padded,bias", [(13, 16, True), (16, 16, True), (17, 32, False), (2, 16, True)])
 def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
     g = torch.Generator().manual_seed(length)
     batch, dim, width = 2, 8, 4
-    x = _columns(batch, dim, padded, g)
-    x[..., length:] = 1e3  # padding steps: must never be read
+    x = _token_rows(batch, padded, dim, g)
+    x[:, length:] = 1e3  # padding steps: must never be read
     w_f, w_b = (torch.randn(dim, width, generator=g).to(DEVICE) for _ in range(2))
     b_f, b_b = (torch.randn(dim, generator=g).to(DEVICE) if bias else None for _ in range(2))
     out = torch.full((2 * dim, batch, padded), float("nan"), device=DEVICE).permute(1, 0, 2)
@@ -38,7 +43,7 @@ def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
     assert (out[..., length:] == 0).all()  # the backward scan meets these first: zero input
     # the backward half is anti-causal: its first step sees the next ones, the forward half's does not
     x2 = x.clone()
-    x2[:, :, min(1, length - 1)] += 1.0
+    x2[:, min(1, length - 1)] += 1.0
     out2 = torch.empty_like(out)
     bidirectional_conv(x2, w_f, w_b, b_f, b_b, length, out2)
     if length > 1:
@@ -47,7 +52,7 @@ def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
 
 
 def test_bidirectional_conv_bad_input():
-    x = torch.randn(2, 4, 16, device=DEVICE)
+    x = torch.randn(2, 16, 4, device=DEVICE)
     w = torch.randn(4, 4, device=DEVICE)
     out = torch.empty(2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="out must be"):
@@ -58,8 +63,10 @@ def test_bidirectional_conv_bad_input():
         bidirectional_conv(x, w, w[:, :3], None, None, 16, out)
     with pytest.raises(ValueError, match="both directions' biases"):
         bidirectional_conv(x, w, w, torch.randn(4, device=DEVICE), None, 16, out)
-    with pytest.raises(ValueError, match="unit stride"):
+    with pytest.raises(ValueError, match="unit stride along D"):
         bidirectional_conv(x.transpose(1, 2).contiguous().transpose(1, 2), w, w, None, None, 16, out)
+    with pytest.raises(ValueError, match="unit stride along L"):
+        bidirectional_conv(x, w, w, None, None, 16, out.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 @pytest.mark.parametrize("length", [45, 32])

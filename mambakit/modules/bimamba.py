@@ -175,12 +175,13 @@ class BiMamba(nn.Module):
             raise ValueError(f"_padded_inference: the padded length {padded} must be a multiple of 16")
         di, r, n = self.d_inner, self.dt_rank, self.d_state
         tokens = hidden.reshape(batch * padded, -1).t()  # (d_model, B*Lp)
-        x = self._in_cols(slice(0, di), tokens)  # (D_inner, B*Lp)
+        x = F.linear(hidden.reshape(batch * padded, -1), self.in_proj.weight[:di],
+                     None if self.in_proj.bias is None else self.in_proj.bias[:di])  # (B*Lp, D_inner) token rows
         f, b = self.direction_params(False), self.direction_params(True)
         y2 = x.new_empty(2 * di, batch, padded)  # both directions' conv outputs, then scan outputs
         rows = y2.permute(1, 0, 2)  # (B, 2*D_inner, Lp)
-        bidirectional_conv(x.view(di, batch, padded).permute(1, 0, 2), f["conv1d"].weight[:, 0],
-                           b["conv1d"].weight[:, 0], f["conv1d"].bias, b["conv1d"].bias, length, rows)
+        bidirectional_conv(x.view(batch, padded, di), f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0],
+                           f["conv1d"].bias, b["conv1d"].bias, length, rows)
         del x
         z = self._in_cols(slice(di, 2 * di), tokens).view(di, batch, padded).permute(1, 0, 2)  # (B, D_inner, Lp)
         for k, p in enumerate((f, b)):

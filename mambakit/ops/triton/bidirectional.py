@@ -9,8 +9,8 @@ positions:
     u_f[t] = SiLU(b_f + Σ_k w_f[k] x[t - (K-1) + k])      (causal)
     u_b[t] = SiLU(b_b + Σ_k w_b[k] x[t + (K-1) - k])      (anti-causal: the causal conv of flip(x), flipped)
 
-`bidirectional_conv` writes both into one (B, 2D, Lp) buffer, the forward direction's channels
-first. Sequences are laid out Lp >= L steps apart (a multiple of 16, so that the scan's rows are
+`bidirectional_conv` reads x as token rows (B, Lp, D) and writes both directions into one
+(B, 2D, Lp) buffer with time contiguous, the forward direction's channels first. Sequences are laid out Lp >= L steps apart (a multiple of 16, so that the scan's rows are
 aligned vectors); the steps from L to Lp are padding, where u is written as 0 so that the
 backward scan, which meets them first, keeps its zero state through them.
 
@@ -28,46 +28,56 @@ from .host import cdiv
 
 @triton.jit
 def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
-                               s_xb, s_xd, s_yb, s_yd,
+                               s_xb, s_xl, s_yb, s_yd,
                                WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """A (BLOCK_D, BLOCK_L) tile of y (B, 2*dim, Lp); channel c < dim is the forward direction's
-    channel c, c >= dim the backward direction's channel c - dim. BLOCK_D divides dim."""
+                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_L, BLOCK_D) tile of both directions' outputs from the token rows x (B, Lp, dim)
+    (channels contiguous, so each tap's shift in time is a whole row: aligned vector loads),
+    written to y (B, 2*dim, Lp) with time contiguous (Triton transposes through shared memory).
+    The 2K-1 row shifts are loaded once and serve both directions."""
     b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # stacked channels, (BLOCK_D,)
-    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-    backward = (tl.program_id(1) * BLOCK_D) >= dim  # the whole tile is one direction's
-    sign = 1 - 2 * backward.to(tl.int32)  # +1: taps reach into the past, -1: into the future
-    d = c - backward.to(tl.int32) * dim  # x's channel
-    x_row = x_ptr + b * s_xb + d[:, None].to(tl.int64) * s_xd  # (BLOCK_D, 1)
-    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    mask_d = d < dim
+    x_tile = x_ptr + b * s_xb + d[None, :]  # (1, BLOCK_D)
+    acc_f = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + c).to(tl.float32)[:, None]
-    for k in tl.static_range(WIDTH):
-        tt = t - sign * (WIDTH - 1 - k)  # (BLOCK_L,)
-        xv = tl.load(x_row + tt[None, :], mask=((tt >= 0) & (tt < L))[None, :], other=0.0).to(tl.float32)
-        acc += tl.load(w_ptr + c * WIDTH + k).to(tl.float32)[:, None] * xv
-    u = acc * tl.sigmoid(acc)
-    u = tl.where((t < L)[None, :], u, 0.0)  # padding steps read as zero input to the scan
-    out = y_ptr + b * s_yb + c[:, None].to(tl.int64) * s_yd + t[None, :]
-    tl.store(out, u.to(y_ptr.dtype.element_ty), mask=(t < Lp)[None, :])
-
-
-def _rows(t: torch.Tensor, name: str) -> None:
-    if t.ndim != 3 or t.stride(2) != 1:
-        raise ValueError(f"bidirectional_conv: {name} must be (B, C, L) with unit stride along L, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+        acc_f += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        acc_b += tl.load(bias_ptr + dim + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(2 * WIDTH - 1):
+        shift = j - (WIDTH - 1)  # the tap reads x[t + shift]
+        tt = t + shift
+        m = ((tt >= 0) & (tt < L))[:, None] & mask_d[None, :]
+        xv = tl.load(x_tile + tt[:, None].to(tl.int64) * s_xl, mask=m, other=0.0).to(tl.float32)
+        if shift <= 0:  # forward tap k = K-1 + shift
+            wf = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 + shift), mask=mask_d, other=0.0).to(tl.float32)
+            acc_f += wf[None, :] * xv
+        if shift >= 0:  # backward tap k = K-1 - shift
+            wb = tl.load(w_ptr + (dim + d) * WIDTH + (WIDTH - 1 - shift), mask=mask_d, other=0.0).to(tl.float32)
+            acc_b += wb[None, :] * xv
+    inside = (t < L)[:, None]  # padding steps read as zero input to the scans
+    u_f = tl.where(inside, acc_f * tl.sigmoid(acc_f), 0.0)
+    u_b = tl.where(inside, acc_b * tl.sigmoid(acc_b), 0.0)
+    row = y_ptr + b * s_yb + t[:, None]  # (BLOCK_L, 1)
+    m_out = (t < Lp)[:, None] & mask_d[None, :]
+    tl.store(row + d[None, :].to(tl.int64) * s_yd, u_f.to(y_ptr.dtype.element_ty), mask=m_out)
+    tl.store(row + (dim + d)[None, :].to(tl.int64) * s_yd, u_b.to(y_ptr.dtype.element_ty), mask=m_out)
 
 
 def bidirectional_conv(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_f: torch.Tensor | None,
                        b_b: torch.Tensor | None, length: int, out: torch.Tensor) -> torch.Tensor:
-    """x (B, D, Lp) (any strides with unit stride along time; steps from `length` on are ignored),
-    conv weights w_f, w_b (D, K) and biases (D,) or None -> `out` (B, 2D, Lp): SiLU of the causal
-    conv of x with w_f in channels [0, D), of the anti-causal one with w_b in [D, 2D), and 0 at the
-    padding steps t >= length."""
-    _rows(x, "x")
-    _rows(out, "out")
-    batch, dim, padded = x.shape
+    """x (B, Lp, D): token rows, unit stride along channels (steps from `length` on are ignored);
+    conv weights w_f, w_b (D, K) and biases (D,) or None -> `out` (B, 2D, Lp), unit stride along
+    time: SiLU of the causal conv of x with w_f in channels [0, D), of the anti-causal one with w_b
+    in [D, 2D), and 0 at the padding steps t >= length."""
+    if x.ndim != 3 or x.stride(2) != 1:
+        raise ValueError(f"bidirectional_conv: x must be token rows (B, L, D) with unit stride along D, "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}")
+    if out.ndim != 3 or out.stride(2) != 1:
+        raise ValueError(f"bidirectional_conv: out must be (B, 2D, L) with unit stride along L, "
+                         f"got shape {tuple(out.shape)} strides {out.stride()}")
+    batch, padded, dim = x.shape
     if out.shape != (batch, 2 * dim, padded):
         raise ValueError(f"bidirectional_conv: out must be {(batch, 2 * dim, padded)}, got {tuple(out.shape)}")
     if not 1 <= length <= padded:
@@ -80,14 +90,12 @@ def bidirectional_conv(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_
     width = w_f.shape[1]
     w = torch.cat([w_f, w_b]).contiguous()  # (2D, K)
     bias = torch.cat([b_f, b_b]).contiguous() if b_f is not None else w
-    block_d = 1
-    while block_d < 16 and dim % (block_d * 2) == 0:
-        block_d *= 2
-    block_l = 256 if block_d >= 8 else 1024 // block_d
-    grid = (batch, 2 * dim // block_d, cdiv(padded, block_l))
+    block_d = min(64, max(16, 1 << (dim - 1).bit_length()))
+    block_l = 64
+    grid = (batch, cdiv(padded, block_l), cdiv(dim, block_d))
     _bidirectional_conv_kernel[grid](x, w, bias, out, length, padded, dim, x.stride(0), x.stride(1),
                                      out.stride(0), out.stride(1), WIDTH=width, HAS_BIAS=b_f is not None,
-                                     BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
+                                     BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -95,8 +103,8 @@ def bidirectional_conv_ref(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor
                            b_b: torch.Tensor | None, length: int) -> torch.Tensor:
     """The reference of `bidirectional_conv`: (B, 2D, Lp) in fp32, from two causal convs (the
     backward one over the time-flipped first `length` steps, flipped back)."""
-    batch, dim, padded = x.shape
-    xs = x[..., :length].float()
+    batch, padded, dim = x.shape
+    xs = x[:, :length].transpose(1, 2).float()  # (B, D, length)
     f = causal_conv1d_ref(xs, w_f.float(), None if b_f is None else b_f.float(), activation="silu")
     b = causal_conv1d_ref(xs.flip(-1), w_b.float(), None if b_b is None else b_b.float(), activation="silu").flip(-1)
     out = x.new_zeros(batch, 2 * dim, padded, dtype=torch.float32)

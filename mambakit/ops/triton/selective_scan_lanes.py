@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .host import next_power_of_2
-from .selective_scan import _chunk_row, _combine, _seq_bounds, _softplus
+from .selective_scan import _chunk_row, _combine, _exp2, _seq_bounds, _softplus
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _chunk_math(u, dt_raw, Bt, Ct, m2, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLU
     dt = tl.where(m2, dt, 0.0)
     Bt = Bt.to(tl.float32)
     Ct = Ct.to(tl.float32)
-    dA = tl.exp2(dt[None, :, :, None] * A2)
+    dA = _exp2(dt[None, :, :, None] * A2, FAST)
     dBu = (dt * u)[None, :, :, None] * Bt
     return u, dt_raw, dt, Bt, Ct, dA, dBu
 
@@ -296,7 +296,8 @@ def _fwd_kernel_lanes(
         else:
             h = _at_step(hs, t4, T - 1, ORDERED)  # the state after the chunk's last step
     if SEGMENTED:
-        tl.store(final_ptr + state_row + dn4, h, mask=m_dn4 & (seg == n_segs - 1))
+        if seg == n_segs - 1:  # a branch, not a scalar folded into the mask (Triton 3.9's interpreter refuses that)
+            tl.store(final_ptr + state_row + dn4, h, mask=m_dn4)
     else:
         tl.store(final_ptr + state_row + dn4, h, mask=m_dn4)
 
@@ -353,7 +354,7 @@ def _chunk_backward(h, carry, t0, u_raw, dtr_raw, B_raw, C_raw, z_raw, dout_raw,
         dt_next += bias
     if SOFTPLUS:
         dt_next = _softplus(dt_next, FAST)
-    a_next = tl.exp2(tl.where(m_next, dt_next, 0.0)[None, :, :, None] * A2)
+    a_next = _exp2(tl.where(m_next, dt_next, 0.0)[None, :, :, None] * A2, FAST)
     # adjoint G_t = C_t dy_t + exp(Δ_{t+1} A) G_{t+1}: a reverse in-register scan, with the carry
     # folded into the last step
     x = dy[None, :, :, None] * Ct
@@ -462,7 +463,8 @@ def _bwd_kernel_lanes(
             tl.store(dB_part_ptr + nl, dB_sum, mask=m4)
             tl.store(dC_part_ptr + nl, dC_sum, mask=m4)
     if SEGMENTED:
-        tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4 & (seg == 0))
+        if seg == 0:
+            tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4)
     else:
         tl.store(dinit_ptr + state_row + dn4, carry, mask=m_dn4)
     # one row per program span (sequence or segment): [dA (D, N) | dD (D) | dΔ-bias (D)], summed by torch
