@@ -69,8 +69,8 @@ def test_bidirectional_conv_bad_input():
         bidirectional_conv(x, w, w, None, None, 16, out.transpose(1, 2).contiguous().transpose(1, 2))
 
 
-@pytest.mark.parametrize("length", [45, 32])
-def test_reversed_scan_is_the_flipped_causal_scan(length):
+@pytest.mark.parametrize("length,prefetch", [(45, False), (32, False), (45, True)])
+def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
     """scan_fwd(reverse=True) runs from step L-1 down to 0: the causal reference on the
     time-flipped inputs, flipped back; final_state is the state after step 0. L = 45 leaves a
     partial chunk at the end, which the reversed scan meets first."""
@@ -81,7 +81,8 @@ def test_reversed_scan_is_the_flipped_causal_scan(length):
     A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
     B, C = (torch.randn(batch, n, length, generator=g).to(DEVICE) for _ in range(2))
     D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
-    y, final, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=True)
+    y, final, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=True,
+                           lanes={"PREFETCH": prefetch})  # prefetch: the chunk before is loaded ahead
     want, want_final = selective_scan_ref(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D, z.flip(-1),
                                           bias, delta_softplus=True, return_final_state=True)
     torch.testing.assert_close(y, want.flip(-1), rtol=1e-4, atol=1e-4)

@@ -66,7 +66,8 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
 
 
 def bidirectional_conv(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_f: torch.Tensor | None,
-                       b_b: torch.Tensor | None, length: int, out: torch.Tensor) -> torch.Tensor:
+                       b_b: torch.Tensor | None, length: int, out: torch.Tensor,
+                       block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x (B, Lp, D): token rows, unit stride along channels (steps from `length` on are ignored);
     conv weights w_f, w_b (D, K) and biases (D,) or None -> `out` (B, 2D, Lp), unit stride along
     time: SiLU of the causal conv of x with w_f in channels [0, D), of the anti-causal one with w_b
@@ -90,12 +91,13 @@ def bidirectional_conv(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_
     width = w_f.shape[1]
     w = torch.cat([w_f, w_b]).contiguous()  # (2D, K)
     bias = torch.cat([b_f, b_b]).contiguous() if b_f is not None else w
-    block_d = min(64, max(16, 1 << (dim - 1).bit_length()))
-    block_l = 64
+    if block is None:  # (BLOCK_L, BLOCK_D, warps); a sweep's override (benchmarks/tune_vim.py) otherwise
+        block = (64, min(64, max(16, 1 << (dim - 1).bit_length())), 4)
+    block_l, block_d, warps = block
     grid = (batch, cdiv(padded, block_l), cdiv(dim, block_d))
     _bidirectional_conv_kernel[grid](x, w, bias, out, length, padded, dim, x.stride(0), x.stride(1),
                                      out.stride(0), out.stride(1), WIDTH=width, HAS_BIAS=b_f is not None,
-                                     BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+                                     BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
     return out
 
 

@@ -50,20 +50,6 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """2^x as one MUFU.EX2 when compiled: ex2.approx.ftz.f32. Triton's tl.exp2 emits the non-ftz
-    ex2.approx.f32, which ptxas wraps in a range test and two predicated multiplies (for results
-    below 2^-126) - four issue slots where one will do, in the scan's per-(state, step) work. The
-    only difference is that results below 2^-126 are flushed to zero (a decay that small is zero
-    to every bf16 and fp32 output). tl.exp2 in the interpreter."""
-    if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
 def _softplus(x, FAST: tl.constexpr):
     """log(1 + e^x) as ln2 * log2(1 + 2^(x log2 e)): two special-function operations with FAST.
     Below x = -4 it is the series e - e^2/2 + e^3/3 of log1p(e) instead (relative error < e^3/4
@@ -519,7 +505,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
             raise ValueError("a reversed scan takes dense inputs, saves no states and runs the lanes kernel "
                              f"(cu_seqlens={cu_seqlens is not None}, save_states={save_states}, "
                              f"MAMBAKIT_SCAN_KERNEL={kernel_layout()!r})")
-        lanes = {**(lanes or {}), "PREFETCH": False, "REVERSE": True}
+        lanes = {**(lanes or {}), "REVERSE": True}
     if out is not None and not (_time_offsets_fit(out) and (kernel_layout() == "lanes"
                                                              or not _overlaps(out, u, delta, z))):
         y, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,

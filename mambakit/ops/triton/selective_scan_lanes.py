@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .host import next_power_of_2
-from .selective_scan import _chunk_row, _combine, _exp2, _seq_bounds, _softplus
+from .selective_scan import _chunk_row, _combine, _seq_bounds, _softplus
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _chunk_math(u, dt_raw, Bt, Ct, m2, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLU
     dt = tl.where(m2, dt, 0.0)
     Bt = Bt.to(tl.float32)
     Ct = Ct.to(tl.float32)
-    dA = _exp2(dt[None, :, :, None] * A2, FAST)
+    dA = tl.exp2(dt[None, :, :, None] * A2)
     dBu = (dt * u)[None, :, :, None] * Bt
     return u, dt_raw, dt, Bt, Ct, dA, dBu
 
@@ -226,7 +226,7 @@ def _fwd_kernel_lanes(
     direction, without flipping its inputs in memory): the same aligned chunks in the opposite
     order, each scanned backward in registers; outputs stay at their own time steps. Steps past
     `end` in the last chunk, scanned first, pass the zero state through. Not with SAVE_STATES,
-    SEGMENTED, VARLEN or PREFETCH (the launcher checks)."""
+    SEGMENTED or VARLEN (the launcher checks)."""
     NR: tl.constexpr = BLOCK_N // NL
     CHUNKS_PER_SAVE: tl.constexpr = BLOCK_L // T
     (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
@@ -246,16 +246,20 @@ def _fwd_kernel_lanes(
             h_local = tl.load(seg_h_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
             h = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * h + h_local
     out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
+    n_chunks = tl.cdiv(end - start, T)
+    if REVERSE:
+        t_first = start + (n_chunks - 1) * T
+    else:
+        t_first = start
     if PREFETCH:  # the first chunk's raw inputs; each step of the loop then loads the next one's
-        u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, start, end, t2, t4, mask_d2, mask_n4,
+        u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, t_first, end, t2, t4, mask_d2, mask_n4,
                                             s_ul, s_dl, s_bl)
         z_n = u_n
         if HAS_Z:
-            z_n = tl.load(z_row + (start + t2) * s_zl, mask=mask_d2 & (start + t2 < end), other=0.0)
-    n_chunks = tl.cdiv(end - start, T)
+            z_n = tl.load(z_row + (t_first + t2) * s_zl, mask=mask_d2 & (t_first + t2 < end), other=0.0)
     for c in tl.range(0, n_chunks, num_stages=STAGES):
         if REVERSE:
-            t0 = start + (n_chunks - 1 - c) * T
+            t0 = t_first - c * T
         else:
             t0 = start + c * T
         tt2 = t0 + t2
@@ -268,10 +272,14 @@ def _fwd_kernel_lanes(
             # this chunk's inputs were loaded one step ago; the next chunk's loads are issued
             # now, so their latency hides behind this chunk's work (few warps per SM here)
             u_raw, dtr_raw, B_raw, C_raw, z_raw = u_n, dtr_n, B_n, C_n, z_n
-            u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, t0 + T, end, t2, t4, mask_d2,
+            if REVERSE:  # the chunk before; after the first one, itself again (a load in bounds, unused)
+                t_next = tl.maximum(t0 - T, start)
+            else:
+                t_next = t0 + T
+            u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, t_next, end, t2, t4, mask_d2,
                                                 mask_n4, s_ul, s_dl, s_bl)
             if HAS_Z:
-                z_n = tl.load(z_row + (tt2 + T) * s_zl, mask=mask_d2 & (tt2 + T < end), other=0.0)
+                z_n = tl.load(z_row + (t_next + t2) * s_zl, mask=mask_d2 & (t_next + t2 < end), other=0.0)
         else:
             u_raw, dtr_raw, B_raw, C_raw = _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2,
                                                         mask_n4, s_ul, s_dl, s_bl)
@@ -354,7 +362,7 @@ def _chunk_backward(h, carry, t0, u_raw, dtr_raw, B_raw, C_raw, z_raw, dout_raw,
         dt_next += bias
     if SOFTPLUS:
         dt_next = _softplus(dt_next, FAST)
-    a_next = _exp2(tl.where(m_next, dt_next, 0.0)[None, :, :, None] * A2, FAST)
+    a_next = tl.exp2(tl.where(m_next, dt_next, 0.0)[None, :, :, None] * A2)
     # adjoint G_t = C_t dy_t + exp(Δ_{t+1} A) G_{t+1}: a reverse in-register scan, with the carry
     # folded into the last step
     x = dy[None, :, :, None] * Ct
