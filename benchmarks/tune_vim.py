@@ -5,7 +5,7 @@ the device, in the layouts `BiMamba._padded_inference` uses (activations as colu
     python benchmarks/tune_vim.py OUT.jsonl --batch 64 --px 2048
 
 - the scan, forward and reversed: the lanes kernels' NL (lanes over states) x warps x pipeline
-  stages x register prefetch;
+  stages x register prefetch, and a few register caps;
 - the bidirectional conv's (BLOCK_L, BLOCK_D, warps);
 - Δ = dt_proj(dt) as a GEMM with K = R = 12, or with K padded to 16 (the next rows of x_proj's
   output, B's, against zero weight columns: the same product)."""
@@ -50,8 +50,14 @@ D, bias = torch.randn(di, device=dev), torch.randn(di, device=dev) * 0.1
 y = torch.empty_like(u)
 for reverse in (False, True):
     best = None
-    for nl, warps, stages, prefetch in itertools.product((2, 4, 8), (1, 2), (1, 3), (False, True)):
-        lanes = dict(NL=nl, BLOCK_D=(32 // nl) * warps, num_warps=warps, STAGES=stages, PREFETCH=prefetch)
+    configs = [dict(NL=nl, BLOCK_D=(32 // nl) * warps, num_warps=warps, STAGES=stages, PREFETCH=prefetch)
+               for nl, warps, stages, prefetch in itertools.product((2, 4, 8), (1, 2), (1, 3), (False, True))]
+    # 16 states per thread; and a register cap (Triton's maxnreg) that keeps 12 one-warp programs
+    # per SM (the whole grid in one wave) with the prefetch's extra registers, at the price of spills
+    configs += [dict(NL=1, BLOCK_D=32, num_warps=1, STAGES=1, PREFETCH=False)]
+    configs += [dict(NL=2, BLOCK_D=16, num_warps=1, STAGES=1, PREFETCH=pf, maxnreg=m)
+                for pf, m in ((True, 168), (True, 128), (False, 128))]
+    for lanes in configs:
         try:
             ms = do_bench(lambda: scan_fwd(u, delta, A, B_, C_, D, z, bias, None, True, None, False, out=y,
                                            reverse=reverse, lanes=lanes), warmup=5, rep=30)

@@ -81,8 +81,8 @@ def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
     A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
     B, C = (torch.randn(batch, n, length, generator=g).to(DEVICE) for _ in range(2))
     D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
-    y, final, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=True,
-                           lanes={"PREFETCH": prefetch})  # prefetch: the chunk before is loaded ahead
+    lanes = {"PREFETCH": prefetch}  # prefetch: the chunk before is loaded ahead
+    y, final, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=True, lanes=lanes)
     want, want_final = selective_scan_ref(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D, z.flip(-1),
                                           bias, delta_softplus=True, return_final_state=True)
     torch.testing.assert_close(y, want.flip(-1), rtol=1e-4, atol=1e-4)
@@ -91,7 +91,7 @@ def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
     assert not torch.allclose(y, causal, atol=1e-2)  # the direction is seen
     # written over its input, as the padded path does
     u2 = u.clone()
-    scan_fwd(u2, delta, A, B, C, D, z, bias, None, True, None, False, out=u2, reverse=True)
+    scan_fwd(u2, delta, A, B, C, D, z, bias, None, True, None, False, out=u2, reverse=True, lanes=lanes)
     torch.testing.assert_close(u2, y, rtol=0, atol=0)
     with pytest.raises(ValueError, match="reversed scan"):
         scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, True, reverse=True)

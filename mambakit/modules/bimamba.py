@@ -187,7 +187,7 @@ class BiMamba(nn.Module):
         for k, p in enumerate((f, b)):
             u_cols = y2[k * di:(k + 1) * di].view(di, -1)  # (D_inner, B*Lp)
             x_dbl = p["x_proj"].weight @ u_cols  # (R + 2N, B*Lp)
-            delta = p["dt_proj"].weight @ x_dbl[:r]  # (D_inner, B*Lp)
+            delta = _dt_gemm(p["dt_proj"].weight, x_dbl, r)  # (D_inner, B*Lp)
             B_, C_ = (x_dbl[r + j * n:r + (j + 1) * n].view(n, batch, padded).permute(1, 0, 2)
                       for j in (0, 1))  # (B, N, Lp) each
             u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
@@ -303,6 +303,17 @@ class BiMamba(nn.Module):
         del x2
         gate = F.silu(self._in_cols(slice(di, 2 * di), tokens), inplace=True)  # (D_inner, B*L)
         return y.view(di, -1).mul_(gate)
+
+
+def _dt_gemm(w_dt: torch.Tensor, x_dbl: torch.Tensor, rank: int) -> torch.Tensor:
+    """Δ = w_dt (D, R) @ x_dbl[:R] for x_proj's output x_dbl (R + 2N, cols), with K rounded up to a
+    multiple of 16 where x_dbl has the rows (B's, against zero weight columns: the same product).
+    On the H200 cuBLAS took 111 µs with K = 12 and 78 µs with K = 16 (Vim-Ti, 64 x 4112 columns)."""
+    k = min(-(-rank // 16) * 16, x_dbl.shape[0])
+    if k == rank:
+        return w_dt @ x_dbl[:rank]
+    w = torch.cat([w_dt, w_dt.new_zeros(w_dt.shape[0], k - rank)], dim=1)  # (D, K)
+    return w @ x_dbl[:k]
 
 
 def stack_directions(x: torch.Tensor, padded: int) -> torch.Tensor:
