@@ -97,6 +97,32 @@ def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
         scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, True, reverse=True)
 
 
+def test_reversed_scan_with_few_rows_flips_around_the_segmented_forward(monkeypatch):
+    """Where the forward scan would cut few long rows into segments, the reversed one runs as
+    the segmented forward scan of the flipped inputs (the reversed kernel has no segments)."""
+    from mambakit.ops.triton import selective_scan as ss
+    monkeypatch.setenv("MAMBAKIT_SCAN_MIN_SEG", "64")  # 200 steps in two segments
+    ss.clear_plans()
+    g = torch.Generator().manual_seed(5)
+    batch, dim, n, length = 1, 4, 4, 200
+    u, delta, z = (torch.randn(batch, dim, length, generator=g).to(DEVICE) for _ in range(3))
+    A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
+    B, C = (torch.randn(batch, n, length, generator=g).to(DEVICE) for _ in range(2))
+    D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
+    calls = []
+    real = ss._reverse_by_flipping
+    monkeypatch.setattr(ss, "_reverse_by_flipping", lambda *a: calls.append(1) or real(*a))
+    assert ss._segmented(u)
+    out = torch.empty_like(u)
+    y, final, _ = ss.scan_fwd(u, delta * 0.5, A, B, C, D, z, bias, None, True, None, False, out=out, reverse=True)
+    ss.clear_plans()
+    assert calls == [1] and y is out
+    want, want_final = selective_scan_ref(u.flip(-1), (delta * 0.5).flip(-1), A, B.flip(-1), C.flip(-1), D,
+                                          z.flip(-1), bias, delta_softplus=True, return_final_state=True)
+    torch.testing.assert_close(y, want.flip(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, want_final, rtol=1e-4, atol=1e-4)
+
+
 def _bimamba(d_model: int = 12, seed: int = 0) -> BiMamba:
     torch.manual_seed(seed)
     bi = BiMamba(d_model, d_state=8).to(DEVICE)

@@ -505,6 +505,9 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
             raise ValueError("a reversed scan takes dense inputs, saves no states and runs the lanes kernel "
                              f"(cu_seqlens={cu_seqlens is not None}, save_states={save_states}, "
                              f"MAMBAKIT_SCAN_KERNEL={kernel_layout()!r})")
+        if _segmented(u):
+            return _reverse_by_flipping(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                        block_l, block_d, num_warps, lanes, out)
         lanes = {**(lanes or {}), "REVERSE": True}
     if out is not None and not (_time_offsets_fit(out) and (kernel_layout() == "lanes"
                                                              or not _overlaps(out, u, delta, z))):
@@ -524,8 +527,6 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     dummy = final
     grid, shape, seg_len, n_segs = lc.fwd_shape(num_warps, lanes)
     segs = {}
-    if seg_len and reverse:  # no segment summaries backward in time: one program per row
-        grid, shape, seg_len, n_segs = (lc.n_seqs, grid[1]), shape, 0, 1
     if seg_len:  # pass 1: every segment's local final state and Σ Δ
         from .selective_scan_segments import _fwd_summary_lanes
         seg_h = torch.empty(grid[0], lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
@@ -548,6 +549,27 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
             SOFTPLUS=bool(delta_softplus), VARLEN=lc.varlen, SAVE_STATES=bool(save_states),
             BLOCK_N=lc.BLOCK_N, BLOCK_L=lc.BLOCK_L, **shape, **segs))
     return out, final, states
+
+
+def _segmented(u) -> bool:
+    """Whether a dense forward scan of u's shape is cut into segments (few rows, long sequences)."""
+    from .selective_scan_lanes import save_interval
+    from .selective_scan_segments import segment_plan
+    batch, dim, length = u.shape
+    return segment_plan(batch * dim, length, False, save_interval(u.dtype))[0] > 0
+
+
+def _reverse_by_flipping(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_l, block_d,
+                         num_warps, lanes, out):
+    """The reversed scan as the forward scan of the time-flipped inputs, flipped back: where the
+    forward cuts its few rows into segments scanned in parallel (the reversed kernel has no
+    segments, so one warp would walk each whole row: 1.55 against 0.49 ms at 2 x 1536 x 8192).
+    The flips copy u, Δ, z, B, C and y once each, which at so few rows costs little."""
+    flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+    y, final, _ = scan_fwd(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, initial_state,
+                           delta_softplus, None, False, block_l, block_d, num_warps, lanes)
+    y = y.flip(-1)
+    return (y if out is None else out.copy_(y)), final, None
 
 
 def _grad_buffers(u, delta, z, grads_out):
