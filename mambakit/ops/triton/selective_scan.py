@@ -435,6 +435,10 @@ class _Launch:
                 shape = lanes_shape(self.BLOCK_N, self.cpg, self.elem_size, self.BLOCK_L, rows, self.L,
                                     self.unaligned)
             self._override(shape, lanes)
+            if not backward and "EVEN" not in (lanes or {}):
+                # every chunk, channel block and state in bounds: the forward drops its masks
+                shape["EVEN"] = (not self.varlen and self.L % shape["T"] == 0 and self.d_state == self.BLOCK_N
+                                 and self.dim % shape["BLOCK_D"] == 0)
             grid = (self.n_seqs * n_segs, cdiv(self.dim, shape["BLOCK_D"]))
         return grid, shape, seg_len, n_segs
 
@@ -481,7 +485,7 @@ def dbc_dtype(B, C) -> torch.dtype:
 
 def _summary_shape(shape: dict) -> dict:
     """The forward kernel's shape for its segment summary kernel, which has no register prefetch."""
-    return {k: v for k, v in shape.items() if k != "PREFETCH"}
+    return {k: v for k, v in shape.items() if k not in ("PREFETCH", "EVEN", "REVERSE")}
 
 
 def _contig(t):
