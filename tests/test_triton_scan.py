@@ -341,3 +341,26 @@ def test_out_is_for_inference_and_must_match_u(kernel_layout):
         y = selective_scan(u, **kw, backend="torch", out=out)
         assert y is out
         torch.testing.assert_close(out, selective_scan(u, **kw, backend="torch"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length,d_state,varlen,even", [(64, 16, False, True), (45, 16, False, False),
+                                                         (64, 12, False, False), (64, 16, True, False)])
+def test_forward_drops_its_masks_only_where_every_chunk_is_whole(length, d_state, varlen, even, monkeypatch):
+    """EVEN (no masks in the lanes forward) only where L is a multiple of the chunk, N fills its
+    block and the sequences are dense; the outputs match the reference either way."""
+    from mambakit.ops.triton import selective_scan as ss
+    from mambakit.ops.reference import selective_scan_ref
+    monkeypatch.setenv("MAMBAKIT_SCAN_KERNEL", "lanes")
+    ss.clear_plans()
+    g = torch.Generator().manual_seed(length + d_state)
+    dim = 8
+    u, delta = (torch.randn(1, dim, length, generator=g).to(DEVICE) for _ in range(2))
+    A = -torch.rand(dim, d_state, generator=g).to(DEVICE) - 0.2
+    B, C = (torch.randn(1, d_state, length, generator=g).to(DEVICE) for _ in range(2))
+    cu = torch.tensor([0, 20, length], dtype=torch.int32, device=DEVICE) if varlen else None
+    shape = ss._plan(u, B, A, cu).fwd_shape()[1]
+    assert shape["EVEN"] is even
+    y, _, _ = ss.scan_fwd(u, delta * 0.5, A, B, C, None, None, None, None, True, cu, False)
+    want = selective_scan_ref(u, delta * 0.5, A, B, C, delta_softplus=True, cu_seqlens=cu)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    ss.clear_plans()
