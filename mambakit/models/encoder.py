@@ -8,7 +8,11 @@ fp32, then a final norm of residual + hidden.
 Each layer runs one `BiMamba` per path of the scan order (models/scan_orders.py). With one
 path that is the identity (raster with Vim, or tokens a tokenizer has ordered) the tokens are
 scanned as given. With several (the cross-scan), each path gathers the tokens in its order,
-scans them both ways, scatters the outputs back, and the layer output is their mean."""
+scans them both ways, scatters the outputs back, and the layer output is their mean.
+
+For inference on the Triton kernels (identity order) the encoder pads the sequence once to a
+multiple of 16 steps and runs every layer on the padded rows (BiMamba's `length`), then drops
+the padding before the final norm."""
 
 from __future__ import annotations
 

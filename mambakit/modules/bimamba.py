@@ -17,7 +17,12 @@ The fused path (the default) runs both directions in one depthwise-conv call and
 scan call by stacking them along the channel axis (2 * D_inner channels, grouped B/C with two
 groups), and gates by SiLU(z) once after the two are added (the gate is per token, so
 gate(y_f) + flip(gate'(y_b')) = (y_f + flip(y_b')) * SiLU(z)). `forward(h, fused=False)` is the
-readable reference: two explicit single-direction calls."""
+readable reference: two explicit single-direction calls.
+
+Without autograd the layer runs an inference path: on CUDA (the Triton kernels) `_padded_inference`,
+which flips nothing (the backward direction's conv runs anti-causally and its scan backward in
+time, over rows padded to 16 steps); elsewhere `_fused_inference`, the fused path holding less
+memory at once."""
 
 from __future__ import annotations
 
