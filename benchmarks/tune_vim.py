@@ -72,11 +72,11 @@ for reverse in (False, True):
     emit(dict(part="scan", reverse=reverse, best=best, default_ms=round(default, 4)))
 
 x_rows = torch.randn(batch, lp, di, device=dev, dtype=bf16)
-w = torch.randn(di, 4, device=dev)
-cb = torch.randn(di, device=dev)
+w = torch.randn(2 * di, 4, device=dev)  # both directions' conv weights
+cb = torch.randn(2 * di, device=dev)
 u2 = torch.empty(2 * di, batch, lp, device=dev, dtype=bf16).permute(1, 0, 2)
 for bl, bd, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
-    ms = do_bench(lambda: bidirectional_conv(x_rows, w, w, cb, cb, length, u2, block=(bl, bd, warps)), warmup=5,
+    ms = do_bench(lambda: bidirectional_conv(x_rows, w, cb, length, u2, block=(bl, bd, warps)), warmup=5,
                   rep=30)
     emit(dict(part="conv", BLOCK_L=bl, BLOCK_D=bd, warps=warps, ms=round(ms, 4)))
 

@@ -34,18 +34,18 @@ def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
     batch, dim, width = 2, 8, 4
     x = _token_rows(batch, padded, dim, g)
     x[:, length:] = 1e3  # padding steps: must never be read
-    w_f, w_b = (torch.randn(dim, width, generator=g).to(DEVICE) for _ in range(2))
-    b_f, b_b = (torch.randn(dim, generator=g).to(DEVICE) if bias else None for _ in range(2))
+    w = torch.randn(2 * dim, width, generator=g).to(DEVICE)  # forward, then backward direction
+    b = torch.randn(2 * dim, generator=g).to(DEVICE) if bias else None
     out = torch.full((2 * dim, batch, padded), float("nan"), device=DEVICE).permute(1, 0, 2)
-    bidirectional_conv(x, w_f, w_b, b_f, b_b, length, out)
-    want = bidirectional_conv_ref(x, w_f, w_b, b_f, b_b, length)
+    bidirectional_conv(x, w, b, length, out)
+    want = bidirectional_conv_ref(x, w, b, length)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert (out[..., length:] == 0).all()  # the backward scan meets these first: zero input
     # the backward half is anti-causal: its first step sees the next ones, the forward half's does not
     x2 = x.clone()
     x2[:, min(1, length - 1)] += 1.0
     out2 = torch.empty_like(out)
-    bidirectional_conv(x2, w_f, w_b, b_f, b_b, length, out2)
+    bidirectional_conv(x2, w, b, length, out2)
     if length > 1:
         assert not torch.allclose(out2[:, dim:, 0], out[:, dim:, 0])
         torch.testing.assert_close(out2[:, :dim, 0], out[:, :dim, 0])
@@ -53,20 +53,20 @@ def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
 
 def test_bidirectional_conv_bad_input():
     x = torch.randn(2, 16, 4, device=DEVICE)
-    w = torch.randn(4, 4, device=DEVICE)
+    w = torch.randn(8, 4, device=DEVICE)
     out = torch.empty(2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="out must be"):
-        bidirectional_conv(x, w, w, None, None, 16, torch.empty(2, 4, 16, device=DEVICE))
+        bidirectional_conv(x, w, None, 16, torch.empty(2, 4, 16, device=DEVICE))
     with pytest.raises(ValueError, match="length 17"):
-        bidirectional_conv(x, w, w, None, None, 17, out)
-    with pytest.raises(ValueError, match="weights"):
-        bidirectional_conv(x, w, w[:, :3], None, None, 16, out)
-    with pytest.raises(ValueError, match="both directions' biases"):
-        bidirectional_conv(x, w, w, torch.randn(4, device=DEVICE), None, 16, out)
+        bidirectional_conv(x, w, None, 17, out)
+    with pytest.raises(ValueError, match="weight must be"):
+        bidirectional_conv(x, w[:4], None, 16, out)
+    with pytest.raises(ValueError, match="bias must be"):
+        bidirectional_conv(x, w, torch.randn(4, device=DEVICE), 16, out)
     with pytest.raises(ValueError, match="unit stride along D"):
-        bidirectional_conv(x.transpose(1, 2).contiguous().transpose(1, 2), w, w, None, None, 16, out)
+        bidirectional_conv(x.transpose(1, 2).contiguous().transpose(1, 2), w, None, 16, out)
     with pytest.raises(ValueError, match="unit stride along L"):
-        bidirectional_conv(x, w, w, None, None, 16, out.transpose(1, 2).contiguous().transpose(1, 2))
+        bidirectional_conv(x, w, None, 16, out.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 @pytest.mark.parametrize("length,prefetch", [(45, False), (32, False), (45, True)])
@@ -145,6 +145,30 @@ def test_padded_inference_equals_the_two_direction_reference(length, monkeypatch
         got = bi(h)
     assert calls == [(-(-length // 16) * 16, length)]
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_padded_weights_are_made_again_when_a_parameter_changes():
+    """The padded path keeps its derived weights (stacked, cast, A = -exp(A_log)) between calls
+    and makes them again after any in-place change of a parameter, so an updated model never
+    runs on stale weights."""
+    from mambakit.modules.bimamba_padded import padded_weights
+    bi = _bimamba()
+    bi.backend = "triton"
+    h = torch.randn(2, 16, 12, device=DEVICE)
+    with torch.no_grad():
+        first = bi(h)
+        w1 = padded_weights(bi, torch.float32)
+        assert padded_weights(bi, torch.float32) is w1  # kept between calls
+        bi.A_b_log.add_(0.5)  # an optimizer step or load_state_dict writes in place
+        assert padded_weights(bi, torch.float32) is not w1
+        got = bi(h)
+        torch.testing.assert_close(got, bi(h, fused=False), rtol=2e-5, atol=2e-5)
+        assert not torch.allclose(got, first, atol=1e-4)
+    with torch.inference_mode():  # a model made under inference_mode: no version counters, no cache
+        made_there = _bimamba()
+        made_there.backend = "triton"
+        torch.testing.assert_close(made_there(h), made_there(h, fused=False), rtol=2e-5, atol=2e-5)
+        assert made_there.__dict__.get("_padded_weights") is None
 
 
 def test_padding_never_reaches_the_true_steps():

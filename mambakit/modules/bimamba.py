@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.reference import batched_linear
+from .bimamba_padded import padded_inference
 from .mamba import _at_least_fp32
 
 
@@ -166,46 +167,9 @@ class BiMamba(nn.Module):
         return ops._resolve(self.backend, hidden) == "triton"
 
     def _padded_inference(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
-        """hidden (B, Lp, d_model), Lp a multiple of 16 and the steps from `length` on padding ->
-        (B, Lp, d_model). Every activation is laid out as columns (C, B*Lp), so the projections
-        are single GEMMs over the tokens, and each sequence's row of Lp steps is an aligned
-        vector run for the scan. The backward direction runs anti-causally (conv) and backward
-        in time (scan) over the tokens as they lie (ops/triton/bidirectional.py), so nothing is
-        flipped; each direction gates by the same SiLU(z), and out_proj over both directions'
-        channels, [W, W] / 2, adds them: out = W (y_f + y_b) / 2."""
-        from ..ops.triton.bidirectional import bidirectional_conv
-        from ..ops.triton.selective_scan import scan_fwd
-        batch, padded, _ = hidden.shape
-        if padded % 16:
-            raise ValueError(f"_padded_inference: the padded length {padded} must be a multiple of 16")
-        di, r, n = self.d_inner, self.dt_rank, self.d_state
-        tokens = hidden.reshape(batch * padded, -1).t()  # (d_model, B*Lp)
-        x = F.linear(hidden.reshape(batch * padded, -1), self.in_proj.weight[:di],
-                     None if self.in_proj.bias is None else self.in_proj.bias[:di])  # (B*Lp, D_inner) token rows
-        f, b = self.direction_params(False), self.direction_params(True)
-        y2 = x.new_empty(2 * di, batch, padded)  # both directions' conv outputs, then scan outputs
-        rows = y2.permute(1, 0, 2)  # (B, 2*D_inner, Lp)
-        bidirectional_conv(x.view(batch, padded, di), f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0],
-                           f["conv1d"].bias, b["conv1d"].bias, length, rows)
-        del x
-        z = self._in_cols(slice(di, 2 * di), tokens).view(di, batch, padded).permute(1, 0, 2)  # (B, D_inner, Lp)
-        for k, p in enumerate((f, b)):
-            u_cols = y2[k * di:(k + 1) * di].view(di, -1)  # (D_inner, B*Lp)
-            x_dbl = p["x_proj"].weight @ u_cols  # (R + 2N, B*Lp)
-            delta = _dt_gemm(p["dt_proj"].weight, x_dbl, r)  # (D_inner, B*Lp)
-            B_, C_ = (x_dbl[r + j * n:r + (j + 1) * n].view(n, batch, padded).permute(1, 0, 2)
-                      for j in (0, 1))  # (B, N, Lp) each
-            u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
-            scan_fwd(u, delta.view(di, batch, padded).permute(1, 0, 2), -torch.exp(p["A_log"].float()), B_, C_,
-                     p["D"].float(), z, p["dt_proj"].bias.float(), None, True, None, False, out=u,
-                     reverse=k == 1)
-            del x_dbl, delta, B_, C_
-        w = self.out_proj.weight
-        w2 = torch.cat([w, w], dim=1) * (0.5 if self.divide_out else 1.0)  # (d_model, 2*D_inner)
-        out = y2.view(2 * di, -1).t() @ w2.t()  # (B*Lp, d_model)
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias.to(out.dtype)
-        return out.view(batch, padded, -1)
+        """hidden (B, Lp, d_model), Lp a multiple of 16, the steps from `length` on padding ->
+        (B, Lp, d_model): modules/bimamba_padded.py."""
+        return padded_inference(self, hidden, length)
 
     # -- the reference: two explicit single-direction scans ------------------------------------
 
@@ -308,17 +272,6 @@ class BiMamba(nn.Module):
         del x2
         gate = F.silu(self._in_cols(slice(di, 2 * di), tokens), inplace=True)  # (D_inner, B*L)
         return y.view(di, -1).mul_(gate)
-
-
-def _dt_gemm(w_dt: torch.Tensor, x_dbl: torch.Tensor, rank: int) -> torch.Tensor:
-    """Δ = w_dt (D, R) @ x_dbl[:R] for x_proj's output x_dbl (R + 2N, cols), with K rounded up to a
-    multiple of 16 where x_dbl has the rows (B's, against zero weight columns: the same product).
-    On the H200 cuBLAS took 111 µs with K = 12 and 78 µs with K = 16 (Vim-Ti, 64 x 4112 columns)."""
-    k = min(-(-rank // 16) * 16, x_dbl.shape[0])
-    if k == rank:
-        return w_dt @ x_dbl[:rank]
-    w = torch.cat([w_dt, w_dt.new_zeros(w_dt.shape[0], k - rank)], dim=1)  # (D, K)
-    return w @ x_dbl[:k]
 
 
 def stack_directions(x: torch.Tensor, padded: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..reference import causal_conv1d_ref
 from .host import cdiv
+from .launch import launch
 
 
 @triton.jit
@@ -65,13 +66,13 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
     tl.store(row + (dim + d)[None, :].to(tl.int64) * s_yd, u_b.to(y_ptr.dtype.element_ty), mask=m_out)
 
 
-def bidirectional_conv(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_f: torch.Tensor | None,
-                       b_b: torch.Tensor | None, length: int, out: torch.Tensor,
-                       block: tuple[int, int, int] | None = None) -> torch.Tensor:
+def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int,
+                       out: torch.Tensor, block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x (B, Lp, D): token rows, unit stride along channels (steps from `length` on are ignored);
-    conv weights w_f, w_b (D, K) and biases (D,) or None -> `out` (B, 2D, Lp), unit stride along
-    time: SiLU of the causal conv of x with w_f in channels [0, D), of the anti-causal one with w_b
-    in [D, 2D), and 0 at the padding steps t >= length."""
+    weight (2D, K): the forward direction's conv weights, then the backward one's; bias (2D,) or
+    None -> `out` (B, 2D, Lp), unit stride along time: SiLU of the causal conv of x with
+    weight[:D] in channels [0, D), of the anti-causal one with weight[D:] in [D, 2D), and 0 at the
+    padding steps t >= length."""
     if x.ndim != 3 or x.stride(2) != 1:
         raise ValueError(f"bidirectional_conv: x must be token rows (B, L, D) with unit stride along D, "
                          f"got shape {tuple(x.shape)} strides {x.stride()}")
@@ -83,34 +84,34 @@ def bidirectional_conv(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_
         raise ValueError(f"bidirectional_conv: out must be {(batch, 2 * dim, padded)}, got {tuple(out.shape)}")
     if not 1 <= length <= padded:
         raise ValueError(f"bidirectional_conv: length {length} must be in [1, {padded}]")
-    if w_f.shape != w_b.shape or w_f.ndim != 2 or w_f.shape[0] != dim:
-        raise ValueError(f"bidirectional_conv: weights must both be ({dim}, K), got {tuple(w_f.shape)} "
-                         f"and {tuple(w_b.shape)}")
-    if (b_f is None) != (b_b is None):
-        raise ValueError("bidirectional_conv: give both directions' biases or neither")
-    width = w_f.shape[1]
-    w = torch.cat([w_f, w_b]).contiguous()  # (2D, K)
-    bias = torch.cat([b_f, b_b]).contiguous() if b_f is not None else w
+    if weight.ndim != 2 or weight.shape[0] != 2 * dim or not weight.is_contiguous():
+        raise ValueError(f"bidirectional_conv: weight must be contiguous (2D, K) = ({2 * dim}, K), both "
+                         f"directions stacked; got {tuple(weight.shape)}")
+    if bias is not None and (bias.shape != (2 * dim,) or not bias.is_contiguous()):
+        raise ValueError(f"bidirectional_conv: bias must be contiguous ({2 * dim},) or None, got {tuple(bias.shape)}")
+    width = weight.shape[1]
     if block is None:  # (BLOCK_L, BLOCK_D, warps), from the H200 sweep (benchmarks/tune_vim.py, Vim-Ti at
         # 1024 px: 32 x 128 x 4 warps 0.32 ms, 64 x 64 0.37, 128 x 128 2.0); a sweep's override otherwise
         block = (32, min(128, max(16, 1 << (dim - 1).bit_length())), 4)
     block_l, block_d, warps = block
     grid = (batch, cdiv(padded, block_l), cdiv(dim, block_d))
-    _bidirectional_conv_kernel[grid](x, w, bias, out, length, padded, dim, x.stride(0), x.stride(1),
-                                     out.stride(0), out.stride(1), WIDTH=width, HAS_BIAS=b_f is not None,
-                                     BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
+    launch(_bidirectional_conv_kernel, grid,
+           [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1)],
+           dict(WIDTH=width, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps))
     return out
 
 
-def bidirectional_conv_ref(x: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, b_f: torch.Tensor | None,
-                           b_b: torch.Tensor | None, length: int) -> torch.Tensor:
+def bidirectional_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           length: int) -> torch.Tensor:
     """The reference of `bidirectional_conv`: (B, 2D, Lp) in fp32, from two causal convs (the
     backward one over the time-flipped first `length` steps, flipped back)."""
     batch, padded, dim = x.shape
     xs = x[:, :length].transpose(1, 2).float()  # (B, D, length)
-    f = causal_conv1d_ref(xs, w_f.float(), None if b_f is None else b_f.float(), activation="silu")
-    b = causal_conv1d_ref(xs.flip(-1), w_b.float(), None if b_b is None else b_b.float(), activation="silu").flip(-1)
+    w, b = weight.float(), None if bias is None else bias.float()
+    f = causal_conv1d_ref(xs, w[:dim], None if b is None else b[:dim], activation="silu")
+    bwd = causal_conv1d_ref(xs.flip(-1), w[dim:], None if b is None else b[dim:], activation="silu").flip(-1)
     out = x.new_zeros(batch, 2 * dim, padded, dtype=torch.float32)
     out[:, :dim, :length] = f
-    out[:, dim:, :length] = b
+    out[:, dim:, :length] = bwd
     return out
