@@ -1,0 +1,87 @@
+"""Count the SASS instructions of the lanes scan's forward loop, compiled offline for sm_90 (no GPU).
+
+    python benchmarks/scan_sass.py                      # Vim-Ti's padded-path shape (64 x 384 x 4112)
+    python benchmarks/scan_sass.py --reverse
+    PYTHONPATH=/path/to/triton-3.6 python benchmarks/scan_sass.py   # the device's Triton
+
+The scan at Vim's shape is close to bound by instructions issued (Nsight Compute in
+BENCHMARKS.md), so the loop's instruction count per 8-step chunk is a usable proxy between
+device runs. The launch is captured from `scan_fwd` exactly as the padded path makes it
+(strides, dtypes, the launcher's shape), then compiled with Triton's own ptxas and disassembled
+with its nvdisasm; the loop is the block between the label that the back branch targets and
+that branch."""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import mambakit.ops.triton.selective_scan as ss  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--reverse", action="store_true")
+p.add_argument("--batch", type=int, default=64)
+p.add_argument("--dim", type=int, default=384)
+p.add_argument("--length", type=int, default=4112)
+args = p.parse_args()
+
+captured = {}
+ss.launch = lambda kernel, grid, a, kw: captured.update(kernel=kernel, args=a, kwargs=dict(kw))
+batch, di, n, lp, bf16 = args.batch, args.dim, 16, args.length, torch.bfloat16
+cols = lambda c: torch.empty(c, batch, lp, dtype=bf16).permute(1, 0, 2)  # noqa: E731  (B, C, Lp) of columns
+u, delta, z = cols(di), cols(di), cols(di)
+x_dbl = torch.empty(12 + 2 * n, batch * lp, dtype=bf16)
+B_, C_ = (x_dbl[12 + j * n:12 + (j + 1) * n].view(n, batch, lp).permute(1, 0, 2) for j in (0, 1))
+ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), z, torch.empty(di), None, True, None, False,
+            out=u, reverse=args.reverse)
+
+kernel, values, kwargs = captured["kernel"], captured["args"], captured["kwargs"]
+kwargs["FAST"] = True  # the launcher's shape says False on a machine set up for the interpreter
+options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+names = list(inspect.signature(kernel.fn).parameters)
+bound = dict(zip(names, values)) | kwargs
+signature, constants, attrs = {}, {}, {}
+for i, name in enumerate(names):
+    default = inspect.signature(kernel.fn).parameters[name].default
+    v = bound.get(name, None if default is inspect.Parameter.empty else default)
+    if kernel.params[i].is_constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+        signature[name], constants[(i,)] = "constexpr", v
+    elif isinstance(v, torch.Tensor):
+        signature[name] = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}[v.dtype]
+        attrs[(i,)] = [["tt.divisibility", 16]]
+    elif isinstance(v, bool):
+        signature[name] = "i1"
+    elif isinstance(v, int):
+        signature[name] = "i32"
+        if v % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    else:
+        signature[name] = "fp32"
+compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(compiled.asm["cubin"]); f.flush()
+    sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
+back = next(i for i, line in enumerate(sass) if re.search(r"@P\d BRA `\(\.L_x_\d+\)", line))
+label = re.search(r"(\.L_x_\d+)", sass[back]).group(1)
+start = next(i for i, line in enumerate(sass) if line.startswith(label + ":"))
+ops = collections.Counter(m.group(1) for line in sass[start:back + 1]
+                          if (m := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)))
+shape = {k: v for k, v in captured["kwargs"].items() if k in ("NL", "BLOCK_D", "T", "PREFETCH", "EVEN", "REVERSE")}
+print(f"triton {triton.__version__}, {shape}: {sum(ops.values())} instructions in the chunk loop")
+print(", ".join(f"{k} {v}" for k, v in ops.most_common()))
