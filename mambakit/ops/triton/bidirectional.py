@@ -10,9 +10,10 @@ positions:
     u_b[t] = SiLU(b_b + Σ_k w_b[k] x[t + (K-1) - k])      (anti-causal: the causal conv of flip(x), flipped)
 
 `bidirectional_conv` reads x as token rows (B, Lp, D) and writes both directions into one
-(B, 2D, Lp) buffer with time contiguous, the forward direction's channels first. Sequences are laid out Lp >= L steps apart (a multiple of 16, so that the scan's rows are
-aligned vectors); the steps from L to Lp are padding, where u is written as 0 so that the
-backward scan, which meets them first, keeps its zero state through them.
+(B, 2D, Lp) buffer with time contiguous, the forward direction's channels first. Sequences are
+laid out Lp >= L steps apart (a multiple of 16, so that the scan's rows are aligned vectors);
+the steps from L to Lp are padding, where u is written as 0 so that the backward scan, which
+meets them first, keeps its zero state through them.
 
 The readable reference is `bidirectional_conv_ref` beside it (two calls of the causal conv)."""
 

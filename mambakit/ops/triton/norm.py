@@ -61,10 +61,5 @@ def add_rms_norm(hidden, residual, weight, eps: float, residual_dtype, out_dtype
 
 
 def _rows(t):
-    """t (..., dim) as a 2-D (rows, dim) view with unit stride along dim (a copy only where no view exists)."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
+    """t (..., dim) as 2-D (rows, dim) with unit stride along dim (a copy only where no view exists)."""
+    return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1])

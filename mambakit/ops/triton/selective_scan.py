@@ -395,7 +395,8 @@ class _Launch:
         # B and C rows do not load as aligned 16-byte vectors along time: packed sequences
         # start anywhere, and a time stride other than 1 is no vector at all (t_in_thread)
         self.unaligned = self.varlen or self.bc_strides[3] != 1
-        self._fwd = self._bwd = None
+        self._fwd = [None, None]  # the forward's shape, [causal, reversed]
+        self._bwd = None
 
     def chunk_base(self, cu_seqlens):
         """Packed sequences: where each sequence's saved states start (exclusive sums of its
@@ -405,13 +406,20 @@ class _Launch:
         counts = (cu_seqlens[1:] - cu_seqlens[:-1] + self.BLOCK_L - 1) // self.BLOCK_L
         return torch.cumsum(counts, 0) - counts
 
-    def fwd_shape(self, num_warps=4, lanes=None):
-        """(grid, kernel shape kwargs, seg_len, n_segs) of the forward."""
+    def fwd_shape(self, num_warps=4, lanes=None, reverse=False):
+        """(grid, kernel shape kwargs, seg_len, n_segs) of the forward; `reverse`: of the reversed
+        scan (no segments: the caller flips instead where the forward would cut them)."""
         if lanes is None and num_warps == 4:
-            if self._fwd is None:
-                self._fwd = self._shape(False, num_warps, None)
-            return self._fwd
-        return self._shape(False, num_warps, lanes)
+            if self._fwd[reverse] is None:
+                self._fwd[reverse] = self._forward_shape(num_warps, None, reverse)
+            return self._fwd[reverse]
+        return self._forward_shape(num_warps, lanes, reverse)
+
+    def _forward_shape(self, num_warps, lanes, reverse):
+        grid, shape, seg_len, n_segs = self._shape(False, num_warps, lanes)
+        if reverse:
+            shape = {**shape, "REVERSE": True}
+        return grid, shape, seg_len, n_segs
 
     def bwd_shape(self, num_warps=None, lanes=None):
         """(grid, kernel shape kwargs, seg_len, n_segs) of the backward."""
@@ -512,7 +520,6 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         if _segmented(u):
             return _reverse_by_flipping(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                         block_l, block_d, num_warps, lanes, out)
-        lanes = {**(lanes or {}), "REVERSE": True}
     if out is not None and not (_time_offsets_fit(out) and (kernel_layout() == "lanes"
                                                              or not _overlaps(out, u, delta, z))):
         y, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
@@ -529,7 +536,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=lc.states_dtype)
               if save_states else None)
     dummy = final
-    grid, shape, seg_len, n_segs = lc.fwd_shape(num_warps, lanes)
+    grid, shape, seg_len, n_segs = lc.fwd_shape(num_warps, lanes, reverse)
     segs = {}
     if seg_len:  # pass 1: every segment's local final state and Σ Δ
         from .selective_scan_segments import _fwd_summary_lanes
