@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -37,6 +38,13 @@ p.add_argument("--reverse", action="store_true")
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--dim", type=int, default=384)
 p.add_argument("--length", type=int, default=4112)
+p.add_argument("--bc-dtype", choices=("bf16", "fp32"), default="bf16", help="B and C as x_proj writes them")
+p.add_argument("--no-gate", action="store_true", help="without z (the gate applied elsewhere)")
+p.add_argument("--no-softplus", action="store_true", help="Δ given after its softplus")
+p.add_argument("--lanes", type=json.loads, default=None, help='a shape override, e.g. \'{"NL": 1, "BLOCK_D": 32}\'')
+p.add_argument("--bn-const", action="store_true", help="B and C's state stride as a constant")
+p.add_argument("--ptx", action="store_true", help="print the special-function PTX instructions used")
+p.add_argument("--dump", action="store_true", help="print the loop's SASS")
 args = p.parse_args()
 
 captured = {}
@@ -44,13 +52,15 @@ ss.launch = lambda kernel, grid, a, kw: captured.update(kernel=kernel, args=a, k
 batch, di, n, lp, bf16 = args.batch, args.dim, 16, args.length, torch.bfloat16
 cols = lambda c: torch.empty(c, batch, lp, dtype=bf16).permute(1, 0, 2)  # noqa: E731  (B, C, Lp) of columns
 u, delta, z = cols(di), cols(di), cols(di)
-x_dbl = torch.empty(12 + 2 * n, batch * lp, dtype=bf16)
+x_dbl = torch.empty(12 + 2 * n, batch * lp, dtype=bf16 if args.bc_dtype == "bf16" else torch.float32)
 B_, C_ = (x_dbl[12 + j * n:12 + (j + 1) * n].view(n, batch, lp).permute(1, 0, 2) for j in (0, 1))
-ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), z, torch.empty(di), None, True, None, False,
-            out=u, reverse=args.reverse)
+ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), None if args.no_gate else z, torch.empty(di),
+            None, not args.no_softplus, None, False, out=u, reverse=args.reverse, lanes=args.lanes)
 
 kernel, values, kwargs = captured["kernel"], captured["args"], captured["kwargs"]
-kwargs["FAST"] = True  # the launcher's shape says False on a machine set up for the interpreter
+kwargs["FAST"] = True
+if args.bn_const:
+    kwargs["BN_STRIDE"] = batch * lp  # the launcher's shape says False on a machine set up for the interpreter
 options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
 names = list(inspect.signature(kernel.fn).parameters)
 bound = dict(zip(names, values)) | kwargs
@@ -73,15 +83,32 @@ for i, name in enumerate(names):
         signature[name] = "fp32"
 compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options)
+if args.ptx:
+    print(collections.Counter(re.findall(r"\b(ex2\.[a-z0-9.]+|lg2\.[a-z0-9.]+|rcp\.[a-z0-9.]+|tanh\.[a-z0-9.]+)",
+                                         compiled.asm["ptx"])))
 nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
     f.write(compiled.asm["cubin"]); f.flush()
     sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
-back = next(i for i, line in enumerate(sass) if re.search(r"@P\d BRA `\(\.L_x_\d+\)", line))
-label = re.search(r"(\.L_x_\d+)", sass[back]).group(1)
-start = next(i for i, line in enumerate(sass) if line.startswith(label + ":"))
+    usage = subprocess.run([str(nvdisasm.parent / "cuobjdump"), "--dump-resource-usage", f.name],
+                           capture_output=True, text=True, check=True).stdout
+regs = re.search(r"REG:(\d+)", usage).group(1)
+stack = re.search(r"STACK:(\d+)", usage).group(1)
+# the chunk loop: the longest block between a label and a conditional branch back to it
+loops = []
+for back, line in enumerate(sass):
+    if m := re.search(r"@!?P\d BRA `\((\.L_x_\d+)\)", line):
+        start = next((i for i, ln in enumerate(sass[:back]) if ln.startswith(m.group(1) + ":")), None)
+        if start is not None:
+            loops.append((back - start, start, back))
+_, start, back = max(loops)
 ops = collections.Counter(m.group(1) for line in sass[start:back + 1]
                           if (m := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)))
 shape = {k: v for k, v in captured["kwargs"].items() if k in ("NL", "BLOCK_D", "T", "PREFETCH", "EVEN", "REVERSE")}
-print(f"triton {triton.__version__}, {shape}: {sum(ops.values())} instructions in the chunk loop")
+total = sum(ops.values())
+print(f"triton {triton.__version__}, {shape}: {total} instructions in the chunk loop, "
+      f"{total / shape['T']:.1f} a step, {ops['MUFU'] / shape['T']:.1f} MUFU a step; "
+      f"{regs} registers, {stack} bytes of stack")
 print(", ".join(f"{k} {v}" for k, v in ops.most_common()))
+if args.dump:
+    print("\n".join(sass[start:back + 1]))

@@ -4,11 +4,17 @@ the device, in the layouts `BiMamba._padded_inference` uses (activations as colu
     python benchmarks/tune_vim.py OUT.jsonl                 # batch 64 at 1024 px (Lp = 4112)
     python benchmarks/tune_vim.py OUT.jsonl --batch 64 --px 2048
 
-- the scan, forward and reversed: the lanes kernels' NL (lanes over states) x warps x pipeline
-  stages x register prefetch, and a few register caps;
+- the scan in the padded path's form (Δ given after its softplus): forward without the gate (it
+  writes y_f + D u), reversed
+  with the gate and the forward's output added; B and C fp32 slices of x_proj's (B, R + 2N, Lp)
+  output, their state stride compiled in. Lanes over states (NL) x warps x steps per chunk (T)
+  x register prefetch; and, in the same run, the earlier form as a baseline (bf16 B and C in
+  (R + 2N, B*Lp) columns, each direction gated);
+- x_proj with bf16 against fp32 output;
 - the bidirectional conv's (BLOCK_L, BLOCK_D, warps);
-- Δ = dt_proj(dt) as a GEMM with K = R = 12, or with K padded to 16 (the next rows of x_proj's
-  output, B's, against zero weight columns: the same product)."""
+- Δ = dt_proj(dt): cuBLAS with K padded to 16 against dt_softplus (bias and softplus fused).
+
+    --parts scan,conv,gemm   (default: all)"""
 import argparse, itertools, json, sys
 from pathlib import Path
 
@@ -17,12 +23,15 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mambakit.ops.triton.bidirectional import bidirectional_conv  # noqa: E402
+from mambakit.ops.triton.dt_softplus import dt_softplus  # noqa: E402
 from mambakit.ops.triton.selective_scan import scan_fwd  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--px", type=int, default=1024)
+p.add_argument("--parts", default="scan,conv,gemm")
+p.add_argument("--bc", default="fp32,bf16", help="x_proj's output dtypes to sweep the scan with")
 args = p.parse_args()
 out = open(args.out, "a")
 dev, bf16 = "cuda", torch.bfloat16
@@ -43,45 +52,69 @@ def cols(c):  # (B, C, Lp) view of a (C, B*Lp) buffer
 
 
 u, delta, z = cols(di), (cols(di) * 0.5 - 1), cols(di)
-x_dbl = torch.randn(r + 2 * n, batch * lp, device=dev, dtype=bf16)
-B_, C_ = (x_dbl[r + j * n:r + (j + 1) * n].view(n, batch, lp).permute(1, 0, 2) for j in (0, 1))
 A = -torch.rand(di, n, device=dev) - 0.5
 D, bias = torch.randn(di, device=dev), torch.randn(di, device=dev) * 0.1
 y = torch.empty_like(u)
-for reverse in (False, True):
-    best = None
-    configs = [dict(NL=nl, BLOCK_D=(32 // nl) * warps, num_warps=warps, STAGES=stages, PREFETCH=prefetch)
-               for nl, warps, stages, prefetch in itertools.product((2, 4, 8), (1, 2), (1, 3), (False, True))]
-    # 16 states per thread; and a register cap (Triton's maxnreg) that keeps 12 one-warp programs
-    # per SM (the whole grid in one wave) with the prefetch's extra registers, at the price of spills
-    configs += [dict(NL=1, BLOCK_D=32, num_warps=1, STAGES=1, PREFETCH=False)]
-    configs += [dict(NL=2, BLOCK_D=16, num_warps=1, STAGES=1, PREFETCH=pf, maxnreg=m)
-                for pf, m in ((True, 168), (True, 128), (False, 128))]
-    for lanes in configs:
-        try:
-            ms = do_bench(lambda: scan_fwd(u, delta, A, B_, C_, D, z, bias, None, True, None, False, out=y,
-                                           reverse=reverse, lanes=lanes), warmup=5, rep=30)
-        except Exception as e:  # noqa: BLE001 (a shape that does not compile is skipped)
-            print(lanes, "fail", type(e).__name__, str(e)[:200], flush=True)
-            continue
-        row = dict(part="scan", reverse=reverse, **lanes, ms=round(ms, 4))
-        emit(row)
-        best = row if best is None or row["ms"] < best["ms"] else best
-    default = do_bench(lambda: scan_fwd(u, delta, A, B_, C_, D, z, bias, None, True, None, False, out=y,
-                                        reverse=reverse), warmup=5, rep=30)
-    emit(dict(part="scan", reverse=reverse, best=best, default_ms=round(default, 4)))
+w_x = torch.randn(r + 2 * n, di, device=dev, dtype=bf16) * di ** -0.5
+# the earlier form: bf16 B, C in columns, z in both directions
+x_cols = w_x @ u.permute(1, 0, 2).reshape(di, -1)  # (R + 2N, B*Lp)
+Bb, Cb = (x_cols[r + j * n:r + (j + 1) * n].view(n, batch, lp).permute(1, 0, 2) for j in (0, 1))
+for reverse in (False, True) if "scan" in args.parts else ():
+    ms = do_bench(lambda: scan_fwd(u, delta, A, Bb, Cb, D, z, bias, None, True, None, False, out=y,
+                                   reverse=reverse), warmup=5, rep=30)
+    emit(dict(part="scan_bf16_bc_baseline", reverse=reverse, ms=round(ms, 4)))
+# the padded path's form: x_proj's output (B, R + 2N, Lp), in fp32 or (to compare) bf16
+x_dbl = torch.matmul(w_x.float(), u.float())  # (B, R + 2N, Lp) fp32
+y_f = torch.randn_like(u)
+dt = torch.nn.functional.softplus(delta.float() + bias[:, None]).to(bf16)  # Δ as dt_softplus hands it over
+# (NL lanes over states, channels per program, warps, steps per chunk): several channels per
+# thread (BLOCK_D > 32 / NL per warp) share each thread's B and C registers
+SHAPES = [(2, 16, 1, 4), (2, 32, 1, 4), (2, 64, 2, 4), (1, 64, 1, 2), (4, 32, 1, 4), (4, 16, 1, 4), (1, 32, 1, 4),
+          (2, 16, 1, 8), (2, 32, 1, 8), (4, 32, 1, 8), (4, 16, 1, 8)]
+for bc in args.bc.split(","):
+    xb = x_dbl if bc == "fp32" else x_dbl.to(bf16)
+    B_, C_ = xb[:, r:r + n], xb[:, r + n:]
+    t_max = 16 // xb.element_size()
+    for reverse in (False, True) if "scan" in args.parts else ():
+        extra = dict(z=z, add=y_f, out_scale=0.5) if reverse else dict(z=None, add=None, out_scale=1.0)
+        run = lambda lanes: scan_fwd(u, dt, A, B_, C_, D, extra["z"], None, None, False, None, False,  # noqa: E731
+                                     out=y, reverse=reverse, add=extra["add"], out_scale=extra["out_scale"],
+                                     fixed_bc_stride=True, lanes=lanes)
+        best = None
+        configs = [dict(NL=nl, BLOCK_D=bd, num_warps=warps, T=t, STAGES=1, PREFETCH=prefetch)
+                   for (nl, bd, warps, t), prefetch in itertools.product(SHAPES, (False, True))
+                   if t <= t_max and (bc == "fp32" or t == t_max)]
+        for lanes in configs:
+            try:
+                ms = do_bench(lambda: run(lanes), warmup=5, rep=30)
+            except Exception as e:  # noqa: BLE001 (a shape that does not compile is skipped)
+                print(lanes, "fail", type(e).__name__, str(e)[:200], flush=True)
+                continue
+            row = dict(part="scan", bc=bc, reverse=reverse, **lanes, ms=round(ms, 4))
+            emit(row)
+            best = row if best is None or row["ms"] < best["ms"] else best
+        default = do_bench(lambda: run(None), warmup=5, rep=30)
+        emit(dict(part="scan", bc=bc, reverse=reverse, best=best, default_ms=round(default, 4)))
+if "gemm" in args.parts:
+    emit(dict(part="x_proj", out="bf16", ms=round(do_bench(lambda: w_x @ u.permute(1, 0, 2).reshape(di, -1),
+                                                       warmup=5, rep=30), 4)))
+    emit(dict(part="x_proj", out="fp32", ms=round(do_bench(
+        lambda: torch.ops.aten.bmm.dtype(w_x.expand(batch, *w_x.shape), u, torch.float32), warmup=5, rep=30), 4)))
 
 x_rows = torch.randn(batch, lp, di, device=dev, dtype=bf16)
 w = torch.randn(2 * di, 4, device=dev)  # both directions' conv weights
 cb = torch.randn(2 * di, device=dev)
 u2 = torch.empty(2 * di, batch, lp, device=dev, dtype=bf16).permute(1, 0, 2)
-for bl, bd, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
+for bl, bd, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)) if "conv" in args.parts else ():
     ms = do_bench(lambda: bidirectional_conv(x_rows, w, cb, length, u2, block=(bl, bd, warps)), warmup=5,
                   rep=30)
     emit(dict(part="conv", BLOCK_L=bl, BLOCK_D=bd, warps=warps, ms=round(ms, 4)))
 
-w_dt = torch.randn(di, r, device=dev, dtype=bf16)
-w_dt16 = torch.cat([w_dt, torch.zeros(di, 16 - r, device=dev, dtype=bf16)], 1)
-emit(dict(part="dt_gemm", K=12, ms=round(do_bench(lambda: w_dt @ x_dbl[:r], warmup=5, rep=30), 4)))
-emit(dict(part="dt_gemm", K=16, ms=round(do_bench(lambda: w_dt16 @ x_dbl[:16], warmup=5, rep=30), 4)))
-torch.testing.assert_close(w_dt @ x_dbl[:r], w_dt16 @ x_dbl[:16])
+w_dt16 = torch.randn(di, 16, device=dev, dtype=bf16)
+if "gemm" in args.parts:
+    x_b = x_dbl.to(bf16)
+    emit(dict(part="dt_gemm", form="bmm, K padded to 16", ms=round(do_bench(lambda: torch.matmul(w_dt16, x_b[:, :16]),
+                                                                         warmup=5, rep=30), 4)))
+    w_dt = w_dt16[:, :r].contiguous()
+    emit(dict(part="dt_gemm", form="dt_softplus (bias, softplus fused)", ms=round(do_bench(
+        lambda: dt_softplus(w_dt, x_b[:, :r], bias), warmup=5, rep=30), 4)))

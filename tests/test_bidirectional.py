@@ -13,6 +13,7 @@ from mambakit.models.vision import create_model
 from mambakit.modules.bimamba import BiMamba
 from mambakit.ops.reference import selective_scan_ref
 from mambakit.ops.triton.bidirectional import bidirectional_conv, bidirectional_conv_ref
+from mambakit.ops.triton.dt_softplus import dt_softplus, dt_softplus_ref
 from mambakit.ops.triton.selective_scan import scan_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,18 +124,103 @@ def test_reversed_scan_with_few_rows_flips_around_the_segmented_forward(monkeypa
     torch.testing.assert_close(final, want_final, rtol=1e-4, atol=1e-4)
 
 
-def _bimamba(d_model: int = 12, seed: int = 0) -> BiMamba:
+@pytest.mark.parametrize("dim,rank,length,bias", [(8, 3, 21, True), (40, 12, 140, False), (24, 17, 16, True)])
+def test_dt_softplus_is_the_projection_with_its_bias_and_softplus(dim, rank, length, bias):
+    """Δ = softplus(W x + b) from the rows of an x_proj output (B, R + 2N, L) as the padded path
+    slices them: K below, at and above 16 (the kernel pads K to a power of two >= 16 with zero
+    loads), channels and steps not multiples of the tile, and large arguments (softplus(x) = x)
+    and very negative ones (its series branch)."""
+    g = torch.Generator().manual_seed(dim + rank)
+    x_dbl = torch.randn(2, rank + 8, length, generator=g).to(DEVICE) * 2
+    x_dbl[0, 0, :4] = 200.0
+    x_dbl[1, 0, :4] = -200.0
+    x = x_dbl[:, :rank]
+    w = torch.randn(dim, rank, generator=g).to(DEVICE)
+    w[:, 0] = 1.0
+    b = torch.randn(dim, generator=g).to(DEVICE) if bias else None
+    got = dt_softplus(w, x, b)
+    want = dt_softplus_ref(w, x, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[0, :, :4] > 20).all() and (got[1, :, :4] < 1e-10).all()  # both ends of the softplus were met
+    out = torch.full((2, dim, length + 3), float("nan"), device=DEVICE)[..., :length]
+    assert dt_softplus(w, x, b, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="K=3|x must be"):
+        dt_softplus(w, x_dbl[:, :rank + 1], b)
+    with pytest.raises(ValueError, match="must match"):
+        dt_softplus(w.double(), x, b)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_adds_another_output_and_scales_before_the_gate(reverse):
+    """out = scale * (y + D u + add) * SiLU(z), add read before the same chunk of out is written (so
+    it may be out itself); B and C as the padded path makes them: fp32 slices of one x_proj
+    buffer, with their state stride compiled in (fixed_bc_stride)."""
+    g = torch.Generator().manual_seed(11 + reverse)
+    batch, dim, n, length = 2, 8, 4, 32
+    u, delta, z, add = (_columns(batch, dim, length, g) for _ in range(4))
+    delta = delta * 0.5
+    A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
+    x_dbl = torch.randn(batch, 3 + 2 * n, length, generator=g).to(DEVICE)  # (B, R + 2N, L)
+    B, C = x_dbl[:, 3:3 + n], x_dbl[:, 3 + n:]
+    D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+    plain = flip(selective_scan_ref(flip(u), flip(delta), A, flip(B), flip(C), D, None, bias, delta_softplus=True))
+    want = 0.5 * (plain + add) * torch.nn.functional.silu(z)
+    y, _, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=reverse, add=add,
+                       out_scale=0.5, fixed_bc_stride=True)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    inplace = add.clone()
+    scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=reverse, add=inplace, out=inplace,
+             out_scale=0.5, fixed_bc_stride=True)
+    torch.testing.assert_close(inplace, y, rtol=0, atol=0)
+    ungated, _, _ = scan_fwd(u, delta, A, B, C, D, None, bias, None, True, None, False, reverse=reverse)
+    torch.testing.assert_close(ungated, plain, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="add has shape"):
+        scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, add=add[..., :16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse):
+    """The tile the launcher picks for Vim-Ti's batches (more than 8192 rows: 2 lanes over 16
+    states, 16 channels a warp, 8 bf16 steps a chunk, register prefetch), in the padded path's
+    form: forward ungated, reversed with the forward's output added and the gate, against the
+    fp32 reference on the same bf16 inputs."""
+    g = torch.Generator().manual_seed(3 + reverse)
+    batch, dim, n, r, length = 24, 384, 16, 12, 64
+    bf = torch.bfloat16
+    u, z, add = (_columns(batch, dim, length, g).to(bf) for _ in range(3))
+    delta = torch.nn.functional.softplus(_columns(batch, dim, length, g) * 0.5 - 2).to(bf)
+    A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
+    x_dbl = torch.randn(batch, r + 2 * n, length, generator=g).to(DEVICE).to(bf)
+    B, C = x_dbl[:, r:r + n], x_dbl[:, r + n:]
+    D = torch.randn(dim, generator=g).to(DEVICE)
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+    f = lambda t: flip(t.float())  # noqa: E731
+    plain = flip(selective_scan_ref(f(u), f(delta), A, f(B), f(C), D, None, None))
+    if reverse:
+        want = 0.5 * (plain + add.float()) * torch.nn.functional.silu(z.float())
+        y, _, _ = scan_fwd(u, delta, A, B, C, D, z, None, None, False, None, False, reverse=True, add=add,
+                           out_scale=0.5, fixed_bc_stride=True)
+    else:
+        want = plain
+        y, _, _ = scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True)
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True) -> BiMamba:
     torch.manual_seed(seed)
-    bi = BiMamba(d_model, d_state=8).to(DEVICE)
+    bi = BiMamba(d_model, d_state=8, divide_out=divide_out).to(DEVICE)
     with torch.no_grad():
         for p in bi.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return bi
 
 
-@pytest.mark.parametrize("length", [21, 32, 1])
-def test_padded_inference_equals_the_two_direction_reference(length, monkeypatch):
-    bi = _bimamba()
+@pytest.mark.parametrize("length,divide_out", [(21, True), (32, False), (1, True)])
+def test_padded_inference_equals_the_two_direction_reference(length, divide_out, monkeypatch):
+    bi = _bimamba(divide_out=divide_out)
     bi.backend = "triton"
     h = torch.randn(3, length, 12, device=DEVICE)
     calls = []

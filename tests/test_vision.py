@@ -144,10 +144,11 @@ def test_bimamba_bad_input():
 
 
 @pytest.mark.gpu
-def test_fused_bimamba_bf16_cuda_matches_reference():
+@pytest.mark.parametrize("batch", [4, 24])  # 24 x 384 rows: the tile of Vim-Ti's benchmark batches
+def test_fused_bimamba_bf16_cuda_matches_reference(batch):
     torch.manual_seed(0)
     bi = BiMamba(192, d_state=16).cuda()
-    h = torch.randn(4, 197, 192, device="cuda")
+    h = torch.randn(batch, 197, 192, device="cuda")
     with torch.no_grad():
         want = bi(h, fused=False)  # the fp32 reference path
         with torch.autocast("cuda", dtype=torch.bfloat16):

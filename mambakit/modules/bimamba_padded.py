@@ -13,12 +13,9 @@ import torch.nn.functional as F
 @dataclass
 class PaddedWeights:
     """A BiMamba's weights in the form and dtype the padded path uses. Per direction (forward,
-    backward): x_proj (R + 2N, D), dt_proj (D, K) with K = R rounded up to 16 where x_proj's
-    output has the rows (zero columns: the GEMM against x_proj's next rows gives the same Δ, and
-    cuBLAS took 111 against 76 µs on the H200 at Vim-Ti's 1024-px shape), A = -exp(A_log), D and
-    dt_proj's bias in fp32. conv (2D, K_conv) and its bias stack the two directions; out is
-    out_proj's weight twice side by side, halved with divide_out ([W, W] / 2 adds the two
-    directions' outputs)."""
+    backward): x_proj (R + 2N, D), dt_proj (D, R), A = -exp(A_log), D and dt_proj's bias in fp32. conv (2D, K_conv) and its bias stack the two directions; out is
+    out_proj's weight, and out_scale 1/2 with divide_out (the backward scan adds the two
+    directions and scales their sum)."""
     key: tuple
     in_x: torch.Tensor
     in_x_bias: torch.Tensor | None
@@ -33,6 +30,7 @@ class PaddedWeights:
     dt_bias: tuple[torch.Tensor, torch.Tensor]
     out: torch.Tensor
     out_bias: torch.Tensor | None
+    out_scale: float
 
 
 def padded_weights(mixer, dtype: torch.dtype) -> PaddedWeights:
@@ -45,25 +43,23 @@ def padded_weights(mixer, dtype: torch.dtype) -> PaddedWeights:
     cached = mixer.__dict__.get("_padded_weights")
     if keep and cached is not None and cached.key == key:
         return cached
-    di, r, n = mixer.d_inner, mixer.dt_rank, mixer.d_state
-    k = min(-(-r // 16) * 16, r + 2 * n)
+    di = mixer.d_inner
     cast = lambda t: None if t is None else t.detach().to(dtype).contiguous()  # noqa: E731
     fp32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     with torch.no_grad():
         w_in, b_in = mixer.in_proj.weight, mixer.in_proj.bias
         f, b = mixer.direction_params(False), mixer.direction_params(True)
-        w_dt = [torch.cat([p["dt_proj"].weight, p["dt_proj"].weight.new_zeros(di, k - r)], dim=1) for p in (f, b)]
         conv_b = None if f["conv1d"].bias is None else fp32(torch.cat([f["conv1d"].bias, b["conv1d"].bias]))
-        w_out = mixer.out_proj.weight
         weights = PaddedWeights(
             key=key, in_x=cast(w_in[:di]), in_x_bias=cast(None if b_in is None else b_in[:di]),
             in_z=cast(w_in[di:]), in_z_bias=cast(None if b_in is None else b_in[di:]),
             conv=fp32(torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])), conv_bias=conv_b,
-            x_proj=(cast(f["x_proj"].weight), cast(b["x_proj"].weight)), dt_proj=(cast(w_dt[0]), cast(w_dt[1])),
+            x_proj=(cast(f["x_proj"].weight), cast(b["x_proj"].weight)),
+            dt_proj=(cast(f["dt_proj"].weight), cast(b["dt_proj"].weight)),
             A=(fp32(-torch.exp(f["A_log"].float())), fp32(-torch.exp(b["A_log"].float()))),
             D=(fp32(f["D"]), fp32(b["D"])), dt_bias=(fp32(f["dt_proj"].bias), fp32(b["dt_proj"].bias)),
-            out=cast(torch.cat([w_out, w_out], dim=1) * (0.5 if mixer.divide_out else 1.0)),
-            out_bias=cast(mixer.out_proj.bias))
+            out=cast(mixer.out_proj.weight), out_bias=cast(mixer.out_proj.bias),
+            out_scale=0.5 if mixer.divide_out else 1.0)
     mixer.__dict__["_padded_weights"] = weights if keep else None
     return weights
 
@@ -79,10 +75,16 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     (B, Lp, d_model). Every activation is laid out as columns (C, B*Lp), so the projections are
     single GEMMs over the tokens, and each sequence's row of Lp steps is an aligned vector run
     for the scan. The backward direction runs anti-causally (conv) and backward in time (scan)
-    over the tokens as they lie (ops/triton/bidirectional.py), so nothing is flipped; each
-    direction gates by the same SiLU(z), and out_proj over both directions' channels,
-    [W, W] / 2, adds them: out = W (y_f + y_b) / 2."""
+    over the tokens as they lie (ops/triton/bidirectional.py), so nothing is flipped.
+
+    x_proj writes (B, R + 2N, Lp): B and C are (B, N, Lp) with their state stride fixed at Lp,
+    which the scan compiles in (a thread's state rows are then one address plus immediate
+    offsets). Δ comes from dt_proj with its bias and softplus fused (ops/triton/dt_softplus.py),
+    so the scan, bound by its special-function unit, spends it on exp(ΔA) alone. The forward scan writes y_f + D u (ungated) over its input; the backward scan adds
+    it to its own and gates once, (y_f + y_b) SiLU(z) / 2, over the forward's rows, so out_proj
+    reads D_inner channels."""
     from ..ops.triton.bidirectional import bidirectional_conv
+    from ..ops.triton.dt_softplus import dt_softplus
     from ..ops.triton.selective_scan import scan_fwd
     batch, padded, _ = hidden.shape
     if padded % 16:
@@ -92,7 +94,7 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     w = padded_weights(mixer, dtype)
     token_rows = hidden.reshape(batch * padded, -1).to(dtype)  # (B*Lp, d_model)
     x = F.linear(token_rows, w.in_x, w.in_x_bias)  # (B*Lp, D_inner): token rows, for the conv's row shifts
-    y2 = x.new_empty(2 * di, batch, padded)  # both directions' conv outputs, then their scan outputs
+    y2 = x.new_empty(2 * di, batch, padded)  # both directions' conv outputs; then y_f, then the output
     rows = y2.permute(1, 0, 2)  # (B, 2*D_inner, Lp)
     bidirectional_conv(x.view(batch, padded, di), w.conv, w.conv_bias, length, rows)
     del x
@@ -100,15 +102,18 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     if w.in_z_bias is not None:
         z += w.in_z_bias[:, None]
     z = z.view(di, batch, padded).permute(1, 0, 2)  # (B, D_inner, Lp)
+    y_f = rows[:, :di]  # (B, D_inner, Lp)
     for k in (0, 1):
-        u_cols = y2[k * di:(k + 1) * di].view(di, -1)  # (D_inner, B*Lp)
-        x_dbl = w.x_proj[k] @ u_cols  # (R + 2N, B*Lp)
-        delta = w.dt_proj[k] @ x_dbl[:w.dt_proj[k].shape[1]]  # (D_inner, B*Lp)
-        B_, C_ = (x_dbl[r + j * n:r + (j + 1) * n].view(n, batch, padded).permute(1, 0, 2)
-                  for j in (0, 1))  # (B, N, Lp) each
         u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
-        scan_fwd(u, delta.view(di, batch, padded).permute(1, 0, 2), w.A[k], B_, C_, w.D[k], z, w.dt_bias[k], None,
-                 True, None, False, out=u, reverse=k == 1)
+        x_dbl = torch.matmul(w.x_proj[k], u)  # (B, R + 2N, Lp)
+        delta = dt_softplus(w.dt_proj[k], x_dbl[:, :r], w.dt_bias[k])  # (B, D_inner, Lp), after the softplus
+        B_, C_ = x_dbl[:, r:r + n], x_dbl[:, r + n:r + 2 * n]  # (B, N, Lp) each
+        if k == 0:
+            scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,
+                     fixed_bc_stride=True)
+        else:
+            scan_fwd(u, delta, w.A[1], B_, C_, w.D[1], z, None, None, False, None, False, out=y_f,
+                     reverse=True, add=y_f, out_scale=w.out_scale, fixed_bc_stride=True)
         del x_dbl, delta, B_, C_
-    out = F.linear(y2.view(2 * di, -1).t(), w.out, w.out_bias)  # (B*Lp, d_model)
+    out = F.linear(y2[:di].view(di, -1).t(), w.out, w.out_bias)  # (B*Lp, d_model)
     return out.view(batch, padded, -1)

@@ -42,11 +42,25 @@ def _combine(a1, b1, a2, b2):
 def _log2(x, FAST: tl.constexpr):
     """log2 on the special-function unit (one MUFU.LG2) when compiled; tl.log2 (a polynomial of
     a dozen FMAs) in the interpreter, which has no inline assembly."""
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+    if FAST:  # flush-to-zero: the callers' arguments are at least 1, never subnormal
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
         return tl.log2(x)
+
+
+@triton.jit
+def _silu(x, FAST: tl.constexpr):
+    """x * sigmoid(x); with FAST as x / (1 + 2^(-x log2 e)) on the special-function unit (MUFU.EX2,
+    MUFU.RCP, flushing subnormals: a relative error of a few ulp) instead of tl.sigmoid's
+    IEEE division."""
+    if FAST:
+        e = tl.exp2(x * -1.4426950408889634)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return x * r
+    else:
+        return x * tl.sigmoid(x)
 
 
 @triton.jit
@@ -418,7 +432,12 @@ class _Launch:
     def _forward_shape(self, num_warps, lanes, reverse):
         grid, shape, seg_len, n_segs = self._shape(False, num_warps, lanes)
         if reverse:
-            shape = {**shape, "REVERSE": True}
+            # a reversed chunk's carried state is read from a flipped tile; where a thread does
+            # not hold all of its states (NL x BLOCK_D short of the warp's lanes), the sm_90
+            # build read the wrong step (d_state 4: errors of 2-6 against the reference), so
+            # the masked sum reads it there instead
+            ordered = shape["ORDERED"] and shape["NL"] * shape["BLOCK_D"] >= 32 * shape["num_warps"]
+            shape = {**shape, "REVERSE": True, "ORDERED": ordered}
         return grid, shape, seg_len, n_segs
 
     def bwd_shape(self, num_warps=None, lanes=None):
@@ -505,25 +524,36 @@ def _strides(t):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cu_seqlens, save_states,
-             block_l=None, block_d=None, num_warps=4, lanes=None, out=None, reverse=False):
+             block_l=None, block_d=None, num_warps=4, lanes=None, out=None, reverse=False, add=None,
+             out_scale=1.0, fixed_bc_stride=False):
     """Returns out (b, D, L) in u's dtype, final_state (S, D, N) fp32, chunk_states or None.
     `out`: a (b, D, L) tensor of u's dtype to write the output into, which may be u itself (the
     lanes kernels read each chunk of u before they write the same chunk of the output, and each
     program owns its rows); written through a fresh tensor where that is not so.
     `reverse`: scan from step L-1 down to 0 (the lanes kernel only; dense inputs, no saved
-    states: an inference path); final_state is then the state after step 0."""
+    states: an inference path); final_state is then the state after step 0.
+    `add` (b, D, L) and `out_scale` (the lanes kernel only): out = out_scale * (y + D u + add) *
+    SiLU(z); `add` may be `out` itself (Vision Mamba adds its two directions this way).
+    `fixed_bc_stride`: compile B and C's stride between states into the kernel (fewer address
+    instructions; one compilation per stride, so only for a layout that stays fixed)."""
+    extras = add is not None or out_scale != 1.0 or fixed_bc_stride
+    if (reverse or extras) and kernel_layout() != "lanes":
+        raise ValueError("reverse, add, out_scale and fixed_bc_stride take the lanes kernel "
+                         f"(MAMBAKIT_SCAN_KERNEL={kernel_layout()!r})")
+    if add is not None and add.shape != u.shape:
+        raise ValueError(f"scan_fwd: add has shape {tuple(add.shape)}, the output {tuple(u.shape)}")
     if reverse:
-        if cu_seqlens is not None or save_states or kernel_layout() != "lanes":
-            raise ValueError("a reversed scan takes dense inputs, saves no states and runs the lanes kernel "
-                             f"(cu_seqlens={cu_seqlens is not None}, save_states={save_states}, "
-                             f"MAMBAKIT_SCAN_KERNEL={kernel_layout()!r})")
+        if cu_seqlens is not None or save_states:
+            raise ValueError("a reversed scan takes dense inputs and saves no states "
+                             f"(cu_seqlens={cu_seqlens is not None}, save_states={save_states})")
         if _segmented(u):
             return _reverse_by_flipping(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                        block_l, block_d, num_warps, lanes, out)
+                                        block_l, block_d, num_warps, lanes, out, add, out_scale)
     if out is not None and not (_time_offsets_fit(out) and (kernel_layout() == "lanes"
                                                              or not _overlaps(out, u, delta, z))):
         y, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                    cu_seqlens, save_states, block_l, block_d, num_warps, lanes, reverse=reverse)
+                                    cu_seqlens, save_states, block_l, block_d, num_warps, lanes, reverse=reverse,
+                                    add=add, out_scale=out_scale, fixed_bc_stride=fixed_bc_stride)
         return out.copy_(y), final, states
     A, D, delta_bias = map(_contig, (A, D, delta_bias))  # u, delta, z are read through their strides
     u, delta, z = _time_safe(u), _time_safe(delta), _time_safe(z)
@@ -532,6 +562,8 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     lc = _plan(u, B, A, cu_seqlens, block_l, block_d)
     if out is None:
         out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    if add is not None and add.stride() != out.stride():  # the kernel reads add through out's strides
+        add = torch.empty_strided(out.shape, out.stride(), dtype=add.dtype, device=add.device).copy_(add)
     final = torch.empty(lc.n_seqs, lc.dim, lc.d_state, device=u.device, dtype=torch.float32)
     states = (torch.empty(lc.state_rows, lc.dim, lc.d_state, device=u.device, dtype=lc.states_dtype)
               if save_states else None)
@@ -548,6 +580,13 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
             dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_N=lc.BLOCK_N,
                  **_summary_shape(shape)))
         segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
+    if (reverse or fixed_bc_stride) and "PREFETCH" not in (lanes or {}):
+        # Vim's padded path: each chunk's loads issued a chunk ahead (Vim-Ti at 1024 px, batch 64:
+        # forward 0.841 -> 0.779 ms, reversed 0.993 -> 0.871; results/tune_vim_h200.jsonl)
+        shape = {**shape, "PREFETCH": True}
+    if extras:
+        segs.update(add_ptr=add if add is not None else dummy, OUT_SCALE=float(out_scale), HAS_ADD=add is not None,
+                    BN_STRIDE=lc.bc_strides[2] if fixed_bc_stride else 0)
     chunk_base = lc.chunk_base(cu_seqlens)
     launch(_kernels(lc.layout)[0], grid, [
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -571,14 +610,15 @@ def _segmented(u) -> bool:
 
 
 def _reverse_by_flipping(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_l, block_d,
-                         num_warps, lanes, out):
+                         num_warps, lanes, out, add=None, out_scale=1.0):
     """The reversed scan as the forward scan of the time-flipped inputs, flipped back: where the
     forward cuts its few rows into segments scanned in parallel (the reversed kernel has no
     segments, so one warp would walk each whole row: 1.55 against 0.49 ms at 2 x 1536 x 8192).
     The flips copy u, Δ, z, B, C and y once each, which at so few rows costs little."""
     flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
     y, final, _ = scan_fwd(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, initial_state,
-                           delta_softplus, None, False, block_l, block_d, num_warps, lanes)
+                           delta_softplus, None, False, block_l, block_d, num_warps, lanes, add=flip(add),
+                           out_scale=out_scale)
     y = y.flip(-1)
     return (y if out is None else out.copy_(y)), final, None
 

@@ -13,7 +13,7 @@ as full 4-D tiles (broadcast over channels) whose contiguous axis is time, T is 
 16-byte vector, and the remaining lanes are filled in the order (n1, channel). The sum over
 states for y costs NR - 1 in-register adds and log2(NL) shuffles per (channel, step).
 
-Per-(channel, step) work (softplus, Δu, D·u, the SiLU gate) runs on a compact 2-D (BLOCK_D, T)
+Per-(channel, step) work (softplus, D·u, the SiLU gate) runs on a compact 2-D (BLOCK_D, T)
 tile and is broadcast to the 4-D tile, so it is not repeated for each state.
 
 The backward walks the saved segments in reverse, each one or two chunks of T = 8 steps
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .host import next_power_of_2
-from .selective_scan import _chunk_row, _combine, _seq_bounds, _softplus
+from .selective_scan import _chunk_row, _combine, _seq_bounds, _silu, _softplus
 
 
 @triton.jit
@@ -112,8 +112,12 @@ def _chunk_math(u, dt_raw, Bt, Ct, m2, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLU
         dt = tl.where(m2, dt, 0.0)
     Bt = Bt.to(tl.float32)
     Ct = Ct.to(tl.float32)
-    dA = tl.exp2(dt[None, :, :, None] * A2)
-    dBu = (dt * u)[None, :, :, None] * Bt
+    # Δ and u are broadcast before their product: formed on the compact tile, Δu would keep Δ
+    # there as well, and Triton then computed the softplus in both tiles' layouts (24 against
+    # 16 MUFU a chunk in the sm_90 SASS, benchmarks/scan_sass.py)
+    dt4 = dt[None, :, :, None]
+    dA = tl.exp2(dt4 * A2)
+    dBu = (dt4 * u[None, :, :, None]) * Bt
     return u, dt_raw, dt, Bt, Ct, dA, dBu
 
 
@@ -235,8 +239,16 @@ def _fwd_kernel_lanes(
     FAST: tl.constexpr, ORDERED: tl.constexpr, STAGES: tl.constexpr = 1,
     seg_h_ptr=None, seg_dt_ptr=None, n_segs=1, seg_len=0, SEGMENTED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, REVERSE: tl.constexpr = False, EVEN: tl.constexpr = False,
+    add_ptr=None, HAS_ADD: tl.constexpr = False, OUT_SCALE: tl.constexpr = 1.0, BN_STRIDE: tl.constexpr = 0,
 ):
-    """If SEGMENTED, each program scans one segment of a sequence, starting from the true
+    """The output is OUT_SCALE * (y + D u + add) * SiLU(z), each term where present; `add` is read
+    through out's strides before the same chunk of out is written (so it may be out itself).
+
+    BN_STRIDE: B and C's stride between states as a compile-time constant (0: the runtime s_bn),
+    so that a thread's state rows are one base address plus immediate offsets: the launcher
+    passes it where asked to (a fixed layout whose stride does not change between calls).
+
+    If SEGMENTED, each program scans one segment of a sequence, starting from the true
     state at the segment's start: the initial state carried through the earlier segments'
     summaries (`_fwd_summary_lanes`), h <- exp(A Σ Δ) h + h_local, in order.
 
@@ -247,6 +259,8 @@ def _fwd_kernel_lanes(
     SEGMENTED or VARLEN (the launcher checks)."""
     NR: tl.constexpr = BLOCK_N // NL
     CHUNKS_PER_SAVE: tl.constexpr = BLOCK_L // T
+    if BN_STRIDE:
+        s_bn = BN_STRIDE
     (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
      u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
         cu_seqlens_ptr, A_ptr, bias_ptr, D_ptr, u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, L, dim, d_state,
@@ -264,6 +278,9 @@ def _fwd_kernel_lanes(
             h_local = tl.load(seg_h_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
             h = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * h + h_local
     out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
+    add_row = out_row
+    if HAS_ADD:
+        add_row = add_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
     n_chunks = tl.cdiv(end - start, T)
     t_last = start + (n_chunks - 1) * T
     if REVERSE:
@@ -315,9 +332,15 @@ def _fwd_kernel_lanes(
         y = tl.sum(tl.sum(hs * Ct, axis=3), axis=0)  # (BLOCK_D, T)
         if HAS_D:
             y += Dv * u
+        if HAS_ADD:
+            if EVEN:
+                y += tl.load(add_row + tt2 * s_ol).to(tl.float32)
+            else:
+                y += tl.load(add_row + tt2 * s_ol, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
-            zz = z_raw.to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
+            y = y * _silu(z_raw.to(tl.float32), FAST)
+        if OUT_SCALE != 1.0:
+            y = y * OUT_SCALE
         if EVEN:
             tl.store(out_row + tt2 * s_ol, y.to(out_ptr.dtype.element_ty))
         else:
