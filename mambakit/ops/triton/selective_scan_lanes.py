@@ -278,7 +278,6 @@ def _fwd_kernel_lanes(
             h_local = tl.load(seg_h_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
             h = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * h + h_local
     out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
-    add_row = out_row
     if HAS_ADD:
         add_row = add_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
     n_chunks = tl.cdiv(end - start, T)
