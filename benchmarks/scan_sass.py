@@ -45,6 +45,7 @@ p.add_argument("--lanes", type=json.loads, default=None, help='a shape override,
 p.add_argument("--bn-const", action="store_true", help="B and C's state stride as a constant")
 p.add_argument("--ptx", action="store_true", help="print the special-function PTX instructions used")
 p.add_argument("--dump", action="store_true", help="print the loop's SASS")
+p.add_argument("--delta-rows", action="store_true", help="Δ contiguous (B, D, L), as dt_softplus writes it")
 args = p.parse_args()
 
 captured = {}
@@ -52,6 +53,8 @@ ss.launch = lambda kernel, grid, a, kw: captured.update(kernel=kernel, args=a, k
 batch, di, n, lp, bf16 = args.batch, args.dim, 16, args.length, torch.bfloat16
 cols = lambda c: torch.empty(c, batch, lp, dtype=bf16).permute(1, 0, 2)  # noqa: E731  (B, C, Lp) of columns
 u, delta, z = cols(di), cols(di), cols(di)
+if args.delta_rows:
+    delta = torch.empty(batch, di, lp, dtype=bf16)
 x_dbl = torch.empty(12 + 2 * n, batch * lp, dtype=bf16 if args.bc_dtype == "bf16" else torch.float32)
 B_, C_ = (x_dbl[12 + j * n:12 + (j + 1) * n].view(n, batch, lp).permute(1, 0, 2) for j in (0, 1))
 ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), None if args.no_gate else z, torch.empty(di),

@@ -209,6 +209,42 @@ def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse):
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
+    """With bf16 B and C in rows that allow it (unit stride along time, 4-byte aligned, whole
+    chunks) the padded path's forward scan loads them a chunk ahead as 32-bit words of two
+    steps (PREFETCH 2) and widens them in registers; the result must equal the plain loads
+    (PREFETCH 0) and the prefetch of raw values (1) exactly, and the fp32 reference to bf16
+    rounding. B and C one step off alignment, and the reversed scan, take the raw prefetch."""
+    from mambakit.ops.triton import selective_scan as ss
+    g = torch.Generator().manual_seed(21)
+    batch, dim, n, length, bf = 2, 16, 16, 32, torch.bfloat16
+    u, z = (_columns(batch, dim, length, g).to(bf) for _ in range(2))
+    delta = (torch.rand(dim, batch, length, generator=g).to(DEVICE) * 0.5).to(bf).permute(1, 0, 2)
+    A = -torch.rand(dim, n, generator=g).to(DEVICE) - 0.2
+    x_dbl = torch.randn(batch, 3 + 2 * n + 1, length + 2, generator=g).to(DEVICE).to(bf)  # (B, R + 2N + 1, L + 2)
+    D = torch.randn(dim, generator=g).to(DEVICE)
+    chosen = []
+    real = ss.launch
+    monkeypatch.setattr(ss, "launch", lambda k, grid, a, kw: chosen.append(kw.get("PREFETCH")) or real(k, grid, a, kw))
+
+    def run(B, C, lanes=None, **kw):
+        return scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True,
+                        lanes=lanes, **kw)[0]
+
+    B, C = x_dbl[:, 3:3 + n, :length], x_dbl[:, 3 + n:3 + 2 * n, :length]
+    y = run(B, C)
+    assert chosen == [2]
+    for mode in (0, 1):
+        torch.testing.assert_close(run(B, C, {"PREFETCH": mode}), y, rtol=0, atol=0)
+    want = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D, None, None)
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+    chosen.clear()
+    B1, C1 = x_dbl[:, 3:3 + n, 1:length + 1], x_dbl[:, 4 + n:4 + 2 * n, 1:length + 1]  # one bf16 step off a word
+    torch.testing.assert_close(run(B1, C1), run(B1, C1, {"PREFETCH": 0}), rtol=0, atol=0)
+    run(B, C, reverse=True)
+    assert chosen == [1, 0, 1]
+
+
 def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True) -> BiMamba:
     torch.manual_seed(seed)
     bi = BiMamba(d_model, d_state=8, divide_out=divide_out).to(DEVICE)

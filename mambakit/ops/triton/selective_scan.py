@@ -50,6 +50,20 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _widen(x, FAST: tl.constexpr):
+    """x in fp32. With FAST, a bf16 tile is widened two values a 32-bit register, by one shift and
+    one mask (a bf16 is the top half of the fp32 it rounds): Triton's conversion spends a PRMT and
+    a shift on each high half (192 against 128 instructions for B and C a chunk in the lanes
+    scan's sm_90 SASS, benchmarks/scan_sass.py). The interpreter, which has no inline assembly,
+    and other dtypes convert as usual."""
+    if FAST and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16;\n and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _silu(x, FAST: tl.constexpr):
     """x * sigmoid(x); with FAST as x / (1 + 2^(-x log2 e)) on the special-function unit (MUFU.EX2,
     MUFU.RCP, flushing subnormals: a relative error of a few ulp) instead of tl.sigmoid's
@@ -510,6 +524,15 @@ def dbc_dtype(B, C) -> torch.dtype:
     return B.dtype if B.dtype == C.dtype else torch.float32
 
 
+def _bc_words_fit(B, C, shape: dict) -> bool:
+    """Whether the lanes forward can load B and C as 32-bit words of two bf16 time steps (PREFETCH
+    2): bf16 rows with unit stride along time, every chunk in bounds (EVEN) and of an even
+    number of steps, and every row start 4-byte aligned."""
+    return (shape.get("EVEN", False) and shape["T"] % 2 == 0
+            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.data_ptr() % 4 == 0
+                    and all(st % 2 == 0 for st in t.stride()[:-1]) for t in (B, C)))
+
+
 def _summary_shape(shape: dict) -> dict:
     """The forward kernel's shape for its segment summary kernel, which has no register prefetch."""
     return {k: v for k, v in shape.items() if k not in ("PREFETCH", "EVEN", "REVERSE")}
@@ -582,8 +605,16 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         segs = dict(seg_h_ptr=seg_h, seg_dt_ptr=seg_dt, n_segs=n_segs, seg_len=seg_len, SEGMENTED=True)
     if (reverse or fixed_bc_stride) and "PREFETCH" not in (lanes or {}):
         # Vim's padded path: each chunk's loads issued a chunk ahead (Vim-Ti at 1024 px, batch 64:
-        # forward 0.841 -> 0.779 ms, reversed 0.993 -> 0.871; results/tune_vim_h200.jsonl)
-        shape = {**shape, "PREFETCH": True}
+        # forward 0.841 -> 0.779 ms, reversed 0.993 -> 0.871; results/tune_vim_h200.jsonl), B and
+        # C as 32-bit words of two bf16 steps where their rows allow it (PREFETCH 2, the forward
+        # only: the reversed scan read wrong steps from the widened words on sm_90). That kernel
+        # needs about 167 registers; at 169 an SM holds 11 one-warp programs instead of 12, and
+        # Vim-Ti's 1,536 programs at 1024 px no longer fit one wave (2.0 against 0.73 ms), so it
+        # is capped at 168
+        if not reverse and _bc_words_fit(B, C, shape):
+            shape = {**shape, "PREFETCH": 2, "maxnreg": 168}
+        else:
+            shape = {**shape, "PREFETCH": 1}
     if extras:
         segs.update(add_ptr=add if add is not None else dummy, OUT_SCALE=float(out_scale), HAS_ADD=add is not None,
                     BN_STRIDE=lc.bc_strides[2] if fixed_bc_stride else 0)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .host import next_power_of_2
-from .selective_scan import _chunk_row, _combine, _seq_bounds, _silu, _softplus
+from .selective_scan import _chunk_row, _combine, _seq_bounds, _silu, _softplus, _widen
 
 
 @triton.jit
@@ -66,25 +66,62 @@ def _at_step(x, t4, step: tl.constexpr, ORDERED: tl.constexpr):
 
 
 @triton.jit
+def _step_loads(u_row, dt_row, t0, end, t2, mask_d2, s_ul, s_dl, EVEN: tl.constexpr = False):
+    """One chunk's per-(channel, step) raw inputs u, dt_raw (BLOCK_D, T), in their own dtypes;
+    steps at or past `end` read as 0 and touch no memory unless EVEN (nothing masked)."""
+    tt2 = t0 + t2
+    if EVEN:
+        u = tl.load(u_row + tt2 * s_ul)
+        dt_raw = tl.load(dt_row + tt2 * s_dl)
+    else:
+        m2 = mask_d2 & (tt2 < end)
+        u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0)
+        dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0)
+    return u, dt_raw
+
+
+@triton.jit
+def _state_loads(B_row, C_row, t0, end, t4, mask_n4, s_bl, EVEN: tl.constexpr = False):
+    """One chunk's B, C (NL, BLOCK_D, T, NR), in their own dtypes, masked as `_step_loads`."""
+    tt4 = t0 + t4
+    if EVEN:
+        Bt = tl.load(B_row + tt4 * s_bl)
+        Ct = tl.load(C_row + tt4 * s_bl)
+    else:
+        m4 = mask_n4 & (tt4 < end)
+        Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0)
+        Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0)
+    return Bt, Ct
+
+
+@triton.jit
+def _state_words(B_row, C_row, t0, tw4):
+    """One chunk's B, C as 32-bit words of two bf16 steps each, (NL, BLOCK_D, T/2, NR): for rows
+    with unit stride along time, 4-byte aligned at every chunk (EVEN). Carried round the loop as
+    words, they need no repacking before `_widen_words`."""
+    Bw = tl.load((B_row + t0).to(tl.pointer_type(tl.int32)) + tw4)
+    Cw = tl.load((C_row + t0).to(tl.pointer_type(tl.int32)) + tw4)
+    return Bw, Cw
+
+
+@triton.jit
+def _widen_words(w, NL: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, NR: tl.constexpr):
+    """(NL, BLOCK_D, T/2, NR) words of two bf16 steps -> (NL, BLOCK_D, T, NR) fp32, steps in order:
+    the low half is the earlier step (little-endian), each widened by one shift or one mask."""
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & -65536).to(tl.float32, bitcast=True)
+    x = tl.permute(tl.join(lo, hi), (0, 1, 2, 4, 3))  # (NL, BLOCK_D, T/2, 2, NR)
+    return tl.reshape(x, (NL, BLOCK_D, T, NR))
+
+
+@triton.jit
 def _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
                  EVEN: tl.constexpr = False):
     """One chunk's raw inputs, in their own dtypes: u, dt_raw (BLOCK_D, T); B, C (NL, BLOCK_D, T, NR).
     Steps at or past `end` read as 0 and touch no memory. EVEN: every chunk, channel and state is
     in bounds (the launcher's promise), so nothing is masked."""
-    tt2 = t0 + t2
-    tt4 = t0 + t4
-    if EVEN:
-        u = tl.load(u_row + tt2 * s_ul)
-        dt_raw = tl.load(dt_row + tt2 * s_dl)
-        Bt = tl.load(B_row + tt4 * s_bl)
-        Ct = tl.load(C_row + tt4 * s_bl)
-    else:
-        m2 = mask_d2 & (tt2 < end)
-        u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0)
-        dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0)
-        m4 = mask_n4 & (tt4 < end)
-        Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0)
-        Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0)
+    u, dt_raw = _step_loads(u_row, dt_row, t0, end, t2, mask_d2, s_ul, s_dl, EVEN)
+    Bt, Ct = _state_loads(B_row, C_row, t0, end, t4, mask_n4, s_bl, EVEN)
     return u, dt_raw, Bt, Ct
 
 
@@ -110,8 +147,8 @@ def _chunk_math(u, dt_raw, Bt, Ct, m2, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLU
     dt = _softplus(dt_raw, FAST) if SOFTPLUS else dt_raw
     if not EVEN:
         dt = tl.where(m2, dt, 0.0)
-    Bt = Bt.to(tl.float32)
-    Ct = Ct.to(tl.float32)
+    Bt = _widen(Bt, FAST)
+    Ct = _widen(Ct, FAST)
     # Δ and u are broadcast before their product: formed on the compact tile, Δu would keep Δ
     # there as well, and Triton then computed the softplus in both tiles' layouts (24 against
     # 16 MUFU a chunk in the sm_90 SASS, benchmarks/scan_sass.py)
@@ -244,6 +281,10 @@ def _fwd_kernel_lanes(
     """The output is OUT_SCALE * (y + D u + add) * SiLU(z), each term where present; `add` is read
     through out's strides before the same chunk of out is written (so it may be out itself).
 
+    PREFETCH: 0, each chunk's inputs loaded where used; 1, loaded into registers a chunk ahead;
+    2, the same with B and C as 32-bit words of two bf16 steps (the launcher checks that their
+    rows allow it: `_bc_words_fit`).
+
     BN_STRIDE: B and C's stride between states as a compile-time constant (0: the runtime s_bn),
     so that a thread's state rows are one base address plus immediate offsets: the launcher
     passes it where asked to (a fixed layout whose stride does not change between calls).
@@ -277,6 +318,7 @@ def _fwd_kernel_lanes(
             row = seq * n_segs + j
             h_local = tl.load(seg_h_ptr + row.to(tl.int64) * dim * d_state + dn4, mask=m_dn4, other=0.0)
             h = _segment_decay(seg_dt_ptr, row, dim, d4, A2) * h + h_local
+    tw4 = tl.arange(0, T // 2)[None, None, :, None]  # words of two steps (PREFETCH 2)
     out_row = out_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
     if HAS_ADD:
         add_row = add_ptr + batch.to(tl.int64) * s_ob + d2.to(tl.int64) * s_od
@@ -287,8 +329,11 @@ def _fwd_kernel_lanes(
     else:
         t_first = start
     if PREFETCH:  # the first chunk's raw inputs; each step of the loop then loads the next one's
-        u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, t_first, end, t2, t4, mask_d2, mask_n4,
-                                            s_ul, s_dl, s_bl, EVEN)
+        u_n, dtr_n = _step_loads(u_row, dt_row, t_first, end, t2, mask_d2, s_ul, s_dl, EVEN)
+        if PREFETCH == 2:
+            B_n, C_n = _state_words(B_row, C_row, t_first, tw4)
+        else:
+            B_n, C_n = _state_loads(B_row, C_row, t_first, end, t4, mask_n4, s_bl, EVEN)
         z_n = u_n
         if HAS_Z:
             z_n = _load_z(z_row, t_first + t2, s_zl, mask_d2, end, EVEN)
@@ -306,14 +351,22 @@ def _fwd_kernel_lanes(
         if PREFETCH:
             # this chunk's inputs were loaded one step ago; the next chunk's loads are issued
             # now, so their latency hides behind this chunk's work (few warps per SM here)
-            u_raw, dtr_raw, B_raw, C_raw, z_raw = u_n, dtr_n, B_n, C_n, z_n
+            u_raw, dtr_raw, z_raw = u_n, dtr_n, z_n
             # the next chunk in scan order; after the last one, the last again (a load in bounds, unused)
             if REVERSE:
                 t_next = tl.maximum(t0 - T, start)
             else:
                 t_next = tl.minimum(t0 + T, t_last)
-            u_n, dtr_n, B_n, C_n = _chunk_loads(u_row, dt_row, B_row, C_row, t_next, end, t2, t4, mask_d2,
-                                                mask_n4, s_ul, s_dl, s_bl, EVEN)
+            if PREFETCH == 2:  # B and C as words: bf16 values carried round the loop one by one
+                # sit in 16-bit registers, which cost a PRMT each to pair up again for `_widen`
+                # (sm_90 SASS, benchmarks/scan_sass.py: 684 against 582 instructions a chunk)
+                B_raw = _widen_words(B_n, NL, BLOCK_D, T, NR)
+                C_raw = _widen_words(C_n, NL, BLOCK_D, T, NR)
+                B_n, C_n = _state_words(B_row, C_row, t_next, tw4)
+            else:
+                B_raw, C_raw = B_n, C_n
+                B_n, C_n = _state_loads(B_row, C_row, t_next, end, t4, mask_n4, s_bl, EVEN)
+            u_n, dtr_n = _step_loads(u_row, dt_row, t_next, end, t2, mask_d2, s_ul, s_dl, EVEN)
             if HAS_Z:
                 z_n = _load_z(z_row, t_next + t2, s_zl, mask_d2, end, EVEN)
         else:
