@@ -29,10 +29,13 @@ def _token_rows(batch: int, padded: int, dim: int, g: torch.Generator) -> torch.
     return torch.randn(batch, padded, dim + 5, generator=g).to(DEVICE)[..., 2:dim + 2]
 
 
-@pytest.mark.parametrize("length,padded,bias", [(13, 16, True), (16, 16, True), (17, 32, False), (2, 16, True)])
-def test_bidirectional_conv_is_two_causal_convs(length, padded, bias):
+@pytest.mark.parametrize("length,padded,bias,dim", [(13, 16, True, 8), (16, 16, True, 8), (17, 32, False, 8),
+                                                     (2, 16, True, 8), (100, 112, True, 16), (90, 96, False, 24)])
+def test_bidirectional_conv_is_two_causal_convs(length, padded, bias, dim):
+    """Short rows take the masked edge tiles only; (100, 16 channels) also the unmasked inner
+    tiles (32 steps, all 16 channels, the halo inside); 24 channels a partial channel block."""
     g = torch.Generator().manual_seed(length)
-    batch, dim, width = 2, 8, 4
+    batch, width = 2, 4
     x = _token_rows(batch, padded, dim, g)
     x[:, length:] = 1e3  # padding steps: must never be read
     w = torch.randn(2 * dim, width, generator=g).to(DEVICE)  # forward, then backward direction

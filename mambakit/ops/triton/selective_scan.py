@@ -607,10 +607,10 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         # Vim's padded path: each chunk's loads issued a chunk ahead (Vim-Ti at 1024 px, batch 64:
         # forward 0.841 -> 0.779 ms, reversed 0.993 -> 0.871; results/tune_vim_h200.jsonl), B and
         # C as 32-bit words of two bf16 steps where their rows allow it (PREFETCH 2, the forward
-        # only: the reversed scan read wrong steps from the widened words on sm_90). That kernel
-        # needs about 167 registers; at 169 an SM holds 11 one-warp programs instead of 12, and
-        # Vim-Ti's 1,536 programs at 1024 px no longer fit one wave (2.0 against 0.73 ms), so it
-        # is capped at 168
+        # only: the reversed scan read wrong steps from the widened words on sm_90). It compiles
+        # to about 167 registers offline; uncapped, the whole model took 95.0 against 66.4 ms, as
+        # past 168 registers an SM holds 11 one-warp programs instead of 12 and Vim-Ti's 1,536 at
+        # 1024 px no longer fit one wave. Capped at 168: 64.9 ms, the same features
         if not reverse and _bc_words_fit(B, C, shape):
             shape = {**shape, "PREFETCH": 2, "maxnreg": 168}
         else:
