@@ -185,13 +185,19 @@ def test_scan_adds_another_output_and_scales_before_the_gate(reverse):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reverse", [False, True])
-def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse):
+@pytest.mark.parametrize("batch,dim,n,length", [(24, 384, 16, 64), (4, 64, 4, 64), (4, 64, 16, 40)],
+                         ids=["vim_tiny_tile", "d_state_4", "length_40"])
+def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse, batch, dim, n, length):
     """The tile the launcher picks for Vim-Ti's batches (more than 8192 rows: 2 lanes over 16
     states, 16 channels a warp, 8 bf16 steps a chunk, register prefetch), in the padded path's
     form: forward ungated, reversed with the forward's output added and the gate, against the
-    fp32 reference on the same bf16 inputs."""
+    fp32 reference on the same bf16 inputs. Also two bf16 shapes where the launcher reads the
+    reversed chunk's carried state with the masked sum (ORDERED off): d_state 4 (a thread does
+    not hold all its states) and 40 steps (rows not a multiple of 16). Session 12's diagnostic
+    found that read wrong on sm_90 when forced where a thread holds all its states; these two
+    cases had not been run in bf16 on the GPU when they were written."""
     g = torch.Generator().manual_seed(3 + reverse)
-    batch, dim, n, r, length = 24, 384, 16, 12, 64
+    r = 12
     bf = torch.bfloat16
     u, z, add = (_columns(batch, dim, length, g).to(bf) for _ in range(3))
     delta = torch.nn.functional.softplus(_columns(batch, dim, length, g) * 0.5 - 2).to(bf)
