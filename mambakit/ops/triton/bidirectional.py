@@ -69,11 +69,11 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
     (channels contiguous, so each tap's shift in time is a whole row: aligned vector loads),
     written to y (B, 2*dim, Lp) with time contiguous (Triton transposes through shared memory).
 
-    The kernel is bound by the instructions it issues more than by memory. So tiles whose halo
-    lies inside [0, L) and the channels (all but the edges of each sequence) load and store
-    unmasked, and with FAST bf16 is widened two values at a time and SiLU runs on the
-    special-function unit (`_widen`, `_silu`): 2,136 -> 1,280 SASS instructions an inner tile
-    at 32 x 128."""
+    Tiles whose halo lies inside [0, L) and the channels (all but the edges of each sequence)
+    load and store unmasked, and with FAST bf16 is widened two values at a time and SiLU runs on
+    the special-function unit (`_widen`, `_silu`): 2,136 -> 1,280 SASS instructions an inner
+    tile at 32 x 128, but on the H200 only 0.318 -> 0.276 ms at Vim-Ti's 1024-px layer, about
+    twice its memory time: what bounds it is not yet known (BENCHMARKS.md, session 12)."""
     b = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1) * BLOCK_L
     d0 = tl.program_id(2) * BLOCK_D
