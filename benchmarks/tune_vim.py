@@ -14,7 +14,8 @@ the device, in the layouts `BiMamba._padded_inference` uses (activations as colu
 - the bidirectional conv's (BLOCK_L, BLOCK_D, warps);
 - Δ = dt_proj(dt): cuBLAS with K padded to 16 against dt_softplus (bias and softplus fused).
 
-    --parts scan,conv,gemm   (default: all)"""
+    --parts scan,conv,gemm,layout   (default: scan,conv,gemm; layout: u, z, y as columns against
+                                     batch-major buffers, for the conv and the scan)"""
 import argparse, itertools, json, sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--px", type=int, default=1024)
-p.add_argument("--parts", default="scan,conv,gemm")
+p.add_argument("--parts", default="scan,conv,gemm")  # also: layout
 p.add_argument("--bc", default="fp32,bf16", help="x_proj's output dtypes to sweep the scan with")
 args = p.parse_args()
 out = open(args.out, "a")
@@ -109,6 +110,25 @@ for bl, bd, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)) if 
     ms = do_bench(lambda: bidirectional_conv(x_rows, w, cb, length, u2, block=(bl, bd, warps)), warmup=5,
                   rep=30)
     emit(dict(part="conv", BLOCK_L=bl, BLOCK_D=bd, warps=warps, ms=round(ms, 4)))
+if "layout" in args.parts:
+    # the padded path keeps u, z and y as columns (C, B*Lp): one program's channel rows lie B*Lp
+    # steps apart (526 KB at 1024 px). The same kernels into batch-major (B, C, Lp) buffers, where
+    # they lie Lp apart: whether the spread of each program's rows over memory costs time
+    u2_batch_major = torch.empty(batch, 2 * di, lp, device=dev, dtype=bf16)
+    for name, buf in (("columns (2D, B, Lp)", u2), ("batch-major (B, 2D, Lp)", u2_batch_major)):
+        emit(dict(part="layout", kernel="conv", out=name, ms=round(do_bench(
+            lambda: bidirectional_conv(x_rows, w, cb, length, buf), warmup=5, rep=30), 4)))
+    x_bc = torch.randn(batch, r + 2 * n, lp, device=dev, dtype=bf16)
+    Bl, Cl = x_bc[:, r:r + n], x_bc[:, r + n:]
+    dtl = (torch.rand(batch, di, lp, device=dev) * 0.1).to(bf16)
+    for name, make in (("columns", cols), ("batch-major", lambda c: torch.randn(batch, c, lp, device=dev, dtype=bf16))):
+        ul, zl, yl = make(di), make(di), make(di)
+        for reverse in (False, True):
+            extra = dict(z=zl, add=yl, out_scale=0.5) if reverse else dict(z=None, add=None, out_scale=1.0)
+            emit(dict(part="layout", kernel="scan", reverse=reverse, u_z_y=name, ms=round(do_bench(
+                lambda: scan_fwd(ul, dtl, A, Bl, Cl, D, extra["z"], None, None, False, None, False, out=yl,
+                                 reverse=reverse, add=extra["add"], out_scale=extra["out_scale"],
+                                 fixed_bc_stride=True), warmup=5, rep=30), 4)))
 
 w_dt16 = torch.randn(di, 16, device=dev, dtype=bf16)
 if "gemm" in args.parts:
