@@ -66,32 +66,27 @@ def _at_step(x, t4, step: tl.constexpr, ORDERED: tl.constexpr):
 
 
 @triton.jit
-def _step_loads(u_row, dt_row, t0, end, t2, mask_d2, s_ul, s_dl, EVEN: tl.constexpr = False):
-    """One chunk's per-(channel, step) raw inputs u, dt_raw (BLOCK_D, T), in their own dtypes;
-    steps at or past `end` read as 0 and touch no memory unless EVEN (nothing masked)."""
-    tt2 = t0 + t2
+def _load_steps(row, tt, stride, mask, end, EVEN: tl.constexpr):
+    """row + tt * stride in its own dtype: steps at or past `end` (and lanes outside `mask`) read
+    as 0 and touch no memory, unless EVEN (the launcher's promise that nothing is out of bounds)."""
     if EVEN:
-        u = tl.load(u_row + tt2 * s_ul)
-        dt_raw = tl.load(dt_row + tt2 * s_dl)
+        return tl.load(row + tt * stride)
     else:
-        m2 = mask_d2 & (tt2 < end)
-        u = tl.load(u_row + tt2 * s_ul, mask=m2, other=0.0)
-        dt_raw = tl.load(dt_row + tt2 * s_dl, mask=m2, other=0.0)
-    return u, dt_raw
+        return tl.load(row + tt * stride, mask=mask & (tt < end), other=0.0)
+
+
+@triton.jit
+def _step_loads(u_row, dt_row, t0, end, t2, mask_d2, s_ul, s_dl, EVEN: tl.constexpr = False):
+    """One chunk's per-(channel, step) raw inputs u, dt_raw (BLOCK_D, T)."""
+    return (_load_steps(u_row, t0 + t2, s_ul, mask_d2, end, EVEN),
+            _load_steps(dt_row, t0 + t2, s_dl, mask_d2, end, EVEN))
 
 
 @triton.jit
 def _state_loads(B_row, C_row, t0, end, t4, mask_n4, s_bl, EVEN: tl.constexpr = False):
-    """One chunk's B, C (NL, BLOCK_D, T, NR), in their own dtypes, masked as `_step_loads`."""
-    tt4 = t0 + t4
-    if EVEN:
-        Bt = tl.load(B_row + tt4 * s_bl)
-        Ct = tl.load(C_row + tt4 * s_bl)
-    else:
-        m4 = mask_n4 & (tt4 < end)
-        Bt = tl.load(B_row + tt4 * s_bl, mask=m4, other=0.0)
-        Ct = tl.load(C_row + tt4 * s_bl, mask=m4, other=0.0)
-    return Bt, Ct
+    """One chunk's B, C (NL, BLOCK_D, T, NR)."""
+    return (_load_steps(B_row, t0 + t4, s_bl, mask_n4, end, EVEN),
+            _load_steps(C_row, t0 + t4, s_bl, mask_n4, end, EVEN))
 
 
 @triton.jit
@@ -123,15 +118,6 @@ def _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2, mask_n4,
     u, dt_raw = _step_loads(u_row, dt_row, t0, end, t2, mask_d2, s_ul, s_dl, EVEN)
     Bt, Ct = _state_loads(B_row, C_row, t0, end, t4, mask_n4, s_bl, EVEN)
     return u, dt_raw, Bt, Ct
-
-
-@triton.jit
-def _load_z(z_row, tt2, s_zl, mask_d2, end, EVEN: tl.constexpr):
-    """The gate's raw input for the steps tt2 (BLOCK_D, T), masked unless EVEN."""
-    if EVEN:
-        return tl.load(z_row + tt2 * s_zl)
-    else:
-        return tl.load(z_row + tt2 * s_zl, mask=mask_d2 & (tt2 < end), other=0.0)
 
 
 @triton.jit
@@ -336,7 +322,7 @@ def _fwd_kernel_lanes(
             B_n, C_n = _state_loads(B_row, C_row, t_first, end, t4, mask_n4, s_bl, EVEN)
         z_n = u_n
         if HAS_Z:
-            z_n = _load_z(z_row, t_first + t2, s_zl, mask_d2, end, EVEN)
+            z_n = _load_steps(z_row, t_first + t2, s_zl, mask_d2, end, EVEN)
     for c in tl.range(0, n_chunks, num_stages=STAGES):
         if REVERSE:
             t0 = t_first - c * T
@@ -368,13 +354,13 @@ def _fwd_kernel_lanes(
                 B_n, C_n = _state_loads(B_row, C_row, t_next, end, t4, mask_n4, s_bl, EVEN)
             u_n, dtr_n = _step_loads(u_row, dt_row, t_next, end, t2, mask_d2, s_ul, s_dl, EVEN)
             if HAS_Z:
-                z_n = _load_z(z_row, t_next + t2, s_zl, mask_d2, end, EVEN)
+                z_n = _load_steps(z_row, t_next + t2, s_zl, mask_d2, end, EVEN)
         else:
             u_raw, dtr_raw, B_raw, C_raw = _chunk_loads(u_row, dt_row, B_row, C_row, t0, end, t2, t4, mask_d2,
                                                         mask_n4, s_ul, s_dl, s_bl, EVEN)
             z_raw = u_raw
             if HAS_Z:
-                z_raw = _load_z(z_row, tt2, s_zl, mask_d2, end, EVEN)
+                z_raw = _load_steps(z_row, tt2, s_zl, mask_d2, end, EVEN)
         u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_math(u_raw, dtr_raw, B_raw, C_raw, m2, bias, A2, HAS_BIAS,
                                                      SOFTPLUS, FAST, EVEN)
         if REVERSE:
