@@ -1,5 +1,6 @@
 """Sweeps for Vim's padded inference path at one layer of Vim-Ti (D_inner 384, N 16, R 12) on
-the device, in the layouts `BiMamba._padded_inference` uses (activations as columns (C, B*Lp)):
+the device. The scan and conv sweeps run in the earlier column layout (activations (C, B*Lp));
+the padded path is batch-major (B, C, Lp) since session 13, after `--parts layout` compared them:
 
     python benchmarks/tune_vim.py OUT.jsonl                 # batch 64 at 1024 px (Lp = 4112)
     python benchmarks/tune_vim.py OUT.jsonl --batch 64 --px 2048
@@ -11,8 +12,9 @@ the device, in the layouts `BiMamba._padded_inference` uses (activations as colu
   x register prefetch; and, in the same run, the earlier form as a baseline (bf16 B and C in
   (R + 2N, B*Lp) columns, each direction gated);
 - x_proj with bf16 against fp32 output;
-- the bidirectional conv's (BLOCK_L, BLOCK_D, warps);
-- Δ = dt_proj(dt): cuBLAS with K padded to 16 against dt_softplus (bias and softplus fused).
+- the bidirectional conv's (BLOCK_L, BLOCK_D, warps) x a register cap (maxnreg);
+- Δ = dt_proj(dt): cuBLAS with K padded to 16 against dt_softplus (bias and softplus fused),
+  over its tiles.
 
     --parts scan,conv,gemm,layout   (default: scan,conv,gemm; layout: u, z, y as columns against
                                      batch-major buffers, for the conv and the scan)"""
@@ -106,10 +108,17 @@ x_rows = torch.randn(batch, lp, di, device=dev, dtype=bf16)
 w = torch.randn(2 * di, 4, device=dev)  # both directions' conv weights
 cb = torch.randn(2 * di, device=dev)
 u2 = torch.empty(2 * di, batch, lp, device=dev, dtype=bf16).permute(1, 0, 2)
-for bl, bd, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)) if "conv" in args.parts else ():
-    ms = do_bench(lambda: bidirectional_conv(x_rows, w, cb, length, u2, block=(bl, bd, warps)), warmup=5,
-                  rep=30)
-    emit(dict(part="conv", BLOCK_L=bl, BLOCK_D=bd, warps=warps, ms=round(ms, 4)))
+# tiles x a register cap: at 32 x 128 x 4 the conv takes 144 registers, which holds an SM to
+# three programs (12 warps; ncu, session 13)
+CONV_TILES = [(32, 128, 4), (32, 128, 8), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8), (16, 64, 2)]
+for (bl, bd, warps), cap in itertools.product(CONV_TILES, (None, 128, 96, 80, 64)) if "conv" in args.parts else ():
+    try:
+        ms = do_bench(lambda: bidirectional_conv(x_rows, w, cb, length, u2, block=(bl, bd, warps, cap)), warmup=5,
+                      rep=30)
+    except Exception as e:  # noqa: BLE001 (a shape that does not compile is skipped)
+        print((bl, bd, warps, cap), "fail", type(e).__name__, str(e)[:200], flush=True)
+        continue
+    emit(dict(part="conv", BLOCK_L=bl, BLOCK_D=bd, warps=warps, maxnreg=cap, ms=round(ms, 4)))
 if "layout" in args.parts:
     # the padded path keeps u, z and y as columns (C, B*Lp): one program's channel rows lie B*Lp
     # steps apart (526 KB at 1024 px). The same kernels into batch-major (B, C, Lp) buffers, where
@@ -136,5 +145,6 @@ if "gemm" in args.parts:
     emit(dict(part="dt_gemm", form="bmm, K padded to 16", ms=round(do_bench(lambda: torch.matmul(w_dt16, x_b[:, :16]),
                                                                          warmup=5, rep=30), 4)))
     w_dt = w_dt16[:, :r].contiguous()
-    emit(dict(part="dt_gemm", form="dt_softplus (bias, softplus fused)", ms=round(do_bench(
-        lambda: dt_softplus(w_dt, x_b[:, :r], bias), warmup=5, rep=30), 4)))
+    for tile in (None, (128, 64, 4), (128, 128, 8), (64, 64, 4), (128, 32, 4)):
+        emit(dict(part="dt_gemm", form="dt_softplus (bias, softplus fused)", block=tile,
+                  ms=round(do_bench(lambda: dt_softplus(w_dt, x_b[:, :r], bias, block=tile), warmup=5, rep=30), 4)))

@@ -72,17 +72,22 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     """hidden (B, Lp, d_model), Lp a multiple of 16 and the steps from `length` on padding ->
-    (B, Lp, d_model). Every activation is laid out as columns (C, B*Lp), so the projections are
-    single GEMMs over the tokens, and each sequence's row of Lp steps is an aligned vector run
-    for the scan. The backward direction runs anti-causally (conv) and backward in time (scan)
-    over the tokens as they lie (ops/triton/bidirectional.py), so nothing is flipped.
+    (B, Lp, d_model). in_proj's x half stays token rows (B*Lp, D_inner), which the conv reads;
+    every activation after it is batch-major (B, C, Lp), time contiguous, so each sequence's row
+    of Lp steps is an aligned vector run for the scan, and z, x_proj and out_proj are batched
+    products a sequence. (Against columns (C, B*Lp), which made z and out_proj single GEMMs over
+    the tokens: Vim-Ti at 1024 px, batch 64, 63.75 -> 62.80 ms on the H200, the forward scan
+    0.742 -> 0.713 ms; results/tune_vim_session13_h200.jsonl and BENCHMARKS.md.) The backward
+    direction runs anti-causally (conv) and backward in time (scan) over the tokens as they lie
+    (ops/triton/bidirectional.py), so nothing is flipped.
 
     x_proj writes (B, R + 2N, Lp): B and C are (B, N, Lp) with their state stride fixed at Lp,
     which the scan compiles in (a thread's state rows are then one address plus immediate
     offsets). Δ comes from dt_proj with its bias and softplus fused (ops/triton/dt_softplus.py),
-    so the scan, bound by its special-function unit, spends it on exp(ΔA) alone. The forward scan writes y_f + D u (ungated) over its input; the backward scan adds
-    it to its own and gates once, (y_f + y_b) SiLU(z) / 2, over the forward's rows, so out_proj
-    reads D_inner channels."""
+    so the scan, bound by its special-function unit, spends it on exp(ΔA) alone. The forward
+    scan writes y_f + D u (ungated) over its input; the backward scan adds it to its own and
+    gates once, (y_f + y_b) SiLU(z) / 2, over the forward's rows, so out_proj reads D_inner
+    channels."""
     from ..ops.triton.bidirectional import bidirectional_conv
     from ..ops.triton.dt_softplus import dt_softplus
     from ..ops.triton.selective_scan import scan_fwd
@@ -94,14 +99,13 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     w = padded_weights(mixer, dtype)
     token_rows = hidden.reshape(batch * padded, -1).to(dtype)  # (B*Lp, d_model)
     x = F.linear(token_rows, w.in_x, w.in_x_bias)  # (B*Lp, D_inner): token rows, for the conv's row shifts
-    y2 = x.new_empty(2 * di, batch, padded)  # both directions' conv outputs; then y_f, then the output
-    rows = y2.permute(1, 0, 2)  # (B, 2*D_inner, Lp)
+    rows = x.new_empty(batch, 2 * di, padded)  # both directions' conv outputs; then y_f, then the output
     bidirectional_conv(x.view(batch, padded, di), w.conv, w.conv_bias, length, rows)
     del x
-    z = w.in_z @ token_rows.t()  # (D_inner, B*Lp): columns, time contiguous for the scans' vector loads
+    # z (B, D_inner, Lp): one product a sequence, time contiguous for the scans' vector loads
+    z = torch.bmm(w.in_z.expand(batch, *w.in_z.shape), token_rows.view(batch, padded, -1).transpose(1, 2))
     if w.in_z_bias is not None:
         z += w.in_z_bias[:, None]
-    z = z.view(di, batch, padded).permute(1, 0, 2)  # (B, D_inner, Lp)
     y_f = rows[:, :di]  # (B, D_inner, Lp)
     for k in (0, 1):
         u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
@@ -115,5 +119,5 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
             scan_fwd(u, delta, w.A[1], B_, C_, w.D[1], z, None, None, False, None, False, out=y_f,
                      reverse=True, add=y_f, out_scale=w.out_scale, fixed_bc_stride=True)
         del x_dbl, delta, B_, C_
-    out = F.linear(y2[:di].view(di, -1).t(), w.out, w.out_bias)  # (B*Lp, d_model)
-    return out.view(batch, padded, -1)
+    out = torch.bmm(y_f.transpose(1, 2), w.out.t().expand(batch, di, w.out.shape[0]))  # (B, Lp, d_model)
+    return out if w.out_bias is None else out + w.out_bias

@@ -99,7 +99,7 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
 
 
 def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int,
-                       out: torch.Tensor, block: tuple[int, int, int] | None = None) -> torch.Tensor:
+                       out: torch.Tensor, block: tuple[int, ...] | None = None) -> torch.Tensor:
     """x (B, Lp, D): token rows, unit stride along channels (steps from `length` on are ignored);
     weight (2D, K): the forward direction's conv weights, then the backward one's; bias (2D,) or
     None -> `out` (B, 2D, Lp), unit stride along time: SiLU of the causal conv of x with
@@ -126,13 +126,14 @@ def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         # 1024 px: 32 x 128 x 4 warps 0.32 ms, 64 x 64 0.37, 128 x 128 2.0; with the unmasked inner
         # tiles and FAST, 32 x 128 x 4 0.276, 16 x 128 x 4 0.30, 64 x 64 0.35); a sweep's override otherwise
         block = (32, min(128, max(16, 1 << (dim - 1).bit_length())), 4)
-    block_l, block_d, warps = block
+    block_l, block_d, warps, *cap = block  # an optional fourth: a register cap (maxnreg)
     grid = (batch, cdiv(padded, block_l), cdiv(dim, block_d))
+    limits = dict(maxnreg=cap[0]) if cap and cap[0] and os.environ.get("TRITON_INTERPRET") != "1" else {}
     launch(_bidirectional_conv_kernel, grid,
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1)],
            dict(WIDTH=width, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_D=block_d,
-                FAST=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps))
+                FAST=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, **limits))
     return out
 
 

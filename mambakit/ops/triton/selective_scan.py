@@ -446,11 +446,14 @@ class _Launch:
     def _forward_shape(self, num_warps, lanes, reverse):
         grid, shape, seg_len, n_segs = self._shape(False, num_warps, lanes)
         if reverse:
-            # a reversed chunk's carried state is read from a flipped tile; where a thread does
-            # not hold all of its states (NL x BLOCK_D short of the warp's lanes), the sm_90
-            # build read the wrong step (d_state 4: errors of 2-6 against the reference), so
-            # the masked sum reads it there instead
-            ordered = shape["ORDERED"] and shape["NL"] * shape["BLOCK_D"] >= 32 * shape["num_warps"]
+            # a reversed chunk's carried state is read from a flipped tile. The sm_90 build read
+            # the wrong step from it where a thread does not hold all of its states (NL x
+            # BLOCK_D short of the warp's lanes; session 11, fp32) and where one lane holds all
+            # of a channel's states (NL = 1: d_state 4, bf16, errors of 3.8-9.2 against the
+            # reference at 4 x 64 x 64 and 24 x 384 x 64, right with the masked sum; session 13,
+            # benchmarks/.diag13.py), so the masked sum reads it there instead
+            ordered = (shape["ORDERED"] and shape["NL"] > 1
+                       and shape["NL"] * shape["BLOCK_D"] >= 32 * shape["num_warps"])
             shape = {**shape, "REVERSE": True, "ORDERED": ordered}
         return grid, shape, seg_len, n_segs
 
