@@ -35,6 +35,10 @@ p.add_argument("--batch", type=int, default=64)
 p.add_argument("--px", type=int, default=1024)
 p.add_argument("--parts", default="scan,conv,gemm")  # also: layout
 p.add_argument("--bc", default="fp32,bf16", help="x_proj's output dtypes to sweep the scan with")
+p.add_argument("--shapes", type=json.loads, default=None,
+               help="the scan's [NL, BLOCK_D, warps, T] to sweep, every T allowed (default: SHAPES below, "
+                    "bf16 at one 16-byte vector of steps)")
+p.add_argument("--prefetch", default="0,1", help="the scan's PREFETCH modes to sweep (2: B, C as words, bf16)")
 args = p.parse_args()
 out = open(args.out, "a")
 dev, bf16 = "cuda", torch.bfloat16
@@ -84,9 +88,12 @@ for bc in args.bc.split(","):
                                      out=y, reverse=reverse, add=extra["add"], out_scale=extra["out_scale"],
                                      fixed_bc_stride=True, lanes=lanes)
         best = None
+        modes = [int(m) for m in args.prefetch.split(",") if m != "2" or (bc == "bf16" and not reverse)]
         configs = [dict(NL=nl, BLOCK_D=bd, num_warps=warps, T=t, STAGES=1, PREFETCH=prefetch)
-                   for (nl, bd, warps, t), prefetch in itertools.product(SHAPES, (False, True))
-                   if t <= t_max and (bc == "fp32" or t == t_max)]
+                   for (nl, bd, warps, t), prefetch in itertools.product(args.shapes or SHAPES, modes)
+                   if t <= t_max and (bc == "fp32" or t == t_max or args.shapes)]
+        for lanes in configs:  # the launcher's cap with words (past 168 registers Vim-Ti's programs take two waves)
+            lanes.update(maxnreg=168) if lanes["PREFETCH"] == 2 else None
         for lanes in configs:
             try:
                 ms = do_bench(lambda: run(lanes), warmup=5, rep=30)
