@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, out.with_suffix(".png"), f"Vim-Ti vs DeiT-Ti, {result['device']}, {result['dtype']}")
-    print(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s; Vim-Ti faster from "
-          f"{result['crossover_faster_from_px']} px, smaller from {result['crossover_smaller_from_px']} px")
+    def since(px):
+        return "at none of these sizes" if px is None else f"from {px} px"
+
+    print(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s; Vim-Ti faster "
+          f"{since(result['crossover_faster_from_px'])}, smaller {since(result['crossover_smaller_from_px'])}")
     return 0
 
 
