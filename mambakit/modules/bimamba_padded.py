@@ -13,9 +13,9 @@ import torch.nn.functional as F
 @dataclass
 class PaddedWeights:
     """A BiMamba's weights in the form and dtype the padded path uses. Per direction (forward,
-    backward): x_proj (R + 2N, D), dt_proj (D, R), A = -exp(A_log), D and dt_proj's bias in fp32. conv (2D, K_conv) and its bias stack the two directions; out is
-    out_proj's weight, and out_scale 1/2 with divide_out (the backward scan adds the two
-    directions and scales their sum)."""
+    backward): x_proj (R + 2N, D), dt_proj (D, R), A = -exp(A_log), D and dt_proj's bias in fp32.
+    conv (2D, K_conv) and its bias stack the two directions; out is out_proj's weight, and
+    out_scale 1/2 with divide_out (the backward scan adds the two directions and scales their sum)."""
     key: tuple
     in_x: torch.Tensor
     in_x_bias: torch.Tensor | None

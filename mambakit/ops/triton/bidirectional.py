@@ -19,13 +19,12 @@ The readable reference is `bidirectional_conv_ref` beside it (two calls of the c
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import causal_conv1d_ref
+from .. import _interpreting
 from .host import cdiv
 from .launch import launch
 from .selective_scan import _silu, _widen
@@ -128,12 +127,12 @@ def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         block = (32, min(128, max(16, 1 << (dim - 1).bit_length())), 4)
     block_l, block_d, warps, *cap = block  # an optional fourth: a register cap (maxnreg)
     grid = (batch, cdiv(padded, block_l), cdiv(dim, block_d))
-    limits = dict(maxnreg=cap[0]) if cap and cap[0] and os.environ.get("TRITON_INTERPRET") != "1" else {}
+    limits = dict(maxnreg=cap[0]) if cap and cap[0] and not _interpreting() else {}
     launch(_bidirectional_conv_kernel, grid,
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1)],
            dict(WIDTH=width, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_D=block_d,
-                FAST=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, **limits))
+                FAST=not _interpreting(), num_warps=warps, **limits))
     return out
 
 

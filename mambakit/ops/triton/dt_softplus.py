@@ -12,13 +12,12 @@ The readable reference is `dt_softplus_ref` beside it."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import _interpreting
 from .host import cdiv, next_power_of_2
 from .launch import launch
 from .selective_scan import _softplus
@@ -79,7 +78,7 @@ def dt_softplus(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
            [weight, x, bias if bias is not None else weight, out, dim, length, k,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1)],
            dict(HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=max(16, next_power_of_2(k)),
-                IEEE=x.dtype == torch.float32, FAST=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps))
+                IEEE=x.dtype == torch.float32, FAST=not _interpreting(), num_warps=warps))
     return out
 
 

@@ -36,6 +36,7 @@ import os
 import triton
 import triton.language as tl
 
+from .. import _interpreting
 from .host import next_power_of_2
 from .selective_scan import _chunk_row, _combine, _seq_bounds, _silu, _softplus, _widen
 
@@ -371,10 +372,7 @@ def _fwd_kernel_lanes(
         if HAS_D:
             y += Dv * u
         if HAS_ADD:
-            if EVEN:
-                y += tl.load(add_row + tt2 * s_ol).to(tl.float32)
-            else:
-                y += tl.load(add_row + tt2 * s_ol, mask=m2, other=0.0).to(tl.float32)
+            y += _load_steps(add_row, tt2, s_ol, mask_d2, end, EVEN).to(tl.float32)
         if HAS_Z:
             y = y * _silu(z_raw.to(tl.float32), FAST)
         if OUT_SCALE != 1.0:
@@ -625,7 +623,7 @@ def lanes_shape(d_state_block: int, channels_per_group: int, elem_size: int, sav
     forced = os.environ.get("MAMBAKIT_SCAN_FWD_PREFETCH")  # "0" or "1": a sweep's or a test's override
     prefetch = many_rows and rows < 16384 if forced is None else forced == "1"
     return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, STAGES=1 if many_rows else 3, PREFETCH=prefetch,
-                FAST=os.environ.get("TRITON_INTERPRET") != "1",
+                FAST=not _interpreting(),
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
 
 
@@ -651,5 +649,5 @@ def lanes_bwd_shape(d_state_block: int, channels_per_group: int, save_every: int
         while block_d > 1 and channels_per_group % block_d:
             block_d //= 2
     T = save_every // int(_BWD_CHUNKS) if _BWD_CHUNKS is not None else min(8, save_every)
-    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=os.environ.get("TRITON_INTERPRET") != "1",
+    return dict(BLOCK_D=block_d, NL=NL, T=T, num_warps=1, FAST=not _interpreting(),
                 ORDERED=t_in_thread(T, elem_size, d_state_block, block_d, 1, length, unaligned))
