@@ -16,8 +16,9 @@ the padded path is batch-major (B, C, Lp) since session 13, after `--parts layou
 - Δ = dt_proj(dt): cuBLAS with K padded to 16 against dt_softplus (bias and softplus fused),
   over its tiles.
 
-    --parts scan,conv,gemm,layout   (default: scan,conv,gemm; layout: u, z, y as columns against
-                                     batch-major buffers, for the conv and the scan)"""
+    --parts scan,conv,gemm,layout,convtime   (default: scan,conv,gemm; layout: u, z, y as columns
+                                     against batch-major buffers, for the conv and the scan;
+                                     convtime: the conv from time rows over its tiles)"""
 import argparse, itertools, json, sys
 from pathlib import Path
 
@@ -126,6 +127,28 @@ for (bl, bd, warps), cap in itertools.product(CONV_TILES, (None, 128, 96, 80, 64
         print((bl, bd, warps, cap), "fail", type(e).__name__, str(e)[:200], flush=True)
         continue
     emit(dict(part="conv", BLOCK_L=bl, BLOCK_D=bd, warps=warps, maxnreg=cap, ms=round(ms, 4)))
+if "convtime" in args.parts:
+    # the conv from time rows (B, D, Lp), no transposing store, against token rows above; and the
+    # products that make x in each layout (in_proj's x half)
+    x_time = torch.randn(batch, di, lp, device=dev, dtype=bf16)
+    u2b = torch.empty(batch, 2 * di, lp, device=dev, dtype=bf16)
+    emit(dict(part="convtime", form="token rows (32, 128, 4)", ms=round(do_bench(
+        lambda: bidirectional_conv(x_rows, w, cb, length, u2b), warmup=5, rep=30), 4)))
+    for bd_, runs, warps in [(32, 4, 4), (32, 8, 4), (64, 4, 4), (64, 8, 8), (16, 8, 4), (128, 2, 4), (32, 16, 4),
+                             (64, 16, 8), (32, 4, 2), (32, 8, 8)]:
+        try:
+            ms = do_bench(lambda: bidirectional_conv(x_time.transpose(1, 2), w, cb, length, u2b,
+                                                     block=(bd_, runs, warps)), warmup=5, rep=30)
+        except Exception as e:  # noqa: BLE001 (a shape that does not compile is skipped)
+            print((bd_, runs, warps), "fail", type(e).__name__, str(e)[:200], flush=True)
+            continue
+        emit(dict(part="convtime", BLOCK_D=bd_, runs=runs, warps=warps, ms=round(ms, 4)))
+    hidden = torch.randn(batch, lp, 192, device=dev, dtype=bf16)
+    w_in = torch.randn(di, 192, device=dev, dtype=bf16)
+    emit(dict(part="convtime", form="in_proj x as token rows (mm)", ms=round(do_bench(
+        lambda: torch.nn.functional.linear(hidden.view(-1, 192), w_in), warmup=5, rep=30), 4)))
+    emit(dict(part="convtime", form="in_proj x as time rows (bmm)", ms=round(do_bench(
+        lambda: torch.bmm(w_in.expand(batch, di, 192), hidden.transpose(1, 2)), warmup=5, rep=30), 4)))
 if "layout" in args.parts:
     # the padded path keeps u, z and y as columns (C, B*Lp): one program's channel rows lie B*Lp
     # steps apart (526 KB at 1024 px). The same kernels into batch-major (B, C, Lp) buffers, where

@@ -29,14 +29,22 @@ def _token_rows(batch: int, padded: int, dim: int, g: torch.Generator) -> torch.
     return torch.randn(batch, padded, dim + 5, generator=g).to(DEVICE)[..., 2:dim + 2]
 
 
+@pytest.mark.parametrize("layout", ["token_rows", "time_rows"])
 @pytest.mark.parametrize("length,padded,bias,dim", [(13, 16, True, 8), (16, 16, True, 8), (17, 32, False, 8),
-                                                     (2, 16, True, 8), (100, 112, True, 16), (90, 96, False, 24)])
-def test_bidirectional_conv_is_two_causal_convs(length, padded, bias, dim):
+                                                     (2, 16, True, 8), (100, 112, True, 16), (90, 96, False, 24),
+                                                     (100, 112, True, 64)])
+def test_bidirectional_conv_is_two_causal_convs(length, padded, bias, dim, layout):
     """Short rows take the masked edge tiles only; (100, 16 channels) also the unmasked inner
-    tiles (32 steps, all 16 channels, the halo inside); 24 channels a partial channel block."""
+    tiles of token rows (32 steps, all 16 channels, the halo inside) and (100, 64 channels)
+    those of time rows (32 steps, 32 channels, a run of 8 steps either side inside); 24 channels
+    a partial channel block. Token rows: x (B, Lp, D) with channels contiguous; time rows: a
+    view of (B, D, Lp), each thread's taps taken from the runs of 8 steps around its own."""
     g = torch.Generator().manual_seed(length)
     batch, width = 2, 4
-    x = _token_rows(batch, padded, dim, g)
+    if layout == "token_rows":
+        x = _token_rows(batch, padded, dim, g)
+    else:
+        x = torch.randn(batch, dim + 3, padded, generator=g).to(DEVICE)[:, 1:dim + 1].transpose(1, 2)
     x[:, length:] = 1e3  # padding steps: must never be read
     w = torch.randn(2 * dim, width, generator=g).to(DEVICE)  # forward, then backward direction
     b = torch.randn(2 * dim, generator=g).to(DEVICE) if bias else None
@@ -67,10 +75,16 @@ def test_bidirectional_conv_bad_input():
         bidirectional_conv(x, w[:4], None, 16, out)
     with pytest.raises(ValueError, match="bias must be"):
         bidirectional_conv(x, w, torch.randn(4, device=DEVICE), 16, out)
-    with pytest.raises(ValueError, match="unit stride along D"):
-        bidirectional_conv(x.transpose(1, 2).contiguous().transpose(1, 2), w, None, 16, out)
-    with pytest.raises(ValueError, match="unit stride along L"):
+    with pytest.raises(ValueError, match="unit stride along D or along L"):
+        bidirectional_conv(torch.randn(2, 32, 8, device=DEVICE)[:, ::2, ::2], w, None, 16, out)
+    with pytest.raises(ValueError, match="out must be .* with unit stride along L"):
         bidirectional_conv(x, w, None, 16, out.transpose(1, 2).contiguous().transpose(1, 2))
+    time_rows = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Lp, D) over (B, D, Lp)
+    with pytest.raises(ValueError, match="width must be 4"):
+        bidirectional_conv(time_rows, torch.randn(8, 3, device=DEVICE), None, 16, out)
+    with pytest.raises(ValueError, match="16-byte aligned runs"):
+        bidirectional_conv(torch.randn(2, 4, 20, device=DEVICE).transpose(1, 2), w, None, 20,
+                           torch.empty(2, 8, 20, device=DEVICE))
 
 
 @pytest.mark.parametrize("length,prefetch", [(45, False), (32, False), (45, True)])
@@ -165,7 +179,8 @@ def test_dt_softplus_relative_error_over_the_whole_line():
     want = torch.nn.functional.softplus(x.double()).flatten()
     rel = ((got - want).abs() / want).cpu()
     bound = 6e-6 + x.double().abs().flatten().cpu() * 2 ** -23
-    assert (rel <= bound).all(), f"worst relative error {rel.max().item():.3g} at x = {x.flatten()[rel.argmax()].item()}"
+    worst = rel.argmax()
+    assert (rel <= bound).all(), f"worst relative error {rel[worst].item():.3g} at x = {x.flatten()[worst].item()}"
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -199,7 +214,8 @@ def test_scan_adds_another_output_and_scales_before_the_gate(reverse):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("batch,dim,n,length", [(24, 384, 16, 64), (4, 64, 4, 64), (24, 384, 4, 64), (4, 64, 16, 40)],
+@pytest.mark.parametrize("batch,dim,n,length",
+                         [(24, 384, 16, 64), (4, 64, 4, 64), (24, 384, 4, 64), (4, 64, 16, 40)],
                          ids=["vim_tiny_tile", "d_state_4", "d_state_4_many_rows", "length_40"])
 def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse, batch, dim, n, length):
     """The tile the launcher picks for Vim-Ti's batches (more than 8192 rows: 2 lanes over 16
@@ -268,18 +284,20 @@ def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
     assert chosen == [1, 0, 1]
 
 
-def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True) -> BiMamba:
+def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True, d_conv: int = 4) -> BiMamba:
     torch.manual_seed(seed)
-    bi = BiMamba(d_model, d_state=8, divide_out=divide_out).to(DEVICE)
+    bi = BiMamba(d_model, d_state=8, divide_out=divide_out, d_conv=d_conv).to(DEVICE)
     with torch.no_grad():
         for p in bi.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return bi
 
 
-@pytest.mark.parametrize("length,divide_out", [(21, True), (32, False), (1, True)])
-def test_padded_inference_equals_the_two_direction_reference(length, divide_out, monkeypatch):
-    bi = _bimamba(divide_out=divide_out)
+@pytest.mark.parametrize("length,divide_out,d_conv",
+                         [(21, True, 4), (32, False, 4), (1, True, 4), (21, True, 3)])
+def test_padded_inference_equals_the_two_direction_reference(length, divide_out, d_conv, monkeypatch):
+    """Width 4 (Vim's) takes the conv over time rows; another width, the conv over token rows."""
+    bi = _bimamba(divide_out=divide_out, d_conv=d_conv)
     bi.backend = "triton"
     h = torch.randn(3, length, 12, device=DEVICE)
     calls = []

@@ -72,8 +72,8 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     """hidden (B, Lp, d_model), Lp a multiple of 16 and the steps from `length` on padding ->
-    (B, Lp, d_model). in_proj's x half stays token rows (B*Lp, D_inner), which the conv reads;
-    every activation after it is batch-major (B, C, Lp), time contiguous, so each sequence's row
+    (B, Lp, d_model). Every activation from in_proj on is batch-major (B, C, Lp), time
+    contiguous, so the conv reads and writes rows of aligned runs of steps, each sequence's row
     of Lp steps is an aligned vector run for the scan, and z, x_proj and out_proj are batched
     products a sequence. (Against columns (C, B*Lp), which made z and out_proj single GEMMs over
     the tokens: Vim-Ti at 1024 px, batch 64, 63.75 -> 62.80 ms on the H200, the forward scan
@@ -97,13 +97,20 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     di, r, n = mixer.d_inner, mixer.dt_rank, mixer.d_state
     dtype = compute_dtype(hidden)
     w = padded_weights(mixer, dtype)
-    token_rows = hidden.reshape(batch * padded, -1).to(dtype)  # (B*Lp, d_model)
-    x = F.linear(token_rows, w.in_x, w.in_x_bias)  # (B*Lp, D_inner): token rows, for the conv's row shifts
+    tokens_t = hidden.to(dtype).transpose(1, 2)  # (B, d_model, Lp)
+    # x, then z (B, D_inner, Lp): one product a sequence each, time contiguous (the conv reads x as
+    # aligned runs of steps; the scans read z as vectors). Made one after the other, so that x is
+    # freed before z exists: the layer's peak stays x or z beside the conv's two directions
+    if w.conv.shape[1] == 4:  # the conv kernel over time rows has width 4 (Vim's)
+        x = torch.bmm(w.in_x.expand(batch, *w.in_x.shape), tokens_t).transpose(1, 2)  # (B, Lp, D_inner) view
+        if w.in_x_bias is not None:
+            x += w.in_x_bias
+    else:  # token rows (B, Lp, D_inner), for the conv's row shifts
+        x = F.linear(tokens_t.transpose(1, 2), w.in_x, w.in_x_bias)
     rows = x.new_empty(batch, 2 * di, padded)  # both directions' conv outputs; then y_f, then the output
-    bidirectional_conv(x.view(batch, padded, di), w.conv, w.conv_bias, length, rows)
+    bidirectional_conv(x, w.conv, w.conv_bias, length, rows)
     del x
-    # z (B, D_inner, Lp): one product a sequence, time contiguous for the scans' vector loads
-    z = torch.bmm(w.in_z.expand(batch, *w.in_z.shape), token_rows.view(batch, padded, -1).transpose(1, 2))
+    z = torch.bmm(w.in_z.expand(batch, *w.in_z.shape), tokens_t)
     if w.in_z_bias is not None:
         z += w.in_z_bias[:, None]
     y_f = rows[:, :di]  # (B, D_inner, Lp)

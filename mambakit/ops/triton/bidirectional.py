@@ -97,15 +97,128 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
         tl.store(out_b, tl.where(inside, _silu(acc_b, FAST), 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
 
 
+@triton.jit
+def _unpack8(v, BLOCK_D: tl.constexpr, NV: tl.constexpr):
+    """(BLOCK_D, NV, 8) -> its 8 steps as (BLOCK_D, NV) tensors, by halving the in-thread axis
+    (register renames where the 8 steps lie within each thread, as 16-byte vector loads put them)."""
+    e, o = tl.split(tl.reshape(v, (BLOCK_D, NV, 4, 2)))  # steps 0 2 4 6 / 1 3 5 7
+    ee, eo = tl.split(tl.reshape(e, (BLOCK_D, NV, 2, 2)))  # 0 4 / 2 6
+    oe, oo = tl.split(tl.reshape(o, (BLOCK_D, NV, 2, 2)))  # 1 5 / 3 7
+    v0, v4 = tl.split(ee)
+    v2, v6 = tl.split(eo)
+    v1, v5 = tl.split(oe)
+    v3, v7 = tl.split(oo)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _pack8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_D: tl.constexpr, NV: tl.constexpr):
+    """The inverse of `_unpack8`: 8 (BLOCK_D, NV) steps -> (BLOCK_D, NV, 8)."""
+    e = tl.reshape(tl.join(tl.join(v0, v4), tl.join(v2, v6)), (BLOCK_D, NV, 4))
+    o = tl.reshape(tl.join(tl.join(v1, v5), tl.join(v3, v7)), (BLOCK_D, NV, 4))
+    return tl.reshape(tl.join(e, o), (BLOCK_D, NV, 8))
+
+
+@triton.jit
+def _load8(rows, tt, L, mask_d, FAST: tl.constexpr, MASKED: tl.constexpr):
+    """x at steps tt (BLOCK_D, NV, 8) of time-contiguous rows, in fp32, unpacked to 8 steps;
+    steps outside [0, L) and channels outside the mask read as 0 when MASKED."""
+    if MASKED:
+        xv = tl.load(rows + tt, mask=(tt >= 0) & (tt < L) & mask_d, other=0.0)
+    else:
+        xv = tl.load(rows + tt)
+    return _unpack8(_widen(xv, FAST), xv.shape[0], xv.shape[1])
+
+
+@triton.jit
+def _tap(w_ptr, row, mask_d, k: tl.constexpr, WIDTH: tl.constexpr):
+    """Tap k of the conv weights of channel rows `row` (BLOCK_D, 1), in fp32."""
+    return tl.load(w_ptr + row * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _taps4(w0, w1, w2, w3, bias, x0, x1, x2, x3, FAST: tl.constexpr):
+    """SiLU(bias + Σ_k w_k x_k): one output step of a width-4 conv, its four inputs given in tap order."""
+    return _silu(bias + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3, FAST)
+
+
+@triton.jit
+def _bidirectional_conv_time_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
+                                    s_xb, s_xd, s_yb, s_yd,
+                                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, NV: tl.constexpr,
+                                    FAST: tl.constexpr):
+    """As `_bidirectional_conv_kernel` (width 4) from time-contiguous rows x (B, dim, Lp): each
+    thread holds runs of 8 steps of one channel, loads the runs before and after its own as
+    aligned 16-byte vectors, and takes the shifted taps from those registers, so the output
+    rows (time contiguous too) are stored as they are computed, with no transpose."""
+    b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1) * (NV * 8)
+    d0 = tl.program_id(2) * BLOCK_D
+    d = (d0 + tl.arange(0, BLOCK_D))[:, None, None]  # (BLOCK_D, 1, 1)
+    mask_d = d < dim
+    tt = t0 + tl.arange(0, NV)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # (1, NV, 8)
+    rows = x_ptr + b * s_xb + d.to(tl.int64) * s_xd
+    inner = (t0 >= 8) & (t0 + NV * 8 + 8 <= L) & (d0 + BLOCK_D <= dim)
+    # the run before each thread's own (only its last 3 steps are used), its own, the run after (first 3)
+    if inner:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load8(rows, tt - 8, L, mask_d, FAST, False)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _load8(rows, tt, L, mask_d, FAST, False)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load8(rows, tt + 8, L, mask_d, FAST, False)
+    else:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load8(rows, tt - 8, L, mask_d, FAST, True)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _load8(rows, tt, L, mask_d, FAST, True)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load8(rows, tt + 8, L, mask_d, FAST, True)
+    dd = tl.reshape(d, (BLOCK_D, 1))
+    md = tl.reshape(mask_d, (BLOCK_D, 1))
+    wf0, wf1, wf2, wf3 = (_tap(w_ptr, dd, md, 0, 4), _tap(w_ptr, dd, md, 1, 4), _tap(w_ptr, dd, md, 2, 4),
+                          _tap(w_ptr, dd, md, 3, 4))
+    wb0, wb1, wb2, wb3 = (_tap(w_ptr, dd + dim, md, 0, 4), _tap(w_ptr, dd + dim, md, 1, 4),
+                          _tap(w_ptr, dd + dim, md, 2, 4), _tap(w_ptr, dd + dim, md, 3, 4))
+    bf = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    bb = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    if HAS_BIAS:
+        bf = tl.load(bias_ptr + dd, mask=md, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + dim + dd, mask=md, other=0.0).to(tl.float32)
+    # forward tap k reads x[t - 3 + k]
+    uf = _pack8(_taps4(wf0, wf1, wf2, wf3, bf, p5, p6, p7, c0, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, p6, p7, c0, c1, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, p7, c0, c1, c2, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, c0, c1, c2, c3, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, c1, c2, c3, c4, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, c2, c3, c4, c5, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, c3, c4, c5, c6, FAST),
+                _taps4(wf0, wf1, wf2, wf3, bf, c4, c5, c6, c7, FAST), BLOCK_D, NV)
+    # backward tap k reads x[t + 3 - k]
+    ub = _pack8(_taps4(wb0, wb1, wb2, wb3, bb, c3, c2, c1, c0, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, c4, c3, c2, c1, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, c5, c4, c3, c2, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, c6, c5, c4, c3, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, c7, c6, c5, c4, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, n0, c7, c6, c5, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, n1, n0, c7, c6, FAST),
+                _taps4(wb0, wb1, wb2, wb3, bb, n2, n1, n0, c7, FAST), BLOCK_D, NV)
+    out = y_ptr + b * s_yb + d.to(tl.int64) * s_yd + tt
+    if inner:
+        tl.store(out, uf.to(y_ptr.dtype.element_ty))
+        tl.store(out + dim * s_yd, ub.to(y_ptr.dtype.element_ty))
+    else:
+        inside = tt < L  # padding steps read as zero input to the scans
+        m_out = (tt < Lp) & mask_d
+        tl.store(out, tl.where(inside, uf, 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
+        tl.store(out + dim * s_yd, tl.where(inside, ub, 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
+
+
 def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int,
                        out: torch.Tensor, block: tuple[int, ...] | None = None) -> torch.Tensor:
-    """x (B, Lp, D): token rows, unit stride along channels (steps from `length` on are ignored);
-    weight (2D, K): the forward direction's conv weights, then the backward one's; bias (2D,) or
-    None -> `out` (B, 2D, Lp), unit stride along time: SiLU of the causal conv of x with
-    weight[:D] in channels [0, D), of the anti-causal one with weight[D:] in [D, 2D), and 0 at the
-    padding steps t >= length."""
-    if x.ndim != 3 or x.stride(2) != 1:
-        raise ValueError(f"bidirectional_conv: x must be token rows (B, L, D) with unit stride along D, "
+    """x (B, Lp, D), with unit stride along channels (token rows) or along time (a view of time
+    rows (B, D, Lp), 16-byte aligned, Lp a multiple of 8; then the width must be 4); steps from
+    `length` on are ignored. weight (2D, K): the forward direction's conv weights, then the
+    backward one's; bias (2D,) or None -> `out` (B, 2D, Lp), unit stride along time: SiLU of the
+    causal conv of x with weight[:D] in channels [0, D), of the anti-causal one with weight[D:]
+    in [D, 2D), and 0 at the padding steps t >= length."""
+    time_rows = x.ndim == 3 and x.stride(1) == 1 and x.shape[2] > 1
+    if x.ndim != 3 or not (x.stride(2) == 1 or time_rows):
+        raise ValueError(f"bidirectional_conv: x must be (B, L, D) with unit stride along D or along L, "
                          f"got shape {tuple(x.shape)} strides {x.stride()}")
     if out.ndim != 3 or out.stride(2) != 1:
         raise ValueError(f"bidirectional_conv: out must be (B, 2D, L) with unit stride along L, "
@@ -121,6 +234,8 @@ def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if bias is not None and (bias.shape != (2 * dim,) or not bias.is_contiguous()):
         raise ValueError(f"bidirectional_conv: bias must be contiguous ({2 * dim},) or None, got {tuple(bias.shape)}")
     width = weight.shape[1]
+    if time_rows:
+        return _conv_time_rows(x, weight, bias, length, out, block)
     if block is None:  # (BLOCK_L, BLOCK_D, warps), from the H200 sweeps (benchmarks/tune_vim.py, Vim-Ti at
         # 1024 px: 32 x 128 x 4 warps 0.32 ms, 64 x 64 0.37, 128 x 128 2.0; with the unmasked inner
         # tiles and FAST, 32 x 128 x 4 0.276, 16 x 128 x 4 0.30, 64 x 64 0.35); a sweep's override otherwise
@@ -133,6 +248,24 @@ def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             out.stride(0), out.stride(1)],
            dict(WIDTH=width, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_D=block_d,
                 FAST=not _interpreting(), num_warps=warps, **limits))
+    return out
+
+
+def _conv_time_rows(x, weight, bias, length, out, block):
+    """`bidirectional_conv` from time rows: x (B, Lp, D) a view of (B, D, Lp)."""
+    batch, padded, dim = x.shape
+    if weight.shape[1] != 4:
+        raise ValueError(f"bidirectional_conv: from time rows the conv width must be 4, got {weight.shape[1]}")
+    if padded % 8 or x.stride(2) % 8 or x.data_ptr() % 16 or out.stride(1) % 8 or out.data_ptr() % 16:
+        raise ValueError(f"bidirectional_conv: time rows must be 16-byte aligned runs of 8 steps (Lp = {padded}, "
+                         f"strides {x.stride()} and {out.stride()})")
+    block_d, runs, warps = block or (32, 4, 4)  # channels, runs of 8 steps, warps
+    grid = (batch, cdiv(padded, runs * 8), cdiv(dim, block_d))
+    launch(_bidirectional_conv_time_kernel, grid,
+           [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(2),
+            out.stride(0), out.stride(1)],
+           dict(HAS_BIAS=bias is not None, BLOCK_D=block_d, NV=runs,
+                FAST=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps))
     return out
 
 
