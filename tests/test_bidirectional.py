@@ -253,7 +253,9 @@ def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
     chunks) the padded path's forward scan loads them a chunk ahead as 32-bit words of two
     steps (PREFETCH 2) and widens them in registers; the result must equal the plain loads
     (PREFETCH 0) and the prefetch of raw values (1) exactly, and the fp32 reference to bf16
-    rounding. B and C one step off alignment, and the reversed scan, take the raw prefetch."""
+    rounding. B and C one step off alignment take the raw prefetch, and so does the reversed
+    scan unless its rows are 16-byte aligned (its words read wrong steps on sm_90 at rows only
+    4-byte aligned, session 12; right at 16-byte aligned ones, session 13's diagnostic)."""
     from mambakit.ops.triton import selective_scan as ss
     g = torch.Generator().manual_seed(21)
     batch, dim, n, length, bf = 2, 16, 16, 32, torch.bfloat16
@@ -280,8 +282,19 @@ def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
     chosen.clear()
     B1, C1 = x_dbl[:, 3:3 + n, 1:length + 1], x_dbl[:, 4 + n:4 + 2 * n, 1:length + 1]  # one bf16 step off a word
     torch.testing.assert_close(run(B1, C1), run(B1, C1, {"PREFETCH": 0}), rtol=0, atol=0)
-    run(B, C, reverse=True)
+    run(B, C, reverse=True)  # rows 34 steps apart: 4-byte aligned only
     assert chosen == [1, 0, 1]
+    # the reversed scan takes words where the rows are 16-byte aligned (x_proj's own output)
+    x16 = torch.randn(batch, 3 + 2 * n, length, generator=g).to(DEVICE).to(bf)
+    B16, C16 = x16[:, 3:3 + n], x16[:, 3 + n:]
+    chosen.clear()
+    y_rev = run(B16, C16, reverse=True)
+    assert chosen == [2]
+    for mode in (0, 1):
+        torch.testing.assert_close(run(B16, C16, {"PREFETCH": mode}, reverse=True), y_rev, rtol=0, atol=0)
+    flip = lambda t: t.flip(-1).float()  # noqa: E731
+    want = selective_scan_ref(flip(u), flip(delta), A, flip(B16), flip(C16), D, None, None).flip(-1)
+    torch.testing.assert_close(y_rev.float(), want, rtol=2e-2, atol=2e-2)
 
 
 def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True, d_conv: int = 4) -> BiMamba:

@@ -527,13 +527,13 @@ def dbc_dtype(B, C) -> torch.dtype:
     return B.dtype if B.dtype == C.dtype else torch.float32
 
 
-def _bc_words_fit(B, C, shape: dict) -> bool:
+def _bc_words_fit(B, C, shape: dict, align: int = 4) -> bool:
     """Whether the lanes forward can load B and C as 32-bit words of two bf16 time steps (PREFETCH
     2): bf16 rows with unit stride along time, every chunk in bounds (EVEN) and of an even
-    number of steps, and every row start 4-byte aligned."""
+    number of steps, and every row start `align`-byte aligned."""
     return (shape.get("EVEN", False) and shape["T"] % 2 == 0
-            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.data_ptr() % 4 == 0
-                    and all(st % 2 == 0 for st in t.stride()[:-1]) for t in (B, C)))
+            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.data_ptr() % align == 0
+                    and all(2 * st % align == 0 for st in t.stride()[:-1]) for t in (B, C)))
 
 
 def _summary_shape(shape: dict) -> dict:
@@ -614,7 +614,11 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         # to about 167 registers offline; uncapped, the whole model took 95.0 against 66.4 ms, as
         # past 168 registers an SM holds 11 one-warp programs instead of 12 and Vim-Ti's 1,536 at
         # 1024 px no longer fit one wave. Capped at 168: 64.9 ms, the same features
-        if not reverse and _bc_words_fit(B, C, shape):
+        # the reversed scan with words: right on sm_90 where the rows are 16-byte aligned
+        # (session 13's diagnostic), wrong where they are only 4-byte aligned (session 12);
+        # MAMBAKIT_REVERSE_WORDS=0 turns it off (a sweep's A/B)
+        words_reversed = os.environ.get("MAMBAKIT_REVERSE_WORDS", "1") == "1"
+        if _bc_words_fit(B, C, shape, 16 if reverse else 4) and (words_reversed or not reverse):
             shape = {**shape, "PREFETCH": 2, "maxnreg": 168}
         else:
             shape = {**shape, "PREFETCH": 1}
