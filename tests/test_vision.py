@@ -250,7 +250,13 @@ def test_patch_embedding_as_one_gemm_equals_the_conv():
     x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
     want = pe.proj(x).flatten(2).transpose(1, 2)  # (B, 6, 10)
     torch.testing.assert_close(pe.as_gemm(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pe.as_gemm(x.contiguous(memory_format=torch.channels_last)), want,
+                               rtol=1e-12, atol=1e-12)  # pixels in another layout
     assert not torch.allclose(pe.as_gemm(x.transpose(2, 3).reshape(2, 3, 16, 24)), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the copy casts the pixels to autocast's dtype
+        got = pe.float().as_gemm(x.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_class_token_in_the_middle_and_patches_in_raster_order():
