@@ -6,6 +6,8 @@ two-direction reference. On CPU the kernels run under TRITON_INTERPRET=1 (confte
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -387,3 +389,43 @@ def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
     assert lengths == [(32, 17)] * 2
     assert got.shape == want.shape == (2, 17, 16)
     torch.testing.assert_close(got, want, rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("batch,k,padded,n,bias,residual,out_dtype",
+                         [(2, 24, 48, 12, True, True, None), (1, 40, 80, 20, False, True, torch.bfloat16),
+                          (2, 16, 16, 8, True, False, None), (3, 64, 96, 192, False, True, torch.bfloat16)])
+def test_out_proj_add_rms_norm_equals_the_unfused_steps(batch, k, padded, n, bias, residual, out_dtype):
+    """out_proj from time rows, the residual add and RMSNorm in one kernel, against the product
+    in fp32 rounded to the compute dtype, the fp32 add and the norm with `add_rms_norm`'s
+    roundings: bf16 y and weights, a fp32 residual (Vim's), K and N not multiples of the tiles
+    (192 = Vim-Ti's width), tokens past a tile's end masked."""
+    from mambakit.ops.triton.out_proj_norm import out_proj_add_rms_norm, out_proj_add_rms_norm_ref
+    g = torch.Generator().manual_seed(k + n)
+    bf = torch.bfloat16
+    y = torch.randn(batch, k + 2, padded, generator=g).to(DEVICE).to(bf)[:, 1:k + 1]  # (B, K, Lp) time rows
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(DEVICE).to(bf)
+    b = torch.randn(n, generator=g).to(DEVICE).to(bf) if bias else None
+    r = torch.randn(batch, padded, n, generator=g).to(DEVICE) if residual else None
+    nw = (1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE)
+    got, got_r = out_proj_add_rms_norm(y, w, b, r, nw, 1e-5, out_dtype)
+    want, want_r = out_proj_add_rms_norm_ref(y, w, b, r, nw, 1e-5, out_dtype)
+    assert got.dtype == (out_dtype or nw.dtype) and got_r.dtype == torch.float32
+    # the product rounded to bf16: within half an ulp of the fp32 product on the GPU (round to
+    # nearest), a whole one under the interpreter (whose conversion truncates), give or take the
+    # order of its sums
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    h = want_r - (r if r is not None else 0)
+    exact = torch.matmul(y.float().transpose(1, 2), w.float().t()) + (b.float() if b is not None else 0)
+    got_h = got_r - (r if r is not None else 0)
+    assert ((got_h - exact).abs() <= exact.abs() * 2 ** (-7 if interpreted else -8) + 1e-4).all()
+    if not interpreted:
+        assert ((h - got_h).abs() > 0).float().mean() < 0.05  # mostly the reference's rounding
+    # the norm of the residual it stored, with add_rms_norm's roundings
+    x = got_r.to(nw.dtype).float()
+    norm = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * nw
+    torch.testing.assert_close(got.float(), norm.to(got.dtype).float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="unit stride along Lp"):
+        out_proj_add_rms_norm(y.transpose(1, 2).contiguous().transpose(1, 2), w, b, r, nw, 1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        out_proj_add_rms_norm(y, w.float(), b, r, nw, 1e-5)

@@ -143,6 +143,21 @@ def _taps4(w0, w1, w2, w3, bias, x0, x1, x2, x3, FAST: tl.constexpr):
 
 
 @triton.jit
+def _conv_run8(w0, w1, w2, w3, bias, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10,
+               BLOCK_D: tl.constexpr, NV: tl.constexpr, FAST: tl.constexpr):
+    """A run of 8 outputs (BLOCK_D, NV, 8) of a width-4 conv over the 11-step window a0..a10:
+    output i is SiLU(bias + w0 a_i + w1 a_(i+1) + w2 a_(i+2) + w3 a_(i+3))."""
+    return _pack8(_taps4(w0, w1, w2, w3, bias, a0, a1, a2, a3, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a1, a2, a3, a4, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a2, a3, a4, a5, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a3, a4, a5, a6, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a4, a5, a6, a7, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a5, a6, a7, a8, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a6, a7, a8, a9, FAST),
+                  _taps4(w0, w1, w2, w3, bias, a7, a8, a9, a10, FAST), BLOCK_D, NV)
+
+
+@triton.jit
 def _bidirectional_conv_time_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
                                     s_xb, s_xd, s_yb, s_yd,
                                     HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, NV: tl.constexpr,
@@ -179,24 +194,10 @@ def _bidirectional_conv_time_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
     if HAS_BIAS:
         bf = tl.load(bias_ptr + dd, mask=md, other=0.0).to(tl.float32)
         bb = tl.load(bias_ptr + dim + dd, mask=md, other=0.0).to(tl.float32)
-    # forward tap k reads x[t - 3 + k]
-    uf = _pack8(_taps4(wf0, wf1, wf2, wf3, bf, p5, p6, p7, c0, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, p6, p7, c0, c1, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, p7, c0, c1, c2, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, c0, c1, c2, c3, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, c1, c2, c3, c4, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, c2, c3, c4, c5, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, c3, c4, c5, c6, FAST),
-                _taps4(wf0, wf1, wf2, wf3, bf, c4, c5, c6, c7, FAST), BLOCK_D, NV)
-    # backward tap k reads x[t + 3 - k]
-    ub = _pack8(_taps4(wb0, wb1, wb2, wb3, bb, c3, c2, c1, c0, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, c4, c3, c2, c1, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, c5, c4, c3, c2, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, c6, c5, c4, c3, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, c7, c6, c5, c4, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, n0, c7, c6, c5, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, n1, n0, c7, c6, FAST),
-                _taps4(wb0, wb1, wb2, wb3, bb, n2, n1, n0, c7, FAST), BLOCK_D, NV)
+    # forward tap k reads x[t - 3 + k]: the window from 3 steps before the run
+    uf = _conv_run8(wf0, wf1, wf2, wf3, bf, p5, p6, p7, c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_D, NV, FAST)
+    # backward tap k reads x[t + 3 - k]: the window from the run's first step, the taps reversed
+    ub = _conv_run8(wb3, wb2, wb1, wb0, bb, c0, c1, c2, c3, c4, c5, c6, c7, n0, n1, n2, BLOCK_D, NV, FAST)
     out = y_ptr + b * s_yb + d.to(tl.int64) * s_yd + tt
     if inner:
         tl.store(out, uf.to(y_ptr.dtype.element_ty))
