@@ -368,17 +368,28 @@ def test_padding_never_reaches_the_true_steps():
         bi(h, length=33)
 
 
-def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
+@pytest.mark.parametrize("fuse_out", ["1", "0"])
+def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch, fuse_out):
     """The encoder pads 17 tokens (16 patches and the class token) to 32 once, runs every layer
-    on the padded rows, and returns the same features as the unpadded torch path."""
+    on the padded rows, and returns the same features as the unpadded torch path; with each
+    layer's out_proj fused into the next block's add and RMSNorm (all but the last) or not."""
+    monkeypatch.setenv("MAMBAKIT_VIM_FUSE_OUT", fuse_out)
     torch.manual_seed(0)
-    model = create_model("vim_tiny", num_classes=5, img_size=32, patch_size=8, d_model=16, n_layer=2).to(DEVICE)
+    model = create_model("vim_tiny", num_classes=5, img_size=32, patch_size=8, d_model=16, n_layer=3).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the initial norms' ones, so that the fused norm is seen
+            p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
-    lengths = []
+    lengths, fused = [], []
     for m in mixers:
         real = m._padded_inference
-        monkeypatch.setattr(m, "_padded_inference", lambda h, n, real=real: lengths.append((h.shape[1], n)) or real(h, n))
+
+        def spy(h, n, then_norm=None, real=real):
+            lengths.append((h.shape[1], n))
+            fused.append(then_norm is not None)
+            return real(h, n, then_norm)
+        monkeypatch.setattr(m, "_padded_inference", spy)
     with torch.no_grad():
         for m in mixers:
             m.backend = "torch"
@@ -386,7 +397,8 @@ def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
         for m in mixers:
             m.backend = "triton"
         got = model.forward_features(x)
-    assert lengths == [(32, 17)] * 2
+    assert lengths == [(32, 17)] * 3
+    assert fused == ([True, True, False] if fuse_out == "1" else [False] * 3)
     assert got.shape == want.shape == (2, 17, 16)
     torch.testing.assert_close(got, want, rtol=5e-5, atol=5e-5)
 
