@@ -266,7 +266,7 @@ def _conv_time_rows(x, weight, bias, length, out, block):
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(2),
             out.stride(0), out.stride(1)],
            dict(HAS_BIAS=bias is not None, BLOCK_D=block_d, NV=runs,
-                FAST=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps))
+                FAST=not _interpreting(), num_warps=warps))
     return out
 
 

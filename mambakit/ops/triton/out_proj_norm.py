@@ -14,12 +14,11 @@ so the product is never written and read again. The readable reference is
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import _interpreting
 from .host import cdiv, next_power_of_2
 from .launch import launch
 
@@ -89,7 +88,7 @@ def out_proj_add_rms_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     out = torch.empty(batch, padded, n, device=y.device, dtype=out_dtype)
     r_out = torch.empty(batch, padded, n, device=y.device, dtype=torch.float32)
     block_m, block_k, warps = block or (16, 64, 4)  # not yet tuned on a GPU (tune_vim.py --parts outnorm)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = _interpreting()
     launch(_out_proj_add_rms_norm_kernel, (batch, cdiv(padded, block_m)),
            [y, weight, bias if bias is not None else weight, residual if residual is not None else r_out,
             norm_weight, out, r_out, padded, k, n, eps, y.stride(0), y.stride(1),
