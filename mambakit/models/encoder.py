@@ -16,7 +16,6 @@ the padding before the final norm."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..modules.bimamba import BiMamba
 from ..modules.block import Block
-from ..modules.norm import RMSNorm, make_norm
+from ..modules.norm import make_norm
 from .scan_orders import IdentityOrder, ScanOrder
 
 
@@ -105,35 +104,12 @@ class MambaEncoder(nn.Module):
         padded = self._padded_length(hidden, order)
         if padded != length:  # zero steps after each sequence: whole 16-step rows for the Triton scan
             hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], padded - length, hidden.shape[2])], 1)
-        if self._fuses_out_proj(hidden, order):
-            hidden, residual = self._padded_layers(hidden, length)
-        else:
-            residual = None
-            for layer in self.layers:
-                hidden, residual = layer(hidden, residual, order, length if padded != length else None)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, order, length if padded != length else None)
         residual = hidden if residual is None else residual + hidden
         residual = residual[:, :length]
         return self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L, D)
-
-    def _fuses_out_proj(self, hidden: torch.Tensor, order: ScanOrder) -> bool:
-        """Whether each layer's out_proj takes the next block's residual add and RMSNorm with it
-        (`_padded_layers`): every layer on the padded Triton path (identity order, rows of 16
-        steps), RMSNorm, the residual in fp32. MAMBAKIT_VIM_FUSE_OUT=0 turns it off."""
-        return (len(self.layers) > 1 and order.is_identity() and hidden.shape[1] % 16 == 0
-                and self.cfg.residual_in_fp32 and all(isinstance(layer.norm, RMSNorm) for layer in self.layers)
-                and self.layers[0].mixer.paths[0]._triton_inference(hidden)
-                and os.environ.get("MAMBAKIT_VIM_FUSE_OUT", "1") != "0")
-
-    def _padded_layers(self, hidden: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layers on the padded path with out_proj fused into the next block's add and norm:
-        (the last layer's output, the residual before it)."""
-        kind = hidden.device.type
-        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        hidden, residual = self.layers[0]._pre_inference(hidden, None)
-        for layer, nxt in zip(self.layers[:-1], self.layers[1:]):
-            hidden, residual = layer.mixer.paths[0]._padded_inference(
-                hidden, length, (residual, nxt.norm.weight, nxt.norm.eps, out_dtype))
-        return self.layers[-1].mixer.paths[0]._padded_inference(hidden, length), residual
 
     def _padded_length(self, hidden: torch.Tensor, order: ScanOrder) -> int:
         """The sequence length the layers run at: L rounded up to a multiple of 16 when every

@@ -166,11 +166,10 @@ class BiMamba(nn.Module):
             return hidden.is_cuda and ops.triton_available()
         return ops._resolve(self.backend, hidden) == "triton"
 
-    def _padded_inference(self, hidden: torch.Tensor, length: int, then_norm: tuple | None = None):
+    def _padded_inference(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
         """hidden (B, Lp, d_model), Lp a multiple of 16, the steps from `length` on padding ->
-        (B, Lp, d_model), or with then_norm the next block's (normed, residual):
-        modules/bimamba_padded.py."""
-        return padded_inference(self, hidden, length, then_norm)
+        (B, Lp, d_model): modules/bimamba_padded.py."""
+        return padded_inference(self, hidden, length)
 
     # -- the reference: two explicit single-direction scans ------------------------------------
 

@@ -70,7 +70,7 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
 
 
-def padded_inference(mixer, hidden: torch.Tensor, length: int, then_norm: tuple | None = None):
+def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     """hidden (B, Lp, d_model), Lp a multiple of 16 and the steps from `length` on padding ->
     (B, Lp, d_model). Every activation from in_proj on is batch-major (B, C, Lp), time
     contiguous, so the conv reads and writes rows of aligned runs of steps, each sequence's row
@@ -87,11 +87,7 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int, then_norm: tuple 
     so the scan, bound by its special-function unit, spends it on exp(ΔA) alone. The forward
     scan writes y_f + D u (ungated) over its input; the backward scan adds it to its own and
     gates once, (y_f + y_b) SiLU(z) / 2, over the forward's rows, so out_proj reads D_inner
-    channels.
-
-    then_norm = (residual or None, norm weight, eps, out_dtype or None): the next block's residual
-    add and RMSNorm fused into out_proj (ops/triton/out_proj_norm.py); returns (normed, new fp32
-    residual) instead of the output."""
+    channels."""
     from ..ops.triton.bidirectional import bidirectional_conv
     from ..ops.triton.dt_softplus import dt_softplus
     from ..ops.triton.selective_scan import scan_fwd
@@ -130,9 +126,5 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int, then_norm: tuple 
             scan_fwd(u, delta, w.A[1], B_, C_, w.D[1], z, None, None, False, None, False, out=y_f,
                      reverse=True, add=y_f, out_scale=w.out_scale, fixed_bc_stride=True)
         del x_dbl, delta, B_, C_
-    if then_norm is not None:
-        from ..ops.triton.out_proj_norm import out_proj_add_rms_norm
-        residual, norm_weight, eps, out_dtype = then_norm
-        return out_proj_add_rms_norm(y_f, w.out, w.out_bias, residual, norm_weight, eps, out_dtype)
     out = torch.bmm(y_f.transpose(1, 2), w.out.t().expand(batch, di, w.out.shape[0]))  # (B, Lp, d_model)
     return out if w.out_bias is None else out + w.out_bias

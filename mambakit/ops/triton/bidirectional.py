@@ -260,7 +260,9 @@ def _conv_time_rows(x, weight, bias, length, out, block):
     if padded % 8 or x.stride(2) % 8 or x.data_ptr() % 16 or out.stride(1) % 8 or out.data_ptr() % 16:
         raise ValueError(f"bidirectional_conv: time rows must be 16-byte aligned runs of 8 steps (Lp = {padded}, "
                          f"strides {x.stride()} and {out.stride()})")
-    block_d, runs, warps = block or (32, 4, 4)  # channels, runs of 8 steps, warps
+    # (channels, runs of 8 steps, warps), from the H200 at Vim-Ti's 1024-px shape (tune_vim.py --parts
+    # convtime): 16 x 8 x 4 0.21 ms against 0.28 from token rows; 32 x 4 x 4 0.66, 64 x 8 x 8 0.56
+    block_d, runs, warps = block or (16, 8, 4)
     grid = (batch, cdiv(padded, runs * 8), cdiv(dim, block_d))
     launch(_bidirectional_conv_time_kernel, grid,
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(2),
