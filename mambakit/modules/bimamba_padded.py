@@ -17,10 +17,8 @@ class PaddedWeights:
     conv (2D, K_conv) and its bias stack the two directions; out is out_proj's weight, and
     out_scale 1/2 with divide_out (the backward scan adds the two directions and scales their sum)."""
     key: tuple
-    in_x: torch.Tensor
-    in_x_bias: torch.Tensor | None
-    in_z: torch.Tensor
-    in_z_bias: torch.Tensor | None
+    in_proj: torch.Tensor
+    in_proj_bias: torch.Tensor | None
     conv: torch.Tensor
     conv_bias: torch.Tensor | None
     x_proj: tuple[torch.Tensor, torch.Tensor]
@@ -31,6 +29,10 @@ class PaddedWeights:
     out: torch.Tensor
     out_bias: torch.Tensor | None
     out_scale: float
+
+    @property
+    def d_inner(self) -> int:
+        return self.in_proj.shape[0] // 2
 
 
 def padded_weights(mixer, dtype: torch.dtype) -> PaddedWeights:
@@ -51,8 +53,7 @@ def padded_weights(mixer, dtype: torch.dtype) -> PaddedWeights:
         f, b = mixer.direction_params(False), mixer.direction_params(True)
         conv_b = None if f["conv1d"].bias is None else fp32(torch.cat([f["conv1d"].bias, b["conv1d"].bias]))
         weights = PaddedWeights(
-            key=key, in_x=cast(w_in[:di]), in_x_bias=cast(None if b_in is None else b_in[:di]),
-            in_z=cast(w_in[di:]), in_z_bias=cast(None if b_in is None else b_in[di:]),
+            key=key, in_proj=cast(w_in), in_proj_bias=cast(b_in),
             conv=fp32(torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])), conv_bias=conv_b,
             x_proj=(cast(f["x_proj"].weight), cast(b["x_proj"].weight)),
             dt_proj=(cast(f["dt_proj"].weight), cast(b["dt_proj"].weight)),
@@ -98,26 +99,31 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     dtype = compute_dtype(hidden)
     w = padded_weights(mixer, dtype)
     tokens_t = hidden.to(dtype).transpose(1, 2)  # (B, d_model, Lp)
-    # x, then z (B, D_inner, Lp): one product a sequence each, time contiguous (the conv reads x as
-    # aligned runs of steps; the scans read z as vectors). Made one after the other, so that x is
-    # freed before z exists: the layer's peak stays x or z beside the conv's two directions
-    if w.conv.shape[1] == 4:  # the conv kernel over time rows has width 4 (Vim's)
-        x = torch.bmm(w.in_x.expand(batch, *w.in_x.shape), tokens_t).transpose(1, 2)  # (B, Lp, D_inner) view
-        if w.in_x_bias is not None:
-            x += w.in_x_bias
-    else:  # token rows (B, Lp, D_inner), for the conv's row shifts
-        x = F.linear(tokens_t.transpose(1, 2), w.in_x, w.in_x_bias)
-    rows = x.new_empty(batch, 2 * di, padded)  # both directions' conv outputs; then y_f, then the output
-    bidirectional_conv(x, w.conv, w.conv_bias, length, rows)
-    del x
-    z = torch.bmm(w.in_z.expand(batch, *w.in_z.shape), tokens_t)
-    if w.in_z_bias is not None:
-        z += w.in_z_bias[:, None]
+    rows = hidden.new_empty(batch, 2 * di, padded, dtype=dtype)  # both directions' conv outputs; then y_f, the output
+    if w.conv.shape[1] == 4:
+        # the conv kernel over time rows has width 4 (Vim's): x and z (B, 2 D_inner, Lp) from one
+        # batched product a sequence, time contiguous (the conv reads x as aligned runs of steps;
+        # the scans read z as vectors). Once the conv has read x, each direction's Δ is written
+        # over it, so the layer's peak is no larger than with x and z made one after the other
+        xz = torch.bmm(w.in_proj.expand(batch, *w.in_proj.shape), tokens_t)
+        if w.in_proj_bias is not None:
+            xz += w.in_proj_bias[:, None]
+        x, z = xz[:, :di].transpose(1, 2), xz[:, di:]  # (B, Lp, D_inner) view, (B, D_inner, Lp)
+        bidirectional_conv(x, w.conv, w.conv_bias, length, rows)
+        delta_buf = xz[:, :di]  # (B, D_inner, Lp), x no longer needed
+    else:  # token rows (B, Lp, D_inner), for the conv's row shifts; z made once x is freed
+        x = F.linear(tokens_t.transpose(1, 2), w.in_proj[:di], None if w.in_proj_bias is None else w.in_proj_bias[:di])
+        bidirectional_conv(x, w.conv, w.conv_bias, length, rows)
+        del x
+        z = torch.bmm(w.in_proj[di:].expand(batch, di, w.in_proj.shape[1]), tokens_t)
+        if w.in_proj_bias is not None:
+            z += w.in_proj_bias[di:, None]
+        delta_buf = None
     y_f = rows[:, :di]  # (B, D_inner, Lp)
     for k in (0, 1):
         u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
         x_dbl = torch.matmul(w.x_proj[k], u)  # (B, R + 2N, Lp)
-        delta = dt_softplus(w.dt_proj[k], x_dbl[:, :r], w.dt_bias[k])  # (B, D_inner, Lp), after the softplus
+        delta = dt_softplus(w.dt_proj[k], x_dbl[:, :r], w.dt_bias[k], out=delta_buf)  # (B, D_inner, Lp), after the softplus
         B_, C_ = x_dbl[:, r:r + n], x_dbl[:, r + n:r + 2 * n]  # (B, N, Lp) each
         if k == 0:
             scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,

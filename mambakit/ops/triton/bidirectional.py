@@ -261,8 +261,9 @@ def _conv_time_rows(x, weight, bias, length, out, block):
         raise ValueError(f"bidirectional_conv: time rows must be 16-byte aligned runs of 8 steps (Lp = {padded}, "
                          f"strides {x.stride()} and {out.stride()})")
     # (channels, runs of 8 steps, warps), from the H200 at Vim-Ti's 1024-px shape (tune_vim.py --parts
-    # convtime): 16 x 8 x 4 0.21 ms against 0.28 from token rows; 32 x 4 x 4 0.66, 64 x 8 x 8 0.56
-    block_d, runs, warps = block or (16, 8, 4)
+    # convtime, session 14): 4 x 32 x 4 0.193 ms, 8 x 16 x 4 0.206, 16 x 8 x 4 0.211, against 0.275
+    # from token rows; 32 x 4 x 4 0.64. A warp's lanes along time read and write whole rows
+    block_d, runs, warps = block or (4, 32, 4)
     grid = (batch, cdiv(padded, runs * 8), cdiv(dim, block_d))
     launch(_bidirectional_conv_time_kernel, grid,
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(2),
