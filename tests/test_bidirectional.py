@@ -297,20 +297,23 @@ def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
     torch.testing.assert_close(y_rev.float(), want, rtol=2e-2, atol=2e-2)
 
 
-def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True, d_conv: int = 4) -> BiMamba:
+def _bimamba(d_model: int = 12, seed: int = 0, divide_out: bool = True, d_conv: int = 4,
+             bias: bool = False) -> BiMamba:
     torch.manual_seed(seed)
-    bi = BiMamba(d_model, d_state=8, divide_out=divide_out, d_conv=d_conv).to(DEVICE)
+    bi = BiMamba(d_model, d_state=8, divide_out=divide_out, d_conv=d_conv, bias=bias).to(DEVICE)
     with torch.no_grad():
         for p in bi.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return bi
 
 
-@pytest.mark.parametrize("length,divide_out,d_conv",
-                         [(21, True, 4), (32, False, 4), (1, True, 4), (21, True, 3)])
-def test_padded_inference_equals_the_two_direction_reference(length, divide_out, d_conv, monkeypatch):
-    """Width 4 (Vim's) takes the conv over time rows; another width, the conv over token rows."""
-    bi = _bimamba(divide_out=divide_out, d_conv=d_conv)
+@pytest.mark.parametrize("length,divide_out,d_conv,bias",
+                         [(21, True, 4, False), (32, False, 4, False), (1, True, 4, False), (21, True, 3, False),
+                          (21, True, 4, True), (17, True, 3, True)])
+def test_padded_inference_equals_the_two_direction_reference(length, divide_out, d_conv, bias, monkeypatch):
+    """Width 4 (Vim's) takes the conv over time rows (x and z from one product, Δ written over x);
+    another width, the conv over token rows. `bias`: in_proj and out_proj with their biases."""
+    bi = _bimamba(divide_out=divide_out, d_conv=d_conv, bias=bias)
     bi.backend = "triton"
     h = torch.randn(3, length, 12, device=DEVICE)
     calls = []

@@ -114,16 +114,17 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     else:  # token rows (B, Lp, D_inner), for the conv's row shifts; z made once x is freed
         x = F.linear(tokens_t.transpose(1, 2), w.in_proj[:di], None if w.in_proj_bias is None else w.in_proj_bias[:di])
         bidirectional_conv(x, w.conv, w.conv_bias, length, rows)
-        del x
+        x = None  # freed before z exists
         z = torch.bmm(w.in_proj[di:].expand(batch, di, w.in_proj.shape[1]), tokens_t)
         if w.in_proj_bias is not None:
             z += w.in_proj_bias[di:, None]
-        delta_buf = None
+        xz = delta_buf = None
     y_f = rows[:, :di]  # (B, D_inner, Lp)
     for k in (0, 1):
         u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
         x_dbl = torch.matmul(w.x_proj[k], u)  # (B, R + 2N, Lp)
-        delta = dt_softplus(w.dt_proj[k], x_dbl[:, :r], w.dt_bias[k], out=delta_buf)  # (B, D_inner, Lp), after the softplus
+        # (B, D_inner, Lp), after the softplus
+        delta = dt_softplus(w.dt_proj[k], x_dbl[:, :r], w.dt_bias[k], out=delta_buf)
         B_, C_ = x_dbl[:, r:r + n], x_dbl[:, r + n:r + 2 * n]  # (B, N, Lp) each
         if k == 0:
             scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,
@@ -132,5 +133,8 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
             scan_fwd(u, delta, w.A[1], B_, C_, w.D[1], z, None, None, False, None, False, out=y_f,
                      reverse=True, add=y_f, out_scale=w.out_scale, fixed_bc_stride=True)
         del x_dbl, delta, B_, C_
+    # x, z and Δ freed before out_proj's output exists: kept, they made the layer's peak (Vim-Ti at
+    # 1024 px, batch 64: 2.334 against 2.263 GiB)
+    del xz, x, z, delta_buf
     out = torch.bmm(y_f.transpose(1, 2), w.out.t().expand(batch, di, w.out.shape[0]))  # (B, Lp, d_model)
     return out if w.out_bias is None else out + w.out_bias

@@ -63,22 +63,12 @@ def _widen(x, FAST: tl.constexpr):
         return x.to(tl.float32)
 
 
-# MAMBAKIT_SILU_TANH=1 (an experiment, read at import): FAST SiLU as h + h tanh(h), h = x / 2, one
-# special-function operation (tanh.approx.f32, relative error about 2^-11) instead of two
-_SILU_TANH = tl.constexpr(os.environ.get("MAMBAKIT_SILU_TANH", "0") == "1")
-
-
 @triton.jit
 def _silu(x, FAST: tl.constexpr):
     """x * sigmoid(x); with FAST as x / (1 + 2^(-x log2 e)) on the special-function unit (MUFU.EX2,
     MUFU.RCP, flushing subnormals: a relative error of a few ulp) instead of tl.sigmoid's
     IEEE division."""
-    if FAST and _SILU_TANH:
-        h = x * 0.5
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-        return h + h * t
-    elif FAST:
+    if FAST:
         e = tl.exp2(x * -1.4426950408889634)
         r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
                                       is_pure=True, pack=1)
