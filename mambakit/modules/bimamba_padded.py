@@ -30,10 +30,6 @@ class PaddedWeights:
     out_bias: torch.Tensor | None
     out_scale: float
 
-    @property
-    def d_inner(self) -> int:
-        return self.in_proj.shape[0] // 2
-
 
 def padded_weights(mixer, dtype: torch.dtype) -> PaddedWeights:
     """The mixer's PaddedWeights in `dtype`, kept on the mixer and made again when any parameter

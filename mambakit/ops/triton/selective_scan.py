@@ -527,6 +527,10 @@ def dbc_dtype(B, C) -> torch.dtype:
     return B.dtype if B.dtype == C.dtype else torch.float32
 
 
+# MAMBAKIT_REVERSE_WORDS=0 (read once, at import): the reversed scan without the words prefetch (a sweep's A/B)
+_REVERSE_WORDS = os.environ.get("MAMBAKIT_REVERSE_WORDS", "1") == "1"
+
+
 def _bc_words_fit(B, C, shape: dict, align: int = 4) -> bool:
     """Whether the lanes forward can load B and C as 32-bit words of two bf16 time steps (PREFETCH
     2): bf16 rows with unit stride along time, every chunk in bounds (EVEN) and of an even
@@ -609,16 +613,13 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     if (reverse or fixed_bc_stride) and "PREFETCH" not in (lanes or {}):
         # Vim's padded path: each chunk's loads issued a chunk ahead (Vim-Ti at 1024 px, batch 64:
         # forward 0.841 -> 0.779 ms, reversed 0.993 -> 0.871; results/tune_vim_h200.jsonl), B and
-        # C as 32-bit words of two bf16 steps where their rows allow it (PREFETCH 2, the forward
-        # only: the reversed scan read wrong steps from the widened words on sm_90). It compiles
+        # C as 32-bit words of two bf16 steps where their rows allow it (PREFETCH 2). It compiles
         # to about 167 registers offline; uncapped, the whole model took 95.0 against 66.4 ms, as
         # past 168 registers an SM holds 11 one-warp programs instead of 12 and Vim-Ti's 1,536 at
-        # 1024 px no longer fit one wave. Capped at 168: 64.9 ms, the same features
-        # the reversed scan with words: right on sm_90 where the rows are 16-byte aligned
-        # (session 13's diagnostic), wrong where they are only 4-byte aligned (session 12);
-        # MAMBAKIT_REVERSE_WORDS=0 turns it off (a sweep's A/B)
-        words_reversed = os.environ.get("MAMBAKIT_REVERSE_WORDS", "1") == "1"
-        if _bc_words_fit(B, C, shape, 16 if reverse else 4) and (words_reversed or not reverse):
+        # 1024 px no longer fit one wave; capped at 168, 64.9 ms with the same features. The
+        # reversed scan takes the words only where the rows are 16-byte aligned: right on sm_90
+        # there (session 13's diagnostic), wrong where they are only 4-byte aligned (session 12)
+        if _bc_words_fit(B, C, shape, 16 if reverse else 4) and (_REVERSE_WORDS or not reverse):
             shape = {**shape, "PREFETCH": 2, "maxnreg": 168}
         else:
             shape = {**shape, "PREFETCH": 1}
