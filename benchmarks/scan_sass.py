@@ -45,14 +45,14 @@ p.add_argument("--dump", action="store_true", help="print the loop's SASS")
 args = p.parse_args()
 
 # the padded path's calls (modules/bimamba_padded.py): batch-major (B, C, Lp) rows, Δ after its
-# softplus (dt_softplus), B and C slices of x_proj's (B, R + 2N, Lp) output with their state stride
-# compiled in; the forward ungated over its input, the reversed one gated, adding the forward's output
+# softplus and B and C as x_proj_delta writes them ((B, 2N, Lp), their state stride compiled in);
+# the forward ungated over its input, the reversed one gated, adding the forward's output
 captured = {}
 ss.launch = lambda kernel, grid, a, kw: captured.update(kernel=kernel, args=a, kwargs=dict(kw))
 batch, di, n, lp, bf16 = args.batch, args.dim, 16, args.length, torch.bfloat16
 u, delta, z, y_f = (torch.empty(batch, di, lp, dtype=bf16) for _ in range(4))
-x_dbl = torch.empty(batch, 12 + 2 * n, lp, dtype=bf16 if args.bc_dtype == "bf16" else torch.float32)
-B_, C_ = x_dbl[:, 12:12 + n], x_dbl[:, 12 + n:]
+bc = torch.empty(batch, 2 * n, lp, dtype=bf16 if args.bc_dtype == "bf16" else torch.float32)
+B_, C_ = bc[:, :n], bc[:, n:]
 if args.reverse:
     ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), z, None, None, False, None, False,
                 out=y_f, reverse=True, add=y_f, out_scale=0.5, fixed_bc_stride=True, lanes=args.lanes)

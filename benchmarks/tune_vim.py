@@ -13,12 +13,13 @@ the padded path is batch-major (B, C, Lp) since session 13, after `--parts layou
   (R + 2N, B*Lp) columns, each direction gated);
 - x_proj with bf16 against fp32 output;
 - the bidirectional conv's (BLOCK_L, BLOCK_D, warps) x a register cap (maxnreg);
-- Δ = dt_proj(dt): cuBLAS with K padded to 16 against dt_softplus (bias and softplus fused),
-  over its tiles.
+- Δ and B, C from one read of u (x_proj_delta, `--parts xproj`) over its tiles, against x_proj's
+  bmm alone.
 
-    --parts scan,conv,gemm,layout,convtime   (default: scan,conv,gemm; layout: u, z, y as columns
-                                     against batch-major buffers, for the conv and the scan;
-                                     convtime: the conv from time rows over its tiles)"""
+    --parts scan,conv,gemm,layout,convtime,xproj   (default: scan,conv,gemm; layout: u, z, y as
+                                     columns against batch-major buffers, for the conv and the scan;
+                                     convtime: the conv from time rows over its tiles; xproj:
+                                     x_proj_delta over its tiles against x_proj's bmm alone)"""
 import argparse, itertools, json, sys
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mambakit.ops.triton.bidirectional import bidirectional_conv  # noqa: E402
-from mambakit.ops.triton.dt_softplus import dt_softplus  # noqa: E402
 from mambakit.ops.triton.selective_scan import scan_fwd  # noqa: E402
+from mambakit.ops.triton.x_proj_delta import x_proj_delta  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -74,7 +75,7 @@ for reverse in (False, True) if "scan" in args.parts else ():
 # the padded path's form: x_proj's output (B, R + 2N, Lp), in fp32 or (to compare) bf16
 x_dbl = torch.matmul(w_x.float(), u.float())  # (B, R + 2N, Lp) fp32
 y_f = torch.randn_like(u)
-dt = torch.nn.functional.softplus(delta.float() + bias[:, None]).to(bf16)  # Δ as dt_softplus hands it over
+dt = torch.nn.functional.softplus(delta.float() + bias[:, None]).to(bf16)  # Δ as x_proj_delta hands it over
 # (NL lanes over states, channels per program, warps, steps per chunk): several channels per
 # thread (BLOCK_D > 32 / NL per warp) share each thread's B and C registers
 SHAPES = [(2, 16, 1, 4), (2, 32, 1, 4), (2, 64, 2, 4), (1, 64, 1, 2), (4, 32, 1, 4), (4, 16, 1, 4), (1, 32, 1, 4),
@@ -134,9 +135,10 @@ if "convtime" in args.parts:
     u2b = torch.empty(batch, 2 * di, lp, device=dev, dtype=bf16)
     emit(dict(part="convtime", form="token rows (32, 128, 4)", ms=round(do_bench(
         lambda: bidirectional_conv(x_rows, w, cb, length, u2b), warmup=5, rep=30), 4)))
-    # session 14: (16, 8, 4) 0.21 ms, every other of (32|64|128, 2-16, 2-8) 0.50-0.66
-    for bd_, runs, warps in [(16, 8, 4), (32, 4, 4), (8, 16, 4), (4, 32, 4), (16, 16, 4), (16, 8, 2), (8, 8, 2),
-                             (8, 16, 2), (16, 16, 8), (8, 32, 8), (16, 32, 8), (4, 8, 1), (8, 4, 1), (8, 8, 4)]:
+    # session 14: (4, 32, 4) 0.193 ms, (16, 8, 4) 0.21, every other of (32|64|128, 2-16, 2-8) 0.50-0.66.
+    # Session 15: longer runs of each row a program (fewer channels, more steps)
+    for bd_, runs, warps in [(4, 32, 4), (2, 64, 4), (1, 128, 4), (2, 128, 8), (4, 64, 4), (4, 64, 8), (1, 64, 2),
+                             (2, 32, 2), (8, 16, 4), (8, 32, 8)]:
         try:
             ms = do_bench(lambda: bidirectional_conv(x_time.transpose(1, 2), w, cb, length, u2b,
                                                      block=(bd_, runs, warps)), warmup=5, rep=30)
@@ -170,12 +172,25 @@ if "layout" in args.parts:
                                  reverse=reverse, add=extra["add"], out_scale=extra["out_scale"],
                                  fixed_bc_stride=True), warmup=5, rep=30), 4)))
 
-w_dt16 = torch.randn(di, 16, device=dev, dtype=bf16)
-if "gemm" in args.parts:
-    x_b = x_dbl.to(bf16)
-    emit(dict(part="dt_gemm", form="bmm, K padded to 16", ms=round(do_bench(lambda: torch.matmul(w_dt16, x_b[:, :16]),
-                                                                         warmup=5, rep=30), 4)))
-    w_dt = w_dt16[:, :r].contiguous()
-    for tile in (None, (128, 64, 4), (128, 128, 8), (64, 64, 4), (128, 32, 4)):
-        emit(dict(part="dt_gemm", form="dt_softplus (bias, softplus fused)", block=tile,
-                  ms=round(do_bench(lambda: dt_softplus(w_dt, x_b[:, :r], bias, block=tile), warmup=5, rep=30), 4)))
+if "xproj" in args.parts:
+    # Δ and B, C from one read of u (x_proj_delta) against x_proj's bmm alone (session 15: bmm + the
+    # dt_softplus kernel it replaced 0.1527 ms, x_proj_delta 0.1497-0.1596 over these tiles)
+    ub = torch.randn(batch, di, lp, device=dev, dtype=bf16)
+    w_dt = (torch.randn(di, r, device=dev) * r ** -0.5).to(bf16)
+    delta_buf = torch.empty(batch, di, lp, device=dev, dtype=bf16)
+    ref_delta, ref_bc = (t.float() for t in x_proj_delta(ub, w_x, w_dt, bias, n, block=(64, 64, 64, 4)))
+    emit(dict(part="xproj", form="x_proj bmm alone", ms=round(do_bench(lambda: torch.matmul(w_x, ub), warmup=5,
+                                                                       rep=30), 4)))
+    for tile in [None, (64, 64, 128, 4), (64, 128, 128, 4), (64, 32, 128, 4), (128, 64, 128, 4), (128, 64, 128, 8),
+                 (128, 64, 64, 4), (32, 64, 128, 4), (32, 128, 64, 4), (64, 64, 64, 4), (64, 64, 128, 8),
+                 (64, 64, 128, 4, 2), (64, 64, 128, 4, 4), (128, 128, 128, 8), (64, 128, 64, 4, 2)]:
+        try:
+            ms = do_bench(lambda: x_proj_delta(ub, w_x, w_dt, bias, n, delta_out=delta_buf, block=tile),
+                          warmup=5, rep=30)
+            got_delta, got_bc = x_proj_delta(ub, w_x, w_dt, bias, n, block=tile)
+        except Exception as e:  # noqa: BLE001 (a shape that does not compile is skipped)
+            print(tile, "fail", type(e).__name__, str(e)[:200], flush=True)
+            continue
+        emit(dict(part="xproj", block=tile, ms=round(ms, 4),
+                  err_delta=round((got_delta.float() - ref_delta).abs().max().item(), 5),
+                  err_bc=round((got_bc.float() - ref_bc).abs().max().item(), 5)))

@@ -13,8 +13,8 @@ from mambakit.models.vision import create_model
 from mambakit.modules.bimamba import BiMamba
 from mambakit.ops.reference import selective_scan_ref
 from mambakit.ops.triton.bidirectional import bidirectional_conv, bidirectional_conv_ref
-from mambakit.ops.triton.dt_softplus import dt_softplus, dt_softplus_ref
 from mambakit.ops.triton.selective_scan import scan_fwd
+from mambakit.ops.triton.x_proj_delta import x_proj_delta, x_proj_delta_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,6 +61,23 @@ def test_bidirectional_conv_is_two_causal_convs(length, padded, bias, dim, layou
     if length > 1:
         assert not torch.allclose(out2[:, dim:, 0], out[:, dim:, 0])
         torch.testing.assert_close(out2[:, :dim, 0], out[:, :dim, 0])
+
+
+@pytest.mark.parametrize("block", [(4, 2, 1), (16, 2, 4), (2, 4, 2), (8, 1, 2)])
+@pytest.mark.parametrize("length,padded,dim", [(100, 112, 24), (112, 112, 16), (40, 48, 8)])
+def test_bidirectional_conv_time_rows_over_its_tiles(block, length, padded, dim):
+    """The conv from time rows with small tiles (channels, runs of 8 steps, warps), so that the
+    kernel meets every kind of tile: the masked first tile of a row, unmasked inner tiles (a run
+    either side inside the sequence), masked last ones and partial channel blocks (24 channels in
+    blocks of 16). The default tile (256 steps) has no inner tile at these lengths."""
+    g = torch.Generator().manual_seed(length + dim)
+    x = torch.randn(2, dim + 3, padded, generator=g).to(DEVICE)[:, 1:dim + 1].transpose(1, 2)  # (B, Lp, D) view
+    x[:, length:] = 1e3  # padding steps: must never be read
+    w = torch.randn(2 * dim, 4, generator=g).to(DEVICE)
+    b = torch.randn(2 * dim, generator=g).to(DEVICE)
+    out = torch.full((2, 2 * dim, padded), float("nan"), device=DEVICE)
+    bidirectional_conv(x, w, b, length, out, block=block)
+    torch.testing.assert_close(out, bidirectional_conv_ref(x, w, b, length), rtol=1e-5, atol=1e-5)
 
 
 def test_bidirectional_conv_bad_input():
@@ -141,46 +158,84 @@ def test_reversed_scan_with_few_rows_flips_around_the_segmented_forward(monkeypa
     torch.testing.assert_close(final, want_final, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dim,rank,length,bias", [(8, 3, 21, True), (40, 12, 140, False), (24, 17, 16, True)])
-def test_dt_softplus_is_the_projection_with_its_bias_and_softplus(dim, rank, length, bias):
-    """Δ = softplus(W x + b) from the rows of an x_proj output (B, R + 2N, L) as the padded path
-    slices them: K below, at and above 16 (the kernel pads K to a power of two >= 16 with zero
-    loads), channels and steps not multiples of the tile, and large arguments (softplus(x) = x)
-    and very negative ones (its series branch)."""
-    g = torch.Generator().manual_seed(dim + rank)
-    x_dbl = torch.randn(2, rank + 8, length, generator=g).to(DEVICE) * 2
-    x_dbl[0, 0, :4] = 200.0
-    x_dbl[1, 0, :4] = -200.0
-    x = x_dbl[:, :rank]
-    w = torch.randn(dim, rank, generator=g).to(DEVICE)
-    w[:, 0] = 1.0
-    b = torch.randn(dim, generator=g).to(DEVICE) if bias else None
-    got = dt_softplus(w, x, b)
-    want = dt_softplus_ref(w, x, b)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert (got[0, :, :4] > 20).all() and (got[1, :, :4] < 1e-10).all()  # both ends of the softplus were met
-    out = torch.full((2, dim, length + 3), float("nan"), device=DEVICE)[..., :length]
-    assert dt_softplus(w, x, b, out=out) is out
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="K=3|x must be"):
-        dt_softplus(w, x_dbl[:, :rank + 1], b)
-    with pytest.raises(ValueError, match="must match"):
-        dt_softplus(w.double(), x, b)
+def test_x_proj_delta_softplus_at_both_ends():
+    """Large arguments (softplus(x) = x) and very negative ones (its series branch) through the
+    dt projection: dt_low's first row is u's first channel (x_proj row 0 picks it), and every
+    channel's dt weight on it is 1."""
+    g = torch.Generator().manual_seed(5)
+    dim, rank, n, length = 8, 3, 4, 21
+    u = torch.randn(2, dim, length, generator=g).to(DEVICE) * 2
+    u[0, 0, :4] = 200.0
+    u[1, 0, :4] = -200.0
+    wx = torch.randn(rank + 2 * n, dim, generator=g).to(DEVICE) * 0.1
+    wx[0] = 0.0
+    wx[0, 0] = 1.0
+    wdt = torch.randn(dim, rank, generator=g).to(DEVICE) * 0.1
+    wdt[:, 0] = 1.0
+    b = torch.randn(dim, generator=g).to(DEVICE)
+    delta, _ = x_proj_delta(u, wx, wdt, b, n)
+    want, _ = x_proj_delta_ref(u, wx, wdt, b, n)
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6)
+    assert (delta[0, :, :4] > 20).all() and (delta[1, :, :4] < 1e-10).all()  # both ends of the softplus were met
 
 
-def test_dt_softplus_relative_error_over_the_whole_line():
+def test_x_proj_delta_softplus_relative_error_over_the_whole_line():
     """The softplus against float64 over arguments from -87 (Δ near fp32's smallest normal) to
     60: relative error within 6e-6 plus what rounding the fp32 argument itself costs e^x (|x|
     ulp), so a small Δ keeps its low bits (a form through 1 + e^x alone would lose them all below
     x = -17). The worst, 2.5e-6 under the CPU interpreter, is just above x = -4, where the
-    softplus leaves its series for log2(1 + e)."""
-    x = torch.linspace(-87.0, 60.0, 4096, device=DEVICE).view(1, 1, -1)  # (B, K=1, L)
-    got = dt_softplus(torch.ones(1, 1, device=DEVICE), x, None).double().flatten()
+    softplus leaves its series for log2(1 + e). One channel, rank 1: Δ = softplus(u)."""
+    x = torch.linspace(-87.0, 60.0, 4096, device=DEVICE).view(1, 1, -1)  # (B, D=1, L)
+    wx = torch.zeros(1 + 2 * 4, 1, device=DEVICE)
+    wx[0, 0] = 1.0
+    got = x_proj_delta(x, wx, torch.ones(1, 1, device=DEVICE), None, 4)[0].double().flatten()
     want = torch.nn.functional.softplus(x.double()).flatten()
     rel = ((got - want).abs() / want).cpu()
     bound = 6e-6 + x.double().abs().flatten().cpu() * 2 ** -23
     worst = rel.argmax()
     assert (rel <= bound).all(), f"worst relative error {rel[worst].item():.3g} at x = {x.flatten()[worst].item()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,rank,n,length,bias", [(24, 3, 4, 40, True), (64, 12, 16, 48, False),
+                                                    (130, 20, 16, 80, True)])
+def test_x_proj_delta_is_x_proj_then_the_dt_projection(dim, rank, n, length, bias, dtype):
+    """Δ and B, C from one read of u against x_proj's product and the dt projection's softplus in
+    fp32 (the dt rows rounded to u's dtype, as x_proj's output is): channels past one product step (64) and not a multiple of it, ranks below and above 16,
+    d_state below 16, steps not a multiple of the block; u a view with a row stride past L, and
+    the outputs written into given views."""
+    g = torch.Generator().manual_seed(dim + rank)
+    u = torch.randn(2, dim, length + 5, generator=g)[..., 2:length + 2].to(DEVICE).to(dtype)
+    wx = (torch.randn(rank + 2 * n, dim, generator=g) * dim ** -0.5).to(DEVICE).to(dtype)
+    wdt = (torch.randn(dim, rank, generator=g) * rank ** -0.5).to(DEVICE).to(dtype)
+    b = (torch.randn(dim, generator=g) * 0.5 - 1).to(DEVICE) if bias else None
+    delta_out = torch.full((2, dim, length + 3), float("nan"), device=DEVICE, dtype=dtype)[..., :length]
+    delta, bc = x_proj_delta(u, wx, wdt, b, n, delta_out=delta_out)
+    assert delta is delta_out and bc.shape == (2, 2 * n, length)
+    want_delta, want_bc = x_proj_delta_ref(u, wx, wdt, b, n)
+    # bf16: the interpreter truncates where the GPU rounds (twice: the dt rows, then Δ)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(delta.float(), want_delta, **tol)
+    torch.testing.assert_close(bc.float(), want_bc, **tol)
+    # x_proj's own product (torch) for B and C
+    torch.testing.assert_close(bc.float(), torch.matmul(wx, u).float()[:, rank:], **tol)
+
+
+def test_x_proj_delta_bad_input():
+    u = torch.randn(2, 16, 32, device=DEVICE)
+    wx, wdt = torch.randn(3 + 8, 16, device=DEVICE), torch.randn(16, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="x_proj_weight"):
+        x_proj_delta(u, wx[:, :15], wdt, None, 4)
+    with pytest.raises(ValueError, match="R >= 1"):
+        x_proj_delta(u, wx, wdt, None, 6)  # no rows left for dt's rank
+    with pytest.raises(ValueError, match="dt_weight"):
+        x_proj_delta(u, wx, wdt[:, :2].contiguous(), None, 4)
+    with pytest.raises(ValueError, match="must match"):
+        x_proj_delta(u.double(), wx.double(), wdt, None, 4)
+    with pytest.raises(ValueError, match="unit stride"):
+        x_proj_delta(u.transpose(1, 2).contiguous().transpose(1, 2), wx, wdt, None, 4)
+    with pytest.raises(ValueError, match="delta_out"):
+        x_proj_delta(u, wx, wdt, None, 4, delta_out=torch.empty(2, 16, 31, device=DEVICE))
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -78,20 +78,20 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     direction runs anti-causally (conv) and backward in time (scan) over the tokens as they lie
     (ops/triton/bidirectional.py), so nothing is flipped.
 
-    x_proj writes (B, R + 2N, Lp): B and C are (B, N, Lp) with their state stride fixed at Lp,
-    which the scan compiles in (a thread's state rows are then one address plus immediate
-    offsets). Δ comes from dt_proj with its bias and softplus fused (ops/triton/dt_softplus.py),
-    so the scan, bound by its special-function unit, spends it on exp(ΔA) alone. The forward
+    x_proj and Δ come from one kernel (ops/triton/x_proj_delta.py): B and C as (B, 2N, Lp), their
+    state stride fixed at Lp, which the scan compiles in (a thread's state rows are then one
+    address plus immediate offsets), and Δ after dt_proj's bias and softplus, so the scan, bound
+    by its special-function unit, spends it on exp(ΔA) alone. The forward
     scan writes y_f + D u (ungated) over its input; the backward scan adds it to its own and
     gates once, (y_f + y_b) SiLU(z) / 2, over the forward's rows, so out_proj reads D_inner
     channels."""
     from ..ops.triton.bidirectional import bidirectional_conv
-    from ..ops.triton.dt_softplus import dt_softplus
+    from ..ops.triton.x_proj_delta import x_proj_delta
     from ..ops.triton.selective_scan import scan_fwd
     batch, padded, _ = hidden.shape
     if padded % 16:
         raise ValueError(f"padded_inference: the padded length {padded} must be a multiple of 16")
-    di, r, n = mixer.d_inner, mixer.dt_rank, mixer.d_state
+    di, n = mixer.d_inner, mixer.d_state
     dtype = compute_dtype(hidden)
     w = padded_weights(mixer, dtype)
     tokens_t = hidden.to(dtype).transpose(1, 2)  # (B, d_model, Lp)
@@ -118,17 +118,16 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     y_f = rows[:, :di]  # (B, D_inner, Lp)
     for k in (0, 1):
         u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
-        x_dbl = torch.matmul(w.x_proj[k], u)  # (B, R + 2N, Lp)
-        # (B, D_inner, Lp), after the softplus
-        delta = dt_softplus(w.dt_proj[k], x_dbl[:, :r], w.dt_bias[k], out=delta_buf)
-        B_, C_ = x_dbl[:, r:r + n], x_dbl[:, r + n:r + 2 * n]  # (B, N, Lp) each
+        # Δ (B, D_inner, Lp) after its softplus, and B, C (B, 2N, Lp), from one read of u
+        delta, bc = x_proj_delta(u, w.x_proj[k], w.dt_proj[k], w.dt_bias[k], n, delta_out=delta_buf)
+        B_, C_ = bc[:, :n], bc[:, n:]  # (B, N, Lp) each
         if k == 0:
             scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,
                      fixed_bc_stride=True)
         else:
             scan_fwd(u, delta, w.A[1], B_, C_, w.D[1], z, None, None, False, None, False, out=y_f,
                      reverse=True, add=y_f, out_scale=w.out_scale, fixed_bc_stride=True)
-        del x_dbl, delta, B_, C_
+        del bc, delta, B_, C_
     # x, z and Δ freed before out_proj's output exists: kept, they made the layer's peak (Vim-Ti at
     # 1024 px, batch 64: 2.334 against 2.263 GiB)
     del xz, x, z, delta_buf
