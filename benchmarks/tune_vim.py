@@ -19,7 +19,9 @@ the padded path is batch-major (B, C, Lp) since session 13, after `--parts layou
     --parts scan,conv,gemm,layout,convtime,xproj   (default: scan,conv,gemm; layout: u, z, y as
                                      columns against batch-major buffers, for the conv and the scan;
                                      convtime: the conv from time rows over its tiles; xproj:
-                                     x_proj_delta over its tiles against x_proj's bmm alone)"""
+                                     x_proj_delta over its tiles against x_proj's bmm alone;
+                                     patchify: the images' copy into patch rows, Triton against
+                                     torch's permuting copy)"""
 import argparse, itertools, json, sys
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mambakit.ops.triton.bidirectional import bidirectional_conv  # noqa: E402
 from mambakit.ops.triton.selective_scan import scan_fwd  # noqa: E402
+from mambakit.ops.triton.patchify import patchify  # noqa: E402
 from mambakit.ops.triton.x_proj_delta import x_proj_delta  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -194,3 +197,14 @@ if "xproj" in args.parts:
         emit(dict(part="xproj", block=tile, ms=round(ms, 4),
                   err_delta=round((got_delta.float() - ref_delta).abs().max().item(), 5),
                   err_bc=round((got_bc.float() - ref_bc).abs().max().item(), 5)))
+if "patchify" in args.parts:
+    # the batch's images (fp32) into bf16 patch rows (B, M, 3*16*16): torch's permuting copy against
+    # the Triton kernel over its tiles (patches a program, warps)
+    img = torch.randn(batch, 3, args.px, args.px, device=dev)
+    g = args.px // 16
+    rows = torch.empty(batch, g * g, 768, device=dev, dtype=bf16)
+    emit(dict(part="patchify", form="torch permuting copy", ms=round(do_bench(lambda: rows.view(batch, g, g, 3, 16, 16).copy_(
+        img.reshape(batch, 3, g, 16, g, 16).permute(0, 2, 4, 1, 3, 5)), warmup=5, rep=30), 4)))
+    for tile in [None, (2, 4), (4, 4), (8, 4), (8, 8), (16, 8), (4, 2)]:
+        emit(dict(part="patchify", block=tile, ms=round(do_bench(lambda: patchify(img, 16, bf16, block=tile), warmup=5,
+                                                                 rep=30), 4)))

@@ -445,3 +445,13 @@ def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
     assert lengths == [(32, 17)] * 2
     assert got.shape == want.shape == (2, 17, 16)
     torch.testing.assert_close(got, want, rtol=5e-5, atol=5e-5)
+    # forward (class token pooled) runs the final add and norm on that token alone: the same logits
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(logits, model.head(want[:, model.cls_position]), rtol=5e-5, atol=5e-5)
+    assert lengths == [(32, 17)] * 4
+    # position embeddings that record a gradient keep the unpadded path (its autograd records them)
+    model.pos_embed.requires_grad_(True)
+    with torch.enable_grad():
+        out = model.forward_features(x)
+    assert lengths == [(32, 17)] * 4 and out.requires_grad

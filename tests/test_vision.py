@@ -259,6 +259,23 @@ def test_patch_embedding_as_one_gemm_equals_the_conv():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("shape,patch", [((2, 3, 32, 48), 16), ((1, 1, 16, 16), 8), ((2, 4, 8, 24), 4)])
+def test_patchify_is_the_reshaped_permute(shape, patch):
+    """The Triton patch-row copy (the CUDA patch embedding's) against reshape + permute, in the
+    images' dtype and cast to bf16 (the interpreter truncates where the GPU rounds: one bf16
+    ulp); images a view with a row stride past W."""
+    from mambakit.ops.triton.patchify import patchify, patchify_ref
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w + 3)[..., 1:w + 1].to(DEVICE)
+    torch.testing.assert_close(patchify(x, patch), patchify_ref(x, patch), rtol=0, atol=0)
+    torch.testing.assert_close(patchify(x, patch, torch.bfloat16).float(), patchify_ref(x, patch).float(),
+                               rtol=2 ** -7, atol=0)
+    with pytest.raises(ValueError, match="power of two dividing"):
+        patchify(x, 3)
+    with pytest.raises(ValueError, match="unit stride"):
+        patchify(x.transpose(2, 3), patch)
+
+
 def test_class_token_in_the_middle_and_patches_in_raster_order():
     model = create_model("vim_tiny", num_classes=3, img_size=(16, 24), patch_size=8, d_model=16, n_layer=1)
     x = torch.randn(2, 3, 16, 24)

@@ -24,6 +24,7 @@ from torch import nn
 from ..modules.bimamba import BiMamba
 from ..modules.block import Block
 from ..modules.norm import make_norm
+from ..ops.recording import no_autograd
 from .scan_orders import IdentityOrder, ScanOrder
 
 
@@ -90,9 +91,11 @@ class MambaEncoder(nn.Module):
         self.norm_f = make_norm(cfg.d_model, cfg.rms_norm, cfg.norm_eps)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None,
-                order: ScanOrder | None = None) -> torch.Tensor:
+                order: ScanOrder | None = None, keep: int | None = None) -> torch.Tensor:
         """tokens (B, L, D), pos (B or 1, L, D) added to them, order over L tokens with
-        cfg.n_paths paths (None: the tokens' own order). Returns the normed hidden (B, L, D)."""
+        cfg.n_paths paths (None: the tokens' own order). Returns the normed hidden (B, L, D), or
+        with `keep` only that token's, (B, 1, D) (the final residual add and norm of the others
+        are skipped: a classifier that reads one token needs no more)."""
         if tokens.ndim != 3 or tokens.shape[-1] != self.cfg.d_model:
             raise ValueError(f"the encoder expects tokens (B, L, {self.cfg.d_model}), got {tuple(tokens.shape)}")
         length = tokens.shape[1]
@@ -100,24 +103,32 @@ class MambaEncoder(nn.Module):
         if order.length != length or order.num_paths != self.cfg.n_paths:
             raise ValueError(f"scan order has {order.num_paths} path(s) over {order.length} tokens; the encoder "
                              f"has {self.cfg.n_paths} path(s) and got {length} tokens")
-        hidden = tokens if pos is None else tokens + pos  # (B, L, D)
-        padded = self._padded_length(hidden, order)
-        if padded != length:  # zero steps after each sequence: whole 16-step rows for the Triton scan
-            hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], padded - length, hidden.shape[2])], 1)
+        if keep is not None and not -length <= keep < length:
+            raise ValueError(f"keep must index one of the {length} tokens, got {keep}")
+        padded = self._padded_length(tokens, pos, order)
+        if padded == length:
+            hidden = tokens if pos is None else tokens + pos  # (B, L, D)
+        else:  # zero steps after each sequence: whole 16-step rows for the Triton scan
+            dtype = tokens.dtype if pos is None else torch.result_type(tokens, pos)
+            hidden = tokens.new_empty(tokens.shape[0], padded, tokens.shape[2], dtype=dtype)  # (B, Lp, D)
+            torch.add(tokens, 0 if pos is None else pos, out=hidden[:, :length])
+            hidden[:, length:].zero_()
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, order, length if padded != length else None)
-        residual = hidden if residual is None else residual + hidden
-        residual = residual[:, :length]
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L, D)
+        keep = slice(0, length) if keep is None else slice(keep % length, keep % length + 1)
+        residual = hidden[:, keep] if residual is None else residual[:, keep] + hidden[:, keep]
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L or 1, D)
 
-    def _padded_length(self, hidden: torch.Tensor, order: ScanOrder) -> int:
+    def _padded_length(self, tokens: torch.Tensor, pos: torch.Tensor | None, order: ScanOrder) -> int:
         """The sequence length the layers run at: L rounded up to a multiple of 16 when every
-        mixer takes its padded Triton path (identity order; see BiMamba._padded_inference),
-        else L itself."""
-        length = hidden.shape[1]
+        mixer takes its padded Triton path (identity order, nothing recorded for a backward;
+        see BiMamba._padded_inference), else L itself."""
+        length = tokens.shape[1]
         if length % 16 == 0 or not order.is_identity() or not self.layers:
             return length
-        if not self.layers[0].mixer.paths[0]._triton_inference(hidden):
+        if pos is not None and (not no_autograd(pos) or torch.result_type(tokens, pos) == torch.float64):
+            return length
+        if not self.layers[0].mixer.paths[0]._triton_inference(tokens):
             return length
         return -(-length // 16) * 16

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.bimamba import BiMamba
+from ..ops import triton_available
+from ..ops.triton.patchify import patchify
 from .encoder import EncoderConfig, MambaEncoder
 from .scan_orders import ScanOrder, grid_order, with_token
 
@@ -102,14 +104,19 @@ class PatchEmbed(nn.Module):
         """The same patch projection as one GEMM over the flattened patches (kernel = stride, so
         the conv is exactly that). On the H200 cuDNN's conv took 4.1 ms for 64 images of 1024 px
         under bf16 autocast; the copy into patch rows and the GEMM take a fraction of it. The copy
-        casts as it goes (one pass over the pixels instead of a cast and a copy)."""
+        casts as it goes (one pass over the pixels instead of a cast and a copy), on CUDA in a
+        Triton kernel that reads and writes whole rows (ops/triton/patchify.py)."""
         batch, chans, height, width = x.shape
         p, gh, gw = self.patch_size, height // self.patch_size, width // self.patch_size
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         # the pixels copied once into patch rows, cast to the GEMM's dtype on the way
-        patches = x.new_empty(batch, gh * gw, chans * p * p, dtype=dtype)  # (B, M, C*p*p)
-        patches.view(batch, gh, gw, chans, p, p).copy_(x.reshape(batch, chans, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+        if x.is_cuda and triton_available() and x.stride(3) == 1 and p & (p - 1) == 0:
+            patches = patchify(x, p, dtype)  # (B, M, C*p*p)
+        else:
+            patches = x.new_empty(batch, gh * gw, chans * p * p, dtype=dtype)  # (B, M, C*p*p)
+            patches.view(batch, gh, gw, chans, p, p).copy_(
+                x.reshape(batch, chans, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, M, D)
 
 
@@ -166,7 +173,11 @@ class VisionMamba(nn.Module):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> logits (B, num_classes)."""
+        """images (B, C, H, W) -> logits (B, num_classes). With the class token pooled, the
+        encoder's final add and norm run on that token alone."""
+        if self.cfg.pool == "cls":
+            tokens, pos = self.tokens(x)
+            return self.head(self.encoder(tokens, pos, self.order, keep=self.cls_position)[:, 0])
         return self.forward_head(self.forward_features(x))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
