@@ -214,6 +214,13 @@ def test_encoder_is_prenorm_residual_stack():
             residual = residual + hidden
             hidden = layer.mixer.paths[0](layer.norm(residual))
         torch.testing.assert_close(enc(x, pos), enc.norm_f(residual + hidden), rtol=1e-10, atol=1e-10)
+        # keep: the final add and norm of one token only (a classifier's), negative indices too
+        want = enc.norm_f(residual + hidden)
+        for k in (0, 3, -1):
+            torch.testing.assert_close(enc(x, pos, keep=k), want[:, k][:, None], rtol=1e-10, atol=1e-10)
+    for k in (7, -8):
+        with pytest.raises(ValueError, match="keep must index"):
+            enc(x, pos, keep=k)
 
 
 # -- the image model ----------------------------------------------------------------------------
