@@ -111,7 +111,10 @@ class MambaEncoder(nn.Module):
         else:  # zero steps after each sequence: whole 16-step rows for the Triton scan
             dtype = tokens.dtype if pos is None else torch.result_type(tokens, pos)
             hidden = tokens.new_empty(tokens.shape[0], padded, tokens.shape[2], dtype=dtype)  # (B, Lp, D)
-            torch.add(tokens, 0 if pos is None else pos, out=hidden[:, :length])
+            if pos is None:
+                hidden[:, :length].copy_(tokens)
+            else:
+                torch.add(tokens, pos, out=hidden[:, :length])
             hidden[:, length:].zero_()
         residual = None
         for layer in self.layers:
