@@ -1,0 +1,157 @@
+"""WIP (compiled offline for sm_90, not yet run on a GPU): Vim's padded-path scan in Gluon.
+
+The lanes scan (selective_scan_lanes.py) at Vim's tile has each of a warp's 16 channel-threads
+load and widen the same B and C words: about 128 of its 573 SASS instructions a chunk of 8 steps
+x 8 states. Triton 3.6's language gives no way to hand a tile from a compact load to another
+register layout through shared memory without re-laying out the whole chunk (offline: 1,015+
+instructions). Gluon (`triton.experimental.gluon`) takes the layouts explicitly: here B and C
+are loaded once a warp as a compact (N, T) tile (4 steps a thread), widened once, and moved to
+the compute layout with `convert_layout` (STSM + LDS). Offline for sm_90 (`python -m
+mambakit.ops.triton.scan_gluon`): the forward's loop with this staging is 470 instructions a
+chunk at 128 registers without prefetch.
+
+Gluon has no interpreter, so this path is GPU-only; the Triton lanes kernel stays the CPU and
+reference-checked path. To do before it can be used: run `tests` on the GPU against the
+reference, time it against scan_fwd at Vim's shape, and wire it into bimamba_padded behind
+a measured default."""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+@gluon.jit
+def _combine(a1, b1, a2, b2):
+    return a1 * a2, b1 * a2 + b2
+
+
+@gluon.jit
+def _flip_steps(x, LAYOUT: gl.constexpr):
+    """x (BLOCK_D, 8, N) with its step axis reversed, as tl.flip does it (each halving of the axis
+    swapped by an xor with the pair's xor), then back in LAYOUT."""
+    shape: gl.constexpr = x.shape
+    y = gl.reshape(x.to(gl.int32, bitcast=True), [shape[0], 2, 2, 2, shape[2]])
+    y = y ^ gl.xor_sum(y, 1, keep_dims=True)
+    y = y ^ gl.xor_sum(y, 2, keep_dims=True)
+    y = y ^ gl.xor_sum(y, 3, keep_dims=True)
+    return gl.convert_layout(gl.reshape(y, [shape[0], shape[1], shape[2]]), LAYOUT).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _silu(x):
+    """x / (1 + 2^(-x log2 e)) on the special-function unit (MUFU.EX2, MUFU.RCP)."""
+    e = gl.exp2(x * -1.4426950408889634)
+    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=gl.float32, is_pure=True,
+                                  pack=1)
+    return x * r
+
+
+@gluon.jit
+def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr, out_ptr, L,
+                       s_ub, s_ud, s_db, s_dd, s_bb, s_zb, s_zd, s_ob, s_od,
+                       BLOCK_D: gl.constexpr, T: gl.constexpr, N: gl.constexpr, BN_STRIDE: gl.constexpr,
+                       REVERSE: gl.constexpr, HAS_Z: gl.constexpr, HAS_ADD: gl.constexpr,
+                       OUT_SCALE: gl.constexpr):
+    """One warp: BLOCK_D (16) channels of one sequence, every step; L a multiple of T, N = 16."""
+    # (BLOCK_D, T, N): a thread holds one channel's T steps of N/2 states; 2 lanes a channel
+    P: gl.constexpr = gl.BlockedLayout([1, T, N // 2], [16, 1, 2], [1, 1, 1], [2, 1, 0])
+    L_DT: gl.constexpr = gl.SliceLayout(2, P)  # (BLOCK_D, T)
+    L_TN: gl.constexpr = gl.SliceLayout(0, P)  # (T, N)
+    L_DN: gl.constexpr = gl.SliceLayout(1, P)  # (BLOCK_D, N)
+    CB: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [1, 1], [1, 0])  # compact (N, T): 4 steps a thread
+    b = gl.program_id(0).to(gl.int64)
+    d0 = gl.program_id(1) * BLOCK_D
+    d = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, L_DT))
+    t = gl.arange(0, T, layout=gl.SliceLayout(0, L_DT))
+    d64 = d[:, None].to(gl.int64)
+    u_rows = u_ptr + b * s_ub + d64 * s_ud + t[None, :]  # (BLOCK_D, T)
+    dt_rows = dt_ptr + b * s_db + d64 * s_dd + t[None, :]
+    z_rows = z_ptr + b * s_zb + d64 * s_zd + t[None, :]
+    o_rows = out_ptr + b * s_ob + d64 * s_od + t[None, :]
+    a_rows = add_ptr + b * s_ob + d64 * s_od + t[None, :]
+    dn = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, L_DN))
+    nn = gl.arange(0, N, layout=gl.SliceLayout(0, L_DN))
+    A3 = gl.expand_dims(gl.load(A_ptr + dn[:, None] * N + nn[None, :]) * 1.4426950408889634, 1)  # (BLOCK_D, 1, N)
+    Dv = gl.load(D_ptr + d)[:, None]  # (BLOCK_D, 1)
+    n_c = gl.arange(0, N, layout=gl.SliceLayout(1, CB))
+    t_c = gl.arange(0, T, layout=gl.SliceLayout(0, CB))
+    bc_rows = b * s_bb + n_c[:, None] * BN_STRIDE + t_c[None, :]  # (N, T) compact
+    t3 = gl.expand_dims(gl.expand_dims(t, 0), 2)  # (1, T, 1)
+    n_chunks = L // T
+    if REVERSE:
+        t_first = L - T
+    else:
+        t_first = 0
+    # the first chunk's raw inputs; each iteration then loads the next one's (a chunk ahead)
+    u_n = gl.load(u_rows + t_first)
+    dt_n = gl.load(dt_rows + t_first)
+    B_n = gl.load(B_ptr + bc_rows + t_first)
+    C_n = gl.load(C_ptr + bc_rows + t_first)
+    z_n = u_n
+    if HAS_Z:
+        z_n = gl.load(z_rows + t_first)
+    h = gl.zeros((BLOCK_D, 1, N), gl.float32, P)
+    for c in range(0, n_chunks):
+        if REVERSE:
+            t0 = t_first - c * T
+            t_next = gl.maximum(t0 - T, 0)
+        else:
+            t0 = c * T
+            t_next = gl.minimum(t0 + T, t_first + (n_chunks - 1) * T)
+        u_raw, dt_raw, B_raw, C_raw, z_raw = u_n, dt_n, B_n, C_n, z_n
+        u_n = gl.load(u_rows + t_next)
+        dt_n = gl.load(dt_rows + t_next)
+        B_n = gl.load(B_ptr + bc_rows + t_next)
+        C_n = gl.load(C_ptr + bc_rows + t_next)
+        if HAS_Z:
+            z_n = gl.load(z_rows + t_next)
+        u = u_raw.to(gl.float32)
+        dt = dt_raw.to(gl.float32)
+        # B and C widened once a warp, then to every channel-thread through shared memory
+        Bt = gl.convert_layout(gl.permute(B_raw.to(gl.float32), [1, 0]), L_TN)  # (T, N)
+        Ct = gl.convert_layout(gl.permute(C_raw.to(gl.float32), [1, 0]), L_TN)
+        dt3 = gl.expand_dims(dt, 2)  # (BLOCK_D, T, 1)
+        dA = gl.exp2(dt3 * A3)  # (BLOCK_D, T, N)
+        dBu = gl.expand_dims(dt * u, 2) * gl.expand_dims(Bt, 0)
+        if REVERSE:  # the forward scan of the chunk's steps flipped (a reversed scan emits shuffles)
+            dBu = gl.where(t3 == T - 1, dBu + dA * h, dBu)
+            _, hs = gl.associative_scan((_flip_steps(dA, P), _flip_steps(dBu, P)), 1, _combine)
+            hs = _flip_steps(hs, P)
+        else:
+            dBu = gl.where(t3 == 0, dBu + dA * h, dBu)
+            _, hs = gl.associative_scan((dA, dBu), 1, _combine)
+        y = gl.sum(hs * gl.expand_dims(Ct, 0), axis=2) + Dv * u  # (BLOCK_D, T)
+        if HAS_ADD:
+            y += gl.load(a_rows + t0).to(gl.float32)
+        if HAS_Z:
+            y = y * _silu(z_raw.to(gl.float32))
+        if OUT_SCALE != 1.0:
+            y = y * OUT_SCALE
+        gl.store(o_rows + t0, y.to(out_ptr.dtype.element_ty))
+        if REVERSE:
+            h = gl.sum(gl.where(t3 == 0, hs, 0.0), axis=1, keep_dims=True)
+        else:
+            h = gl.sum(gl.where(t3 == T - 1, hs, 0.0), axis=1, keep_dims=True)
+
+
+def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0) -> torch.Tensor:
+    """The padded path's scan (`scan_fwd` as bimamba_padded calls it) on CUDA: u, delta, z, add,
+    out (B, D, Lp) bf16 with unit stride along Lp; A (D, 16) and D (D,) fp32; B and C (B, 16, Lp)
+    bf16 views of one (B, 32, Lp) buffer (state stride Lp). Lp a multiple of 8, D of 16."""
+    batch, dim, length = u.shape
+    if A.shape != (dim, 16) or B.shape != (batch, 16, length) or C.shape != B.shape or dim % 16 or length % 8:
+        raise ValueError("gluon_scan: Vim's padded shapes only (d_state 16, D a multiple of 16, Lp of 8)")
+    if B.stride(1) != length or C.stride(1) != length or B.stride(0) != C.stride(0):
+        raise ValueError("gluon_scan: B and C must be rows Lp apart of one buffer")
+    out = torch.empty_like(u) if out is None else out
+    _gluon_scan_kernel[(batch, dim // 16)](
+        u, delta, A, B, C, D, z if z is not None else u, add if add is not None else out, out, length,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0),
+        (z if z is not None else u).stride(0), (z if z is not None else u).stride(1), out.stride(0), out.stride(1),
+        BLOCK_D=16, T=8, N=16, BN_STRIDE=length, REVERSE=reverse, HAS_Z=z is not None, HAS_ADD=add is not None,
+        OUT_SCALE=float(out_scale), num_warps=1)
+    return out
