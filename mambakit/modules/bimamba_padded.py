@@ -4,10 +4,13 @@ the parameters (`padded_weights`)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+_GLUON_SCAN = os.environ.get("MAMBAKIT_GLUON_SCAN") == "1"  # WIP: the Gluon scan, until it is measured
 
 
 @dataclass
@@ -87,6 +90,8 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     channels."""
     from ..ops.triton.bidirectional import bidirectional_conv
     from ..ops.triton.x_proj_delta import x_proj_delta
+    if _GLUON_SCAN:
+        from ..ops.triton.scan_gluon import gluon_fits, gluon_scan
     from ..ops.triton.selective_scan import scan_fwd
     batch, padded, _ = hidden.shape
     if padded % 16:
@@ -121,7 +126,13 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
         # Δ (B, D_inner, Lp) after its softplus, and B, C (B, 2N, Lp), from one read of u
         delta, bc = x_proj_delta(u, w.x_proj[k], w.dt_proj[k], w.dt_bias[k], n, delta_out=delta_buf)
         B_, C_ = bc[:, :n], bc[:, n:]  # (B, N, Lp) each
-        if k == 0:
+        if _GLUON_SCAN and u.is_cuda and gluon_fits(u, B_, C_):  # WIP: see ops/triton/scan_gluon.py
+            if k == 0:
+                gluon_scan(u, delta, w.A[0], B_, C_, w.D[0], out=u)
+            else:
+                gluon_scan(u, delta, w.A[1], B_, C_, w.D[1], z=z, add=y_f, out=y_f, reverse=True,
+                           out_scale=w.out_scale)
+        elif k == 0:
             scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,
                      fixed_bc_stride=True)
         else:

@@ -136,6 +136,15 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
             h = gl.sum(gl.where(t3 == T - 1, hs, 0.0), axis=1, keep_dims=True)
 
 
+def gluon_fits(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
+    """Whether `gluon_scan` takes these: bf16, d_state 16, D a multiple of 16, Lp of 8, B and C rows
+    Lp apart in one buffer, unit stride along time."""
+    batch, dim, length = u.shape
+    return (u.dtype == torch.bfloat16 and B.dtype == torch.bfloat16 and B.shape == (batch, 16, length)
+            and C.shape == B.shape and dim % 16 == 0 and length % 8 == 0 and B.stride(1) == length
+            and C.stride(1) == length and B.stride(0) == C.stride(0) and u.stride(2) == 1)
+
+
 def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
                out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0) -> torch.Tensor:
