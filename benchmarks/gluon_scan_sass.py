@@ -28,16 +28,19 @@ p = argparse.ArgumentParser()
 p.add_argument("--reverse", action="store_true")
 p.add_argument("--length", type=int, default=4112)
 p.add_argument("--dump", action="store_true")
+p.add_argument("--no-prefetch", action="store_true")
+p.add_argument("--maxnreg", type=int)
 args = p.parse_args()
 params = list(inspect.signature(_gluon_scan_kernel.fn).parameters)
 consts = dict(BLOCK_D=16, T=8, N=16, BN_STRIDE=args.length, REVERSE=args.reverse, HAS_Z=args.reverse,
-              HAS_ADD=args.reverse, OUT_SCALE=0.5 if args.reverse else 1.0)
+              HAS_ADD=args.reverse, OUT_SCALE=0.5 if args.reverse else 1.0,
+              PREFETCH=not args.no_prefetch)
 pointers = dict(u_ptr="bf16", dt_ptr="bf16", A_ptr="fp32", B_ptr="bf16", C_ptr="bf16", D_ptr="fp32", z_ptr="bf16",
                 add_ptr="bf16", out_ptr="bf16")
 sig = {k: "constexpr" if k in consts else ("*" + pointers[k] if k in pointers else "i32") for k in params}
 attrs = {(params.index(k),): [["tt.divisibility", 16]] for k in params if k not in consts}
 src = GluonASTSource(_gluon_scan_kernel, sig, {(params.index(k),): v for k, v in consts.items()}, attrs)
-compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
 nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
     f.write(compiled.asm["cubin"]); f.flush()

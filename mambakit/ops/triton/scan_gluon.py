@@ -53,7 +53,7 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
                        s_ub, s_ud, s_db, s_dd, s_bb, s_zb, s_zd, s_ob, s_od,
                        BLOCK_D: gl.constexpr, T: gl.constexpr, N: gl.constexpr, BN_STRIDE: gl.constexpr,
                        REVERSE: gl.constexpr, HAS_Z: gl.constexpr, HAS_ADD: gl.constexpr,
-                       OUT_SCALE: gl.constexpr):
+                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr):
     """One warp: BLOCK_D (16) channels of one sequence, every step; L a multiple of T, N = 16."""
     # (BLOCK_D, T, N): a thread holds one channel's T steps of N/2 states; 2 lanes a channel
     P: gl.constexpr = gl.BlockedLayout([1, T, N // 2], [16, 1, 2], [1, 1, 1], [2, 1, 0])
@@ -100,13 +100,22 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
         else:
             t0 = c * T
             t_next = gl.minimum(t0 + T, t_first + (n_chunks - 1) * T)
-        u_raw, dt_raw, B_raw, C_raw, z_raw = u_n, dt_n, B_n, C_n, z_n
-        u_n = gl.load(u_rows + t_next)
-        dt_n = gl.load(dt_rows + t_next)
-        B_n = gl.load(B_ptr + bc_rows + t_next)
-        C_n = gl.load(C_ptr + bc_rows + t_next)
-        if HAS_Z:
-            z_n = gl.load(z_rows + t_next)
+        if PREFETCH:  # this chunk's inputs were loaded an iteration ago; load the next one's now
+            u_raw, dt_raw, B_raw, C_raw, z_raw = u_n, dt_n, B_n, C_n, z_n
+            u_n = gl.load(u_rows + t_next)
+            dt_n = gl.load(dt_rows + t_next)
+            B_n = gl.load(B_ptr + bc_rows + t_next)
+            C_n = gl.load(C_ptr + bc_rows + t_next)
+            if HAS_Z:
+                z_n = gl.load(z_rows + t_next)
+        else:
+            u_raw = gl.load(u_rows + t0)
+            dt_raw = gl.load(dt_rows + t0)
+            B_raw = gl.load(B_ptr + bc_rows + t0)
+            C_raw = gl.load(C_ptr + bc_rows + t0)
+            z_raw = u_raw
+            if HAS_Z:
+                z_raw = gl.load(z_rows + t0)
         u = u_raw.to(gl.float32)
         dt = dt_raw.to(gl.float32)
         # B and C widened once a warp, then to every channel-thread through shared memory
@@ -147,7 +156,8 @@ def gluon_fits(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
 
 def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0) -> torch.Tensor:
+               out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0,
+               prefetch: bool = True, maxnreg: int | None = None) -> torch.Tensor:
     """The padded path's scan (`scan_fwd` as bimamba_padded calls it) on CUDA: u, delta, z, add,
     out (B, D, Lp) bf16 with unit stride along Lp; A (D, 16) and D (D,) fp32; B and C (B, 16, Lp)
     bf16 views of one (B, 32, Lp) buffer (state stride Lp). Lp a multiple of 8, D of 16."""
@@ -162,5 +172,6 @@ def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0),
         (z if z is not None else u).stride(0), (z if z is not None else u).stride(1), out.stride(0), out.stride(1),
         BLOCK_D=16, T=8, N=16, BN_STRIDE=length, REVERSE=reverse, HAS_Z=z is not None, HAS_ADD=add is not None,
-        OUT_SCALE=float(out_scale), num_warps=1)
+        OUT_SCALE=float(out_scale), PREFETCH=prefetch, num_warps=1,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return out
