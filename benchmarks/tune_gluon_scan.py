@@ -19,6 +19,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--px", type=int, default=1024)
 p.add_argument("--out")
+p.add_argument("--variants", help="a JSON list of gluon_scan keyword sets")
 args = p.parse_args()
 batch, dim, bf = args.batch, 384, torch.bfloat16
 lp = -(-((args.px // 16) ** 2 + 1) // 16) * 16
@@ -30,6 +31,8 @@ B, C = bc[:, :16], bc[:, 16:]
 D = torch.randn(dim, device="cuda")
 variants = [dict(prefetch=True), dict(prefetch=False), dict(prefetch=True, maxnreg=128),
             dict(prefetch=False, maxnreg=96), dict(prefetch=False, maxnreg=80), dict(prefetch=True, maxnreg=96)]
+if args.variants:
+    variants = json.loads(args.variants)
 rows = []
 for reverse in (False, True):
     kw = dict(z=z, add=y, out_scale=0.5) if reverse else {}

@@ -18,6 +18,7 @@ a measured default."""
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -53,10 +54,11 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
                        s_ub, s_ud, s_db, s_dd, s_bb, s_zb, s_zd, s_ob, s_od,
                        BLOCK_D: gl.constexpr, T: gl.constexpr, N: gl.constexpr, BN_STRIDE: gl.constexpr,
                        REVERSE: gl.constexpr, HAS_Z: gl.constexpr, HAS_ADD: gl.constexpr,
-                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr):
-    """One warp: BLOCK_D (16) channels of one sequence, every step; L a multiple of T, N = 16."""
-    # (BLOCK_D, T, N): a thread holds one channel's T steps of N/2 states; 2 lanes a channel
-    P: gl.constexpr = gl.BlockedLayout([1, T, N // 2], [16, 1, 2], [1, 1, 1], [2, 1, 0])
+                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr):
+    """One warp: BLOCK_D = 32 / LANES channels of one sequence, every step; L a multiple of T, N = 16."""
+    LANES: gl.constexpr = 32 // BLOCK_D  # lanes a channel
+    # (BLOCK_D, T, N): a thread holds one channel's T steps of N / LANES states
+    P: gl.constexpr = gl.BlockedLayout([1, T, N // LANES], [BLOCK_D, 1, LANES], [1, 1, 1], [2, 1, 0])
     L_DT: gl.constexpr = gl.SliceLayout(2, P)  # (BLOCK_D, T)
     L_TN: gl.constexpr = gl.SliceLayout(0, P)  # (T, N)
     L_DN: gl.constexpr = gl.SliceLayout(1, P)  # (BLOCK_D, N)
@@ -93,7 +95,7 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     if HAS_Z:
         z_n = gl.load(z_rows + t_first)
     h = gl.zeros((BLOCK_D, 1, N), gl.float32, P)
-    for c in range(0, n_chunks):
+    for c in tl.range(0, n_chunks, loop_unroll_factor=UNROLL):
         if REVERSE:
             t0 = t_first - c * T
             t_next = gl.maximum(t0 - T, 0)
@@ -157,7 +159,8 @@ def gluon_fits(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
 def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
                out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0,
-               prefetch: bool = True, maxnreg: int | None = None) -> torch.Tensor:
+               prefetch: bool = True, maxnreg: int | None = None, block_d: int = 16,
+               unroll: int = 1) -> torch.Tensor:
     """The padded path's scan (`scan_fwd` as bimamba_padded calls it) on CUDA: u, delta, z, add,
     out (B, D, Lp) bf16 with unit stride along Lp; A (D, 16) and D (D,) fp32; B and C (B, 16, Lp)
     bf16 views of one (B, 32, Lp) buffer (state stride Lp). Lp a multiple of 8, D of 16."""
@@ -167,11 +170,11 @@ def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
     if B.stride(1) != length or C.stride(1) != length or B.stride(0) != C.stride(0):
         raise ValueError("gluon_scan: B and C must be rows Lp apart of one buffer")
     out = torch.empty_like(u) if out is None else out
-    _gluon_scan_kernel[(batch, dim // 16)](
+    _gluon_scan_kernel[(batch, dim // block_d)](
         u, delta, A, B, C, D, z if z is not None else u, add if add is not None else out, out, length,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0),
         (z if z is not None else u).stride(0), (z if z is not None else u).stride(1), out.stride(0), out.stride(1),
-        BLOCK_D=16, T=8, N=16, BN_STRIDE=length, REVERSE=reverse, HAS_Z=z is not None, HAS_ADD=add is not None,
-        OUT_SCALE=float(out_scale), PREFETCH=prefetch, num_warps=1,
+        BLOCK_D=block_d, T=8, N=16, BN_STRIDE=length, REVERSE=reverse, HAS_Z=z is not None, HAS_ADD=add is not None,
+        OUT_SCALE=float(out_scale), PREFETCH=prefetch, UNROLL=unroll, num_warps=1,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return out
