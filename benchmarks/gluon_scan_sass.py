@@ -32,9 +32,12 @@ p.add_argument("--no-prefetch", action="store_true")
 p.add_argument("--maxnreg", type=int)
 p.add_argument("--block-d", type=int, default=16)
 p.add_argument("--unroll", type=int, default=1)
+p.add_argument("--split-out", type=int, choices=[0, 1])
+p.add_argument("--emu", type=int, default=0)
 args = p.parse_args()
 params = list(inspect.signature(_gluon_scan_kernel.fn).parameters)
-consts = dict(BLOCK_D=args.block_d, UNROLL=args.unroll, T=8, N=16, BN_STRIDE=args.length, REVERSE=args.reverse, HAS_Z=args.reverse,
+consts = dict(BLOCK_D=args.block_d, UNROLL=args.unroll, EMU=args.emu,
+              SPLIT_OUT=args.reverse if args.split_out is None else bool(args.split_out), T=8, N=16, BN_STRIDE=args.length, REVERSE=args.reverse, HAS_Z=args.reverse,
               HAS_ADD=args.reverse, OUT_SCALE=0.5 if args.reverse else 1.0,
               PREFETCH=not args.no_prefetch)
 pointers = dict(u_ptr="bf16", dt_ptr="bf16", A_ptr="fp32", B_ptr="bf16", C_ptr="bf16", D_ptr="fp32", z_ptr="bf16",

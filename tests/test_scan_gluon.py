@@ -12,9 +12,10 @@ from mambakit.ops.triton.selective_scan import scan_fwd
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("emu", [0, 1, 3])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("batch,dim,length", [(2, 16, 64), (3, 48, 200), (4, 384, 4112)])
-def test_gluon_scan_matches_reference_and_the_lanes_scan(reverse, batch, dim, length):
+def test_gluon_scan_matches_reference_and_the_lanes_scan(reverse, batch, dim, length, emu):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from mambakit.ops.triton.scan_gluon import gluon_scan
@@ -31,12 +32,12 @@ def test_gluon_scan_matches_reference_and_the_lanes_scan(reverse, batch, dim, le
     plain = flip(selective_scan_ref(f(u), f(delta), A, f(B), f(C), D, None, None))
     if reverse:
         want = 0.5 * (plain + add.float()) * torch.nn.functional.silu(z.float())
-        got = gluon_scan(u, delta, A, B, C, D, z=z, add=add, reverse=True, out_scale=0.5)
+        got = gluon_scan(u, delta, A, B, C, D, z=z, add=add, reverse=True, out_scale=0.5, emu=emu)
         lanes, _, _ = scan_fwd(u, delta, A, B, C, D, z, None, None, False, None, False, reverse=True, add=add,
                                out_scale=0.5, fixed_bc_stride=True)
     else:
         want = plain
-        got = gluon_scan(u, delta, A, B, C, D)
+        got = gluon_scan(u, delta, A, B, C, D, emu=emu)
         lanes, _, _ = scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), lanes.float(), rtol=1e-2, atol=1e-2)

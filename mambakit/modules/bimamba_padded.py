@@ -4,13 +4,17 @@ the parameters (`padded_weights`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-_GLUON_SCAN = os.environ.get("MAMBAKIT_GLUON_SCAN") == "1"  # WIP: the Gluon scan, until it is measured
+# WIP: the Gluon scan, until it is measured. "1": both directions; or a JSON list of two keyword
+# sets for gluon_scan (forward, reversed), null for the Triton lanes scan in that direction
+_GLUON_ENV = os.environ.get("MAMBAKIT_GLUON_SCAN", "0")
+_GLUON_SCAN = [{}, {}] if _GLUON_ENV == "1" else (json.loads(_GLUON_ENV) if _GLUON_ENV.startswith("[") else None)
 
 
 @dataclass
@@ -126,12 +130,12 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
         # Δ (B, D_inner, Lp) after its softplus, and B, C (B, 2N, Lp), from one read of u
         delta, bc = x_proj_delta(u, w.x_proj[k], w.dt_proj[k], w.dt_bias[k], n, delta_out=delta_buf)
         B_, C_ = bc[:, :n], bc[:, n:]  # (B, N, Lp) each
-        if _GLUON_SCAN and u.is_cuda and gluon_fits(u, B_, C_):  # WIP: see ops/triton/scan_gluon.py
+        if _GLUON_SCAN and _GLUON_SCAN[k] is not None and u.is_cuda and gluon_fits(u, B_, C_):  # WIP
             if k == 0:
-                gluon_scan(u, delta, w.A[0], B_, C_, w.D[0], out=u)
+                gluon_scan(u, delta, w.A[0], B_, C_, w.D[0], out=u, **_GLUON_SCAN[0])
             else:
                 gluon_scan(u, delta, w.A[1], B_, C_, w.D[1], z=z, add=y_f, out=y_f, reverse=True,
-                           out_scale=w.out_scale)
+                           out_scale=w.out_scale, **_GLUON_SCAN[1])
         elif k == 0:
             scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,
                      fixed_bc_stride=True)

@@ -29,24 +29,74 @@ def _combine(a1, b1, a2, b2):
 
 
 @gluon.jit
+def _swap_last(y):
+    """y with its last axis (of size 2, held in a thread's registers) reversed: a renaming of registers."""
+    a, b = gl.split(y)
+    return gl.join(b, a)
+
+
+@gluon.jit
 def _flip_steps(x, LAYOUT: gl.constexpr):
-    """x (BLOCK_D, 8, N) with its step axis reversed, as tl.flip does it (each halving of the axis
-    swapped by an xor with the pair's xor), then back in LAYOUT."""
+    """x (BLOCK_D, 8, N) with its step axis reversed, then in LAYOUT. The step axis is three axes of
+    2 steps, each swapped by a split and a join in registers (no instructions where the steps are
+    in one thread's registers)."""
     shape: gl.constexpr = x.shape
-    y = gl.reshape(x.to(gl.int32, bitcast=True), [shape[0], 2, 2, 2, shape[2]])
-    y = y ^ gl.xor_sum(y, 1, keep_dims=True)
-    y = y ^ gl.xor_sum(y, 2, keep_dims=True)
-    y = y ^ gl.xor_sum(y, 3, keep_dims=True)
-    return gl.convert_layout(gl.reshape(y, [shape[0], shape[1], shape[2]]), LAYOUT).to(gl.float32, bitcast=True)
+    y = gl.permute(gl.reshape(x, [shape[0], 2, 2, 2, shape[2]]), [0, 4, 1, 2, 3])  # (D, N, 2, 2, 2)
+    y = _swap_last(y)
+    y = _swap_last(gl.permute(y, [0, 1, 4, 2, 3]))  # the (2, 2, 2) axes rotated once
+    y = _swap_last(gl.permute(y, [0, 1, 4, 2, 3]))  # and twice
+    y = gl.permute(y, [0, 1, 3, 4, 2])  # back to the step bits' order
+    return gl.convert_layout(gl.reshape(gl.permute(y, [0, 2, 3, 4, 1]), [shape[0], shape[1], shape[2]]), LAYOUT)
 
 
 @gluon.jit
 def _silu(x):
-    """x / (1 + 2^(-x log2 e)) on the special-function unit (MUFU.EX2, MUFU.RCP)."""
-    e = gl.exp2(x * -1.4426950408889634)
-    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=gl.float32, is_pure=True,
-                                  pack=1)
-    return x * r
+    """x sigmoid(x) = h + h tanh(h) with h = x / 2: one MUFU.TANH (relative error about 2^-11,
+    below the bf16 output's rounding)."""
+    h = x * 0.5
+    th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=gl.float32, is_pure=True, pack=1)
+    return h + h * th
+
+
+@gluon.jit
+def _exp2_fma(x):
+    """2^x for x <= 0 on the FMA pipe instead of the special-function unit: x = j + f with j an
+    integer and |f| <= 1/2 (rounding by adding 1.5 * 2^23), 2^f by a degree-5 polynomial (relative
+    error 2.3e-7 in fp32, as MUFU.EX2's), 2^j added into the exponent bits. x is clamped at -125,
+    whose 2^x is below every decay a scan can tell from 0."""
+    x = gl.maximum(x, -125.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.001327645848505199 * f + 0.009675541892647743
+    p = p * f + 0.05550713464617729
+    p = p * f + 0.24022120237350464
+    p = p * f + 0.6931469440460205
+    p = p * f + 1.0000001192092896
+    bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
+    return bits.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _exp2_mixed(x, LAYOUT: gl.constexpr, EMU: gl.constexpr):
+    """2^x for x (BLOCK_D, T, N) with 1 / 2^EMU of each thread's states on the FMA pipe (_exp2_fma)
+    and the rest on MUFU.EX2, to balance the two pipes; EMU 0 is MUFU alone."""
+    if EMU == 0:
+        return gl.exp2(x)
+    else:
+        shape: gl.constexpr = x.shape
+        a, b = gl.split(gl.reshape(x, [shape[0], shape[1], shape[2] // 2, 2]))  # a thread's states in pairs
+        if EMU == 1:
+            b = _exp2_fma(b)
+        else:
+            b1, b2 = gl.split(gl.reshape(b, [shape[0], shape[1], shape[2] // 4, 2]))
+            if EMU == 2:
+                b2 = _exp2_fma(b2)
+            else:
+                c1, c2 = gl.split(gl.reshape(b2, [shape[0], shape[1], shape[2] // 8, 2]))
+                b2 = gl.convert_layout(gl.reshape(gl.join(gl.exp2(c1), _exp2_fma(c2)), [shape[0], shape[1], shape[2] // 4]),
+                                       b1.type.layout)
+            b = gl.convert_layout(gl.reshape(gl.join(gl.exp2(b1), b2), [shape[0], shape[1], shape[2] // 2]), a.type.layout)
+        return gl.convert_layout(gl.reshape(gl.join(gl.exp2(a), b), shape), LAYOUT)
 
 
 @gluon.jit
@@ -54,7 +104,8 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
                        s_ub, s_ud, s_db, s_dd, s_bb, s_zb, s_zd, s_ob, s_od,
                        BLOCK_D: gl.constexpr, T: gl.constexpr, N: gl.constexpr, BN_STRIDE: gl.constexpr,
                        REVERSE: gl.constexpr, HAS_Z: gl.constexpr, HAS_ADD: gl.constexpr,
-                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr):
+                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr,
+                       SPLIT_OUT: gl.constexpr, EMU: gl.constexpr):
     """One warp: BLOCK_D = 32 / LANES channels of one sequence, every step; L a multiple of T, N = 16."""
     LANES: gl.constexpr = 32 // BLOCK_D  # lanes a channel
     # (BLOCK_D, T, N): a thread holds one channel's T steps of N / LANES states
@@ -63,6 +114,13 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     L_TN: gl.constexpr = gl.SliceLayout(0, P)  # (T, N)
     L_DN: gl.constexpr = gl.SliceLayout(1, P)  # (BLOCK_D, N)
     CB: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [1, 1], [1, 0])  # compact (N, T): 4 steps a thread
+    # (BLOCK_D, T) split over a channel's lanes (T / LANES steps each) for the output's epilogue, and
+    # the layout that sums a channel's LANES partial outputs into it (reduce-scatter)
+    if SPLIT_OUT:
+        E: gl.constexpr = gl.BlockedLayout([1, T // LANES], [BLOCK_D, LANES], [1, 1], [1, 0])
+    else:  # the output with the channel's steps in every one of its lanes, as the scan leaves it
+        E: gl.constexpr = L_DT
+    R: gl.constexpr = gl.BlockedLayout([1, 1, T // LANES, LANES], [BLOCK_D, LANES, 1, 1], [1, 1, 1, 1], [3, 2, 1, 0])
     b = gl.program_id(0).to(gl.int64)
     d0 = gl.program_id(1) * BLOCK_D
     d = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, L_DT))
@@ -70,13 +128,16 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     d64 = d[:, None].to(gl.int64)
     u_rows = u_ptr + b * s_ub + d64 * s_ud + t[None, :]  # (BLOCK_D, T)
     dt_rows = dt_ptr + b * s_db + d64 * s_dd + t[None, :]
-    z_rows = z_ptr + b * s_zb + d64 * s_zd + t[None, :]
-    o_rows = out_ptr + b * s_ob + d64 * s_od + t[None, :]
-    a_rows = add_ptr + b * s_ob + d64 * s_od + t[None, :]
+    de = (d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, E)))[:, None].to(gl.int64)
+    te = gl.arange(0, T, layout=gl.SliceLayout(0, E))[None, :]
+    ue_rows = u_ptr + b * s_ub + de * s_ud + te  # (BLOCK_D, T) in E
+    z_rows = z_ptr + b * s_zb + de * s_zd + te
+    o_rows = out_ptr + b * s_ob + de * s_od + te
+    a_rows = add_ptr + b * s_ob + de * s_od + te
     dn = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, L_DN))
     nn = gl.arange(0, N, layout=gl.SliceLayout(0, L_DN))
     A3 = gl.expand_dims(gl.load(A_ptr + dn[:, None] * N + nn[None, :]) * 1.4426950408889634, 1)  # (BLOCK_D, 1, N)
-    Dv = gl.load(D_ptr + d)[:, None]  # (BLOCK_D, 1)
+    Dv = gl.load(D_ptr + d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, E)))[:, None]  # (BLOCK_D, 1) in E
     n_c = gl.arange(0, N, layout=gl.SliceLayout(1, CB))
     t_c = gl.arange(0, T, layout=gl.SliceLayout(0, CB))
     bc_rows = b * s_bb + n_c[:, None] * BN_STRIDE + t_c[None, :]  # (N, T) compact
@@ -91,7 +152,7 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     dt_n = gl.load(dt_rows + t_first)
     B_n = gl.load(B_ptr + bc_rows + t_first)
     C_n = gl.load(C_ptr + bc_rows + t_first)
-    z_n = u_n
+    z_n = dt_n
     if HAS_Z:
         z_n = gl.load(z_rows + t_first)
     h = gl.zeros((BLOCK_D, 1, N), gl.float32, P)
@@ -115,7 +176,7 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
             dt_raw = gl.load(dt_rows + t0)
             B_raw = gl.load(B_ptr + bc_rows + t0)
             C_raw = gl.load(C_ptr + bc_rows + t0)
-            z_raw = u_raw
+            z_raw = dt_raw
             if HAS_Z:
                 z_raw = gl.load(z_rows + t0)
         u = u_raw.to(gl.float32)
@@ -124,7 +185,7 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
         Bt = gl.convert_layout(gl.permute(B_raw.to(gl.float32), [1, 0]), L_TN)  # (T, N)
         Ct = gl.convert_layout(gl.permute(C_raw.to(gl.float32), [1, 0]), L_TN)
         dt3 = gl.expand_dims(dt, 2)  # (BLOCK_D, T, 1)
-        dA = gl.exp2(dt3 * A3)  # (BLOCK_D, T, N)
+        dA = _exp2_mixed(dt3 * A3, P, EMU)  # (BLOCK_D, T, N)
         dBu = gl.expand_dims(dt * u, 2) * gl.expand_dims(Bt, 0)
         if REVERSE:  # the forward scan of the chunk's steps flipped (a reversed scan emits shuffles)
             dBu = gl.where(t3 == T - 1, dBu + dA * h, dBu)
@@ -133,7 +194,15 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
         else:
             dBu = gl.where(t3 == 0, dBu + dA * h, dBu)
             _, hs = gl.associative_scan((dA, dBu), 1, _combine)
-        y = gl.sum(hs * gl.expand_dims(Ct, 0), axis=2) + Dv * u  # (BLOCK_D, T)
+        # y = sum over states of h C: each thread's states summed, then the channel's LANES partial
+        # sums exchanged so that each lane ends with T / LANES steps (E)
+        if SPLIT_OUT:
+            part = gl.sum(gl.reshape(hs * gl.expand_dims(Ct, 0), [BLOCK_D, T, LANES, N // LANES]), axis=3)
+            part = gl.convert_layout(gl.reshape(part, [BLOCK_D, LANES, T // LANES, LANES]), R)
+            y = gl.convert_layout(gl.reshape(gl.sum(part, axis=3), [BLOCK_D, T]), E)  # (BLOCK_D, T)
+            y += Dv * gl.load(ue_rows + t0).to(gl.float32)
+        else:
+            y = gl.sum(hs * gl.expand_dims(Ct, 0), axis=2) + Dv * u  # (BLOCK_D, T)
         if HAS_ADD:
             y += gl.load(a_rows + t0).to(gl.float32)
         if HAS_Z:
@@ -160,7 +229,7 @@ def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
                D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
                out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0,
                prefetch: bool = True, maxnreg: int | None = None, block_d: int = 16,
-               unroll: int = 1) -> torch.Tensor:
+               unroll: int = 1, split_out: bool | None = None, emu: int = 0) -> torch.Tensor:
     """The padded path's scan (`scan_fwd` as bimamba_padded calls it) on CUDA: u, delta, z, add,
     out (B, D, Lp) bf16 with unit stride along Lp; A (D, 16) and D (D,) fp32; B and C (B, 16, Lp)
     bf16 views of one (B, 32, Lp) buffer (state stride Lp). Lp a multiple of 8, D of 16."""
@@ -175,6 +244,7 @@ def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0),
         (z if z is not None else u).stride(0), (z if z is not None else u).stride(1), out.stride(0), out.stride(1),
         BLOCK_D=block_d, T=8, N=16, BN_STRIDE=length, REVERSE=reverse, HAS_Z=z is not None, HAS_ADD=add is not None,
-        OUT_SCALE=float(out_scale), PREFETCH=prefetch, UNROLL=unroll, num_warps=1,
+        OUT_SCALE=float(out_scale), PREFETCH=prefetch, UNROLL=unroll,
+        SPLIT_OUT=(z is not None) if split_out is None else split_out, EMU=emu, num_warps=1,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return out
