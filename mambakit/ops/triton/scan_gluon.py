@@ -45,7 +45,7 @@ def _flip_steps(x, LAYOUT: gl.constexpr):
     y = _swap_last(y)
     y = _swap_last(gl.permute(y, [0, 1, 4, 2, 3]))  # the (2, 2, 2) axes rotated once
     y = _swap_last(gl.permute(y, [0, 1, 4, 2, 3]))  # and twice
-    y = gl.permute(y, [0, 1, 3, 4, 2])  # back to the step bits' order
+    y = gl.permute(y, [0, 1, 4, 2, 3])  # rotated thrice: back to the step bits' order
     return gl.convert_layout(gl.reshape(gl.permute(y, [0, 2, 3, 4, 1]), [shape[0], shape[1], shape[2]]), LAYOUT)
 
 
@@ -130,14 +130,14 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     dt_rows = dt_ptr + b * s_db + d64 * s_dd + t[None, :]
     de = (d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, E)))[:, None].to(gl.int64)
     te = gl.arange(0, T, layout=gl.SliceLayout(0, E))[None, :]
-    ue_rows = u_ptr + b * s_ub + de * s_ud + te  # (BLOCK_D, T) in E
     z_rows = z_ptr + b * s_zb + de * s_zd + te
     o_rows = out_ptr + b * s_ob + de * s_od + te
     a_rows = add_ptr + b * s_ob + de * s_od + te
     dn = d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, L_DN))
     nn = gl.arange(0, N, layout=gl.SliceLayout(0, L_DN))
     A3 = gl.expand_dims(gl.load(A_ptr + dn[:, None] * N + nn[None, :]) * 1.4426950408889634, 1)  # (BLOCK_D, 1, N)
-    Dv = gl.load(D_ptr + d0 + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, E)))[:, None]  # (BLOCK_D, 1) in E
+    Dv = gl.load(D_ptr + d)[:, None]  # (BLOCK_D, 1)
+    Dv_lane = Dv * (1.0 / LANES)
     n_c = gl.arange(0, N, layout=gl.SliceLayout(1, CB))
     t_c = gl.arange(0, T, layout=gl.SliceLayout(0, CB))
     bc_rows = b * s_bb + n_c[:, None] * BN_STRIDE + t_c[None, :]  # (N, T) compact
@@ -155,6 +155,9 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     z_n = dt_n
     if HAS_Z:
         z_n = gl.load(z_rows + t_first)
+    add_n = dt_n  # the output to add (HAS_ADD); a placeholder else
+    if HAS_ADD:
+        add_n = gl.load(a_rows + t_first)
     h = gl.zeros((BLOCK_D, 1, N), gl.float32, P)
     for c in tl.range(0, n_chunks, loop_unroll_factor=UNROLL):
         if REVERSE:
@@ -171,6 +174,9 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
             C_n = gl.load(C_ptr + bc_rows + t_next)
             if HAS_Z:
                 z_n = gl.load(z_rows + t_next)
+            add_raw = add_n
+            if HAS_ADD:
+                add_n = gl.load(a_rows + t_next)
         else:
             u_raw = gl.load(u_rows + t0)
             dt_raw = gl.load(dt_rows + t0)
@@ -179,6 +185,9 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
             z_raw = dt_raw
             if HAS_Z:
                 z_raw = gl.load(z_rows + t0)
+            add_raw = dt_raw
+            if HAS_ADD:
+                add_raw = gl.load(a_rows + t0)
         u = u_raw.to(gl.float32)
         dt = dt_raw.to(gl.float32)
         # B and C widened once a warp, then to every channel-thread through shared memory
@@ -197,14 +206,15 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
         # y = sum over states of h C: each thread's states summed, then the channel's LANES partial
         # sums exchanged so that each lane ends with T / LANES steps (E)
         if SPLIT_OUT:
+            # (D u is in every lane of the channel: each adds D u / LANES to its partial sum)
             part = gl.sum(gl.reshape(hs * gl.expand_dims(Ct, 0), [BLOCK_D, T, LANES, N // LANES]), axis=3)
+            part += gl.convert_layout(gl.expand_dims(Dv_lane * u, 2), part.type.layout)  # (BLOCK_D, T, LANES)
             part = gl.convert_layout(gl.reshape(part, [BLOCK_D, LANES, T // LANES, LANES]), R)
             y = gl.convert_layout(gl.reshape(gl.sum(part, axis=3), [BLOCK_D, T]), E)  # (BLOCK_D, T)
-            y += Dv * gl.load(ue_rows + t0).to(gl.float32)
         else:
             y = gl.sum(hs * gl.expand_dims(Ct, 0), axis=2) + Dv * u  # (BLOCK_D, T)
         if HAS_ADD:
-            y += gl.load(a_rows + t0).to(gl.float32)
+            y += add_raw.to(gl.float32)
         if HAS_Z:
             y = y * _silu(z_raw.to(gl.float32))
         if OUT_SCALE != 1.0:
