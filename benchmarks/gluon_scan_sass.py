@@ -34,12 +34,13 @@ p.add_argument("--block-d", type=int, default=16)
 p.add_argument("--unroll", type=int, default=1)
 p.add_argument("--split-out", type=int, choices=[0, 1])
 p.add_argument("--emu", type=int, default=0)
+p.add_argument("--prefetch-epi", action="store_true")
 args = p.parse_args()
 params = list(inspect.signature(_gluon_scan_kernel.fn).parameters)
 consts = dict(BLOCK_D=args.block_d, UNROLL=args.unroll, EMU=args.emu,
               SPLIT_OUT=args.reverse if args.split_out is None else bool(args.split_out), T=8, N=16, BN_STRIDE=args.length, REVERSE=args.reverse, HAS_Z=args.reverse,
               HAS_ADD=args.reverse, OUT_SCALE=0.5 if args.reverse else 1.0,
-              PREFETCH=not args.no_prefetch)
+              PREFETCH=not args.no_prefetch, PREFETCH_EPI=args.prefetch_epi)
 pointers = dict(u_ptr="bf16", dt_ptr="bf16", A_ptr="fp32", B_ptr="bf16", C_ptr="bf16", D_ptr="fp32", z_ptr="bf16",
                 add_ptr="bf16", out_ptr="bf16")
 sig = {k: "constexpr" if k in consts else ("*" + pointers[k] if k in pointers else "i32") for k in params}

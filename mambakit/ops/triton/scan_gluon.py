@@ -104,7 +104,8 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
                        s_ub, s_ud, s_db, s_dd, s_bb, s_zb, s_zd, s_ob, s_od,
                        BLOCK_D: gl.constexpr, T: gl.constexpr, N: gl.constexpr, BN_STRIDE: gl.constexpr,
                        REVERSE: gl.constexpr, HAS_Z: gl.constexpr, HAS_ADD: gl.constexpr,
-                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr,
+                       OUT_SCALE: gl.constexpr, PREFETCH: gl.constexpr, PREFETCH_EPI: gl.constexpr,
+                       UNROLL: gl.constexpr,
                        SPLIT_OUT: gl.constexpr, EMU: gl.constexpr):
     """One warp: BLOCK_D = 32 / LANES channels of one sequence, every step; L a multiple of T, N = 16."""
     LANES: gl.constexpr = 32 // BLOCK_D  # lanes a channel
@@ -152,12 +153,13 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
     dt_n = gl.load(dt_rows + t_first)
     B_n = gl.load(B_ptr + bc_rows + t_first)
     C_n = gl.load(C_ptr + bc_rows + t_first)
-    z_n = dt_n
-    if HAS_Z:
-        z_n = gl.load(z_rows + t_first)
-    add_n = dt_n  # the output to add (HAS_ADD); a placeholder else
-    if HAS_ADD:
-        add_n = gl.load(a_rows + t_first)
+    z_n = dt_n  # the gate and the output to add (or placeholders)
+    add_n = dt_n
+    if PREFETCH_EPI:
+        if HAS_Z:
+            z_n = gl.load(z_rows + t_first)
+        if HAS_ADD:
+            add_n = gl.load(a_rows + t_first)
     h = gl.zeros((BLOCK_D, 1, N), gl.float32, P)
     for c in tl.range(0, n_chunks, loop_unroll_factor=UNROLL):
         if REVERSE:
@@ -166,26 +168,28 @@ def _gluon_scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, add_ptr
         else:
             t0 = c * T
             t_next = gl.minimum(t0 + T, t_first + (n_chunks - 1) * T)
-        if PREFETCH:  # this chunk's inputs were loaded an iteration ago; load the next one's now
-            u_raw, dt_raw, B_raw, C_raw, z_raw = u_n, dt_n, B_n, C_n, z_n
+        if PREFETCH:  # this chunk's scan inputs were loaded an iteration ago; load the next one's now
+            u_raw, dt_raw, B_raw, C_raw = u_n, dt_n, B_n, C_n
             u_n = gl.load(u_rows + t_next)
             dt_n = gl.load(dt_rows + t_next)
             B_n = gl.load(B_ptr + bc_rows + t_next)
             C_n = gl.load(C_ptr + bc_rows + t_next)
-            if HAS_Z:
-                z_n = gl.load(z_rows + t_next)
-            add_raw = add_n
-            if HAS_ADD:
-                add_n = gl.load(a_rows + t_next)
         else:
             u_raw = gl.load(u_rows + t0)
             dt_raw = gl.load(dt_rows + t0)
             B_raw = gl.load(B_ptr + bc_rows + t0)
             C_raw = gl.load(C_ptr + bc_rows + t0)
-            z_raw = dt_raw
+        # the gate and the output to add are first used at the chunk's end: loaded in the iteration,
+        # their latency hides behind the scan (PREFETCH_EPI: an iteration ahead too)
+        z_raw, add_raw = z_n, add_n
+        if PREFETCH_EPI:
+            if HAS_Z:
+                z_n = gl.load(z_rows + t_next)
+            if HAS_ADD:
+                add_n = gl.load(a_rows + t_next)
+        else:
             if HAS_Z:
                 z_raw = gl.load(z_rows + t0)
-            add_raw = dt_raw
             if HAS_ADD:
                 add_raw = gl.load(a_rows + t0)
         u = u_raw.to(gl.float32)
@@ -238,7 +242,7 @@ def gluon_fits(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
 def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
                out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0,
-               prefetch: bool = True, maxnreg: int | None = None, block_d: int = 16,
+               prefetch: bool = True, prefetch_epi: bool = False, maxnreg: int | None = None, block_d: int = 16,
                unroll: int = 1, split_out: bool | None = None, emu: int = 0) -> torch.Tensor:
     """The padded path's scan (`scan_fwd` as bimamba_padded calls it) on CUDA: u, delta, z, add,
     out (B, D, Lp) bf16 with unit stride along Lp; A (D, 16) and D (D,) fp32; B and C (B, 16, Lp)
@@ -254,7 +258,7 @@ def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0),
         (z if z is not None else u).stride(0), (z if z is not None else u).stride(1), out.stride(0), out.stride(1),
         BLOCK_D=block_d, T=8, N=16, BN_STRIDE=length, REVERSE=reverse, HAS_Z=z is not None, HAS_ADD=add is not None,
-        OUT_SCALE=float(out_scale), PREFETCH=prefetch, UNROLL=unroll,
+        OUT_SCALE=float(out_scale), PREFETCH=prefetch, PREFETCH_EPI=prefetch_epi, UNROLL=unroll,
         SPLIT_OUT=(z is not None) if split_out is None else split_out, EMU=emu, num_warps=1,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return out
