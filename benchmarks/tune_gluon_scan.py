@@ -1,6 +1,6 @@
-"""WIP: the Gluon scan against the Triton lanes scan at Vim-Ti's padded shape on the device, both
-directions as the padded path calls them (ms a call, do_bench), over the Gluon kernel's knobs
-(register prefetch a chunk ahead; a register cap, which raises the warps an SM holds).
+"""The Gluon scan (ops/triton/scan_gluon.py) against the Triton lanes scan at Vim-Ti's padded
+shape on the device, both directions as the padded path calls them (ms a call, do_bench), with
+and without loading each chunk's inputs an iteration ahead.
 
     python benchmarks/tune_gluon_scan.py [--batch 64 --px 1024] [--out OUT.jsonl]"""
 import argparse
@@ -19,7 +19,6 @@ p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--px", type=int, default=1024)
 p.add_argument("--out")
-p.add_argument("--variants", help="a JSON list of gluon_scan keyword sets")
 args = p.parse_args()
 batch, dim, bf = args.batch, 384, torch.bfloat16
 lp = -(-((args.px // 16) ** 2 + 1) // 16) * 16
@@ -29,20 +28,17 @@ A = -torch.rand(dim, 16, device="cuda") - 0.5
 bc = torch.randn(batch, 32, lp, device="cuda", dtype=bf)
 B, C = bc[:, :16], bc[:, 16:]
 D = torch.randn(dim, device="cuda")
-variants = [dict(prefetch=True), dict(prefetch=False), dict(prefetch=True, maxnreg=128),
-            dict(prefetch=False, maxnreg=96), dict(prefetch=False, maxnreg=80), dict(prefetch=True, maxnreg=96)]
-if args.variants:
-    variants = json.loads(args.variants)
 rows = []
 for reverse in (False, True):
     kw = dict(z=z, add=y, out_scale=0.5) if reverse else {}
     lanes = do_bench(lambda: scan_fwd(u, delta, A, B, C, D, kw.get("z"), None, None, False, None, False, out=y,
                                       reverse=reverse, add=kw.get("add"), out_scale=kw.get("out_scale", 1.0),
                                       fixed_bc_stride=True), warmup=5, rep=40)
-    for v in variants:
-        gl_ms = do_bench(lambda: gluon_scan(u, delta, A, B, C, D, out=y, reverse=reverse, **kw, **v), warmup=5, rep=40)
-        rows.append(dict(reverse=reverse, **v, lanes_ms=round(lanes, 4), gluon_ms=round(gl_ms, 4), batch=batch,
-                         px=args.px))
+    for prefetch in (True, False):
+        gl_ms = do_bench(lambda: gluon_scan(u, delta, A, B, C, D, out=y, reverse=reverse, prefetch=prefetch, **kw),
+                         warmup=5, rep=40)
+        rows.append(dict(reverse=reverse, prefetch=prefetch, default=prefetch == (not reverse),
+                         lanes_ms=round(lanes, 4), gluon_ms=round(gl_ms, 4), batch=batch, px=args.px))
         print(json.dumps(rows[-1]), flush=True)
 if args.out:
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

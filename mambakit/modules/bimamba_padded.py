@@ -4,17 +4,26 @@ the parameters (`padded_weights`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-# WIP: the Gluon scan, until it is measured. "1": both directions; or a JSON list of two keyword
-# sets for gluon_scan (forward, reversed), null for the Triton lanes scan in that direction
-_GLUON_ENV = os.environ.get("MAMBAKIT_GLUON_SCAN", "0")
-_GLUON_SCAN = [{}, {}] if _GLUON_ENV == "1" else (json.loads(_GLUON_ENV) if _GLUON_ENV.startswith("[") else None)
+# The scans run on the Gluon kernel (ops/triton/scan_gluon.py) where it takes the tensors, on
+# CUDA; MAMBAKIT_GLUON_SCAN=0 keeps the Triton lanes kernel (for A/B runs)
+_GLUON_SCAN = os.environ.get("MAMBAKIT_GLUON_SCAN", "1") != "0"
+
+
+def _gluon():
+    """The Gluon scan's (gluon_fits, gluon_scan), or None where this Triton has no Gluon."""
+    if not _GLUON_SCAN:
+        return None
+    try:
+        from ..ops.triton.scan_gluon import gluon_fits, gluon_scan
+    except ImportError:
+        return None
+    return gluon_fits, gluon_scan
 
 
 @dataclass
@@ -94,8 +103,6 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
     channels."""
     from ..ops.triton.bidirectional import bidirectional_conv
     from ..ops.triton.x_proj_delta import x_proj_delta
-    if _GLUON_SCAN:
-        from ..ops.triton.scan_gluon import gluon_fits, gluon_scan
     from ..ops.triton.selective_scan import scan_fwd
     batch, padded, _ = hidden.shape
     if padded % 16:
@@ -130,18 +137,19 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
         # Δ (B, D_inner, Lp) after its softplus, and B, C (B, 2N, Lp), from one read of u
         delta, bc = x_proj_delta(u, w.x_proj[k], w.dt_proj[k], w.dt_bias[k], n, delta_out=delta_buf)
         B_, C_ = bc[:, :n], bc[:, n:]  # (B, N, Lp) each
-        if _GLUON_SCAN and _GLUON_SCAN[k] is not None and u.is_cuda and gluon_fits(u, B_, C_):  # WIP
-            if k == 0:
-                gluon_scan(u, delta, w.A[0], B_, C_, w.D[0], out=u, **_GLUON_SCAN[0])
+        gluon_fits, gluon_scan = (_gluon() if u.is_cuda else None) or (None, None)
+        args = (u, delta, w.A[k], B_, C_, w.D[k])
+        if k == 0:  # the forward scan, in place
+            if gluon_fits and gluon_fits(*args, out=u):
+                gluon_scan(*args, out=u)
             else:
-                gluon_scan(u, delta, w.A[1], B_, C_, w.D[1], z=z, add=y_f, out=y_f, reverse=True,
-                           out_scale=w.out_scale, **_GLUON_SCAN[1])
-        elif k == 0:
-            scan_fwd(u, delta, w.A[0], B_, C_, w.D[0], None, None, None, False, None, False, out=u,
-                     fixed_bc_stride=True)
-        else:
-            scan_fwd(u, delta, w.A[1], B_, C_, w.D[1], z, None, None, False, None, False, out=y_f,
-                     reverse=True, add=y_f, out_scale=w.out_scale, fixed_bc_stride=True)
+                scan_fwd(*args, None, None, None, False, None, False, out=u, fixed_bc_stride=True)
+        else:  # the reversed scan: gated, the forward output added, scaled, into y_f
+            if gluon_fits and gluon_fits(*args, z=z, add=y_f, out=y_f):
+                gluon_scan(*args, z=z, add=y_f, out=y_f, reverse=True, out_scale=w.out_scale)
+            else:
+                scan_fwd(*args, z, None, None, False, None, False, out=y_f, reverse=True, add=y_f,
+                         out_scale=w.out_scale, fixed_bc_stride=True)
         del bc, delta, B_, C_
     # x, z and Δ freed before out_proj's output exists: kept, they made the layer's peak (Vim-Ti at
     # 1024 px, batch 64: 2.334 against 2.263 GiB)
