@@ -7,13 +7,9 @@ Compare with `benchmarks/scan_sass.py` (the Triton lanes scan: 573 forward, 617 
 from __future__ import annotations
 
 import argparse
-import collections
 import inspect
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,6 +19,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from mambakit.ops.triton.scan_gluon import _gluon_scan_kernel  # noqa: E402
+from sass_loop import chunk_loop  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--reverse", action="store_true")
@@ -40,25 +37,10 @@ sig = {k: "constexpr" if k in consts else ("*" + pointers[k] if k in pointers el
 attrs = {(params.index(k),): [["tt.divisibility", 16]] for k in params if k not in consts}
 src = GluonASTSource(_gluon_scan_kernel, sig, {(params.index(k),): v for k, v in consts.items()}, attrs)
 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-    f.write(compiled.asm["cubin"]); f.flush()
-    sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
-    usage = subprocess.run([str(nvdisasm.parent / "cuobjdump"), "--dump-resource-usage", f.name],
-                           capture_output=True, text=True, check=True).stdout
-loops = []
-for back, line in enumerate(sass):
-    if m := re.search(r"@!?P\d BRA `\((\.L_x_\d+)\)", line):
-        start = next((i for i, ln in enumerate(sass[:back]) if ln.startswith(m.group(1) + ":")), None)
-        if start is not None:
-            loops.append((back - start, start, back))
-_, start, back = max(loops)
-ops = collections.Counter(m.group(1) for line in sass[start:back + 1]
-                          if (m := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)))
-regs = re.search(r"REG:(\d+)", usage).group(1)
-print(f"triton {triton.__version__}, gluon scan {'reversed' if args.reverse else 'forward'}: {sum(ops.values())} "
-      f"instructions in the chunk loop, {ops['MUFU'] / 8:.1f} MUFU a step; {regs} registers, "
+loop = chunk_loop(compiled.asm["cubin"])
+print(f"triton {triton.__version__}, gluon scan {'reversed' if args.reverse else 'forward'}: {loop.total} "
+      f"instructions in the chunk loop, {loop.ops['MUFU'] / 8:.1f} MUFU a step; {loop.registers} registers, "
       f"{compiled.metadata.shared} bytes of shared memory")
-print(", ".join(f"{k} {v}" for k, v in ops.most_common()))
+print(loop.summary())
 if args.dump:
-    print("\n".join(sass[start:back + 1]))
+    print("\n".join(loop.lines))

@@ -18,9 +18,7 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import mambakit.ops.triton.selective_scan as ss  # noqa: E402
+from sass_loop import chunk_loop  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--reverse", action="store_true")
@@ -87,29 +86,13 @@ compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target
 if args.ptx:
     print(collections.Counter(re.findall(r"\b(ex2\.[a-z0-9.]+|lg2\.[a-z0-9.]+|rcp\.[a-z0-9.]+|tanh\.[a-z0-9.]+)",
                                          compiled.asm["ptx"])))
-nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-    f.write(compiled.asm["cubin"]); f.flush()
-    sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
-    usage = subprocess.run([str(nvdisasm.parent / "cuobjdump"), "--dump-resource-usage", f.name],
-                           capture_output=True, text=True, check=True).stdout
-regs = re.search(r"REG:(\d+)", usage).group(1)
-stack = re.search(r"STACK:(\d+)", usage).group(1)
-# the chunk loop: the longest block between a label and a conditional branch back to it
-loops = []
-for back, line in enumerate(sass):
-    if m := re.search(r"@!?P\d BRA `\((\.L_x_\d+)\)", line):
-        start = next((i for i, ln in enumerate(sass[:back]) if ln.startswith(m.group(1) + ":")), None)
-        if start is not None:
-            loops.append((back - start, start, back))
-_, start, back = max(loops)
-ops = collections.Counter(m.group(1) for line in sass[start:back + 1]
-                          if (m := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)))
+loop = chunk_loop(compiled.asm["cubin"])
+ops, regs, stack = loop.ops, loop.registers, loop.stack
 shape = {k: v for k, v in captured["kwargs"].items() if k in ("NL", "BLOCK_D", "T", "PREFETCH", "EVEN", "REVERSE")}
 total = sum(ops.values())
 print(f"triton {triton.__version__}, {shape}: {total} instructions in the chunk loop, "
       f"{total / shape['T']:.1f} a step, {ops['MUFU'] / shape['T']:.1f} MUFU a step; "
       f"{regs} registers, {stack} bytes of stack")
-print(", ".join(f"{k} {v}" for k, v in ops.most_common()))
+print(loop.summary())
 if args.dump:
-    print("\n".join(sass[start:back + 1]))
+    print("\n".join(loop.lines))

@@ -38,3 +38,18 @@ def count_held(fn, shape) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return shapes.count(tuple(shape))
+
+
+def padded_scan_ref(u, delta, A, B, C, D, z=None, add=None, reverse=False, out_scale=1.0):
+    """What the padded path's scans compute, in fp32 from the same (bf16) inputs: the forward scan
+    of u, or the reversed scan (the causal reference on flipped steps, flipped back), then
+    out_scale * (y + add) * silu(z) where add and z are given."""
+    from mambakit.ops.reference import selective_scan_ref
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+    f = lambda t: flip(t.float())  # noqa: E731
+    y = flip(selective_scan_ref(f(u), f(delta), A, f(B), f(C), D, None, None))
+    if add is not None:
+        y = y + add.float()
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float())
+    return out_scale * y

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambakit.ops.reference import selective_scan_ref
 from mambakit.ops.triton.selective_scan import scan_fwd
+from scan_inputs import padded_scan_ref
 
 pytest.importorskip("triton.experimental.gluon")
 from mambakit.ops.triton.scan_gluon import gluon_fits, gluon_scan  # noqa: E402
@@ -37,17 +37,14 @@ def test_gluon_scan_matches_reference_and_the_lanes_scan(reverse, prefetch, batc
     """Forward: y = scan(u) written over u. Reversed: y = 0.5 (scan_reversed(u) + add) silu(z)
     written over add. Both against the fp32 reference and the lanes scan."""
     u, z, add, delta, A, B, C, D = _inputs(batch, dim, length, "cuda", seed=7 + reverse)
-    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
-    f = lambda t: flip(t.float())  # noqa: E731
-    plain = flip(selective_scan_ref(f(u), f(delta), A, f(B), f(C), D, None, None))
     if reverse:
-        want = 0.5 * (plain + add.float()) * torch.nn.functional.silu(z.float())
+        want = padded_scan_ref(u, delta, A, B, C, D, z, add, reverse=True, out_scale=0.5)
         lanes, _, _ = scan_fwd(u, delta, A, B, C, D, z, None, None, False, None, False, reverse=True, add=add,
                                out_scale=0.5, fixed_bc_stride=True)
         got = add.clone()
         gluon_scan(u, delta, A, B, C, D, z=z, add=got, out=got, reverse=True, out_scale=0.5, prefetch=prefetch)
     else:
-        want = plain
+        want = padded_scan_ref(u, delta, A, B, C, D)
         lanes, _, _ = scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True)
         got = u.clone()
         gluon_scan(got, delta, A, B, C, D, out=got, prefetch=prefetch)

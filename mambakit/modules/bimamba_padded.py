@@ -57,7 +57,6 @@ def padded_weights(mixer, dtype: torch.dtype) -> PaddedWeights:
     cached = mixer.__dict__.get("_padded_weights")
     if keep and cached is not None and cached.key == key:
         return cached
-    di = mixer.d_inner
     cast = lambda t: None if t is None else t.detach().to(dtype).contiguous()  # noqa: E731
     fp32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     with torch.no_grad():

@@ -1,0 +1,52 @@
+"""The SASS of a kernel compiled offline for sm_90: its chunk loop's instruction counts and its
+resource use, disassembled with the nvdisasm and cuobjdump that ship with Triton. Shared by
+scan_sass.py and gluon_scan_sass.py."""
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+
+
+@dataclass
+class ChunkLoop:
+    ops: collections.Counter  # opcode -> count, over the loop's instructions
+    lines: list  # the loop's SASS lines
+    registers: int
+    stack: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.ops.most_common())
+
+
+def chunk_loop(cubin: bytes) -> ChunkLoop:
+    """The longest block between a label and a conditional branch back to it (the chunk loop)."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+        usage = subprocess.run([str(nvdisasm.parent / "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    loops = []
+    for back, line in enumerate(sass):
+        if m := re.search(r"@!?P\d BRA `\((\.L_x_\d+)\)", line):
+            start = next((i for i, ln in enumerate(sass[:back]) if ln.startswith(m.group(1) + ":")), None)
+            if start is not None:
+                loops.append((back - start, start, back))
+    _, start, back = max(loops)
+    lines = sass[start:back + 1]
+    ops = collections.Counter(m.group(1) for line in lines
+                              if (m := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)))
+    return ChunkLoop(ops, lines, int(re.search(r"REG:(\d+)", usage).group(1)),
+                     int(re.search(r"STACK:(\d+)", usage).group(1)))
