@@ -37,10 +37,5 @@ sig = {k: "constexpr" if k in consts else ("*" + pointers[k] if k in pointers el
 attrs = {(params.index(k),): [["tt.divisibility", 16]] for k in params if k not in consts}
 src = GluonASTSource(_gluon_scan_kernel, sig, {(params.index(k),): v for k, v in consts.items()}, attrs)
 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-loop = chunk_loop(compiled.asm["cubin"])
-print(f"triton {triton.__version__}, gluon scan {'reversed' if args.reverse else 'forward'}: {loop.total} "
-      f"instructions in the chunk loop, {loop.ops['MUFU'] / 8:.1f} MUFU a step; {loop.registers} registers, "
-      f"{compiled.metadata.shared} bytes of shared memory")
-print(loop.summary())
-if args.dump:
-    print("\n".join(loop.lines))
+chunk_loop(compiled.asm["cubin"]).report(f"gluon scan {'reversed' if args.reverse else 'forward'}", 8,
+                                          f"{compiled.metadata.shared} bytes of shared memory", args.dump)

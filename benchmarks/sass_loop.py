@@ -24,8 +24,14 @@ class ChunkLoop:
     def total(self) -> int:
         return sum(self.ops.values())
 
-    def summary(self) -> str:
-        return ", ".join(f"{k} {v}" for k, v in self.ops.most_common())
+    def report(self, label: str, steps: int, resources: str, dump: bool = False) -> None:
+        """Print the loop's size a chunk of `steps` steps and a step, its opcodes, and its SASS if `dump`."""
+        print(f"triton {triton.__version__}, {label}: {self.total} instructions in the chunk loop, "
+              f"{self.total / steps:.1f} a step, {self.ops['MUFU'] / steps:.1f} MUFU a step; {self.registers} "
+              f"registers, {resources}")
+        print(", ".join(f"{k} {v}" for k, v in self.ops.most_common()))
+        if dump:
+            print("\n".join(self.lines))
 
 
 def chunk_loop(cubin: bytes) -> ChunkLoop:

@@ -87,12 +87,5 @@ if args.ptx:
     print(collections.Counter(re.findall(r"\b(ex2\.[a-z0-9.]+|lg2\.[a-z0-9.]+|rcp\.[a-z0-9.]+|tanh\.[a-z0-9.]+)",
                                          compiled.asm["ptx"])))
 loop = chunk_loop(compiled.asm["cubin"])
-ops, regs, stack = loop.ops, loop.registers, loop.stack
 shape = {k: v for k, v in captured["kwargs"].items() if k in ("NL", "BLOCK_D", "T", "PREFETCH", "EVEN", "REVERSE")}
-total = sum(ops.values())
-print(f"triton {triton.__version__}, {shape}: {total} instructions in the chunk loop, "
-      f"{total / shape['T']:.1f} a step, {ops['MUFU'] / shape['T']:.1f} MUFU a step; "
-      f"{regs} registers, {stack} bytes of stack")
-print(loop.summary())
-if args.dump:
-    print("\n".join(loop.lines))
+loop.report(str(shape), shape["T"], f"{loop.stack} bytes of stack", args.dump)
