@@ -16,8 +16,9 @@ _GLUON_SCAN = os.environ.get("MAMBAKIT_GLUON_SCAN", "1") != "0"
 
 
 def _gluon():
-    """The Gluon scan's (gluon_fits, gluon_scan), or None where this Triton has no Gluon."""
-    if not _GLUON_SCAN:
+    """The Gluon scan's (gluon_fits, gluon_scan), or None where this Triton has no Gluon or the
+    GPU is not NVIDIA's (the kernel's SiLU is PTX)."""
+    if not _GLUON_SCAN or torch.version.hip is not None:
         return None
     try:
         from ..ops.triton.scan_gluon import gluon_fits, gluon_scan
