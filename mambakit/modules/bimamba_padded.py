@@ -4,6 +4,7 @@ the parameters (`padded_weights`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 _GLUON_SCAN = os.environ.get("MAMBAKIT_GLUON_SCAN", "1") != "0"
 
 
+@functools.cache
 def _gluon():
     """The Gluon scan's (gluon_fits, gluon_scan), or None where this Triton has no Gluon or the
-    GPU is not NVIDIA's (the kernel's SiLU is PTX)."""
+    GPU is not NVIDIA's (the kernel's SiLU is PTX). Resolved once."""
     if not _GLUON_SCAN or torch.version.hip is not None:
         return None
     try:
@@ -132,21 +134,21 @@ def padded_inference(mixer, hidden: torch.Tensor, length: int) -> torch.Tensor:
             z += w.in_proj_bias[di:, None]
         xz = delta_buf = None
     y_f = rows[:, :di]  # (B, D_inner, Lp)
+    gluon_fits, gluon_scan = (_gluon() if rows.is_cuda else None) or (None, None)
     for k in (0, 1):
         u = rows[:, k * di:(k + 1) * di]  # (B, D_inner, Lp)
         # Δ (B, D_inner, Lp) after its softplus, and B, C (B, 2N, Lp), from one read of u
         delta, bc = x_proj_delta(u, w.x_proj[k], w.dt_proj[k], w.dt_bias[k], n, delta_out=delta_buf)
         B_, C_ = bc[:, :n], bc[:, n:]  # (B, N, Lp) each
-        gluon_fits, gluon_scan = (_gluon() if u.is_cuda else None) or (None, None)
         args = (u, delta, w.A[k], B_, C_, w.D[k])
         if k == 0:  # the forward scan, in place
             if gluon_fits and gluon_fits(*args, out=u):
-                gluon_scan(*args, out=u)
+                gluon_scan(*args, out=u, check=False)
             else:
                 scan_fwd(*args, None, None, None, False, None, False, out=u, fixed_bc_stride=True)
         else:  # the reversed scan: gated, the forward output added, scaled, into y_f
             if gluon_fits and gluon_fits(*args, z=z, add=y_f, out=y_f):
-                gluon_scan(*args, z=z, add=y_f, out=y_f, reverse=True, out_scale=w.out_scale)
+                gluon_scan(*args, z=z, add=y_f, out=y_f, reverse=True, out_scale=w.out_scale, check=False)
             else:
                 scan_fwd(*args, z, None, None, False, None, False, out=y_f, reverse=True, add=y_f,
                          out_scale=w.out_scale, fixed_bc_stride=True)

@@ -205,18 +205,19 @@ def gluon_fits(u, delta, A, B, C, D, z=None, add=None, out=None) -> bool:
 def gluon_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, z: torch.Tensor | None = None, add: torch.Tensor | None = None,
                out: torch.Tensor | None = None, reverse: bool = False, out_scale: float = 1.0,
-               prefetch: bool | None = None) -> torch.Tensor:
+               prefetch: bool | None = None, check: bool = True) -> torch.Tensor:
     """y = out_scale * (scan(u) + add) * silu(z), the scan reversed if `reverse`, as `scan_fwd`
     computes it for the padded path, on CUDA. u, delta, z, add, out: (B, D, Lp) bf16 with unit
     stride along Lp (out may be u, or add); A (D, 16) and D (D,) fp32; B and C (B, 16, Lp) bf16
     with state stride Lp and one batch stride (x_proj's (B, R + 32, Lp) output). D a multiple of 16, Lp of 8. `prefetch`
     (load each chunk's inputs an iteration ahead) defaults to the measured faster choice: on for
-    the forward scan, off for the reversed one."""
-    problem = _unfit(u, delta, A, B, C, D, z, add, out)
+    the forward scan, off for the reversed one. `check=False` skips the input checks, for a caller
+    that has just had `gluon_fits` accept the same tensors."""
+    problem = _unfit(u, delta, A, B, C, D, z, add, out) if check else None
     if problem:
         raise ValueError(f"gluon_scan: {problem}")
     out = torch.empty_like(u) if out is None else out
-    if add is not None and add.stride() != out.stride():
+    if check and add is not None and add.stride() != out.stride():
         raise ValueError(f"gluon_scan: add and out must have the same strides, got {add.stride()} and {out.stride()}")
     batch, dim, length = u.shape
     zz = z if z is not None else u
