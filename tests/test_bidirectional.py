@@ -15,7 +15,7 @@ from mambakit.ops.reference import selective_scan_ref
 from mambakit.ops.triton.bidirectional import bidirectional_conv, bidirectional_conv_ref
 from mambakit.ops.triton.selective_scan import scan_fwd
 from mambakit.ops.triton.x_proj_delta import x_proj_delta, x_proj_delta_ref
-from scan_inputs import padded_scan_ref
+from tests.scan_inputs import padded_scan_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

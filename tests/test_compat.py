@@ -8,7 +8,7 @@ import torch
 import mambakit.ops
 from mambakit import compat
 from mambakit.ops import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
-from scan_inputs import make_scan_inputs
+from tests.scan_inputs import make_scan_inputs
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -5,7 +5,7 @@ import torch
 
 from mambakit import ops
 from mambakit.ops import causal_conv1d_ref, causal_conv1d_update_ref, selective_state_update_ref
-from scan_inputs import make_scan_inputs
+from tests.scan_inputs import make_scan_inputs
 
 
 @pytest.mark.parametrize("width", [1, 2, 4])

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from mambakit import ops  # noqa: E402
 from mambakit.ops.triton import scan_op  # noqa: E402
-from scan_inputs import count_held  # noqa: E402
+from tests.scan_inputs import count_held  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "z", "delta_bias")

@@ -5,7 +5,7 @@ import torch
 
 from mambakit import MambaConfig, MambaLM
 from mambakit.ops import causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref
-from scan_inputs import make_scan_inputs
+from tests.scan_inputs import make_scan_inputs
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mambakit.ops import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
                           selective_state_update_ref)
-from scan_inputs import make_scan_inputs
+from tests.scan_inputs import make_scan_inputs
 
 modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from mambakit.ops import selective_scan, selective_scan_chunked, selective_scan_ref
 from mambakit.ops.scan import INNER_METHODS
-from scan_inputs import make_scan_inputs
+from tests.scan_inputs import make_scan_inputs
 
 TOL = {torch.float32: dict(rtol=6e-4, atol=2e-3), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mambakit.ops.triton.selective_scan import scan_fwd
-from scan_inputs import padded_scan_ref
+from tests.scan_inputs import padded_scan_ref
 
 pytest.importorskip("triton.experimental.gluon")
 from mambakit.ops.triton.scan_gluon import gluon_fits, gluon_scan  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mambakit.ops import selective_scan, selective_scan_chunked, selective_scan_ref
-from scan_inputs import make_scan_inputs
+from tests.scan_inputs import make_scan_inputs
 
 pytestmark = pytest.mark.gpu
 BF16 = dict(rtol=3e-2, atol=5e-2)

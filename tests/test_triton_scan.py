@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mambakit.ops import selective_scan, selective_scan_ref  # noqa: E402
-from scan_inputs import make_scan_inputs  # noqa: E402
+from tests.scan_inputs import make_scan_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32 = dict(rtol=6e-4, atol=2e-3)

@@ -8,7 +8,7 @@ import torch
 
 from mambakit.ops import selective_scan, selective_scan_dt_proj
 from mambakit.ops.reference import batched_linear
-from scan_inputs import count_held, make_scan_inputs
+from tests.scan_inputs import count_held, make_scan_inputs
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
