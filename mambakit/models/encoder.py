@@ -24,7 +24,7 @@ from torch import nn
 from ..modules.bimamba import BiMamba
 from ..modules.block import Block
 from ..modules.norm import make_norm
-from ..ops.recording import no_autograd
+from ..ops import no_autograd
 from .scan_orders import IdentityOrder, ScanOrder
 
 

@@ -19,24 +19,22 @@ groups), and gates by SiLU(z) once after the two are added (the gate is per toke
 gate(y_f) + flip(gate'(y_b')) = (y_f + flip(y_b')) * SiLU(z)). `forward(h, fused=False)` is the
 readable reference: two explicit single-direction calls.
 
-Without autograd the layer runs an inference path: on CUDA (the Triton kernels) `_padded_inference`,
-which flips nothing (the backward direction's conv runs anti-causally and its scan backward in
-time, over rows padded to 16 steps); elsewhere `_fused_inference`, the fused path holding less
-memory at once."""
+Without autograd the layer runs an inference path: on CUDA (the Triton kernels) the fused op
+`ops.bimamba_inference`, which flips nothing (the backward direction's conv runs anti-causally
+and its scan backward in time, over rows padded to 16 steps), with the weights it takes made
+once per version of the parameters (`padded_weights`); elsewhere `_fused_inference`, the fused
+path holding less memory at once."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops.reference import batched_linear
-from .bimamba_padded import padded_inference
-from .mamba import _at_least_fp32
+from .state import at_least_fp32
 
 
 class BiMamba(nn.Module):
@@ -164,12 +162,14 @@ class BiMamba(nn.Module):
             return False
         if self.backend is None:
             return hidden.is_cuda and ops.triton_available()
-        return ops._resolve(self.backend, hidden) == "triton"
+        return ops.resolve_backend(self.backend, hidden) == "triton"
 
     def _padded_inference(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
         """hidden (B, Lp, d_model), Lp a multiple of 16, the steps from `length` on padding ->
-        (B, Lp, d_model): modules/bimamba_padded.py."""
-        return padded_inference(self, hidden, length)
+        (B, Lp, d_model): the fused op `ops.bimamba_inference` (ops/vision.py), in autocast's
+        dtype where autocast is on."""
+        weights = padded_weights(self, compute_dtype(hidden))
+        return ops.bimamba_inference(hidden, weights, length, backend="triton")
 
     # -- the reference: two explicit single-direction scans ------------------------------------
 
@@ -182,12 +182,12 @@ class BiMamba(nn.Module):
     def _one_direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D) -> torch.Tensor:
         """What Mamba._run does between in_proj and out_proj, for one direction."""
         x = ops.causal_conv1d(x, conv1d.weight[:, 0], conv1d.bias, "silu")  # (B, D_inner, L)
-        x_dbl = batched_linear(x_proj.weight, x)  # (B, R + 2N, L)
+        x_dbl = ops.batched_linear(x_proj.weight, x)  # (B, R + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = batched_linear(dt_proj.weight, dt)  # (B, D_inner, L)
-        A = -torch.exp(_at_least_fp32(A_log))  # (D_inner, N)
-        return ops.selective_scan(x, delta, A, B, C, D=_at_least_fp32(D), z=z,
-                                  delta_bias=_at_least_fp32(dt_proj.bias), delta_softplus=True)
+        delta = ops.batched_linear(dt_proj.weight, dt)  # (B, D_inner, L)
+        A = -torch.exp(at_least_fp32(A_log))  # (D_inner, N)
+        return ops.selective_scan(x, delta, A, B, C, D=at_least_fp32(D), z=z,
+                                  delta_bias=at_least_fp32(dt_proj.bias), delta_softplus=True)
 
     # -- the fused path: both directions in one conv call and one scan call -------------------
 
@@ -221,9 +221,9 @@ class BiMamba(nn.Module):
         x_dbl = torch.matmul(w_x, x2.reshape(batch, 2, di, padded))  # (B, 2, R + 2N, Lp)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)  # (B, 2, R|N|N, Lp)
         w_dt = torch.stack([f["dt_proj"].weight, b["dt_proj"].weight]).to(dt.dtype)  # (2, D_inner, R)
-        A = -torch.exp(_at_least_fp32(torch.cat([f["A_log"], b["A_log"]])))  # (2*D_inner, N)
-        D = _at_least_fp32(torch.cat([f["D"], b["D"]]))  # (2*D_inner,)
-        dt_bias = _at_least_fp32(torch.cat([f["dt_proj"].bias, b["dt_proj"].bias]))  # (2*D_inner,)
+        A = -torch.exp(at_least_fp32(torch.cat([f["A_log"], b["A_log"]])))  # (2*D_inner, N)
+        D = at_least_fp32(torch.cat([f["D"], b["D"]]))  # (2*D_inner,)
+        dt_bias = at_least_fp32(torch.cat([f["dt_proj"].bias, b["dt_proj"].bias]))  # (2*D_inner,)
         return x2, dt, B, C, (w_dt, A, D, dt_bias)
 
     def _fused(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -298,14 +298,51 @@ _COMPILED: dict = {}
 
 
 def _glue(fn, cuda: bool):
-    """`fn` itself, or with MAMBAKIT_COMPILE_GLUE=1 on CUDA its torch.compile'd version (one
-    generated kernel instead of separate flip, pad, add and gate passes). Measured on the H200
-    (Vim-Ti, batch 64, 1024 px): the same time as eager (141.0 against 140.4 ms a batch) with
+    """`fn` itself, or with the knob compile_glue (MAMBAKIT_COMPILE_GLUE=1) on CUDA its
+    torch.compile'd version (one generated kernel instead of separate flip, pad, add and gate
+    passes). Measured on the H200 (Vim-Ti, batch 64, 1024 px): the same time as eager (141.0 against 140.4 ms a batch) with
     10 % less peak memory (3.30 against 3.68 GiB), for seconds of compilation in the first call;
     so it is off by default. Never on CPU (inductor needs a C++ compiler there) nor inside an
     outer torch.compile (which traces `fn` itself)."""
-    if not cuda or torch.compiler.is_compiling() or os.environ.get("MAMBAKIT_COMPILE_GLUE", "0") != "1":
+    if not cuda or torch.compiler.is_compiling() or not ops.knobs.current().compile_glue:
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+def padded_weights(mixer: BiMamba, dtype: torch.dtype) -> ops.BiMambaWeights:
+    """The mixer's weights for `ops.bimamba_inference` in `dtype`, kept on the mixer and made
+    again when any parameter changes (its storage or its in-place version: an optimizer step,
+    load_state_dict, .to())."""
+    params = tuple(mixer.parameters())
+    # parameters made under inference_mode keep no version counter: made again every call
+    keep = not any(p.is_inference() for p in params)
+    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params) if keep else None
+    cached = mixer.__dict__.get("_padded_weights")
+    if keep and cached is not None and cached.key == key:
+        return cached
+    cast = lambda t: None if t is None else t.detach().to(dtype).contiguous()  # noqa: E731
+    fp32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    with torch.no_grad():
+        w_in, b_in = mixer.in_proj.weight, mixer.in_proj.bias
+        f, b = mixer.direction_params(False), mixer.direction_params(True)
+        conv_b = None if f["conv1d"].bias is None else fp32(torch.cat([f["conv1d"].bias, b["conv1d"].bias]))
+        weights = ops.BiMambaWeights(
+            key=key, in_proj=cast(w_in), in_proj_bias=cast(b_in),
+            conv=fp32(torch.cat([f["conv1d"].weight[:, 0], b["conv1d"].weight[:, 0]])), conv_bias=conv_b,
+            x_proj=(cast(f["x_proj"].weight), cast(b["x_proj"].weight)),
+            dt_proj=(cast(f["dt_proj"].weight), cast(b["dt_proj"].weight)),
+            A=(fp32(-torch.exp(f["A_log"].float())), fp32(-torch.exp(b["A_log"].float()))),
+            D=(fp32(f["D"]), fp32(b["D"])), dt_bias=(fp32(f["dt_proj"].bias), fp32(b["dt_proj"].bias)),
+            out=cast(mixer.out_proj.weight), out_bias=cast(mixer.out_proj.bias),
+            out_scale=0.5 if mixer.divide_out else 1.0)
+    mixer.__dict__["_padded_weights"] = weights if keep else None
+    return weights
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """autocast's dtype where autocast is on for hidden's device, else hidden's own."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+

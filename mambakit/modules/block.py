@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import no_autograd, triton_available
-from .mamba import MambaState
+from .. import ops
 from .norm import RMSNorm
+from .state import MambaState
 
 
 class Block(nn.Module):
@@ -32,8 +32,8 @@ class Block(nn.Module):
         Triton): the residual add and the norm in one pass over the (..., dim) rows, the normed
         output written in autocast's dtype when autocast is on (the rounding that its first GEMM
         would apply), with exactly _pre's roundings otherwise."""
-        if (hidden.is_cuda and hidden.dtype != torch.float64 and isinstance(self.norm, RMSNorm) and triton_available()
-                and no_autograd(hidden, residual, self.norm.weight)):
+        if (hidden.is_cuda and hidden.dtype != torch.float64 and isinstance(self.norm, RMSNorm)
+                and ops.triton_available() and ops.no_autograd(hidden, residual, self.norm.weight)):
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
             return self._pre_fused(hidden, residual, out_dtype)
         return self._pre(hidden, residual)
@@ -55,16 +55,15 @@ class Block(nn.Module):
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: MambaState):
         """hidden, residual: (B, dim); one token. On CUDA the residual add and RMSNorm run as one
-        fused kernel (ops/triton/norm.py), with exactly _pre's roundings."""
-        if hidden.is_cuda and isinstance(self.norm, RMSNorm) and triton_available():
+        fused kernel (`ops.add_rms_norm`), with exactly _pre's roundings."""
+        if hidden.is_cuda and isinstance(self.norm, RMSNorm) and ops.triton_available():
             hidden, residual = self._pre_fused(hidden, residual)
         else:
             hidden, residual = self._pre(hidden, residual)
         return self.mixer.step(hidden, cache), residual
 
     def _pre_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None, out_dtype=None):
-        from ..ops.triton.norm import add_rms_norm
         r_dtype = hidden.dtype if residual is None else torch.promote_types(residual.dtype, hidden.dtype)
         if self.residual_in_fp32 and r_dtype != torch.float64:
             r_dtype = torch.float32
-        return add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, r_dtype, out_dtype)
+        return ops.add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, r_dtype, out_dtype)

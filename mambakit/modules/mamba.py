@@ -10,21 +10,13 @@ cache has a constant size, (B, D_inner, K-1) + (B, D_inner, N), whatever the len
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops.reference import batched_linear
-
-
-@dataclass
-class MambaState:
-    """The recurrent state of one mixer: what a Transformer's KV cache is, at a fixed size."""
-    conv: torch.Tensor  # (B, D_inner, K-1): the last K-1 conv inputs
-    ssm: torch.Tensor  # (B, D_inner, N), fp32
+from .state import MambaState, at_least_fp32, check_state, one_token
 
 
 class Mamba(nn.Module):
@@ -82,7 +74,7 @@ class Mamba(nn.Module):
         memo keyed on A_log's version counter went stale after training with fused AdamW
         (torch's fused optimizers update parameters without bumping their version), so every
         evaluation after the first one ran with the first one's A."""
-        return -torch.exp(_at_least_fp32(self.A_log))
+        return -torch.exp(at_least_fp32(self.A_log))
 
     @torch.no_grad()
     def step_sizes(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -112,7 +104,7 @@ class Mamba(nn.Module):
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
         if cache is not None:
-            _check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
+            check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
         out, final = self._run(hidden_states, cache, cu_seqlens)
         if cache is not None:
             cache.conv.copy_(final.conv)
@@ -129,7 +121,7 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba expects hidden_states of shape (B, L, {self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
         if state is not None:
-            _check_state(state, hidden_states.shape[0], self)
+            check_state(state, hidden_states.shape[0], self)
         out, final = self._run(hidden_states, state, None, always_states=True)
         return out, final
 
@@ -157,7 +149,7 @@ class Mamba(nn.Module):
             # input for the backward, not its output, and Δ's low-rank input, not Δ
             # the gate rides in xz, so that xz's gradient comes back whole in its own layout
             y = ops.conv_proj_scan(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
-                                   D=_at_least_fp32(self.D), delta_bias=_at_least_fp32(self.dt_proj.bias),
+                                   D=at_least_fp32(self.D), delta_bias=at_least_fp32(self.dt_proj.bias),
                                    cu_seqlens=cu_seqlens, gate_in_x=self.gate)  # (B, D_inner, L)
             return self._out(y, time_major), None
         conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
@@ -166,7 +158,7 @@ class Mamba(nn.Module):
         x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
         x_dbl = _project(self.x_proj.weight, x, time_major)  # (B, R + 2N, L)
         dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
-        scan_kw = dict(D=_at_least_fp32(self.D), z=z, delta_bias=_at_least_fp32(self.dt_proj.bias),
+        scan_kw = dict(D=at_least_fp32(self.D), z=z, delta_bias=at_least_fp32(self.dt_proj.bias),
                        delta_softplus=True, initial_state=None if state is None else state.ssm,
                        return_final_state=with_states, cu_seqlens=cu_seqlens)
         if time_major:
@@ -189,7 +181,7 @@ class Mamba(nn.Module):
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
         hidden_states, squeeze = one_token(hidden_states, self.d_model)
-        _check_state(cache, hidden_states.shape[0], self)
+        check_state(cache, hidden_states.shape[0], self)
         # The shapes are guaranteed here, so this calls the unchecked in-place updates, and
         # F.linear rather than the Linear modules: at one token per step, overhead is the cost.
         xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2*D_inner), or (B, D_inner) ungated
@@ -200,19 +192,6 @@ class Mamba(nn.Module):
                                       D=self.D, z=z)
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
         return out[:, None] if squeeze else out
-
-
-def one_token(hidden_states: torch.Tensor, d_model: int) -> tuple[torch.Tensor, bool]:
-    """A mixer step's input, (B, d_model) or (B, 1, d_model) -> ((B, d_model), whether it had
-    the length axis), with a ValueError naming the shape otherwise."""
-    squeeze = hidden_states.ndim == 3
-    if squeeze:
-        if hidden_states.shape[1] != 1:
-            raise ValueError(f"step() takes one token, got hidden_states of shape {tuple(hidden_states.shape)}")
-        hidden_states = hidden_states[:, 0]
-    if hidden_states.ndim != 2 or hidden_states.shape[-1] != d_model:
-        raise ValueError(f"step() expects hidden_states of shape (B, {d_model}), got {tuple(hidden_states.shape)}")
-    return hidden_states, squeeze
 
 
 def _time_major(hidden_states: torch.Tensor) -> bool:
@@ -227,17 +206,4 @@ def _project(weight: torch.Tensor, x: torch.Tensor, time_major: bool) -> torch.T
     view, whose rows are contiguous when x is time-major) or channels-first (batched_linear)."""
     if time_major:
         return F.linear(x.transpose(1, 2), weight.to(x.dtype)).transpose(1, 2)
-    return batched_linear(weight, x)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 for fp16 / bf16 / fp32 parameters; fp64 ones stay fp64 (a float64 model is exact)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _check_state(cache: MambaState, batch: int, mixer: Mamba) -> None:
-    want_conv = (batch, mixer.d_inner, mixer.d_conv - 1)
-    want_ssm = (batch, mixer.d_inner, mixer.d_state)
-    if tuple(cache.conv.shape) != want_conv or tuple(cache.ssm.shape) != want_ssm:
-        raise ValueError(f"cache shapes conv {tuple(cache.conv.shape)} / ssm {tuple(cache.ssm.shape)} do not match "
-                         f"this layer and batch: expected conv {want_conv} / ssm {want_ssm}")
+    return ops.batched_linear(weight, x)

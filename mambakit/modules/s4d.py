@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .mamba import MambaState, _check_state, one_token
+from .state import MambaState, check_state, one_token
 
 MODES = ("conv", "recurrent")
 
@@ -131,7 +131,7 @@ class S4D(nn.Module):
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
         if cache is not None:
-            _check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
+            check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
         out, final = self._run(hidden_states, cache, cu_seqlens, mode or self.mode, cache is not None)
         if cache is not None:
             cache.conv.copy_(final.conv)
@@ -144,7 +144,7 @@ class S4D(nn.Module):
         gradients flow through the states (MambaLM.chunked_loss)."""
         self._check_input(hidden_states)
         if state is not None:
-            _check_state(state, hidden_states.shape[0], self)
+            check_state(state, hidden_states.shape[0], self)
         return self._run(hidden_states, state, None, mode or self.mode, True)
 
     def _check_input(self, hidden_states: torch.Tensor) -> None:
@@ -239,7 +239,7 @@ class S4D(nn.Module):
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
         hidden_states, squeeze = one_token(hidden_states, self.d_model)
-        _check_state(cache, hidden_states.shape[0], self)
+        check_state(cache, hidden_states.shape[0], self)
         rdt = self._real_dtype()
         xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2*D_inner) or (B, D_inner)
         x, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)  # (B, D_inner)

@@ -1,66 +1,45 @@
-"""Selective-scan and causal-conv1d operators with backend dispatch.
+"""mambakit's operators: the public functions that every higher layer calls, and their backend
+dispatch. Nothing above `mambakit.ops` imports its submodules (import-linter checks it).
 
-`backend=None` picks the fastest available implementation for the inputs' device: the fused
-Triton scan for CUDA tensors (fp16/bf16/fp32, when triton is installed), the chunked torch scan
-elsewhere. `backend="triton"`, `"torch"` or `"reference"` (the sequential spec) forces one.
-The Triton conv runs only with backend="triton" until it is timed on the device; the decoding
-steps have torch implementations only, so far.
+`backend=None` picks the fastest implementation available for the inputs' device: the fused
+Triton kernels for CUDA tensors (fp16/bf16/fp32, when triton is installed), the torch paths
+elsewhere (the chunked scan of scan.py, conv.py, step.py). `backend="triton"`, `"torch"` or
+`"reference"` (the sequential spec, reference.py) forces one (backend.py). Each op has its
+readable reference in reference.py, and its tests compare the two. The Triton kernels'
+tuning knobs are in knobs.py.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import backend as _backend
+from . import knobs
+from .backend import BACKENDS, triton_available
 from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_update_args, check_dt_proj_args,
                      check_scan_args, check_scan_out, check_state_update_args)
 from .conv import causal_conv1d_torch
-from .recording import no_autograd
-from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, batched_linear, selective_scan_ref,
-                        selective_state_update_ref)
+from .recording import no_autograd, records_grad
+from .reference import (add_rms_norm_ref, batched_linear, bimamba_inference_ref, causal_conv1d_ref,
+                        causal_conv1d_update_ref, patchify_ref, selective_scan_ref, selective_state_update_ref)
 from .scan import selective_scan_chunked
 from .step import causal_conv1d_update_ as _conv_update_torch_
 from .step import selective_state_update_ as _state_update_torch_
-
-BACKENDS = ("triton", "torch", "reference")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .vision import BiMambaWeights, bimamba_inference
 
 __all__ = [
-    "selective_scan", "selective_scan_dt_proj", "conv_proj_scan", "causal_conv1d", "no_autograd", "selective_state_update", "causal_conv1d_update",
-    "selective_scan_ref", "causal_conv1d_ref", "selective_state_update_ref", "causal_conv1d_update_ref",
-    "selective_scan_chunked", "causal_conv1d_torch", "BACKENDS",
+    "BACKENDS", "BiMambaWeights", "add_rms_norm", "add_rms_norm_ref", "batched_linear", "bimamba_inference",
+    "bimamba_inference_ref", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch", "causal_conv1d_update",
+    "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_", "knobs",
+    "no_autograd", "patchify", "patchify_ref", "records_grad", "resolve_backend", "selective_scan",
+    "selective_scan_chunked", "selective_scan_dt_proj", "selective_scan_ref", "selective_state_update",
+    "selective_state_update_", "selective_state_update_ref", "triton_available",
 ]
 
 
-def _resolve(backend: str | None, x=None) -> str:
-    """None/"auto": Triton for CUDA tensors (fp16/bf16/fp32) when triton is installed, else torch."""
-    if backend is None or backend == "auto":
-        if x is not None and x.is_cuda and x.dtype != torch.float64 and triton_available():
-            return "triton"
-        return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install 'mambakit[gpu]')")
-        if x is not None and not x.is_cuda and not _interpreting():
-            raise ValueError(f"backend='triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
-                             f"to run the kernels on CPU")
-        if x is not None and x.dtype == torch.float64:
-            raise ValueError("backend='triton' computes in fp32; use backend='torch' for float64 inputs")
-    return backend
+def resolve_backend(backend: str | None, x: torch.Tensor | None = None) -> str:
+    """The backend that runs an op for the input x ("triton", "torch" or "reference"); see backend.py."""
+    return _backend.resolve(backend, x)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -72,7 +51,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     it may be u itself, which the Triton kernels then overwrite without a second (B, D, L) buffer."""
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
               return_final_state=return_final_state, cu_seqlens=cu_seqlens)
-    which = _resolve(backend, u if isinstance(u, torch.Tensor) else None)
+    which = resolve_backend(backend, u if isinstance(u, torch.Tensor) else None)
     if out is not None:
         check_scan_out(out, u, delta, A, B, C, D, z, delta_bias, initial_state)
     if which == "triton":
@@ -94,7 +73,7 @@ def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias
     Triton backend, training keeps dt instead of Δ for the backward and forms Δ again there: one
     (B, D, L) tensor less held per layer. Elsewhere it is exactly the composition below. `out`:
     as selective_scan's (inference only; it may be u itself)."""
-    which = _resolve(backend, u if isinstance(u, torch.Tensor) else None)
+    which = resolve_backend(backend, u if isinstance(u, torch.Tensor) else None)
     check_dt_proj_args(u, dt, dt_weight)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
               return_final_state=return_final_state, cu_seqlens=cu_seqlens)
@@ -116,7 +95,7 @@ def conv_proj_scan(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     own layout. With the Triton backend, eager training holds the conv's input for the backward
     instead of its output and runs the conv again there (one (B, D, L) tensor less per layer);
     everywhere else it is exactly that composition."""
-    which = _resolve(backend, x if isinstance(x, torch.Tensor) else None)
+    which = resolve_backend(backend, x if isinstance(x, torch.Tensor) else None)
     xc, gate = _split_gate(x, z, conv_weight, gate_in_x)
     check_conv_proj_scan_args(xc, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, gate, delta_bias,
                               cu_seqlens)
@@ -154,7 +133,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, ret
     """x: (B, D, L); weight: (D, K); bias: (D,); initial_state: (B, D, K-1), or (S, D, K-1) with
     cu_seqlens. Returns y (B, D, L) [, final_state (B or S, D, K-1)].
     None picks the fused Triton kernel for CUDA tensors and the torch path elsewhere."""
-    which = _resolve(backend, x if isinstance(x, torch.Tensor) else None)
+    which = resolve_backend(backend, x if isinstance(x, torch.Tensor) else None)
     if which == "triton":
         check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
         from .triton.conv_op import causal_conv1d_triton
@@ -169,7 +148,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     x, dt, z: (B, D); A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D,). None picks the
     fused Triton kernel for CUDA tensors, torch elsewhere."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    which = _resolve(backend, state)
+    which = resolve_backend(backend, state)
     if which == "reference":
         y, new_state = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         state.copy_(new_state)
@@ -186,7 +165,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     """One decoding step: `conv_state` (B, D, K-1) is shifted in place; returns y (B, D). None
     picks the fused Triton kernel for CUDA tensors, torch elsewhere."""
     check_conv_update_args(x, conv_state, weight, bias, activation)
-    which = _resolve(backend, x)
+    which = resolve_backend(backend, x)
     if which == "reference":
         y, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
         conv_state.copy_(new_state)
@@ -197,14 +176,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     return _conv_update_torch_(x, conv_state, weight, bias, activation)
 
 
-def _fused_step(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.dtype != torch.float64 and triton_available()
-
-
 def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """The unchecked decoding update that Mamba.step calls: the fused Triton kernel on CUDA,
     the in-place torch ops elsewhere."""
-    if _fused_step(state):
+    if _backend.fused_kernels_for(state):
         from .triton.step import state_update_
         return state_update_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return _state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -215,7 +190,7 @@ def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A_log, B, C
     dt_weight.T + dt_bias), A = -exp(A_log). One fused Triton kernel on CUDA (A formed in it, so
     a CUDA-graph step launches nothing for it); a linear then the torch update elsewhere.
     Unchecked, like selective_state_update_."""
-    if _fused_step(state):
+    if _backend.fused_kernels_for(state):
         from .triton.step import state_update_
         return state_update_(state, x, dt_low_rank, A_log, B, C, D, z, dt_bias, True, dt_weight=dt_weight,
                              a_is_log=True)
@@ -226,7 +201,44 @@ def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A_log, B, C
 
 def causal_conv1d_update_(x, conv_state, weight, bias=None, activation=None):
     """The unchecked conv update that Mamba.step calls (Triton on CUDA, torch elsewhere)."""
-    if _fused_step(x) and conv_state.stride(-1) == 1:
+    if _backend.fused_kernels_for(x) and conv_state.stride(-1) == 1:
         from .triton.step import conv_update_
         return conv_update_(x, conv_state, weight, bias, activation)
     return _conv_update_torch_(x, conv_state, weight, bias, activation)
+
+
+def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 residual_dtype: torch.dtype, out_dtype: torch.dtype | None = None, *, backend: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's residual add and RMSNorm in one pass: r = residual + hidden (kept in
+    residual_dtype), y = RMSNorm(r in weight's dtype) rounded to the weight's dtype, then to
+    out_dtype when given (autocast's: the rounding the next GEMM would apply). hidden, residual:
+    (..., dim), rows may be strided with a unit-stride last axis; weight (dim,). Returns (y, r).
+    None picks the fused Triton kernel for CUDA tensors (not fp64) and the torch composition
+    `add_rms_norm_ref` elsewhere. No autograd through the kernel: for inference and decoding."""
+    which = resolve_backend(backend, hidden)
+    if which == "triton":
+        from .triton.norm import add_rms_norm as fused
+        return fused(hidden, residual, weight, eps, residual_dtype, out_dtype)
+    return add_rms_norm_ref(hidden, residual, weight, eps, residual_dtype, out_dtype)
+
+
+def patchify(x: torch.Tensor, patch: int, dtype: torch.dtype | None = None, *, backend: str | None = None
+             ) -> torch.Tensor:
+    """Images x (B, C, H, W) -> patch rows (B, (H/p)*(W/p), C*p*p) in `dtype` (x's by default),
+    each patch flattened in (channel, y, x) order as a Conv2d of kernel = stride = p flattens its
+    weight. None picks the Triton copy for CUDA images with unit stride along W and a patch that
+    is a power of two, and `patchify_ref` (a reshape and permute) elsewhere."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"patchify: x must be a (B, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or x.shape[2] % patch or x.shape[3] % patch:
+        raise ValueError(f"patchify: patch must be an int >= 1 dividing H={x.shape[2]} and W={x.shape[3]}, "
+                         f"got {patch!r}")
+    which = resolve_backend(backend, x)
+    if which == "triton" and backend is None and (x.stride(3) != 1 or patch & (patch - 1)):
+        which = "torch"  # the kernel copies whole rows of power-of-two patches
+    if which == "triton":
+        from .triton.patchify import patchify as fused
+        return fused(x, patch, dtype)
+    return patchify_ref(x, patch, dtype)

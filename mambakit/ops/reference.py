@@ -144,3 +144,59 @@ def batched_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     the autocast dtype, whatever x's). The mixers' projections, and Δ = dt_proj(dt) before its
     bias and softplus."""
     return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
+
+
+def add_rms_norm_ref(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     residual_dtype: torch.dtype, out_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's residual add and RMSNorm, with their roundings: r = residual + hidden (torch's
+    promotion), kept in residual_dtype; x = r in the norm weight's dtype; y = x / sqrt(mean(x^2)
+    + eps) * weight computed in fp32 (fp64 for fp64), rounded to the weight's dtype, then to
+    out_dtype when given. hidden, residual: (..., dim). Returns (y, r)."""
+    r = (hidden if residual is None else residual + hidden).to(residual_dtype)
+    x = r.to(weight.dtype)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = F.rms_norm(x.to(cdt), weight.shape, weight.to(cdt), eps).to(weight.dtype)
+    return (y if out_dtype is None else y.to(out_dtype)), r
+
+
+def patchify_ref(x: torch.Tensor, patch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images x (B, C, H, W) -> patch rows (B, (H/p)*(W/p), C*p*p), each patch flattened in
+    (channel, y, x) order, as a Conv2d of kernel = stride = p flattens its weight: a permuted
+    view copied (and cast to `dtype`) in one pass."""
+    batch, chans, height, width = x.shape
+    gh, gw = height // patch, width // patch
+    out = x.new_empty(batch, gh * gw, chans * patch * patch, dtype=dtype or x.dtype)
+    out.view(batch, gh, gw, chans, patch, patch).copy_(
+        x.reshape(batch, chans, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5))  # (B, gh, gw, C, p, p)
+    return out
+
+
+def bimamba_inference_ref(hidden: torch.Tensor, weights, length: int) -> torch.Tensor:
+    """Vision Mamba's bidirectional mixer on hidden (B, Lp, d_model), its first `length` steps
+    real, from its weights (ops.vision.BiMambaWeights): x, z = in_proj(hidden); per direction a
+    causal conv1d + SiLU, x_proj -> (dt, B, C), Δ = softplus(dt_proj(dt) + bias) and the scan,
+    the backward direction on the time-flipped steps; out = out_proj(out_scale (y_f + y_b)
+    SiLU(z)). Computed in fp32 (the sequential scan); returns (B, Lp, d_model) in the weights'
+    dtype, with zeros at the padding steps."""
+    batch, padded, _ = hidden.shape
+    w = weights
+    di, n = w.out.shape[1], w.A[0].shape[1]
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    xz = F.linear(hidden[:, :length].float(), f32(w.in_proj), f32(w.in_proj_bias))  # (B, L, 2 D_inner)
+    x, z = xz[..., :di].transpose(1, 2), xz[..., di:].transpose(1, 2)  # (B, D_inner, L) each
+    y = torch.zeros_like(x)
+    for k, flip in ((0, False), (1, True)):
+        xk = x.flip(-1) if flip else x
+        bias = None if w.conv_bias is None else f32(w.conv_bias[k * di:(k + 1) * di])
+        u = causal_conv1d_ref(xk, f32(w.conv[k * di:(k + 1) * di]), bias, "silu")  # (B, D_inner, L)
+        x_dbl = torch.einsum("od,bdl->bol", f32(w.x_proj[k]), u)  # (B, R + 2N, L)
+        dt, B, C = x_dbl.split([x_dbl.shape[1] - 2 * n, n, n], dim=1)
+        delta = torch.einsum("dr,brl->bdl", f32(w.dt_proj[k]), dt)  # (B, D_inner, L)
+        yk = selective_scan_ref(u, delta, f32(w.A[k]), B, C, D=f32(w.D[k]), delta_bias=f32(w.dt_bias[k]),
+                                delta_softplus=True)
+        y += yk.flip(-1) if flip else yk
+    y = y * F.silu(z) * w.out_scale  # (B, D_inner, L)
+    out = hidden.new_zeros(batch, padded, w.out.shape[0], dtype=torch.float32)
+    out[:, :length] = F.linear(y.transpose(1, 2), f32(w.out), f32(w.out_bias))
+    return out.to(w.in_proj.dtype)

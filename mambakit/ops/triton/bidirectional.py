@@ -24,10 +24,10 @@ import triton
 import triton.language as tl
 
 from ..reference import causal_conv1d_ref
-from .. import _interpreting
+from ..backend import interpreting
 from .host import cdiv
 from .launch import launch
-from .selective_scan import _silu, _widen
+from .helpers import silu, widen
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _conv_taps(x_tile, w_ptr, bias_ptr, t, d, mask_d, L, dim, s_xl, WIDTH: tl.co
             xv = tl.load(rows, mask=((tt >= 0) & (tt < L))[:, None] & mask_d[None, :], other=0.0)
         else:
             xv = tl.load(rows)
-        xv = _widen(xv, FAST)
+        xv = widen(xv, FAST)
         if shift <= 0:  # forward tap k = K-1 + shift
             wf = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 + shift), mask=mask_d, other=0.0).to(tl.float32)
             acc_f += wf[None, :] * xv
@@ -70,9 +70,9 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
 
     Tiles whose halo lies inside [0, L) and the channels (all but the edges of each sequence)
     load and store unmasked, and with FAST bf16 is widened two values at a time and SiLU runs on
-    the special-function unit (`_widen`, `_silu`): 2,136 -> 1,280 SASS instructions an inner
+    the special-function unit (`widen`, `silu`): 2,136 -> 1,280 SASS instructions an inner
     tile at 32 x 128, but on the H200 only 0.318 -> 0.276 ms at Vim-Ti's 1024-px layer, about
-    twice its memory time: what bounds it is not yet known (BENCHMARKS.md, session 12)."""
+    twice its memory time: what bounds it is not yet known (BENCHMARKS.md, Vision Mamba)."""
     b = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1) * BLOCK_L
     d0 = tl.program_id(2) * BLOCK_D
@@ -86,15 +86,15 @@ def _bidirectional_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, Lp, dim,
     if (t0 >= WIDTH - 1) & (t0 + BLOCK_L + WIDTH - 1 <= L) & (d0 + BLOCK_D <= dim):
         acc_f, acc_b = _conv_taps(x_tile, w_ptr, bias_ptr, t, d, mask_d, L, dim, s_xl, WIDTH, HAS_BIAS, BLOCK_L,
                                   BLOCK_D, FAST, False)
-        tl.store(out_f, _silu(acc_f, FAST).to(y_ptr.dtype.element_ty))
-        tl.store(out_b, _silu(acc_b, FAST).to(y_ptr.dtype.element_ty))
+        tl.store(out_f, silu(acc_f, FAST).to(y_ptr.dtype.element_ty))
+        tl.store(out_b, silu(acc_b, FAST).to(y_ptr.dtype.element_ty))
     else:
         acc_f, acc_b = _conv_taps(x_tile, w_ptr, bias_ptr, t, d, mask_d, L, dim, s_xl, WIDTH, HAS_BIAS, BLOCK_L,
                                   BLOCK_D, FAST, True)
         inside = (t < L)[:, None]  # padding steps read as zero input to the scans
         m_out = (t < Lp)[:, None] & mask_d[None, :]
-        tl.store(out_f, tl.where(inside, _silu(acc_f, FAST), 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
-        tl.store(out_b, tl.where(inside, _silu(acc_b, FAST), 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
+        tl.store(out_f, tl.where(inside, silu(acc_f, FAST), 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
+        tl.store(out_b, tl.where(inside, silu(acc_b, FAST), 0.0).to(y_ptr.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _load8(rows, tt, L, mask_d, FAST: tl.constexpr, MASKED: tl.constexpr):
         xv = tl.load(rows + tt, mask=(tt >= 0) & (tt < L) & mask_d, other=0.0)
     else:
         xv = tl.load(rows + tt)
-    return _unpack8(_widen(xv, FAST), xv.shape[0], xv.shape[1])
+    return _unpack8(widen(xv, FAST), xv.shape[0], xv.shape[1])
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def _tap(w_ptr, row, mask_d, k: tl.constexpr, WIDTH: tl.constexpr):
 @triton.jit
 def _taps4(w0, w1, w2, w3, bias, x0, x1, x2, x3, FAST: tl.constexpr):
     """SiLU(bias + Σ_k w_k x_k): one output step of a width-4 conv, its four inputs given in tap order."""
-    return _silu(bias + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3, FAST)
+    return silu(bias + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3, FAST)
 
 
 @triton.jit
@@ -237,18 +237,18 @@ def bidirectional_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     width = weight.shape[1]
     if time_rows:
         return _conv_time_rows(x, weight, bias, length, out, block)
-    if block is None:  # (BLOCK_L, BLOCK_D, warps), from the H200 sweeps (benchmarks/tune_vim.py, Vim-Ti at
+    if block is None:  # (BLOCK_L, BLOCK_D, warps), from the H200 sweeps (benchmarks/tuning/tune_vim.py, Vim-Ti at
         # 1024 px: 32 x 128 x 4 warps 0.32 ms, 64 x 64 0.37, 128 x 128 2.0; with the unmasked inner
         # tiles and FAST, 32 x 128 x 4 0.276, 16 x 128 x 4 0.30, 64 x 64 0.35); a sweep's override otherwise
         block = (32, min(128, max(16, 1 << (dim - 1).bit_length())), 4)
     block_l, block_d, warps, *cap = block  # an optional fourth: a register cap (maxnreg)
     grid = (batch, cdiv(padded, block_l), cdiv(dim, block_d))
-    limits = dict(maxnreg=cap[0]) if cap and cap[0] and not _interpreting() else {}
+    limits = dict(maxnreg=cap[0]) if cap and cap[0] and not interpreting() else {}
     launch(_bidirectional_conv_kernel, grid,
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1)],
            dict(WIDTH=width, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_D=block_d,
-                FAST=not _interpreting(), num_warps=warps, **limits))
+                FAST=not interpreting(), num_warps=warps, **limits))
     return out
 
 
@@ -260,16 +260,17 @@ def _conv_time_rows(x, weight, bias, length, out, block):
     if padded % 8 or x.stride(2) % 8 or x.data_ptr() % 16 or out.stride(1) % 8 or out.data_ptr() % 16:
         raise ValueError(f"bidirectional_conv: time rows must be 16-byte aligned runs of 8 steps (Lp = {padded}, "
                          f"strides {x.stride()} and {out.stride()})")
-    # (channels, runs of 8 steps, warps), from the H200 at Vim-Ti's 1024-px shape (tune_vim.py --parts
-    # convtime, session 14): 4 x 32 x 4 0.193 ms, 8 x 16 x 4 0.206, 16 x 8 x 4 0.211, against 0.275
-    # from token rows; 32 x 4 x 4 0.64. A warp's lanes along time read and write whole rows
+    # (channels, runs of 8 steps, warps), from the H200 at Vim-Ti's 1024-px shape
+    # (benchmarks/tuning/tune_vim.py --parts convtime): 4 x 32 x 4 0.193 ms, 8 x 16 x 4 0.206,
+    # 16 x 8 x 4 0.211, against 0.275 from token rows; 32 x 4 x 4 0.64. A warp's lanes along
+    # time read and write whole rows
     block_d, runs, warps = block or (4, 32, 4)
     grid = (batch, cdiv(padded, runs * 8), cdiv(dim, block_d))
     launch(_bidirectional_conv_time_kernel, grid,
            [x, weight, bias if bias is not None else weight, out, length, padded, dim, x.stride(0), x.stride(2),
             out.stride(0), out.stride(1)],
            dict(HAS_BIAS=bias is not None, BLOCK_D=block_d, NV=runs,
-                FAST=not _interpreting(), num_warps=warps))
+                FAST=not interpreting(), num_warps=warps))
     return out
 
 

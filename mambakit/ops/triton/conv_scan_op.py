@@ -16,8 +16,9 @@ import torch
 from ..recording import records_grad
 from ..reference import batched_linear
 from . import causal_conv1d as conv_kernels
-from . import selective_scan as scan_kernels
-from .scan_op import _as
+from . import scan_op
+from .host import as_dtype
+from .scan_launch import scan_bwd, scan_fwd
 
 
 class _EagerConvProjScan(torch.autograd.Function):
@@ -34,7 +35,7 @@ class _EagerConvProjScan(torch.autograd.Function):
         x_dbl = batched_linear(x_proj_weight, u)  # (B, R + 2N, L)
         dt, B, C = x_dbl.split([x_dbl.shape[1] - 2 * n, n, n], dim=1)
         delta = batched_linear(dt_proj_weight, dt)  # (B, D, L), freed when the forward returns
-        out, _, states = scan_kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, None, True, cu_seqlens, True)
+        out, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, None, True, cu_seqlens, True)
         ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, x_dbl, A, D,
                               None if gate_in_x else z, delta_bias, cu_seqlens, states)
         # the dtypes the two projections ran in (bf16 under autocast): the backward, which runs
@@ -56,7 +57,7 @@ class _EagerConvProjScan(torch.autograd.Function):
         dt, B, C = x_dbl.split([x_dbl.shape[1] - 2 * n, n, n], dim=1)
         dt_c, w_dt = dt.to(ctx.delta_dtype), dt_proj_weight.to(ctx.delta_dtype)
         delta = batched_linear(w_dt, dt_c)  # the forward's Δ, again
-        du, ddelta, dA, dB, dC, dD, dz, dbias, _ = scan_kernels.scan_bwd(
+        du, ddelta, dA, dB, dC, dD, dz, dbias, _ = scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, cu_seqlens, True, states, dout, None,
             grads_out=None if dxz is None else (dxz[:, :dim], dxz[:, dim:]))
         del delta
@@ -80,7 +81,7 @@ class _EagerConvProjScan(torch.autograd.Function):
             dx, dz = _gathered(dxz, dim, dx, dz), None
         grads = (dx, d_conv_w, d_conv_b, d_w_x, d_w_dt, dA, dD, dz, dbias)
         inputs = (x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias)
-        return tuple(None if t is None or g is None else _as(g, t.dtype) for g, t in zip(grads, inputs)) + (
+        return tuple(None if t is None or g is None else as_dtype(g, t.dtype) for g, t in zip(grads, inputs)) + (
             None, None)
 
 
@@ -102,8 +103,7 @@ def _gathered(dxz, dim: int, dx, dz):
 def eager_training(inputs) -> bool:
     """Whether a call with these inputs trains eagerly: then _EagerConvProjScan runs it. Otherwise
     (inference, torch.compile's tracing) the composition of the Triton ops does."""
-    from .scan_op import EAGER_FUNCTION
-    return records_grad(*inputs) and EAGER_FUNCTION and not torch.compiler.is_compiling()
+    return records_grad(*inputs) and scan_op.EAGER_FUNCTION and not torch.compiler.is_compiling()
 
 
 def conv_proj_scan_triton(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None,

@@ -13,3 +13,8 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def as_dtype(t, dtype):
+    """t in `dtype`, without a call where it already is (`.to()` costs a few µs even when it does nothing)."""
+    return t if t.dtype == dtype else t.to(dtype)

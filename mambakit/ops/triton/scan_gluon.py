@@ -5,7 +5,7 @@ output scale), and is tested against `selective_scan_ref` and the Triton lanes s
 
 One warp scans 16 channels of one sequence over every step, a chunk of T = 8 steps at a time;
 a channel's 16 states lie on 2 lanes (8 each) and its 8 steps in each lane's registers, so the
-chunk's scan needs no shuffles. What it saves over the lanes scan (selective_scan_lanes.py):
+chunk's scan needs no shuffles. What it saves over the lanes scan (scan_kernels.py):
 
 - B and C are loaded once a warp as a compact (N, T) tile, widened once, and handed to the
   channel-threads through shared memory (`convert_layout`), where the lanes scan has each of
@@ -15,7 +15,7 @@ chunk's scan needs no shuffles. What it saves over the lanes scan (selective_sca
 - SiLU is one MUFU.TANH (sigmoid(x) = (1 + tanh(x/2)) / 2) instead of MUFU.EX2 + MUFU.RCP.
 
 The forward scan loads each chunk's inputs an iteration ahead; the reversed one does not (its
-extra registers cost more than the hidden latency; benchmarks/tune_gluon_scan.py). Gluon has no
+extra registers cost more than the hidden latency; benchmarks/tuning/tune_gluon_scan.py). Gluon has no
 interpreter, so this kernel runs on CUDA only; the Triton lanes kernel stays the CPU path."""
 
 from __future__ import annotations

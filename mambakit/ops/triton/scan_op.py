@@ -16,7 +16,9 @@ from torch import Tensor
 
 from ..recording import records_grad
 from ..reference import batched_linear
-from . import selective_scan as kernels
+from .host import as_dtype
+from .scan_launch import dbc_dtype, scan_bwd, scan_fwd
+from .scan_plan import plan_scan
 
 _EMPTY = (0,)
 
@@ -26,7 +28,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], delta_softplus: bool, save_states: bool
                        ) -> tuple[Tensor, Tensor, Tensor]:
-    out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+    out, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                           cu_seqlens, save_states)
     return out, final, states if states is not None else u.new_empty(_EMPTY, dtype=torch.float32)
 
@@ -37,8 +39,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
     n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final = u.new_empty((n_seqs, dim, A.shape[1]), dtype=torch.float32)
     if save_states:
-        lc = kernels._Launch(u, B, A, cu_seqlens, None)
-        states = u.new_empty((lc.state_rows, dim, A.shape[1]), dtype=lc.states_dtype)
+        plan = plan_scan(u, B, A, cu_seqlens, cached=False)
+        states = u.new_empty((plan.state_rows, dim, A.shape[1]), dtype=plan.states_dtype)
     else:
         states = u.new_empty(_EMPTY, dtype=torch.float32)
     return u.new_empty(u.shape), final, states  # contiguous, as the kernel writes it
@@ -49,7 +51,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        z: Optional[Tensor], delta_bias: Optional[Tensor], cu_seqlens: Optional[Tensor],
                        chunk_states: Tensor, dout: Tensor, dfinal: Optional[Tensor], delta_softplus: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernels.scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states,
+    grads = scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, chunk_states,
                              dout, dfinal)
     # a custom op's outputs may not alias each other: dA, dD, dΔ-bias (and dB, dC) are views of
     # one reduction, so they are copied here (the eager path, _EagerScan, keeps the views)
@@ -63,7 +65,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_states, dout, dfina
     n_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dim, d_state = A.shape
     return (u.new_empty(u.shape), u.new_empty(u.shape, dtype=delta.dtype), A.new_empty(A.shape, **f32),
-            B.new_empty(B.shape, dtype=kernels.dbc_dtype(B, C)), C.new_empty(C.shape, dtype=kernels.dbc_dtype(B, C)),
+            B.new_empty(B.shape, dtype=dbc_dtype(B, C)), C.new_empty(C.shape, dtype=dbc_dtype(B, C)),
             D.new_empty(D.shape, **f32) if D is not None else u.new_empty(_EMPTY, **f32),
             u.new_empty(u.shape, dtype=z.dtype) if z is not None else u.new_empty(_EMPTY, **f32),
             delta_bias.new_empty(delta_bias.shape, **f32) if delta_bias is not None else u.new_empty(_EMPTY, **f32),
@@ -77,9 +79,6 @@ def _setup_context(ctx, inputs, output):
     ctx.has_init = initial_state is not None
     ctx.init_dtype = None if initial_state is None else initial_state.dtype
 
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _input_grads(ctx, dout, dfinal, bwd):
@@ -97,8 +96,8 @@ def _in_dtypes(grads, inputs, ctx) -> tuple:
     """Each gradient in its input's dtype, None for an absent input (or a gradient not asked
     for); the last one is initial_state's (ctx.has_init, ctx.init_dtype)."""
     *grads, dinit = grads
-    return tuple(None if t is None or g is None else _as(g, t.dtype) for g, t in zip(grads, inputs)) + (
-        _as(dinit, ctx.init_dtype) if ctx.has_init else None,)
+    return tuple(None if t is None or g is None else as_dtype(g, t.dtype) for g, t in zip(grads, inputs)) + (
+        as_dtype(dinit, ctx.init_dtype) if ctx.has_init else None,)
 
 
 def _backward(ctx, dout, dfinal, _dstates):
@@ -109,20 +108,20 @@ selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _launch_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, states, dout, dfinal, delta_softplus):
-    return kernels.scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, states, dout, dfinal)
+    return scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, states, dout, dfinal)
 
 
 class _EagerScan(torch.autograd.Function):
     """Eager training calls the same launchers as the custom ops without their dispatch. The
     dispatch (custom op -> autograd -> redispatch -> backend, forward and backward) costs a few
     hundred µs of host time a call, which bounded short scans: at (16, 512) a forward+backward
-    took 1.25 ms of host time for 0.87 ms of GPU work (benchmarks/results/scan_host_overhead_h200.txt).
+    took 1.25 ms of host time for 0.87 ms of GPU work (BENCHMARKS.md, the scan's host path).
     torch.compile still traces the custom ops (fake tensors, no graph breaks)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
         ctx.set_materialize_grads(False)  # an unused final state sends no zeros to the kernel
-        out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+        out, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                               cu_seqlens, True)
         _setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, True),
                        (out, final, states))
@@ -144,7 +143,7 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_
     if not save and not torch.compiler.is_compiling():
         # inference (prefill): the launcher directly, skipping the custom op's dispatch, which
         # costs tens of µs a call when a short prefill is bound by host overhead
-        out, final, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+        out, final, _ = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                          cu_seqlens, False, out=out)
         return out, final
     if out is not None:  # torch.compile's tracing: the custom op, then a copy
@@ -168,7 +167,7 @@ class _EagerScanDtProj(torch.autograd.Function):
     def forward(ctx, u, dt, dt_weight, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
         ctx.set_materialize_grads(False)
         delta = batched_linear(dt_weight, dt)  # (B, D, L), freed when the forward returns
-        out, final, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+        out, final, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                               cu_seqlens, True)
         ctx.save_for_backward(u, dt, dt_weight, A, B, C, D, z, delta_bias, cu_seqlens, states)
         # the dtype the projection ran in (bf16 under autocast, even for fp32 dt): the backward,
@@ -186,7 +185,7 @@ class _EagerScanDtProj(torch.autograd.Function):
             dout = torch.zeros_like(u)
         dt_c, weight_c = dt.to(ctx.delta_dtype), dt_weight.to(ctx.delta_dtype)  # as the forward's GEMM ran
         delta = batched_linear(weight_c, dt_c)  # the forward's Δ, formed again
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = kernels.scan_bwd(
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, cu_seqlens, ctx.delta_softplus, states, dout, dfinal)
         d_dt = d_weight = None
         if ctx.needs_input_grad[1]:  # Δ = W dt: d(dt) = W^T dΔ, (B, R, L)
@@ -218,7 +217,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           initial_state=None, return_final_state=False, cu_seqlens=None, out=None):
     """Same signature and results as `selective_scan_ref` (arguments already checked). Long
     sequences in small batches are cut into segments scanned in parallel inside the kernels
-    (`selective_scan_lanes.segment_plan`). `out` (inference only, checked): written in place,
+    (`scan_plan.segment_plan`). `out` (inference only, checked): written in place,
     and it may be u itself."""
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)

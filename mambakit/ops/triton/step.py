@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .host import cdiv, next_power_of_2
 
-from .selective_scan import _softplus
+from .helpers import softplus
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt, False)
+        dt = softplus(dt, False)
     A = tl.load(A_ptr + d[:, None] * d_state + n[None, :], mask=m_dn, other=0.0).to(tl.float32)
     if A_IS_LOG:  # A_ptr holds the mixer's A_log: A = -exp(A_log), formed here rather than by a launch per step
         A = -tl.exp(A)

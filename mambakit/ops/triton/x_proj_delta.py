@@ -28,10 +28,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import _interpreting
+from ..backend import interpreting
 from .host import cdiv, next_power_of_2
 from .launch import launch
-from .selective_scan import _softplus
+from .helpers import softplus
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _x_proj_delta_kernel(u_ptr, wx_ptr, wdt_ptr, bias_ptr, delta_ptr, bc_ptr, di
         if HAS_BIAS:
             acc += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         out = delta_ptr + b * s_db + d[:, None].to(tl.int64) * s_dd + t[None, :]
-        tl.store(out, _softplus(acc, FAST).to(delta_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
+        tl.store(out, softplus(acc, FAST).to(delta_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
 
 
 def x_proj_delta(u: torch.Tensor, x_proj_weight: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor | None,
@@ -127,18 +127,18 @@ def x_proj_delta(u: torch.Tensor, x_proj_weight: torch.Tensor, dt_weight: torch.
     delta = _output(delta_out, "delta_out", (batch, dim, length), u)
     bc = _output(bc_out, "bc_out", (batch, 2 * d_state, length), u)
     # (steps, channels a product step, Δ rows a step, warps), from the H200 at Vim-Ti's 1024-px shape
-    # (tune_vim.py --parts xproj, session 15): 64 x 64 x 64 x 4 0.150 ms, 64 x 64 x 128 x 4 0.151,
+    # (benchmarks/tuning/tune_vim.py --parts xproj): 64 x 64 x 64 x 4 0.150 ms, 64 x 64 x 128 x 4 0.151,
     # 128 x 64 x 64 x 4 0.150, 128 x 64 x 128 x 4 0.198, 32 x 64 x 128 x 4 0.173
     block_l, block_k, block_d, warps, *stages = block or (64, 64, 64, 4)
     grid = (batch, cdiv(length, block_l))
-    interpreting = _interpreting()
+    on_cpu = interpreting()
     launch(_x_proj_delta_kernel, grid,
            [u, x_proj_weight, dt_weight, dt_bias if dt_bias is not None else dt_weight, delta, bc, dim, length,
             rank, d_state, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), bc.stride(0), bc.stride(1)],
            dict(HAS_BIAS=dt_bias is not None, BLOCK_L=block_l, BLOCK_K=min(block_k, max(16, next_power_of_2(dim))),
                 BLOCK_D=min(block_d, max(16, next_power_of_2(dim))), BLOCK_R=max(16, next_power_of_2(rank)),
                 BLOCK_N=max(16, next_power_of_2(d_state)), IEEE=u.dtype == torch.float32,
-                WIDEN=interpreting and u.dtype != torch.float32, FAST=not interpreting, num_warps=warps,
+                WIDEN=on_cpu and u.dtype != torch.float32, FAST=not on_cpu, num_warps=warps,
                 **({"num_stages": stages[0]} if stages else {})))
     return delta, bc
 

@@ -55,20 +55,20 @@ def test_conv_update_matches_reference(width, bias, activation):
 def test_mixer_step_with_fused_kernels_matches_forward():
     """Mamba.step through the fused kernels (ops.selective_state_update_ / causal_conv1d_update_
     pick them on CUDA; here they are called through backend='triton' by patching the picker)."""
-    from mambakit import ops
     from mambakit.modules.mamba import Mamba
+    from mambakit.ops import backend
     torch.manual_seed(0)
     mixer = Mamba(16, d_state=8).to(DEVICE).eval()
     x = torch.randn(2, 7, 16, device=DEVICE)
     with torch.no_grad():
         full = mixer(x)
         cache = mixer.allocate_state(2)
-        orig = ops._fused_step
-        ops._fused_step = lambda t: True
+        orig = backend.fused_kernels_for
+        backend.fused_kernels_for = lambda t: True
         try:
             steps = torch.stack([mixer.step(x[:, t], cache) for t in range(7)], dim=1)
         finally:
-            ops._fused_step = orig
+            backend.fused_kernels_for = orig
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
 
 
@@ -82,7 +82,7 @@ def test_fused_add_rms_norm_equals_block_pre(residual_in_fp32, first, dtype):
         pytest.skip("the Triton interpreter's bf16 rounding differs from the GPU's")
     from mambakit.modules.block import Block
     from mambakit.modules.norm import RMSNorm
-    from mambakit.ops.triton.norm import add_rms_norm
+    from mambakit.ops import add_rms_norm
     g = torch.Generator().manual_seed(int(first) + 2 * int(residual_in_fp32))
     dim = 48
     norm = RMSNorm(dim).to(DEVICE, dtype)
@@ -93,7 +93,7 @@ def test_fused_add_rms_norm_equals_block_pre(residual_in_fp32, first, dtype):
     residual = None if first else _rand(3, dim, g=g).to(torch.float32 if residual_in_fp32 else dtype)
     want_h, want_r = block._pre(hidden, residual)
     r_dtype = torch.float32 if residual_in_fp32 else dtype
-    got_h, got_r = add_rms_norm(hidden, residual, norm.weight, norm.eps, r_dtype)
+    got_h, got_r = add_rms_norm(hidden, residual, norm.weight, norm.eps, r_dtype, backend="triton")
     assert got_r.dtype == want_r.dtype and got_h.dtype == want_h.dtype
     torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
     torch.testing.assert_close(got_h.float(), want_h.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
@@ -105,7 +105,7 @@ def test_fused_add_rms_norm_over_encoder_rows():
     with the normed output written in autocast's dtype: _pre's values rounded once to it."""
     from mambakit.modules.block import Block
     from mambakit.modules.norm import RMSNorm
-    from mambakit.ops.triton.norm import add_rms_norm
+    from mambakit.ops import add_rms_norm
     g = torch.Generator().manual_seed(3)
     dim = 48
     norm = RMSNorm(dim).to(DEVICE)
@@ -115,7 +115,8 @@ def test_fused_add_rms_norm_over_encoder_rows():
     hidden = _rand(2, 640, dim, g=g)[:, :600]  # 1200 rows, row stride of the padded 640
     residual = _rand(2, 600, dim, g=g)
     want_h, want_r = block._pre(hidden, residual)
-    got_h, got_r = add_rms_norm(hidden, residual, norm.weight, norm.eps, torch.float32, torch.float16)
+    got_h, got_r = add_rms_norm(hidden, residual, norm.weight, norm.eps, torch.float32, torch.float16,
+                                backend="triton")
     assert got_h.dtype == torch.float16 and got_h.shape == (2, 600, dim) and got_r.shape == (2, 600, dim)
     torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
     torch.testing.assert_close(got_h, want_h.to(torch.float16), rtol=1e-3, atol=1e-3)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambakit.ops.triton.selective_scan import scan_fwd
+from mambakit.ops import knobs
+from mambakit.ops.triton.scan_launch import scan_inference
 from tests.scan_inputs import padded_scan_ref
 
 pytest.importorskip("triton.experimental.gluon")
@@ -39,13 +40,13 @@ def test_gluon_scan_matches_reference_and_the_lanes_scan(reverse, prefetch, batc
     u, z, add, delta, A, B, C, D = _inputs(batch, dim, length, "cuda", seed=7 + reverse)
     if reverse:
         want = padded_scan_ref(u, delta, A, B, C, D, z, add, reverse=True, out_scale=0.5)
-        lanes, _, _ = scan_fwd(u, delta, A, B, C, D, z, None, None, False, None, False, reverse=True, add=add,
-                               out_scale=0.5, fixed_bc_stride=True)
+        lanes, _ = scan_inference(u, delta, A, B, C, D, z, reverse=True, add=add, out_scale=0.5,
+                                  fixed_bc_stride=True)
         got = add.clone()
         gluon_scan(u, delta, A, B, C, D, z=z, add=got, out=got, reverse=True, out_scale=0.5, prefetch=prefetch)
     else:
         want = padded_scan_ref(u, delta, A, B, C, D)
-        lanes, _, _ = scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True)
+        lanes, _ = scan_inference(u, delta, A, B, C, D, fixed_bc_stride=True)
         got = u.clone()
         gluon_scan(got, delta, A, B, C, D, out=got, prefetch=prefetch)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
@@ -57,7 +58,7 @@ def test_gluon_scan_matches_reference_and_the_lanes_scan(reverse, prefetch, batc
 def test_padded_path_runs_both_scans_on_gluon_and_equals_the_lanes_path(monkeypatch):
     """Vim's bf16 padded path (d_state 16) takes the Gluon kernel for both directions, and its
     output equals the same path on the Triton lanes kernel."""
-    import mambakit.modules.bimamba_padded as padded
+    import mambakit.ops.vision as padded
     from mambakit.modules.bimamba import BiMamba
     torch.manual_seed(0)
     bi = BiMamba(192, d_state=16).cuda()
@@ -69,8 +70,9 @@ def test_padded_path_runs_both_scans_on_gluon_and_equals_the_lanes_path(monkeypa
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         got = bi(h)
         assert calls == [False, True]
-        monkeypatch.setattr(padded, "_gluon", lambda: None)  # as with MAMBAKIT_GLUON_SCAN=0
-        lanes = bi(h)
+        monkeypatch.undo()
+        with knobs.override(gluon_scan=False):  # MAMBAKIT_GLUON_SCAN=0
+            lanes = bi(h)
         assert calls == [False, True]  # the lanes scan ran both directions
     torch.testing.assert_close(got.float(), lanes.float(), rtol=2e-2, atol=2e-2)
 

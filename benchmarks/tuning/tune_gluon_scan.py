@@ -2,7 +2,7 @@
 shape on the device, both directions as the padded path calls them (ms a call, do_bench), with
 and without loading each chunk's inputs an iteration ahead.
 
-    python benchmarks/tune_gluon_scan.py [--batch 64 --px 1024] [--out OUT.jsonl]"""
+    python benchmarks/tuning/tune_gluon_scan.py [--batch 64 --px 1024] [--out OUT.jsonl]"""
 import argparse
 import json
 import sys
@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from mambakit.ops.triton.scan_gluon import gluon_scan  # noqa: E402
-from mambakit.ops.triton.selective_scan import scan_fwd  # noqa: E402
+from mambakit.ops.triton.scan_launch import scan_inference  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=64)
@@ -31,9 +31,9 @@ D = torch.randn(dim, device="cuda")
 rows = []
 for reverse in (False, True):
     kw = dict(z=z, add=y, out_scale=0.5) if reverse else {}
-    lanes = do_bench(lambda: scan_fwd(u, delta, A, B, C, D, kw.get("z"), None, None, False, None, False, out=y,
-                                      reverse=reverse, add=kw.get("add"), out_scale=kw.get("out_scale", 1.0),
-                                      fixed_bc_stride=True), warmup=5, rep=40)
+    lanes = do_bench(lambda: scan_inference(u, delta, A, B, C, D, kw.get("z"), out=y, reverse=reverse,
+                                            add=kw.get("add"), out_scale=kw.get("out_scale", 1.0),
+                                            fixed_bc_stride=True), warmup=5, rep=40)
     for prefetch in (True, False):
         gl_ms = do_bench(lambda: gluon_scan(u, delta, A, B, C, D, out=y, reverse=reverse, prefetch=prefetch, **kw),
                          warmup=5, rep=40)

@@ -1,12 +1,12 @@
 """Count the SASS instructions of the lanes scan's forward loop, compiled offline for sm_90 (no GPU).
 
-    python benchmarks/scan_sass.py                      # Vim-Ti's padded-path shape (64 x 384 x 4112)
-    python benchmarks/scan_sass.py --reverse
-    PYTHONPATH=/path/to/triton-3.6 python benchmarks/scan_sass.py   # the device's Triton
+    python benchmarks/tuning/scan_sass.py                      # Vim-Ti's padded-path shape (64 x 384 x 4112)
+    python benchmarks/tuning/scan_sass.py --reverse
+    PYTHONPATH=<triton 3.6> python benchmarks/tuning/scan_sass.py   # the device's Triton
 
 The scan at Vim's shape is close to bound by instructions issued (Nsight Compute in
 BENCHMARKS.md), so the loop's instruction count per 8-step chunk is a usable proxy between
-device runs. The launch is captured from `scan_fwd` exactly as the padded path makes it
+device runs. The launch is captured from `scan_inference` exactly as the padded path makes it
 (strides, dtypes, the launcher's shape), then compiled with Triton's own ptxas and disassembled
 with its nvdisasm; the loop is the block between the label that the back branch targets and
 that branch."""
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import mambakit.ops.triton.selective_scan as ss  # noqa: E402
+import mambakit.ops.triton.scan_launch as ss  # noqa: E402
 from sass_loop import chunk_loop  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,7 +43,7 @@ p.add_argument("--ptx", action="store_true", help="print the special-function PT
 p.add_argument("--dump", action="store_true", help="print the loop's SASS")
 args = p.parse_args()
 
-# the padded path's calls (modules/bimamba_padded.py): batch-major (B, C, Lp) rows, Δ after its
+# the padded path's calls (mambakit/ops/vision.py): batch-major (B, C, Lp) rows, Δ after its
 # softplus and B and C as x_proj_delta writes them ((B, 2N, Lp), their state stride compiled in);
 # the forward ungated over its input, the reversed one gated, adding the forward's output
 captured = {}
@@ -53,11 +53,11 @@ u, delta, z, y_f = (torch.empty(batch, di, lp, dtype=bf16) for _ in range(4))
 bc = torch.empty(batch, 2 * n, lp, dtype=bf16 if args.bc_dtype == "bf16" else torch.float32)
 B_, C_ = bc[:, :n], bc[:, n:]
 if args.reverse:
-    ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), z, None, None, False, None, False,
-                out=y_f, reverse=True, add=y_f, out_scale=0.5, fixed_bc_stride=True, lanes=args.lanes)
+    ss.scan_inference(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), z, out=y_f, reverse=True, add=y_f,
+                      out_scale=0.5, fixed_bc_stride=True, lanes=args.lanes)
 else:
-    ss.scan_fwd(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), None, None, None, False, None, False,
-                out=u, fixed_bc_stride=True, lanes=args.lanes)
+    ss.scan_inference(u, delta, torch.empty(di, n), B_, C_, torch.empty(di), out=u, fixed_bc_stride=True,
+                      lanes=args.lanes)
 
 kernel, values, kwargs = captured["kernel"], captured["args"], captured["kwargs"]
 kwargs["FAST"] = True

@@ -29,12 +29,12 @@ def test_bf16_gradients_match_fp32_reference_at_both_backward_block_sizes(batch)
     """D = 1536, as in the benchmark: 12288 (sequence, channel) rows run the lanes backward with
     4 channels per program, 24576 rows with 8 (`lanes_bwd_shape`). Every gradient of the bf16
     kernel against the fp32 reference on the same bf16-rounded inputs."""
-    from mambakit.ops.triton.selective_scan import _plan
+    from mambakit.ops.triton.scan_plan import plan_scan
     kw = make_scan_inputs(batch, 1536, 48, 16, with_init=True)
     keep_fp32 = ("A", "D", "delta_bias", "initial_state")
     bf = {k: (v.cuda() if k in keep_fp32 else v.cuda().to(torch.bfloat16)).requires_grad_() for k, v in kw.items()}
     ref = {k: v.detach().float().requires_grad_() for k, v in bf.items()}
-    assert _plan(bf["u"], bf["B"], bf["A"], None).bwd_shape()[1]["BLOCK_D"] == (4 if batch == 8 else 8)
+    assert plan_scan(bf["u"], bf["B"], bf["A"], None).backward.meta["BLOCK_D"] == (4 if batch == 8 else 8)
     g = torch.Generator(device="cuda").manual_seed(1)
     gy = torch.randn(batch, 1536, 48, generator=g, device="cuda")
     gh = torch.randn(batch, 1536, 16, generator=g, device="cuda")

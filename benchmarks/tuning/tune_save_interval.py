@@ -3,7 +3,7 @@ chunks the backward takes back per saved state (MAMBAKIT_SCAN_SAVE_EVERY, MAMBAK
 forward (with saving) and backward times at the benchmark shapes, and the saved states' size.
 Each setting runs in its own process, since the kernels read the knobs once at import.
 
-    python benchmarks/tune_save_interval.py OUT.jsonl [SAVE:CHUNKS ...]   (default 16:2 8:1 16:1 32:2)
+    python benchmarks/tuning/tune_save_interval.py OUT.jsonl [SAVE:CHUNKS ...]   (default 16:2 8:1 16:1 32:2)
 """
 import json
 import os
@@ -14,9 +14,11 @@ import sys
 def measure(out_path: str) -> None:
     import torch
     from triton.testing import do_bench
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root
+    sys.path.insert(0, os.path.dirname(here))  # benchmarks/, for scan.py
     from scan import SHAPES, make_inputs
-    from mambakit.ops.triton.selective_scan import scan_bwd, scan_fwd
+    from mambakit.ops.triton.scan_launch import scan_bwd, scan_fwd
     with open(out_path, "a") as out:
         for batch, length in SHAPES:
             kw = make_inputs(batch, length)

@@ -13,7 +13,8 @@ from mambakit.models.vision import create_model
 from mambakit.modules.bimamba import BiMamba
 from mambakit.ops.reference import selective_scan_ref
 from mambakit.ops.triton.bidirectional import bidirectional_conv, bidirectional_conv_ref
-from mambakit.ops.triton.selective_scan import scan_fwd
+from mambakit.ops import knobs
+from mambakit.ops.triton.scan_launch import scan_fwd, scan_inference
 from mambakit.ops.triton.x_proj_delta import x_proj_delta, x_proj_delta_ref
 from tests.scan_inputs import padded_scan_ref
 
@@ -107,7 +108,7 @@ def test_bidirectional_conv_bad_input():
 
 @pytest.mark.parametrize("length,prefetch", [(45, False), (32, False), (45, True)])
 def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
-    """scan_fwd(reverse=True) runs from step L-1 down to 0: the causal reference on the
+    """scan_inference(reverse=True) runs from step L-1 down to 0: the causal reference on the
     time-flipped inputs, flipped back; final_state is the state after step 0. L = 45 leaves a
     partial chunk at the end, which the reversed scan meets first."""
     g = torch.Generator().manual_seed(length)
@@ -118,7 +119,7 @@ def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
     B, C = (torch.randn(batch, n, length, generator=g).to(DEVICE) for _ in range(2))
     D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
     lanes = {"PREFETCH": prefetch}  # prefetch: the chunk before is loaded ahead
-    y, final, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=True, lanes=lanes)
+    y, final = scan_inference(u, delta, A, B, C, D, z, bias, True, reverse=True, lanes=lanes)
     want, want_final = selective_scan_ref(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D, z.flip(-1),
                                           bias, delta_softplus=True, return_final_state=True)
     torch.testing.assert_close(y, want.flip(-1), rtol=1e-4, atol=1e-4)
@@ -127,18 +128,17 @@ def test_reversed_scan_is_the_flipped_causal_scan(length, prefetch):
     assert not torch.allclose(y, causal, atol=1e-2)  # the direction is seen
     # written over its input, as the padded path does
     u2 = u.clone()
-    scan_fwd(u2, delta, A, B, C, D, z, bias, None, True, None, False, out=u2, reverse=True, lanes=lanes)
+    scan_inference(u2, delta, A, B, C, D, z, bias, True, out=u2, reverse=True, lanes=lanes)
     torch.testing.assert_close(u2, y, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="reversed scan"):
+    with pytest.raises(TypeError, match="reverse"):  # the training launcher scans forward only
         scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, True, reverse=True)
 
 
 def test_reversed_scan_with_few_rows_flips_around_the_segmented_forward(monkeypatch):
     """Where the forward scan would cut few long rows into segments, the reversed one runs as
     the segmented forward scan of the flipped inputs (the reversed kernel has no segments)."""
-    from mambakit.ops.triton import selective_scan as ss
-    monkeypatch.setenv("MAMBAKIT_SCAN_MIN_SEG", "64")  # 200 steps in two segments
-    ss.clear_plans()
+    from mambakit.ops.triton import scan_launch
+    from mambakit.ops.triton.scan_plan import plan_scan
     g = torch.Generator().manual_seed(5)
     batch, dim, n, length = 1, 4, 4, 200
     u, delta, z = (torch.randn(batch, dim, length, generator=g).to(DEVICE) for _ in range(3))
@@ -146,12 +146,12 @@ def test_reversed_scan_with_few_rows_flips_around_the_segmented_forward(monkeypa
     B, C = (torch.randn(batch, n, length, generator=g).to(DEVICE) for _ in range(2))
     D, bias = (torch.randn(dim, generator=g).to(DEVICE) for _ in range(2))
     calls = []
-    real = ss._reverse_by_flipping
-    monkeypatch.setattr(ss, "_reverse_by_flipping", lambda *a: calls.append(1) or real(*a))
-    assert ss._segmented(u)
+    real = scan_launch._reverse_by_flipping
+    monkeypatch.setattr(scan_launch, "_reverse_by_flipping", lambda *a: calls.append(1) or real(*a))
     out = torch.empty_like(u)
-    y, final, _ = ss.scan_fwd(u, delta * 0.5, A, B, C, D, z, bias, None, True, None, False, out=out, reverse=True)
-    ss.clear_plans()
+    with knobs.override(scan_min_seg=64):  # 200 steps in two segments
+        assert plan_scan(u, B, A).forward.seg_len  # the forward scan would cut them
+        y, final = scan_inference(u, delta * 0.5, A, B, C, D, z, bias, True, out=out, reverse=True)
     assert calls == [1] and y is out
     want, want_final = selective_scan_ref(u.flip(-1), (delta * 0.5).flip(-1), A, B.flip(-1), C.flip(-1), D,
                                           z.flip(-1), bias, delta_softplus=True, return_final_state=True)
@@ -255,17 +255,17 @@ def test_scan_adds_another_output_and_scales_before_the_gate(reverse):
     flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
     plain = flip(selective_scan_ref(flip(u), flip(delta), A, flip(B), flip(C), D, None, bias, delta_softplus=True))
     want = 0.5 * (plain + add) * torch.nn.functional.silu(z)
-    y, _, _ = scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=reverse, add=add,
-                       out_scale=0.5, fixed_bc_stride=True)
+    y, _ = scan_inference(u, delta, A, B, C, D, z, bias, True, reverse=reverse, add=add, out_scale=0.5,
+                          fixed_bc_stride=True)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
     inplace = add.clone()
-    scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, reverse=reverse, add=inplace, out=inplace,
-             out_scale=0.5, fixed_bc_stride=True)
+    scan_inference(u, delta, A, B, C, D, z, bias, True, reverse=reverse, add=inplace, out=inplace, out_scale=0.5,
+                   fixed_bc_stride=True)
     torch.testing.assert_close(inplace, y, rtol=0, atol=0)
-    ungated, _, _ = scan_fwd(u, delta, A, B, C, D, None, bias, None, True, None, False, reverse=reverse)
+    ungated, _ = scan_inference(u, delta, A, B, C, D, None, bias, True, reverse=reverse)
     torch.testing.assert_close(ungated, plain, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="add has shape"):
-        scan_fwd(u, delta, A, B, C, D, z, bias, None, True, None, False, add=add[..., :16])
+        scan_inference(u, delta, A, B, C, D, z, bias, True, add=add[..., :16])
 
 
 @pytest.mark.gpu
@@ -279,9 +279,8 @@ def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse, batch, dim, n, l
     form: forward ungated, reversed with the forward's output added and the gate, against the
     fp32 reference on the same bf16 inputs. Also two bf16 shapes where the launcher reads the
     reversed chunk's carried state with the masked sum (ORDERED off): d_state 4 (a thread does
-    not hold all its states) and 40 steps (rows not a multiple of 16). Session 12's diagnostic
-    found that read wrong on sm_90 when forced where a thread holds all its states; these two
-    cases had not been run in bf16 on the GPU when they were written."""
+    not hold all its states) and 40 steps (rows not a multiple of 16). That read was found wrong
+    on sm_90 when forced where a thread holds all its states."""
     g = torch.Generator().manual_seed(3 + reverse)
     r = 12
     bf = torch.bfloat16
@@ -293,11 +292,10 @@ def test_scan_at_vim_tiny_tile_shape_matches_reference(reverse, batch, dim, n, l
     D = torch.randn(dim, generator=g).to(DEVICE)
     if reverse:
         want = padded_scan_ref(u, delta, A, B, C, D, z, add, reverse=True, out_scale=0.5)
-        y, _, _ = scan_fwd(u, delta, A, B, C, D, z, None, None, False, None, False, reverse=True, add=add,
-                           out_scale=0.5, fixed_bc_stride=True)
+        y, _ = scan_inference(u, delta, A, B, C, D, z, reverse=True, add=add, out_scale=0.5, fixed_bc_stride=True)
     else:
         want = padded_scan_ref(u, delta, A, B, C, D)
-        y, _, _ = scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True)
+        y, _ = scan_inference(u, delta, A, B, C, D, fixed_bc_stride=True)
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
 
 
@@ -308,8 +306,8 @@ def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
     (PREFETCH 0) and the prefetch of raw values (1) exactly, and the fp32 reference to bf16
     rounding. B and C one step off alignment take the raw prefetch, and so does the reversed
     scan unless its rows are 16-byte aligned (its words read wrong steps on sm_90 at rows only
-    4-byte aligned, session 12; right at 16-byte aligned ones, session 13's diagnostic)."""
-    from mambakit.ops.triton import selective_scan as ss
+    4-byte aligned; right at 16-byte aligned ones)."""
+    from mambakit.ops.triton import scan_launch
     g = torch.Generator().manual_seed(21)
     batch, dim, n, length, bf = 2, 16, 16, 32, torch.bfloat16
     u, z = (_columns(batch, dim, length, g).to(bf) for _ in range(2))
@@ -318,12 +316,12 @@ def test_bf16_words_prefetch_equals_the_plain_loads(monkeypatch):
     x_dbl = torch.randn(batch, 3 + 2 * n + 1, length + 2, generator=g).to(DEVICE).to(bf)  # (B, R + 2N + 1, L + 2)
     D = torch.randn(dim, generator=g).to(DEVICE)
     chosen = []
-    real = ss.launch
-    monkeypatch.setattr(ss, "launch", lambda k, grid, a, kw: chosen.append(kw.get("PREFETCH")) or real(k, grid, a, kw))
+    real = scan_launch.launch
+    monkeypatch.setattr(scan_launch, "launch",
+                        lambda k, grid, a, kw: chosen.append(kw.get("PREFETCH")) or real(k, grid, a, kw))
 
     def run(B, C, lanes=None, **kw):
-        return scan_fwd(u, delta, A, B, C, D, None, None, None, False, None, False, fixed_bc_stride=True,
-                        lanes=lanes, **kw)[0]
+        return scan_inference(u, delta, A, B, C, D, fixed_bc_stride=True, lanes=lanes, **kw)[0]
 
     B, C = x_dbl[:, 3:3 + n, :length], x_dbl[:, 3 + n:3 + 2 * n, :length]
     y = run(B, C)
@@ -383,7 +381,7 @@ def test_padded_weights_are_made_again_when_a_parameter_changes():
     """The padded path keeps its derived weights (stacked, cast, A = -exp(A_log)) between calls
     and makes them again after any in-place change of a parameter, so an updated model never
     runs on stale weights."""
-    from mambakit.modules.bimamba_padded import padded_weights
+    from mambakit.modules.bimamba import padded_weights
     bi = _bimamba()
     bi.backend = "triton"
     h = torch.randn(2, 16, 12, device=DEVICE)

@@ -1,9 +1,9 @@
 """Sweeps for Vim's padded inference path at one layer of Vim-Ti (D_inner 384, N 16, R 12) on
 the device. The scan and conv sweeps run in the earlier column layout (activations (C, B*Lp));
-the padded path is batch-major (B, C, Lp) since session 13, after `--parts layout` compared them:
+the padded path is batch-major (B, C, Lp), which `--parts layout` chose over the columns:
 
-    python benchmarks/tune_vim.py OUT.jsonl                 # batch 64 at 1024 px (Lp = 4112)
-    python benchmarks/tune_vim.py OUT.jsonl --batch 64 --px 2048
+    python benchmarks/tuning/tune_vim.py OUT.jsonl                 # batch 64 at 1024 px (Lp = 4112)
+    python benchmarks/tuning/tune_vim.py OUT.jsonl --batch 64 --px 2048
 
 - the scan in the padded path's form (Δ given after its softplus): forward without the gate (it
   writes y_f + D u), reversed
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from mambakit.ops.triton.bidirectional import bidirectional_conv  # noqa: E402
-from mambakit.ops.triton.selective_scan import scan_fwd  # noqa: E402
+from mambakit.ops.triton.scan_launch import scan_inference  # noqa: E402
 from mambakit.ops.triton.patchify import patchify  # noqa: E402
 from mambakit.ops.triton.x_proj_delta import x_proj_delta  # noqa: E402
 
@@ -72,8 +72,8 @@ w_x = torch.randn(r + 2 * n, di, device=dev, dtype=bf16) * di ** -0.5
 x_cols = w_x @ u.permute(1, 0, 2).reshape(di, -1)  # (R + 2N, B*Lp)
 Bb, Cb = (x_cols[r + j * n:r + (j + 1) * n].view(n, batch, lp).permute(1, 0, 2) for j in (0, 1))
 for reverse in (False, True) if "scan" in args.parts else ():
-    ms = do_bench(lambda: scan_fwd(u, delta, A, Bb, Cb, D, z, bias, None, True, None, False, out=y,
-                                   reverse=reverse), warmup=5, rep=30)
+    ms = do_bench(lambda: scan_inference(u, delta, A, Bb, Cb, D, z, bias, True, out=y, reverse=reverse),
+                  warmup=5, rep=30)
     emit(dict(part="scan_bf16_bc_baseline", reverse=reverse, ms=round(ms, 4)))
 # the padded path's form: x_proj's output (B, R + 2N, Lp), in fp32 or (to compare) bf16
 x_dbl = torch.matmul(w_x.float(), u.float())  # (B, R + 2N, Lp) fp32
@@ -89,9 +89,9 @@ for bc in args.bc.split(","):
     t_max = 16 // xb.element_size()
     for reverse in (False, True) if "scan" in args.parts else ():
         extra = dict(z=z, add=y_f, out_scale=0.5) if reverse else dict(z=None, add=None, out_scale=1.0)
-        run = lambda lanes: scan_fwd(u, dt, A, B_, C_, D, extra["z"], None, None, False, None, False,  # noqa: E731
-                                     out=y, reverse=reverse, add=extra["add"], out_scale=extra["out_scale"],
-                                     fixed_bc_stride=True, lanes=lanes)
+        run = lambda lanes: scan_inference(u, dt, A, B_, C_, D, extra["z"], out=y, reverse=reverse,  # noqa: E731
+                                           add=extra["add"], out_scale=extra["out_scale"], fixed_bc_stride=True,
+                                           lanes=lanes)
         best = None
         modes = [int(m) for m in args.prefetch.split(",") if m != "2" or (bc == "bf16" and not reverse)]
         configs = [dict(NL=nl, BLOCK_D=bd, num_warps=warps, T=t, STAGES=1, PREFETCH=prefetch)
@@ -121,7 +121,7 @@ w = torch.randn(2 * di, 4, device=dev)  # both directions' conv weights
 cb = torch.randn(2 * di, device=dev)
 u2 = torch.empty(2 * di, batch, lp, device=dev, dtype=bf16).permute(1, 0, 2)
 # tiles x a register cap: at 32 x 128 x 4 the conv takes 144 registers, which holds an SM to
-# three programs (12 warps; ncu, session 13)
+# three programs (12 warps; Nsight Compute)
 CONV_TILES = [(32, 128, 4), (32, 128, 8), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8), (16, 64, 2)]
 for (bl, bd, warps), cap in itertools.product(CONV_TILES, (None, 128, 96, 80, 64)) if "conv" in args.parts else ():
     try:
@@ -138,8 +138,8 @@ if "convtime" in args.parts:
     u2b = torch.empty(batch, 2 * di, lp, device=dev, dtype=bf16)
     emit(dict(part="convtime", form="token rows (32, 128, 4)", ms=round(do_bench(
         lambda: bidirectional_conv(x_rows, w, cb, length, u2b), warmup=5, rep=30), 4)))
-    # session 14: (4, 32, 4) 0.193 ms, (16, 8, 4) 0.21, every other of (32|64|128, 2-16, 2-8) 0.50-0.66.
-    # Session 15: longer runs of each row a program (fewer channels, more steps)
+    # measured: (4, 32, 4) 0.193 ms, (16, 8, 4) 0.21, every other of (32|64|128, 2-16, 2-8) 0.50-0.66;
+    # then longer runs of each row a program (fewer channels, more steps)
     for bd_, runs, warps in [(4, 32, 4), (2, 64, 4), (1, 128, 4), (2, 128, 8), (4, 64, 4), (4, 64, 8), (1, 64, 2),
                              (2, 32, 2), (8, 16, 4), (8, 32, 8)]:
         try:
@@ -171,12 +171,11 @@ if "layout" in args.parts:
         for reverse in (False, True):
             extra = dict(z=zl, add=yl, out_scale=0.5) if reverse else dict(z=None, add=None, out_scale=1.0)
             emit(dict(part="layout", kernel="scan", reverse=reverse, u_z_y=name, ms=round(do_bench(
-                lambda: scan_fwd(ul, dtl, A, Bl, Cl, D, extra["z"], None, None, False, None, False, out=yl,
-                                 reverse=reverse, add=extra["add"], out_scale=extra["out_scale"],
-                                 fixed_bc_stride=True), warmup=5, rep=30), 4)))
+                lambda: scan_inference(ul, dtl, A, Bl, Cl, D, extra["z"], out=yl, reverse=reverse, add=extra["add"],
+                                       out_scale=extra["out_scale"], fixed_bc_stride=True), warmup=5, rep=30), 4)))
 
 if "xproj" in args.parts:
-    # Δ and B, C from one read of u (x_proj_delta) against x_proj's bmm alone (session 15: bmm + the
+    # Δ and B, C from one read of u (x_proj_delta) against x_proj's bmm alone (measured: bmm + the
     # dt_softplus kernel it replaced 0.1527 ms, x_proj_delta 0.1497-0.1596 over these tiles)
     ub = torch.randn(batch, di, lp, device=dev, dtype=bf16)
     w_dt = (torch.randn(di, r, device=dev) * r ** -0.5).to(bf16)

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from mambakit import ops  # noqa: E402
+from mambakit.ops import backend as backend_mod  # noqa: E402
 from mambakit.ops.triton import scan_op  # noqa: E402
 from tests.scan_inputs import count_held  # noqa: E402
 
@@ -137,8 +138,8 @@ def test_the_mixers_inference_writes_y_over_the_conv_output_and_matches(scan_bac
     monkeypatch.setattr(mamba_mod, "_time_major", lambda t: True)
     out_ref, cache_ref = run()
     monkeypatch.setattr(mamba_mod, "_time_major", lambda t: False)
-    real = ops._resolve
-    monkeypatch.setattr(ops, "_resolve", lambda b, x=None: scan_backend if b is None else real(b, x))
+    real = backend_mod.resolve
+    monkeypatch.setattr(backend_mod, "resolve", lambda b, x=None: scan_backend if b is None else real(b, x))
     writes = []
     real_scan = ops.selective_scan
     monkeypatch.setattr(ops, "selective_scan", lambda u, *a, out=None, **k: writes.append(out is u) or
@@ -209,8 +210,8 @@ def test_the_mixers_cuda_layout_traces_in_one_graph(monkeypatch):
     torch.manual_seed(0)
     layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2).to(DEVICE)
     monkeypatch.setattr(mamba_mod, "_time_major", lambda t: False)
-    real = ops._resolve
-    monkeypatch.setattr(ops, "_resolve", lambda b, x=None: "triton" if b is None else real(b, x))
+    real = backend_mod.resolve
+    monkeypatch.setattr(backend_mod, "resolve", lambda b, x=None: "triton" if b is None else real(b, x))
     h = torch.randn(2, 13, 8, device=DEVICE, requires_grad=True)
     want = layer(h)
     want.sum().backward()

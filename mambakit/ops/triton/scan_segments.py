@@ -2,14 +2,14 @@
 
 With few (sequence, channel) rows, one one-warp program per row leaves most of the GPU idle (at
 1 x 131072 on the H200: 1536 rows, 192 programs for 132 SMs, each walking 16384 chunks). Each
-sequence is then cut into segments that are scanned in parallel (`segment_plan`):
+sequence is then cut into segments that are scanned in parallel (`scan_plan.segment_plan`):
 
     forward:  a summary pass scans every segment from a zero state for its local end state
-              h_local and its sum of steps, sum(delta) (`_fwd_summary_lanes`); the main kernel
-              (`_fwd_kernel_lanes` with SEGMENTED) starts each segment from its true state,
+              h_local and its sum of steps, sum(delta) (`fwd_summary_kernel`); the main kernel
+              (`scan_fwd_kernel` with SEGMENTED) starts each segment from its true state,
               h <- exp(A sum(delta)) h + h_local folded over the earlier segments.
     backward: a summary pass takes every segment back from a zero adjoint at its end for the
-              adjoint that leaves its start (`_bwd_summary_lanes`), which needs only delta, C
+              adjoint that leaves its start (`bwd_summary_kernel`), which needs only delta, C
               and dy, not the states; the main kernel starts each segment from the true adjoint
               at its end, g <- exp(A sum(delta)) g + g_local folded over the later segments.
 
@@ -18,16 +18,14 @@ Segment starts are multiples of 64, so the main loop keeps its vectorised in-thr
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from .selective_scan_lanes import _at_step, _chunk_inputs, _chunk_states, _lanes_setup, _reverse_scan
+from .helpers import at_step, chunk_inputs, chunk_states, lanes_setup, reverse_scan
 
 
 @triton.jit
-def _fwd_summary_lanes(
+def fwd_summary_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, seg_h_ptr, seg_dt_ptr,
     L, dim, d_state, channels_per_group, n_segs, seg_len,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bg, s_bn, s_bl,
@@ -40,24 +38,24 @@ def _fwd_summary_lanes(
     instructions per (state, step)."""
     NR: tl.constexpr = BLOCK_N // NL
     (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
-     u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
+     u_row, dt_row, z_row, B_row, C_row, state_row) = lanes_setup(
         u_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, L, dim, d_state,
         channels_per_group, s_ub, s_ud, s_db, s_dd, 0, 0, s_bb, s_bg, s_bn, n_segs, seg_len,
         HAS_BIAS, False, False, BLOCK_D, BLOCK_N, T, NL, True)
     h = tl.zeros((NL, BLOCK_D, 1, NR), dtype=tl.float32)
     dt_sum = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
     for c in tl.range(0, tl.cdiv(end - start, T), num_stages=STAGES):
-        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = _chunk_inputs(
+        m2, u, dt_raw, dt, Bt, Ct, dA, dBu = chunk_inputs(
             u_row, dt_row, B_row, B_row, bias, A2, start + c * T, end, t2, t4, mask_d2, mask_n4, s_ul, s_dl, s_bl,
             HAS_BIAS, SOFTPLUS, FAST)
-        h = _at_step(_chunk_states(dA, dBu, h, t4), t4, T - 1, ORDERED)
+        h = at_step(chunk_states(dA, dBu, h, t4), t4, T - 1, ORDERED)
         dt_sum += tl.sum(dt, axis=1, keep_dims=True)
     tl.store(seg_h_ptr + pid_s.to(tl.int64) * dim * d_state + dn4, h, mask=m_dn4)
     tl.store(seg_dt_ptr + pid_s.to(tl.int64) * dim + d2, dt_sum, mask=mask_d2)
 
 
 @triton.jit
-def _bwd_summary_lanes(
+def bwd_summary_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
     L, dim, d_state, channels_per_group, n_segs, seg_len,
     s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_bb, s_bg, s_bn, s_bl,
@@ -70,7 +68,7 @@ def _bwd_summary_lanes(
     D). The adjoint needs only Δ, C and dy (no states): λ_t = exp(Δ_t A) (C_t dy_t + λ_{t+1})."""
     NR: tl.constexpr = BLOCK_N // NL
     (pid_s, seq, seg, pid_d, batch, start, end, n4, d4, t4, d2, t2, mask_n4, m_dn4, mask_d2, dn4, A2, bias, Dv,
-     u_row, dt_row, z_row, B_row, C_row, state_row) = _lanes_setup(
+     u_row, dt_row, z_row, B_row, C_row, state_row) = lanes_setup(
         delta_ptr, A_ptr, bias_ptr, delta_ptr, delta_ptr, delta_ptr, z_ptr, C_ptr, C_ptr, L, dim, d_state,
         channels_per_group, s_db, s_dd, s_db, s_dd, s_zb, s_zd, s_bb, s_bg, s_bn, n_segs, seg_len,
         HAS_BIAS, False, False, BLOCK_D, BLOCK_N, T, NL, True)
@@ -80,7 +78,7 @@ def _bwd_summary_lanes(
     n_chunks = tl.cdiv(end - start, T)
     for i in tl.range(0, n_chunks, num_stages=STAGES):
         t0 = start + (n_chunks - 1 - i) * T
-        m2, u, dt_raw, dt, Ct, Ct, dA, dBu = _chunk_inputs(
+        m2, u, dt_raw, dt, Ct, Ct, dA, dBu = chunk_inputs(
             dt_row, dt_row, C_row, C_row, bias, A2, t0, end, t2, t4, mask_d2, mask_n4, s_dl, s_dl, s_bl,
             HAS_BIAS, SOFTPLUS, FAST)
         tt2 = t0 + t2
@@ -90,32 +88,8 @@ def _bwd_summary_lanes(
             dy = dy * zz * tl.sigmoid(zz)
         x = dy[None, :, :, None] * Ct
         x = tl.where(t4 == T - 1, x + g, x)  # the adjoint from the future enters at the last step
-        lam = _reverse_scan(dA, dA * x, 2)
-        g = _at_step(lam, t4, 0, ORDERED)
+        lam = reverse_scan(dA, dA * x, 2)
+        g = at_step(lam, t4, 0, ORDERED)
         dt_sum += tl.sum(dt, axis=1, keep_dims=True)
     tl.store(seg_g_ptr + pid_s.to(tl.int64) * dim * d_state + dn4, g, mask=m_dn4)
     tl.store(seg_dt_ptr + pid_s.to(tl.int64) * dim + d2, dt_sum, mask=mask_d2)
-
-
-def segment_plan(rows: int, length: int, varlen: bool, save_every: int) -> tuple[int, int]:
-    """(seg_len, n_segs) for a dense batch with few (sequence, channel) rows: each sequence is
-    cut into n_segs segments scanned in parallel (a summary pass, then the scan from each
-    segment's true start), so that rows * n_segs one-warp programs fill the GPU. (0, 1) means
-    one program walks the whole sequence.
-
-    From the H200 sweep (BENCHMARKS.md): below 8192 rows (MAMBAKIT_SCAN_SEG_BELOW) the single
-    pass leaves the SMs idle (1 x 131072: 11.2 -> 3.6 ms forward); at 8 x 2048 (12288 rows)
-    cutting only added the summary pass (0.44 -> 0.51 ms). When cutting, aim at 65536 rows
-    (MAMBAKIT_SCAN_SEG_ROWS) with no segment shorter than 512 steps (MAMBAKIT_SCAN_MIN_SEG)."""
-    below = int(os.environ.get("MAMBAKIT_SCAN_SEG_BELOW", "8192"))
-    target = int(os.environ.get("MAMBAKIT_SCAN_SEG_ROWS", "65536"))
-    min_len = int(os.environ.get("MAMBAKIT_SCAN_MIN_SEG", "512"))
-    if varlen or rows >= below:
-        return 0, 1
-    unit = max(64, save_every)  # 16-aligned starts (vector loads) on the save grid
-    n = 1
-    while rows * n < target and length // (2 * n) >= min_len:
-        n *= 2
-    seg_len = -(-(-(-length // n)) // unit) * unit
-    n_segs = -(-length // seg_len)
-    return (seg_len, n_segs) if n_segs > 1 else (0, 1)

@@ -92,7 +92,6 @@ def test_the_mixers_channels_first_path_matches_its_time_major_path(monkeypatch,
     """Mamba._run's CUDA layout (channels-first, conv_proj_scan with the gate in xz), chosen on
     either device, with the torch ops or the Triton kernels (the interpreter on CPU): the output
     and every parameter's gradient equal those of the CPU layout (time-major, Δ then the scan)."""
-    from mambakit import ops
     from mambakit.modules import mamba as mamba_mod
     torch.manual_seed(0)
     layer = mamba_mod.Mamba(d_model=8, d_state=4, d_conv=3, expand=2, gate=gate).to(DEVICE)
@@ -107,8 +106,9 @@ def test_the_mixers_channels_first_path_matches_its_time_major_path(monkeypatch,
 
     out_ref, grads_ref = run()
     monkeypatch.setattr(mamba_mod, "_time_major", lambda t: False)
-    real_resolve = ops._resolve
-    monkeypatch.setattr(ops, "_resolve", lambda backend, x=None: scan_backend if backend is None else
+    from mambakit.ops import backend as backend_mod
+    real_resolve = backend_mod.resolve
+    monkeypatch.setattr(backend_mod, "resolve", lambda backend, x=None: scan_backend if backend is None else
                         real_resolve(backend, x))
     out, grads = run()
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)

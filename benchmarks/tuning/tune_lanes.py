@@ -1,17 +1,20 @@
 """Sweep of the "lanes" scan kernels' shape on the device: NL (lanes over states) x warps x
 pipeline stages, for the forward (no saved states) or, with --backward, the backward alone.
 
-    python benchmarks/tune_lanes.py OUT.jsonl
-    python benchmarks/tune_lanes.py OUT.jsonl --backward
-    python benchmarks/tune_lanes.py OUT.jsonl --shapes 8x2048      # some of scan.py's shapes only
-    python benchmarks/tune_lanes.py OUT.jsonl --prefetch           # default shapes, register prefetch off/on
+    python benchmarks/tuning/tune_lanes.py OUT.jsonl
+    python benchmarks/tuning/tune_lanes.py OUT.jsonl --backward
+    python benchmarks/tuning/tune_lanes.py OUT.jsonl --shapes 8x2048      # some of scan.py's shapes only
+    python benchmarks/tuning/tune_lanes.py OUT.jsonl --prefetch           # default shapes, register prefetch off/on
 
-Official figures are in ../shared/GUIDE.md and come side by side from benchmarks/scan.py."""
+The shapes and inputs are benchmarks/scan.py's; the official kernel's figures come side by side
+from that script."""
 import itertools, json, sys, torch
+from pathlib import Path
 from triton.testing import do_bench
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for scan.py
 from scan import SHAPES, make_inputs
-from mambakit.ops.triton.selective_scan import scan_bwd, scan_fwd
+from mambakit.ops.triton.scan_launch import scan_bwd, scan_fwd
 
 backward = "--backward" in sys.argv
 shapes = SHAPES[:4] if backward else SHAPES
@@ -23,8 +26,8 @@ out = open(sys.argv[1], "a")
 
 def prefetch_sweep():
     """The default shapes with the forward's register prefetch of the next chunk off and on. (The
-    backward's, measured in session 8 with one chunk per saved state, was 13-40 % slower at
-    every shape and is gone; its columns in results/tune_prefetch_h200.jsonl are that run.)"""
+    backward's, measured with one chunk per saved state, was 13-40 % slower at every shape and
+    is gone; the bwd_* columns of tuning/results/tune_lanes_prefetch_h200.jsonl are that run.)"""
     for batch, length in SHAPES:
         kw = make_inputs(batch, length)
         args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
