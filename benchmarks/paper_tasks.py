@@ -19,6 +19,10 @@ than overrunning, and "steps_run" says what was done).
     python benchmarks/paper_tasks.py --only induction --layer mamba --state-dir runs/ind \
         --set induction.steps=204800     # longer than one call: run again to continue where it stopped
     python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
+    python benchmarks/paper_tasks.py --plot benchmarks/results/induction_long_h200.json   # redraw a PNG
+
+A result with a "calls" list (one training continued over several invocations with --state-dir,
+each invocation's evaluation kept) is drawn as one accuracy curve per invocation.
 """
 
 from __future__ import annotations
@@ -46,21 +50,15 @@ VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
 ]
 INDUCTION_VARIANTS = [("Mamba", "mamba"), ("S4D (gated)", "s4d")]
 
-# The full run: (steps, batch, lr, time limit in s) per training. A probe on one H200 (--steps-scale
-# 0.03, session 3) took 60-90 ms per S6 step at L=4096 x 32 (evaluations included), ~27 ms per
-# S4D step; 1M-token evaluation ~1-2 s per model. Session 3's induction run (1500 steps) fell
-# off beyond 512 tokens, so session 4 trains 4000; its 2000-step copying run was still at 0.07-0.18
-# accuracy (loss falling for S6), so copying trains 6000 steps (about 15 ms a step). Session 4's
-# 6000 steps at L=4096 throughout left S6 at 0.16 (the paper trains 400K steps), so session 5
-# trains with a length curriculum (--curriculum-from 256): lengths 256..2048 over the first
-# half of the steps, then 4096; every evaluation is at 4096. (Sessions 3-4's evaluations also
-# ran with a stale A, fixed in session 5: see Mamba.A.) Session 5's 6000 curriculum steps reached
-# 0.28 (S6) and 0.49 (gated S6), and its 4000-step induction model held to 4096 tokens only;
-# session 6 trains all six models at once (--jobs 6, one process each on one GPU) for 16000
-# steps each. Session 7's sweep (results/induction_sweep_h200.json) found weight decay the main
-# limit on induction's extrapolation (decay pulls the dt projection back, so the hold step sizes
-# stay large): with none and a constant lr of 1e-3 after warmup, ~26K steps held 0.97 at 64K
-# tokens and 0.56-0.66 at 1M, against 0.03 at 1M with decay 0.1 (session 6), so induction now
+# The full run: (steps, batch, lr, time limit in s) per training, as measured on one H200 (about
+# 15 ms a copying step at L=4096 x 32, evaluations included; 1-2 s per model for the 1M-token
+# evaluation). Selective copying: 6000 steps at L=4096 throughout left S6 at 0.16 (the paper
+# trains 400K steps), so it trains 16000 steps with a length curriculum (--curriculum-from 256:
+# lengths 256..2048 over the first half of the steps, then 4096; every evaluation is at 4096).
+# Induction heads: the sweep in benchmarks/tuning/results/induction_sweep_h200.json found weight
+# decay the main limit on extrapolation (decay pulls the dt projection back, so the step sizes at
+# the tokens to hold stay large): with none and a constant lr of 1e-3 after warmup, ~26K steps
+# held 0.97 at 64K tokens and 0.56-0.66 at 1M, against 0.03 at 1M with decay 0.1. So induction
 # trains that way until its time limit (60K steps is the schedule's length, not a target).
 FULL = {
     "copy": dict(seq_len=4096, n_memorize=16, steps=16000, batch=32, lr=3e-3, weight_decay=0.1, min_lr_ratio=0.1,
@@ -167,7 +165,34 @@ def _guarded(fn, c, common, steps_scale, progress, name, *rest) -> dict:
         return {"task": task, "name": name, "error": f"{type(err).__name__}: {err}"}
 
 
+def plot_calls(result: dict, path: Path) -> None:
+    """One training continued over several invocations: its accuracy against test length at the
+    end of each invocation (result["calls"], bf16 evaluation)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for call in result["calls"]:
+        lengths = sorted(call["accuracy_bf16"], key=int)
+        ax.plot([int(n) for n in lengths], [call["accuracy_bf16"][n] for n in lengths], marker="o",
+                label=f"{call['steps_run']:,} steps")
+    train_len = result.get("sizes", {}).get("induction", {}).get("seq_len", 256)
+    ax.axvline(train_len, color="grey", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"test length (trained at {train_len})")
+    ax.set_ylabel("accuracy (32 sequences, bf16)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Induction heads, Mamba 2 x 64: one training, after each invocation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(result: dict, path: Path) -> None:
+    if result.get("calls"):
+        plot_calls(result, path)
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", default=None,
                    help="keep each model's resumable training state here and continue it when present: "
                         "a training longer than its time limit goes on in the next call of the same command")
+    p.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     args = p.parse_args(argv)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return 0
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
     if not args.steps_scale > 0:

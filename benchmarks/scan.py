@@ -5,7 +5,6 @@ bf16 u/delta/z/B/C, fp32 A/D/delta_bias, D=1536, N=16, z gating, delta_bias, sof
 Forward and forward+backward, triton.testing.do_bench medians, one run.
 
     python benchmarks/scan.py [--out benchmarks/results/scan_h200.json]
-    MAMBAKIT_SCAN_KERNEL=by_state python benchmarks/scan.py --out ...   # the other kernel layout
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def main():
         official, official_version = None, None
     rows = []
     # an untimed pass first: the first timed shape otherwise pays for the GPU's clock ramp and
-    # the kernels' compilation (session 3 saw 16 x 512 at 0.24 ms in one run, 0.14-0.15 in three)
+    # the kernels' compilation (16 x 512 once measured 0.24 ms that way, against 0.14-0.15 warm)
     warm = make_inputs(*SHAPES[0])
     for fn in (ours, official):
         if fn is not None:
@@ -103,8 +102,7 @@ def main():
         del kw
         torch.cuda.empty_cache()
     import triton
-    from mambakit.ops.triton.selective_scan import kernel_layout
-    result = {"device": torch.cuda.get_device_name(), "kernel_layout": kernel_layout(), "torch": torch.__version__, "triton": triton.__version__,
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "mamba_ssm": official_version, "date": time.strftime("%Y-%m-%d"),
               "setup": "bf16 u/delta/z/B/C, fp32 A/D/delta_bias, D=1536, N=16, z, delta_bias, softplus",
               "rows": rows}

@@ -4,6 +4,9 @@ are windows of the embedded standard-library corpus (byte tokens), the same for 
 
     python benchmarks/train.py [--out benchmarks/results/train_h200.json] [--profile 20]
     python benchmarks/train.py --device cpu --preset tiny --shapes 2x64 --steps 2   # a smoke run
+    python benchmarks/train.py --plot benchmarks/results/train_h200.json             # redraw the PNG
+
+Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape.
 """
 
 from __future__ import annotations
@@ -83,7 +86,12 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/train_h200.json")
     ap.add_argument("--profile", type=int, default=0, help="print the top N kernels of one step of each model")
     ap.add_argument("--max-corpus-bytes", type=int, default=None)
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     args = ap.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            plot(json.load(f), args.plot.replace(".json", ".png"))
+        return
     from mambakit import MambaConfig
     from mambakit.data import load_corpus
     config = MambaConfig.from_name(args.preset)
@@ -120,6 +128,46 @@ def main():
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    plot(result, args.out.replace(".json", ".png"))
+
+
+def plot(result, path):
+    """Tokens/s (left) and peak memory (right) of both models at each B x L shape."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rows = result["rows"]
+    names = [n for n in ("mambakit", "official") if any(isinstance(r.get(n), dict) for r in rows)]
+    colors = {"mambakit": "tab:green", "official": "tab:gray"}
+    labels = [f"{r['B']} x {r['L']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        for ax, key, scale, fmt in ((axes[0], "tokens_per_s", 1e-3, "%.1fk"), (axes[1], "peak_gib", 1, "%.1f")):
+            values = [r[name][key] * scale if isinstance(r.get(name), dict) and r[name].get(key) else 0
+                      for r in rows]
+            bars = ax.bar(xs, values, width, label=name, color=colors[name])
+            ax.bar_label(bars, fmt=fmt, fontsize=8)
+    for j, r in enumerate(rows):
+        if "tokens_per_s_ratio" in r:
+            axes[0].annotate(f"{r['tokens_per_s_ratio']:.2f}x", (j, 0), xytext=(0, -28),
+                             textcoords="offset points", ha="center", fontsize=9)
+    for ax, ylabel, title in ((axes[0], "k tokens / s (higher is better)", "training throughput"),
+                              (axes[1], "peak GiB", "peak memory")):
+        ax.set_xticks(range(len(rows)), labels=labels)
+        ax.set(ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['preset']} LM, bf16 autocast, fused AdamW, {result['device']}, {result['date']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

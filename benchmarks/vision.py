@@ -1,7 +1,12 @@
 """Vim-Ti against DeiT-Ti: inference images/s and peak memory against image size.
 
     python benchmarks/vision.py            # CUDA: 224, 512, 1024, 1248 px, bf16 autocast
-    python benchmarks/vision.py --smoke    # CPU, tiny sizes: checks that everything runs
+    python benchmarks/vision.py --sizes 768 896 960 992 1024 --iters 5 \
+        --out benchmarks/results/vision_crossover_h200.json            # where the speed crossover lies
+    python benchmarks/vision.py --max-batch 1 --sizes 1024 2048 --iters 10 \
+        --out benchmarks/results/vision_batch1_h200.json               # batch 1
+    python benchmarks/vision.py --smoke    # CPU, tiny sizes: checks that everything runs (runs/)
+    python benchmarks/vision.py --plot benchmarks/results/vision_h200.json   # redraw a result's PNG
 
 DeiT-Ti is timm's `deit_tiny_patch16_224` (pretrained=False, img_size=S; its attention is
 F.scaled_dot_product_attention, i.e. flash attention on the GPU) when timm is installed, else
@@ -207,11 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/vision_h200.json)")
     p.add_argument("--profile", type=int, default=0, help="print the top N ops of one Vim-Ti batch at each size")
+    p.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     args = p.parse_args(argv)
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        plot(result["rows"], Path(args.plot).with_suffix(".png"),
+             f"Vim-Ti vs DeiT-Ti, {result['device']}, {result['dtype']}, batch up to {result['max_batch']}")
+        return 0
     if args.smoke:
         device, dtype = torch.device("cpu"), None
         defaults = {"sizes": [32, 64], "max_batch": 2, "iters": 1, "warmup": 1,
-                    "out": str(RESULTS / "vision_smoke_cpu.json")}
+                    "out": str(RESULTS.parents[1] / "runs" / "vision_smoke_cpu.json")}
     else:
         if not torch.cuda.is_available():
             raise SystemExit("error: the benchmark needs CUDA (use --smoke on CPU)")
@@ -239,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, out.with_suffix(".png"), f"Vim-Ti vs DeiT-Ti, {result['device']}, {result['dtype']}")
+    plot(rows, out.with_suffix(".png"),
+         f"Vim-Ti vs DeiT-Ti, {result['device']}, {result['dtype']}, batch up to {result['max_batch']}")
     def since(px):
         return "at none of these sizes" if px is None else f"from {px} px"
 

@@ -8,8 +8,9 @@ selective scan and the causal conv are replaced by stand-ins that allocate only 
 (or write into out=), as the fused GPU kernels do: the chunked torch scan's own temporaries
 would otherwise decide the CPU peak. fp32 throughout; parameters and the input image are not
 counted. Vim-Ti is counted twice: its inference path (BiMamba._fused_inference) and its
-training path run without autograd (what inference ran before session 8). Writes
-benchmarks/results/vision_memory_cpu.json."""
+training path run without autograd (what inference ran before the fused path). Writes
+benchmarks/results/vision_memory_cpu.json and a bar plot beside it (.png);
+`--plot JSON` only redraws the plot of an existing result."""
 
 from __future__ import annotations
 
@@ -94,7 +95,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision_memory_cpu.json"))
+    p.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     args = p.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     _kernel_stand_ins()
     from mambakit import ops
     from mambakit.models.vision import create_model
@@ -121,6 +126,28 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"Vim-Ti / DeiT-Ti: {result['vim_inference_over_deit']} (inference path), "
           f"{result['vim_training_path_over_deit']} (training path); wrote {args.out}")
+    plot(result, Path(args.out).with_suffix(".png"))
+
+
+def plot(result: dict, path: Path) -> None:
+    """One bar per counted model: its peak of live activation bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    colors = ["tab:green" if "inference" in r["model"] else "tab:olive" if "vim" in r["model"] else "tab:gray"
+              for r in rows]
+    bars = ax.barh([r["model"] for r in rows], [r["peak_mb"] for r in rows], color=colors)
+    ax.bar_label(bars, fmt="%.1f MB", fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="peak of live activations, MB (lower is better)",
+           title=f"one inference forward, {result['size']} px, batch {result['batch']}, {result['dtype']}")
+    ax.set_xlim(0, max(r["peak_mb"] for r in rows) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

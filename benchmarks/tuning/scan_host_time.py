@@ -2,17 +2,18 @@
 time): do_bench milliseconds, host and wall microseconds per call with no synchronisation
 inside the loop, and the torch profiler's kernel table, forward and forward+backward.
 
-    python benchmarks/scan_host_time.py [--batch 16 --length 512]
+    python benchmarks/tuning/scan_host_time.py [--batch 16 --length 512]
 
 To compare two commits, run it with PYTHONPATH pointing at each one's tree in turn.
 """
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for scan.py
 from scan import bench, make_inputs  # noqa: E402
 
 

@@ -4,11 +4,14 @@ tokens, and reads the step sizes of its most selective channels (`retention_hori
 the token to remember, Δ at the other tokens, and the horizon 1 / (Δ_hold · min |A|) over
 which a channel's memory decays by e). About 7 minutes on 2 cores.
 
-    python benchmarks/induction_retention_cpu.py    # writes benchmarks/results/induction_retention_cpu.json
-    python benchmarks/induction_retention_cpu.py --lr 5e-4 --steps 3000 --weight-decay 0.1 \
-        --out benchmarks/results/induction_retention_cpu_lr5e-4.json           # one configuration
-    python benchmarks/induction_retention_cpu.py --lr 1e-3 --min-lr-ratio 1 --warmup-steps 100 \
-        --weight-decay 0 --steps 4500 --out benchmarks/results/induction_retention_cpu_const_4500.json
+    python benchmarks/tuning/induction_retention_cpu.py     # weight decay 0.1, then 0
+    python benchmarks/tuning/induction_retention_cpu.py --lr 5e-4 --steps 3000 --weight-decay 0.1
+    python benchmarks/tuning/induction_retention_cpu.py --lr 1e-3 --min-lr-ratio 1 --warmup-steps 100 \
+        --weight-decay 0 --steps 1500
+
+Every invocation adds its runs, each with the command that made it, to one file
+(benchmarks/tuning/results/induction_retention_cpu.json by default), replacing the runs of an
+earlier invocation with the same command.
 """
 import argparse
 import json
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from mambakit.tasks import induction_heads as ih  # noqa: E402
 
 TRAIN_LEN, STEPS, BATCH, LR = 64, 1500, 32, 2e-3
@@ -35,6 +38,7 @@ def main() -> int:
     opts = p.parse_args()
     torch.set_num_threads(2)
     out = Path(opts.out)
+    command = "python benchmarks/tuning/induction_retention_cpu.py" + "".join(f" {a}" for a in sys.argv[1:])
     runs = []
     for wd in opts.weight_decay:
         args = ih.build_train_parser().parse_args([
@@ -46,7 +50,7 @@ def main() -> int:
         lengths = ih.evaluate_lengths(model, [TRAIN_LEN * 2 ** k for k in range(10)], 16, 2, 0, torch.device("cpu"),
                                       chunk_len=4096, log=None)
         retention = ih.retention_horizons(model, length=1024, batch_size=16)
-        run = {"weight_decay": wd, "train_len": TRAIN_LEN, "steps": opts.steps, "batch_size": BATCH, "lr": opts.lr,
+        run = {"command": command, "weight_decay": wd, "train_len": TRAIN_LEN, "steps": opts.steps, "batch_size": BATCH, "lr": opts.lr,
                "min_lr_ratio": opts.min_lr_ratio, "warmup_steps": args.warmup_steps,
                "final_loss": rows[-1]["loss"], "train_accuracy": summary["accuracy"],
                "seconds": round(time.perf_counter() - start, 1), "lengths": lengths, "retention": retention}
@@ -57,6 +61,8 @@ def main() -> int:
                   f"hold {r['delta_hold']:.3g}, horizon {r['horizon']:.3g} steps", flush=True)
         runs.append(run)
     out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(out.read_text())["runs"] if out.exists() else []
+    runs = [r for r in earlier if r.get("command") != command] + runs
     out.write_text(json.dumps({"benchmark": "induction_retention_cpu", "torch": torch.__version__, "runs": runs},
                               indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,9 +1,9 @@
 """Count the SASS instructions of the Gluon scan's chunk loop (ops/triton/scan_gluon.py),
 compiled offline for sm_90 at Vim-Ti's padded shape, no GPU needed:
 
-    PYTHONPATH=<triton 3.6> python benchmarks/gluon_scan_sass.py [--reverse] [--prefetch 0|1] [--dump]
+    PYTHONPATH=<triton 3.6> python benchmarks/tuning/gluon_scan_sass.py [--reverse] [--prefetch 0|1] [--dump]
 
-Compare with `benchmarks/scan_sass.py` (the Triton lanes scan: 573 forward, 617 reversed)."""
+Compare with `benchmarks/tuning/scan_sass.py` (the Triton lanes scan: 573 forward, 617 reversed)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
