@@ -8,6 +8,7 @@ official `MambaLMHeadModel.generate(cg=True)`, in one run, with the same random 
      the same size with a KV cache (transformers' Llama, random weights, SDPA).
 
     python benchmarks/generate.py [--out benchmarks/results/generate_h200.json]
+    python benchmarks/generate.py --decode-only --out OUT.json   # part 1 only
     python benchmarks/generate.py --smoke        # CPU, tiny sizes: checks that the script runs
 """
 
@@ -156,6 +157,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/generate_h200.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only part 1 (ms/step against the official generate); no plot")
     args = ap.parse_args()
     from mambakit import MambaLM
     device = "cpu" if args.smoke else "cuda"
@@ -188,6 +191,11 @@ def main():
             row["greedy_token_match"] = (ours_ids[:, prompt_len:] == theirs[:, prompt_len:]).float().mean().item()
         print(json.dumps(row), flush=True)
         result["decode"].append(row)
+    if args.decode_only:
+        if not args.smoke:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     ids = torch.randint(0, model.config.vocab_size, (1, long_prompt), device=device)
     result["prefill"] = dict(tokens=long_prompt, mambakit_ms=_timed(lambda: model.prefill(ids), device) * 1e3)
     if official is not None:

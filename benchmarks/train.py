@@ -37,7 +37,7 @@ def ours_model(config, device):
 
 
 def measure(forward, model, batch, length, tokens, steps, device, profile=0):
-    from mambakit.data import batch_at
+    from mambakit.training.data import batch_at
     use_cuda = device == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_cuda)
@@ -93,7 +93,7 @@ def main():
             plot(json.load(f), args.plot.replace(".json", ".png"))
         return
     from mambakit import MambaConfig
-    from mambakit.data import load_corpus
+    from mambakit.training.data import load_corpus
     config = MambaConfig.from_name(args.preset)
     corpus = load_corpus(None, max_bytes=args.max_corpus_bytes)
     if config.vocab_size < corpus.vocab_size:  # the tiny preset: bytes, and the corpus adds EOS

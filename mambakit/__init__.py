@@ -1,13 +1,38 @@
 """mambakit: Mamba selective state-space models in PyTorch, on any device, with no compiler."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
 from .config import PRESETS, MambaConfig
-from .models.lm import LMCache, MambaLM
-from .modules.block import Block
-from .modules.mamba import Mamba, MambaState
-from .modules.norm import RMSNorm
+from .generation import LMCache, SamplingOptions, generate, stream
+from .models import MambaLM, VisionConfig, VisionMamba, create_model, list_models, register_model
+from .modules import Block, Mamba, MambaState, RMSNorm
 from .tokenizer import ByteTokenizer
+from .training import TrainConfig, train
 
-__all__ = ["MambaConfig", "PRESETS", "MambaLM", "LMCache", "Mamba", "MambaState", "Block", "RMSNorm",
-           "ByteTokenizer", "__version__"]
+try:
+    __version__ = version("mambakit")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Block",
+    "ByteTokenizer",
+    "LMCache",
+    "Mamba",
+    "MambaConfig",
+    "MambaLM",
+    "MambaState",
+    "PRESETS",
+    "RMSNorm",
+    "SamplingOptions",
+    "TrainConfig",
+    "VisionConfig",
+    "VisionMamba",
+    "__version__",
+    "create_model",
+    "generate",
+    "list_models",
+    "register_model",
+    "stream",
+    "train",
+]

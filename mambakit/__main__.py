@@ -1,3 +1,5 @@
+"""`python -m mambakit`: the same as the `mambakit` command (mambakit.cli)."""
+
 import sys
 
 from .cli import main

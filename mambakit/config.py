@@ -84,6 +84,7 @@ class MambaConfig:
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "MambaConfig":
+        """The config of a preset of PRESETS with any field overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -190,6 +191,8 @@ class MambaConfig:
         )
 
 
+# the language-model presets (`mambakit.PRESETS`, `mambakit train --preset`); models/lm.py registers
+# each of them in the model registry, so that `mambakit.create_model(name)` builds it
 PRESETS: dict[str, MambaConfig] = {
     # byte-level vocabulary (256) so the CLI runs with no tokenizer download
     "tiny": MambaConfig(d_model=128, n_layer=4, vocab_size=256, d_state=16),

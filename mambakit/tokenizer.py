@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint import resolve_directory
+
 
 class ByteTokenizer:
     vocab_size = 256
@@ -37,7 +39,6 @@ class HFTokenizer:
 def load_tokenizer(name_or_path: str | Path) -> HFTokenizer:
     """A directory with tokenizer.json (or other tokenizer files), or a hub id already in the
     local Hugging Face cache. Raises FileNotFoundError or ImportError with what is missing."""
-    from .checkpoint import resolve_directory
     directory = resolve_directory(name_or_path)
     tokenizer_json = directory / "tokenizer.json"
     try:

@@ -1,70 +1,28 @@
 """MambaLM: token embedding -> n_layer Mamba blocks -> final norm -> (tied) lm_head.
 
 Module names follow the official checkpoints (`backbone.embedding`, `backbone.layers.{i}.mixer`,
-`backbone.norm_f`, `lm_head`), so the official state dict loads without renaming."""
+`backbone.norm_f`, `lm_head`), so the official state dict loads without renaming. `generate`
+comes from mambakit.generation's GenerationMixin, the recurrent state is its LMCache, and the
+checkpoint formats are mambakit.checkpoint's. The language-model presets are registered in the
+model registry (registry.py) at the end of this file."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..config import MambaConfig
-from ..modules.block import Block
-from ..modules.mamba import Mamba, MambaState
-from ..modules.s4d import S4D
+from ..checkpoint import load_pretrained, save_pretrained
+from ..config import PRESETS, MambaConfig
+from ..generation import GenerationMixin, LMCache, pack_prompts
+from ..modules import S4D, Block, Mamba, MambaState
 from ..modules.norm import make_norm
-
-
-@dataclass
-class LMCache:
-    """The whole recurrent state of a MambaLM: one MambaState per layer, and the logits for the
-    next token. Its size does not depend on how many tokens it has seen (`seqlen`), so a whole
-    conversation's state fits in a few MB and can be saved, loaded and continued exactly."""
-    layers: list[MambaState]
-    seqlen: int = 0
-    last_logits: torch.Tensor | None = None  # (B, V) after prefill / each step
-
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].ssm.shape[0]
-
-    def nbytes(self) -> int:
-        extra = 0 if self.last_logits is None else self.last_logits.nbytes
-        return sum(s.conv.nbytes + s.ssm.nbytes for s in self.layers) + extra
-
-    def save(self, path: str | Path) -> None:
-        """One safetensors file, written atomically (a crash leaves the old file or the new one)."""
-        from safetensors.torch import save_file
-
-        from ..checkpoint import atomic_write
-        tensors = {}
-        for i, state in enumerate(self.layers):
-            tensors[f"layers.{i}.conv"] = state.conv.contiguous()
-            tensors[f"layers.{i}.ssm"] = state.ssm.contiguous()
-        if self.last_logits is not None:
-            tensors["last_logits"] = self.last_logits.contiguous()
-        meta = {"format": "mambakit-cache", "seqlen": str(self.seqlen), "n_layer": str(len(self.layers))}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-    @classmethod
-    def load(cls, path: str | Path, device=None) -> "LMCache":
-        from safetensors import safe_open
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no cache file at {path}")
-        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "mambakit-cache":
-                raise ValueError(f"{path} is not a mambakit cache (metadata format {meta.get('format')!r})")
-            n_layer = int(meta["n_layer"])
-            layers = [MambaState(f.get_tensor(f"layers.{i}.conv"), f.get_tensor(f"layers.{i}.ssm"))
-                      for i in range(n_layer)]
-            logits = f.get_tensor("last_logits") if "last_logits" in f.keys() else None
-        return cls(layers, int(meta["seqlen"]), logits)
+from .registry import register_model
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -118,7 +76,7 @@ class Backbone(nn.Module):
         return self._final(hidden, residual)
 
 
-class MambaLM(nn.Module):
+class MambaLM(nn.Module, GenerationMixin):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -130,6 +88,8 @@ class MambaLM(nn.Module):
 
     @classmethod
     def from_name(cls, name: str, device=None, dtype=None, **overrides) -> "MambaLM":
+        """A preset of `mambakit.PRESETS` (tiny, 130m, ...) with random weights, any config field
+        overridden; `mambakit.create_model(name, ...)` builds the same."""
         return cls(MambaConfig.from_name(name, **overrides), device=device, dtype=dtype)
 
     @torch.no_grad()
@@ -253,7 +213,6 @@ class MambaLM(nn.Module):
             cache = self.allocate_cache(input_ids.shape[0])
             logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
         else:
-            from ..prompts import pack_prompts
             packed = pack_prompts(input_ids, attention_mask, device=self.lm_head.weight.device)
             self._check_ids(packed.ids, 2)
             cache = self.allocate_cache(len(packed.prompts))
@@ -263,19 +222,33 @@ class MambaLM(nn.Module):
         cache.last_logits = logits
         return logits, cache
 
-    def generate(self, input_ids=None, max_new_tokens: int = 64, **kwargs):
-        """See `mambakit.generation.generate`: prompts (a tensor, a padded tensor with
-        attention_mask, or a list of different lengths) or a cache, sampling options,
-        eos_token_id / stop strings, stream=True."""
-        from ..generation import generate
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
-
     # ---- checkpoints ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "MambaLM":
-        from ..checkpoint import load_pretrained
+        """A checkpoint directory (mambakit, Hugging Face or official format) or a hub id in the
+        local Hugging Face cache; nothing is downloaded."""
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str | Path, format: str = "mambakit") -> None:
-        from ..checkpoint import save_pretrained
+        """Writes the model in the mambakit, "hf" (Hugging Face) or "official" (mamba_ssm) format."""
         save_pretrained(self, directory, format=format)
+
+
+# ---- the registry's language models ----------------------------------------------------------
+
+# the small LM of the Mamba paper's synthetic tasks (tasks/synthetic.py: selective copying,
+# induction heads): 16 tokens, RMSNorm, tied embeddings; a task overrides the mixer (layer, gate)
+# and the sizes from its flags
+SYNTHETIC_TASKS = MambaConfig(d_model=64, n_layer=2, vocab_size=16, d_state=16)
+
+
+def lm_builder(config: MambaConfig) -> Callable[..., MambaLM]:
+    """The registry's builder of a MambaLM preset: (device=None, dtype=None, **config overrides) -> MambaLM."""
+    def build(device=None, dtype=None, **overrides) -> MambaLM:
+        return MambaLM(dataclasses.replace(config, **overrides), device=device, dtype=dtype)
+    return build
+
+
+for _name in PRESETS:
+    register_model(_name, functools.partial(MambaLM.from_name, _name))
+register_model("mamba_synthetic", lm_builder(SYNTHETIC_TASKS))

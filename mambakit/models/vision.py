@@ -6,23 +6,25 @@ in the middle, scanned both ways by bidirectional Mamba layers.
     -> MambaEncoder (prenorm BiMamba blocks, final norm) -> the class token -> head
 
 `create_model("vim_tiny", num_classes=10, img_size=64, in_chans=1, n_layer=4)` builds one in the
-manner of timm; `VisionConfig` holds every setting. The position embedding is kept as the patch
-grid (1, M, D) plus the class token's own (1, 1, D), so that `resize_pos_embed` can interpolate
-the grid bicubically when the weights were made for another image size (the class token's is
-kept); `VisionMamba.load_state_dict` does that by itself."""
+manner of timm; `VisionConfig` holds every setting, and the Vim presets (with the digits task's
+Vim) are registered in the model registry (registry.py). The position embedding is kept as the
+patch grid (1, M, D) plus the class token's own (1, 1, D), so that `resize_pos_embed` can
+interpolate the grid bicubically when the weights were made for another image size (the class
+token's is kept); `VisionMamba.load_state_dict` does that by itself."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..modules.bimamba import BiMamba
-from ..ops import triton_available
-from ..ops.triton.patchify import patchify
+from .. import ops
+from . import registry
 from .encoder import EncoderConfig, MambaEncoder
 from .scan_orders import ScanOrder, grid_order, with_token
 
@@ -79,6 +81,9 @@ PRESETS = {
     "vim_small": VisionConfig(d_model=384),
     "vim_base": VisionConfig(d_model=768),
 }
+# the digits task's Vim (tasks/digits.py): scikit-learn's 8x8 grey digits, 10 classes, patch 2 (a
+# 4x4 grid of 16 patch tokens plus the class token), 44K parameters
+DIGITS = VisionConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, d_model=32, n_layer=4, d_state=8)
 
 
 class PatchEmbed(nn.Module):
@@ -105,18 +110,12 @@ class PatchEmbed(nn.Module):
         the conv is exactly that). On the H200 cuDNN's conv took 4.1 ms for 64 images of 1024 px
         under bf16 autocast; the copy into patch rows and the GEMM take a fraction of it. The copy
         casts as it goes (one pass over the pixels instead of a cast and a copy), on CUDA in a
-        Triton kernel that reads and writes whole rows (ops/triton/patchify.py)."""
-        batch, chans, height, width = x.shape
-        p, gh, gw = self.patch_size, height // self.patch_size, width // self.patch_size
+        Triton kernel that reads and writes whole rows (`ops.patchify`)."""
+        p = self.patch_size
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         # the pixels copied once into patch rows, cast to the GEMM's dtype on the way
-        if x.is_cuda and triton_available() and x.stride(3) == 1 and p & (p - 1) == 0:
-            patches = patchify(x, p, dtype)  # (B, M, C*p*p)
-        else:
-            patches = x.new_empty(batch, gh * gw, chans * p * p, dtype=dtype)  # (B, M, C*p*p)
-            patches.view(batch, gh, gw, chans, p, p).copy_(
-                x.reshape(batch, chans, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+        patches = ops.patchify(x, p, dtype)  # (B, M, C*p*p)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, M, D)
 
 
@@ -219,17 +218,28 @@ def resize_state_dict(state_dict: dict, new_grid: tuple[int, int], old_grid: tup
     return state_dict
 
 
+def vision_builder(preset: VisionConfig) -> Callable[..., VisionMamba]:
+    """The registry's builder of a Vim preset: (**VisionConfig overrides) -> VisionMamba."""
+    def build(**overrides) -> VisionMamba:
+        known = {f.name for f in fields(VisionConfig)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown VisionConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return VisionMamba(replace(preset, **overrides))
+    return build
+
+
+for _name, _preset in {**PRESETS, "vim_digits": DIGITS}.items():
+    registry.register_model(_name, vision_builder(_preset))
+
+
 def create_model(name: str, num_classes: int = 1000, img_size: int | tuple[int, int] = 224, in_chans: int = 3,
                  **overrides) -> VisionMamba:
-    """A preset (vim_tiny, vim_small, vim_base) with any VisionConfig field overridden."""
+    """A preset (vim_tiny, vim_small, vim_base) with any VisionConfig field overridden: the
+    registry's `create_model` (mambakit.create_model) for the Vim presets, with timm's defaults."""
     if name not in PRESETS:
         raise ValueError(f"unknown vision model {name!r}; choose one of {', '.join(PRESETS)}")
-    known = {f.name for f in fields(VisionConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown VisionConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
-    cfg = replace(PRESETS[name], num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
-    return VisionMamba(cfg)
+    return registry.create_model(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
 
 
 def config_dict(cfg: VisionConfig) -> dict:

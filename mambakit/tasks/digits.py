@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
     """Trains and evaluates from parsed flags; returns (model, summary, per-step rows)."""
-    from ..models.vision import create_model
+    from ..models.registry import create_model
     from .fit import FitConfig, fit
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,9 +92,9 @@ def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
         raise ValueError("--batch-size must be >= 1 and --max-shift >= 0")
     x_tr, y_tr, x_te, y_te = load_split(args.test_fraction, args.seed)
     torch.manual_seed(args.seed)
-    model = create_model("vim_tiny", num_classes=N_CLASSES, img_size=8, in_chans=1, patch_size=args.patch_size,
-                         d_model=args.d_model, n_layer=args.n_layer, d_state=args.d_state, expand=args.expand,
-                         scan=args.scan)
+    # the preset holds the images' shape (1 x 8 x 8) and the N_CLASSES classes; the flags set the rest
+    model = create_model("vim_digits", patch_size=args.patch_size, d_model=args.d_model, n_layer=args.n_layer,
+                         d_state=args.d_state, expand=args.expand, scan=args.scan)
     cfg = FitConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
                     weight_decay=args.weight_decay, eval_every=args.eval_every, seed=args.seed)
     n = x_tr.shape[0]

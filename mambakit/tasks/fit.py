@@ -1,7 +1,7 @@
 """A small training loop shared by the task trainers (synthetic tasks, digits): AdamW with
-the LM trainer's parameter groups and warmup + cosine schedule, gradient clipping, periodic
-evaluation, and a tqdm bar. Batches come from a function of the step, so a run is a pure
-function of its seed."""
+the LM trainer's parameter groups and warmup + cosine schedule (mambakit.training.optim),
+gradient clipping, periodic evaluation, and a tqdm bar. Batches come from a function of the
+step, so a run is a pure function of its seed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ..checkpoint import atomic_write
+from ..training.optim import lr_at, param_groups  # the LM trainer's schedule and weight-decay groups
 
 
 @dataclass
@@ -70,7 +73,6 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
     cfg.state_path the state is saved (see FitConfig) and cfg.resume continues it: the
     parameters and losses are those of an uninterrupted run, and only the rows where a call
     stopped carry the extra evaluation and mark."""
-    from ..train import lr_at, param_groups  # the LM trainer's schedule and weight-decay groups
     cfg.check()
     fused = next(model.parameters()).is_cuda
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
@@ -148,7 +150,6 @@ def _read_losses(rows: list[dict]) -> None:
 def save_state(cfg: FitConfig, model: nn.Module, optimizer, rows: list[dict]) -> None:
     """Everything a resumed run needs, written atomically (a temporary file, then a rename):
     the batches and the schedule are functions of the step, so these make the resume exact."""
-    from ..checkpoint import atomic_write
     state = {"step": rows[-1]["step"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "rows": rows, "schedule": _settings(cfg)}
     atomic_write(cfg.state_path, lambda tmp: torch.save(state, tmp))

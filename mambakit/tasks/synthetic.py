@@ -59,13 +59,12 @@ class ModelArgs:
 
 
 def build_model(args: ModelArgs, vocab_size: int, device: torch.device, seed: int):
-    """A small MambaLM (vocab 16, RMSNorm, tied embeddings) with the chosen mixer, seeded."""
-    from ..config import MambaConfig
-    from ..models.lm import MambaLM
-    config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size, d_state=args.d_state,
-                         layer=args.layer, gate=args.gate, pad_vocab_size_multiple=8)
+    """A small MambaLM (the registry's "mamba_synthetic": RMSNorm, tied embeddings) with the
+    chosen mixer and sizes, seeded."""
+    from ..models.registry import create_model
     torch.manual_seed(seed)
-    return MambaLM(config).to(device)
+    return create_model("mamba_synthetic", d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size,
+                        d_state=args.d_state, layer=args.layer, gate=args.gate, pad_vocab_size_multiple=8).to(device)
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -110,7 +110,7 @@ def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
     scan by blocks of the batch written over its input, the merge by blocks): the same outputs
     as the reference, and with the torch scan as the fused training path; with the Triton
     kernels (the interpreter on CPU) the scans write over their inputs in place."""
-    from mambakit import ops
+    from mambakit.ops import backend as backend_mod
     bi = BiMamba(12, d_state=8).to(DEVICE)
     bi.pad_to = 16
     bi.scan_block_bytes = 1 if blocks == 2 else 10**12  # two blocks: 2 sequences and 1
@@ -118,8 +118,8 @@ def test_inference_path_equals_the_training_path(backend, blocks, monkeypatch):
     h = torch.randn(3, 21, 12, device=DEVICE)
     with torch.no_grad():
         want = bi(h, fused=False)
-    real = ops._resolve
-    monkeypatch.setattr(ops, "_resolve", lambda b, x=None: backend if b is None else real(b, x))
+    real = backend_mod.resolve
+    monkeypatch.setattr(backend_mod, "resolve", lambda b, x=None: backend if b is None else real(b, x))
     calls = []
     real_inference = bi._fused_inference
     monkeypatch.setattr(bi, "_fused_inference", lambda *a: calls.append(1) or real_inference(*a))
@@ -271,7 +271,8 @@ def test_patchify_is_the_reshaped_permute(shape, patch):
     """The Triton patch-row copy (the CUDA patch embedding's) against reshape + permute, in the
     images' dtype and cast to bf16 (the interpreter truncates where the GPU rounds: one bf16
     ulp); images a view with a row stride past W."""
-    from mambakit.ops.triton.patchify import patchify, patchify_ref
+    from mambakit.ops.reference import patchify_ref
+    from mambakit.ops.triton.patchify import patchify
     b, c, h, w = shape
     x = torch.randn(b, c, h, w + 3)[..., 1:w + 1].to(DEVICE)
     torch.testing.assert_close(patchify(x, patch), patchify_ref(x, patch), rtol=0, atol=0)

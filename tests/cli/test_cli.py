@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mambakit import MambaLM
-from mambakit.cli import main, printable
+from mambakit.cli import main
+from mambakit.cli.generate import printable
 
 
 def run_cli(*args):

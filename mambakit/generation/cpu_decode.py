@@ -1,4 +1,4 @@
-"""CPU decoding with a planned step: the CPU counterpart of graphs.py.
+"""CPU decoding with a planned step: the CPU counterpart of cuda_graph.py.
 
 On a CPU, one decode step of a small model is a few GEMVs that stream the weights from memory
 and a few hundred tiny ops whose cost is dispatch, not arithmetic. `Mamba.step` (the readable
@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .modules.mamba import Mamba
-from .modules.norm import LayerNorm, RMSNorm
+from ..modules import LayerNorm, Mamba, RMSNorm
 
 
 def _norm_fn(norm):

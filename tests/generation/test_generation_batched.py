@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from mambakit import MambaConfig, MambaLM
-from mambakit.generation import SamplingOptions, process_logits
-from mambakit.models.lm import LMCache
+from mambakit.generation import LMCache, SamplingOptions, process_logits
 from mambakit.tokenizer import ByteTokenizer
 
 VOCAB = 64

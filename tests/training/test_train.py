@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from mambakit.cli import main
-from mambakit.data import EOS_ID, batch_at, load_corpus
 from mambakit.models.lm import MambaLM
-from mambakit.train import TrainConfig, lr_at, param_groups, train
+from mambakit.training import TrainConfig, lr_at, param_groups, train
+from mambakit.training.data import EOS_ID, batch_at, load_corpus
 
 SMALL = dict(d_model=32, n_layer=2, d_state=8)
 
@@ -338,8 +338,8 @@ def test_evaluation_of_long_sequences_runs_in_chunks_with_the_same_loss():
     import contextlib
 
     from mambakit.config import MambaConfig
-    from mambakit.data import Corpus
-    from mambakit.train import evaluate
+    from mambakit.training.data import Corpus
+    from mambakit.training.trainer import evaluate
     rng = np.random.default_rng(0)
     corpus = Corpus(train=rng.integers(0, 256, 4096), val=rng.integers(0, 256, 4096), name="random", vocab_size=257)
     torch.manual_seed(0)

@@ -3,106 +3,25 @@ per new token.
 
 Prompts of different lengths (a list, or a padded tensor with an attention mask) are prefilled
 packed, so each gives exactly what it gives alone. Sampling: greedy (temperature 0) or
-temperature with top-k, top-p and min-p, and a repetition penalty. Generation stops per row at
-eos_token_id or at a stop string (with a tokenizer). `stream` yields the tokens as they are
-made; `generate` collects them."""
+temperature with top-k, top-p and min-p, and a repetition penalty (sampling.py). Generation
+stops per row at eos_token_id or at a stop string (with a tokenizer; stopping.py). `stream`
+yields the tokens as they are made; `generate` collects them.
+
+The model is duck-typed: it has `config.vocab_size`, `prefill(input_ids, attention_mask=,
+cache=)` and `step(token_ids, cache)`; on CUDA and CPU a faster decoder replaces `step` where it
+applies (cuda_graph.py, cpu_decode.py)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
-
-@dataclass
-class SamplingOptions:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None  # > 1 discourages tokens already in the context
-
-    def check(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
-        for name in ("top_p", "min_p"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
-                raise ValueError(f"{name} must be None or a number in (0, 1], got {v!r}")
-        r = self.repetition_penalty
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
-                              or r <= 0):
-            raise ValueError(f"repetition_penalty must be None or a finite number > 0, got {r!r}")
-
-
-def _check_max_new_tokens(max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-
-
-def process_logits(logits: torch.Tensor, options: SamplingOptions, seen: torch.Tensor | None) -> torch.Tensor:
-    """logits (B, V) fp32 -> the logits to sample from, in the order transformers applies them:
-    repetition penalty, temperature, top-k, top-p, min-p. Removed tokens get -inf."""
-    if options.repetition_penalty is not None and seen is not None:
-        r = options.repetition_penalty
-        penalised = torch.where(logits > 0, logits / r, logits * r)
-        logits = torch.where(seen, penalised, logits)
-    if options.temperature == 0:
-        return logits
-    logits = logits / options.temperature
-    if options.top_k is not None and options.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, options.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if options.top_p is not None and options.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        drop_sorted = before > options.top_p  # the most likely token is always kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    if options.min_p is not None:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < options.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-    return logits
-
-
-def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
-                vocab_size: int, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits: (B, V_padded) -> token ids (B,). Padding rows of the vocabulary are never chosen."""
-    logits = process_logits(logits[:, :vocab_size].float(), options, seen)
-    if options.temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-
-
-class _StopStrings:
-    """Per-row stop strings, checked on the decoded text of each row's new tokens."""
-
-    def __init__(self, stop, tokenizer, batch: int):
-        if isinstance(stop, str):
-            stop = [stop]
-        if not stop or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        if tokenizer is None:
-            raise ValueError("stop strings need a tokenizer= to decode the generated tokens")
-        self.stop, self.tokenizer = list(stop), tokenizer
-        self.new: list[list[int]] = [[] for _ in range(batch)]
-
-    def hit(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        hits = torch.zeros_like(done)
-        for i, tok in enumerate(tokens.tolist()):
-            if done[i]:
-                continue
-            self.new[i].append(tok)
-            text = self.tokenizer.decode(self.new[i])
-            hits[i] = any(s in text for s in self.stop)
-        return hits
+from .cpu_decode import cpu_decoder
+from .cuda_graph import graphed_decoder
+from .prompts import pack_prompts
+from .sampling import SamplingOptions, check_max_new_tokens, sample_next
+from .stopping import StopStrings, cut_at_stop
 
 
 @torch.no_grad()
@@ -120,7 +39,7 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
     logits give the next token), or from a cache and new input_ids that continue it. A cache
     passed in takes in every token yielded (one more step at the end), so that it can be saved
     and continued; a generator closed early leaves it after the last token it fed."""
-    _check_max_new_tokens(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty)
     options.check()
     if input_ids is None and cache is None:
@@ -142,21 +61,18 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
     if repetition_penalty is not None:
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         if input_ids is not None:
-            from .prompts import pack_prompts
             for i, p in enumerate(pack_prompts(input_ids, attention_mask, device=device).prompts):
                 seen[i, p[p < vocab]] = True
-    stops = _StopStrings(stop, tokenizer, batch) if stop is not None else None
+    stops = StopStrings(stop, tokenizer, batch) if stop is not None else None
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}")
     runner = None
     if (cuda_graph is None and device.type == "cuda") or cuda_graph:
-        from .graphs import graphed_decoder
         runner = graphed_decoder(model, batch, device)
         runner.load(cache)
     elif device.type == "cpu":
-        from .cpu_decode import cpu_decoder
         runner = cpu_decoder(model, batch)  # None where the plan does not apply: model.step then
         if runner is not None:
             runner.load(cache)
@@ -202,7 +118,7 @@ def _decode(model, cache, runner, logits, max_new_tokens, options, generator, vo
 
 
 def generate(model, input_ids: torch.Tensor | Sequence | None = None, max_new_tokens: int = 64, *,
-             stream: bool = False, **options):
+             stream: bool = False, **options) -> torch.Tensor | list[torch.Tensor] | Iterator[torch.Tensor] | None:
     """The prompt followed by the new tokens. For a (B, L) tensor (with or without
     attention_mask) a (B, L + new) tensor, finished rows padded; for a list of prompts a list
     of 1-D tensors, each ending where it finished. With stream=True, the iterator of `stream`."""
@@ -223,17 +139,9 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, max_new_to
         if eos is not None and eos in row:
             row = row[:row.index(eos) + 1]
         if stop is not None:
-            row = _cut_at_stop(row, stop, options.get("tokenizer"))
+            row = cut_at_stop(row, stop, options.get("tokenizer"))
         out.append(torch.cat([torch.as_tensor(prompt, dtype=torch.long).cpu(), torch.tensor(row, dtype=torch.long)]))
     return out
 
 
 _stream = stream  # generate's keyword argument `stream` shadows the function
-
-
-def _cut_at_stop(row: list[int], stop, tokenizer) -> list[int]:
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    for n in range(1, len(row) + 1):
-        if any(s in tokenizer.decode(row[:n]) for s in stop):
-            return row[:n]
-    return row

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mambakit import MambaConfig, MambaLM
-from mambakit.models.lm import LMCache
+from mambakit.generation import LMCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mambakit import MambaConfig, MambaLM
-from mambakit.cpu_decode import CpuDecoder, cpu_decoder
+from mambakit.generation.cpu_decode import CpuDecoder, cpu_decoder
 
 
 def make_model(**overrides):

@@ -186,7 +186,7 @@ def test_selective_copying_cli(tmp_path):
 
 # A 2-layer model without gate, selective copying of 8 tokens at length 128, on CPU. Whether S6
 # gets past the loss plateau at ln(16) within a CPU budget depends on the seed and the schedule
-# (sessions 3-4, 1500-2000 steps: seeds 0 and 2 at lr 5e-3, d_model 32, 1500 steps reached 0.31
+# (earlier runs of 1500-2000 steps: seeds 0 and 2 at lr 5e-3, d_model 32, 1500 steps reached 0.31
 # and 0.33; seed 1 at lr 6e-3, d_model 64, 0.897; at lr 8e-3, 0.27 to 0.38). So the test fixes one
 # setting and seed, and CPU training is deterministic: seed 1, d_model 32, lr 5e-3 with cosine
 # decay over 2000 steps reached 0.84 at step 1000, 0.98 at 1750 and 0.986 at 2000 in two runs

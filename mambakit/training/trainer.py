@@ -1,22 +1,19 @@
-"""`mambakit train`: a single-process trainer for MambaLM (CPU or one GPU).
+"""`mambakit train`: a single-process trainer for MambaLM (CPU or one GPU), or one process per
+device under torchrun (distributed.py).
 
 AdamW (fused on CUDA) with no weight decay on norms, biases, A_log, D and the dt bias; linear
-warmup then cosine decay; gradient clipping and accumulation; bf16 autocast on CUDA; optional
-activation checkpointing per block and torch.compile. Periodic evaluation gives the validation
-loss and bits per token (bits per byte for the byte tokenizer). A tqdm bar shows the loss,
-tokens/s and the ETA; metrics go to metrics.jsonl and the curves to loss.png.
+warmup then cosine decay (optim.py); gradient clipping and accumulation; bf16 autocast on CUDA;
+optional activation checkpointing per block and torch.compile. Periodic evaluation gives the
+validation loss and bits per token (bits per byte for the byte tokenizer). A tqdm bar shows the
+loss, tokens/s and the ETA; metrics go to metrics.jsonl and the curves to loss.png (metrics.py).
 
 Long sequences: with --chunk-len, each sequence runs chunk by chunk with every layer's conv and
 SSM states carried across the boundaries (with their gradients) and each chunk's activations
 recomputed in the backward pass (MambaLM.chunked_loss): the full sequence's gradient in memory
 that does not grow with the length.
 
-Checkpoints: out_dir/ckpt-<step>/ holds the model (safetensors, loadable by `mambakit generate
---model out_dir/ckpt-<step>` or `--model out_dir`) and trainer.pt (optimizer, step, RNG
-states). Each is written to a temporary directory and renamed, then out_dir/latest is switched
-atomically, so a crash leaves the previous checkpoint intact. They are written every
-save_every steps, at the end and on SIGINT/SIGTERM. `--resume` continues exactly: the batch of
-step k depends only on (seed, k)."""
+Checkpoints (checkpoints.py) are written every save_every steps, at the end and on SIGINT/SIGTERM
+(signals.py); `--resume` continues exactly: the batch of step k depends only on (seed, k)."""
 
 from __future__ import annotations
 
@@ -24,94 +21,23 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
-from .config import PRESETS, MambaConfig
+from ..checkpoint import atomic_write
+from ..config import PRESETS, MambaConfig
+from ..models.lm import MambaLM
+from .checkpoints import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Corpus, batch_at, load_corpus
 from .distributed import DistEnv, any_rank, barrier, init_distributed, mean_over_ranks, rows_of, shutdown
-from .models.lm import MambaLM
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "tiny"
-    data: str | None = None  # None: the Python standard library's source files
-    out_dir: str = "runs/mambakit"
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 500
-    lr: float = 4e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 100
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda if available, else cpu
-    compile: bool = False
-    activation_checkpointing: bool = False
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
-    max_corpus_bytes: int | None = None
-    chunk_len: int | None = None  # run each sequence in chunks, states carried (exact gradient, flat memory)
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
-    resume: bool = False
-    overwrite: bool = False
-
-    def check(self) -> None:
-        if self.chunk_len is not None and self.chunk_len < 1:
-            raise ValueError(f"--chunk-len must be >= 1, got {self.chunk_len}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("--warmup-steps, --grad-clip and --weight-decay must be >= 0")
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other")
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def param_groups(model: MambaLM, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (projections, conv, embedding) only: none on norms, biases,
-    A_log, D and the dt bias (the official recipe marks these `_no_weight_decay`)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or name.endswith("A_log"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from .metrics import plot_losses, read_metrics
+from .optim import lr_at, param_groups
+from .signals import StopFlag
+from .train_config import TrainConfig
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -122,134 +48,8 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / "latest"
-    if not pointer.is_file():
-        return None
-    path = out_dir / pointer.read_text().strip()
-    if not (path / "trainer.pt").is_file():
-        raise ValueError(f"{pointer} points to {path}, which holds no complete checkpoint")
-    return path
-
-
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_state(model: MambaLM, optimizer) -> tuple[dict, dict]:
-    """The whole model and optimizer state, unsharded, on CPU, keyed by parameter name: the
-    same format for one process, DDP and FSDP2 (every rank must call it under FSDP2)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return (get_model_state_dict(model, options=_full_options()),
-            get_optimizer_state_dict(model, optimizer, options=_full_options()))
-
-
-def save_checkpoint(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig,
-                    states: tuple[dict, dict] | None = None) -> Path:
-    """Writes ckpt-<step> (through a temporary directory and a rename) and switches `latest`."""
-    model_sd, optim_sd = states if states is not None else full_state(model, optimizer)
-    final = out_dir / f"ckpt-{step:07d}"
-    tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    plain = MambaLM(model.config, device="meta")  # an unsharded copy to write in the usual format
-    plain.load_state_dict(model_sd, assign=True)
-    plain.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optim_sd, "train_config": dataclasses.asdict(cfg),
-             "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(state, tmp / "trainer.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write(out_dir / "latest", lambda p: Path(p).write_text(final.name + "\n"))
-    for old in out_dir.glob("ckpt-*"):  # keep the newest checkpoint only
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model: MambaLM, optimizer) -> int:
-    """Loads a checkpoint into a model that may be sharded (FSDP2) and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    from .checkpoint import load_pretrained
-    try:
-        loaded = load_pretrained(MambaLM, path, device="cpu")
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 (any corruption is reported the same way)
-        raise ValueError(f"the checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
-    if loaded.config != model.config:
-        raise ValueError(f"the checkpoint {path} holds a model with config {loaded.config}, not {model.config}")
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, loaded.state_dict(), options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    torch.set_rng_state(state["rng_cpu"])
-    if state.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"])
-
-
-# ---- metrics ----------------------------------------------------------------------------------
-
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """Metrics of a run being resumed, without the steps after its checkpoint."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= up_to_step]
-
-
-def plot_losses(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---- the loop ---------------------------------------------------------------------------------
-
 def model_config_for(cfg: TrainConfig, corpus: Corpus, overrides: dict) -> MambaConfig:
+    """The run's model: the preset, widened to the corpus' vocabulary, with the model flags' overrides."""
     base = dataclasses.replace(PRESETS[cfg.preset])
     if "vocab_size" not in overrides and base.vocab_size < corpus.vocab_size:
         base = dataclasses.replace(base, vocab_size=corpus.vocab_size)  # e.g. bytes + EOS
@@ -261,6 +61,7 @@ def model_config_for(cfg: TrainConfig, corpus: Corpus, overrides: dict) -> Mamba
 
 @torch.no_grad()
 def evaluate(model: MambaLM, corpus: Corpus, cfg: TrainConfig, device, autocast) -> float:
+    """The mean loss over cfg.eval_batches fixed validation batches."""
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
@@ -315,7 +116,7 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
                                   fused=device.type == "cuda")
     start = load_checkpoint(existing, model, optimizer) if cfg.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
-    rows = _read_metrics(metrics_path, start) if cfg.resume else []
+    rows = read_metrics(metrics_path, start) if cfg.resume else []
     if env.is_main:  # only rank 0 writes
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and existing is not None:
@@ -348,7 +149,7 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
     model.train()
     last_val = None
     log = open(metrics_path, "a") if env.is_main else contextlib.nullcontext()
-    with _StopFlag() as stop, log:
+    with StopFlag() as stop, log:
         step = start
         while step < cfg.max_steps:
             t0 = time.perf_counter()

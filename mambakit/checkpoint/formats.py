@@ -8,80 +8,41 @@
 - "official": mamba_ssm's config.json (d_model, ssm_cfg, ...) + pytorch_model.bin, which is
   what `MambaLMHeadModel.from_pretrained` reads.
 
-Every file is written atomically: to a temporary file in the same directory, then renamed.
-`.bin` files are read only with `torch.load(..., weights_only=True)`."""
+Every file is written atomically (files.py). `.bin` files are read only with
+`torch.load(..., weights_only=True)`. The model class is passed in (`load_pretrained(cls, ...)`),
+so this package never imports the models."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TypeVar
 
 import torch
+from torch import nn
 
-from .config import MambaConfig
+from ..config import MambaConfig
+from .files import atomic_write, atomic_write_json
+from .hub import resolve_directory
 
 FORMATS = ("mambakit", "hf", "official")
 _HF_PREFIX, _OURS_PREFIX = "backbone.embeddings.", "backbone.embedding."
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+Model = TypeVar("Model", bound=nn.Module)
 
 
-# ---- atomic files ----------------------------------------------------------------------------
+# ---- key and config conversion ---------------------------------------------------------------
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Calls write(tmp_path) for a temporary file next to `path`, then renames it over `path`,
-    so `path` is either the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it owner-only; a checkpoint is shared like any file
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _keys_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face's `backbone.embeddings.*` -> the official `backbone.embedding.*`; other keys as they are."""
+    return {(_OURS_PREFIX + k[len(_HF_PREFIX):] if k.startswith(_HF_PREFIX) else k): v for k, v in state.items()}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-    atomic_write(path, write)
-
-
-# ---- locating a checkpoint -------------------------------------------------------------------
-
-def resolve_directory(name_or_path: str | Path) -> Path:
-    """A local directory, or the snapshot of a hub id already in the local Hugging Face cache.
-    Nothing is downloaded."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        latest = path / "latest"  # a `mambakit train` run directory: its newest checkpoint
-        if not (path / "config.json").is_file() and latest.is_file():
-            return path / latest.read_text().strip()
-        return path
-    if path.exists():
-        raise ValueError(f"{str(name_or_path)!r} is a file; from_pretrained needs a checkpoint directory")
-    from huggingface_hub import constants, snapshot_download
-    try:
-        return Path(snapshot_download(repo_id=str(name_or_path), local_files_only=True))
-    except Exception as err:  # not in the cache, or not a valid repo id
-        raise FileNotFoundError(
-            f"{str(name_or_path)!r} is neither a local directory nor a model in the local Hugging Face cache "
-            f"(looked in {Path(name_or_path).expanduser().resolve()} and {constants.HF_HUB_CACHE}). mambakit never "
-            f"downloads; fetch it first (e.g. `hf download {name_or_path}`) or pass a directory. ({type(err).__name__})"
-        ) from None
+def _keys_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(_HF_PREFIX + k[len(_OURS_PREFIX):] if k.startswith(_OURS_PREFIX) else k): v for k, v in state.items()}
 
 
 def read_config(directory: Path) -> tuple[MambaConfig, str]:
@@ -126,17 +87,18 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
 
 # ---- loading ---------------------------------------------------------------------------------
 
-def load_pretrained(cls, name_or_path, device=None, dtype=None):
+def load_pretrained(cls: type[Model], name_or_path: str | Path, device=None, dtype=None) -> Model:
+    """`cls(config, device=device, dtype=dtype)` with the weights of a checkpoint directory (any
+    of the three formats) or of a hub id in the local Hugging Face cache."""
     directory = resolve_directory(name_or_path)
     config, _ = read_config(directory)
-    state = {(_OURS_PREFIX + k[len(_HF_PREFIX):] if k.startswith(_HF_PREFIX) else k): v
-             for k, v in read_state_dict(directory).items()}
+    state = _keys_from_hf(read_state_dict(directory))
     model = cls(config, device=device, dtype=dtype)
     load_state_dict_strict(model, state, source=str(directory))
     return model
 
 
-def load_state_dict_strict(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Loads `state` into `model`, or raises ValueError listing every missing key, unexpected
     key and shape mismatch. A tied lm_head may be absent from `state`."""
     expected = model.state_dict()
@@ -163,7 +125,8 @@ def load_state_dict_strict(model, state: dict[str, torch.Tensor], source: str = 
 
 # ---- saving ----------------------------------------------------------------------------------
 
-def save_pretrained(model, directory: str | Path, format: str = "mambakit") -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, format: str = "mambakit") -> None:
+    """Writes `model` (its `.config` is a MambaConfig) to `directory` in one of FORMATS."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     directory = Path(directory)
@@ -181,17 +144,12 @@ def save_pretrained(model, directory: str | Path, format: str = "mambakit") -> N
         state.pop("lm_head.weight")
     if format == "hf":
         raw = config.to_hf()
-        state = {(_HF_PREFIX + k[len(_OURS_PREFIX):] if k.startswith(_OURS_PREFIX) else k): v
-                 for k, v in state.items()}
+        state = _keys_to_hf(state)
     else:
-        raw = {"format": "mambakit", "mambakit_version": _version(), **config.to_dict()}
+        raw = {"format": "mambakit", "mambakit_version": _package_version(), **config.to_dict()}
     atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_json(directory / "config.json", raw)
     _remove_shadowing(directory, keep="model.safetensors")
-
-
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 
 
 def _remove_shadowing(directory: Path, keep: str) -> None:
@@ -202,6 +160,10 @@ def _remove_shadowing(directory: Path, keep: str) -> None:
             (directory / name).unlink()
 
 
-def _version() -> str:
-    from . import __version__
-    return __version__
+def _package_version() -> str:
+    """The installed mambakit's version from the package metadata ("0+unknown" when mambakit
+    runs from a source tree that is not installed)."""
+    try:
+        return importlib.metadata.version("mambakit")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
+from ..tokenizer import load_tokenizer
 from .data import TEXT_SUFFIXES
 
 
@@ -25,9 +26,9 @@ def _documents(data: Path) -> list[Path]:
 
 
 def prepare(tokenizer_spec: str, data: str | Path, out: str | Path, progress: bool = True) -> dict:
+    """Tokenizes `data` (a text file or a directory of them) with `tokenizer_spec` (a directory or a hub id
+    in the local cache) into the token file `out`; returns what it wrote (files, tokens, dtype, out)."""
     from tqdm import tqdm
-
-    from .tokenizer import load_tokenizer
     out = Path(out)
     if out.suffix not in (".bin", ".npy"):
         raise ValueError(f"--out must end in .bin or .npy, got {str(out)!r}")

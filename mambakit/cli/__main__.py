@@ -1,0 +1,7 @@
+"""`python -m mambakit.cli`: the same as `mambakit` and `python -m mambakit`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

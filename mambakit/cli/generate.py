@@ -1,0 +1,138 @@
+"""`mambakit generate`: text from a preset (random weights, seeded) or a checkpoint, streamed
+to stdout as it is made, with the prefill time and decode speed on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS
+from ..generation import stream
+from ..models.lm import MambaLM
+from ..tokenizer import ByteTokenizer, HFTokenizer, has_tokenizer, load_tokenizer
+
+HELP = "generate text from a preset (random weights) or a checkpoint"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory / cached hub id")
+    parser.add_argument("--prompt", default="The state space model ")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+    parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument("--eos-token-id", type=int, default=None, help="default: the tokenizer's eos token, if any")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="reject longer prompts")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory or cached hub id, or 'bytes'; "
+                                                          "default: the checkpoint's, else bytes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, seed: int) -> tuple[MambaLM, bool]:
+    """A preset name (random weights, seeded) or a checkpoint directory / cached hub id."""
+    if spec in PRESETS:
+        torch.manual_seed(seed)
+        return MambaLM.from_name(spec, device=device, dtype=dtype), True
+    return MambaLM.from_pretrained(spec, device=device, dtype=dtype), False
+
+
+def pick_tokenizer(model_spec: str, tokenizer_spec: str | None) -> ByteTokenizer | HFTokenizer:
+    """--tokenizer if given (a directory or cached hub id, or "bytes"); else the checkpoint's
+    own tokenizer files when it has them; else the built-in byte tokenizer."""
+    if tokenizer_spec == "bytes":
+        return ByteTokenizer()
+    if tokenizer_spec is not None:
+        return load_tokenizer(tokenizer_spec)
+    if model_spec not in PRESETS and Path(model_spec).is_dir() and has_tokenizer(model_spec):
+        return load_tokenizer(model_spec)
+    return ByteTokenizer()
+
+
+_CONTROL = {c: "\ufffd" for c in range(32) if chr(c) not in "\n\t"} | {127: "\ufffd"}
+
+
+def printable(text: str) -> str:
+    """Control bytes (which random weights produce) would garble the terminal."""
+    return text.translate(_CONTROL)
+
+
+def _check_generate_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise SystemExit(f"error: --temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"error: --top-k must be >= 1, got {args.top_k}")
+    for name in ("top_p", "min_p"):
+        v = getattr(args, name)
+        if v is not None and not 0 < v <= 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be in (0, 1], got {v}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise SystemExit(f"error: --repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generates from --model and --prompt; every bad flag is an `error:` line (SystemExit)."""
+    _check_generate_args(args)
+    try:
+        model, random_weights = load_model(args.model, args.device, DTYPES[args.dtype], args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --model {args.model!r}: {err}") from None
+    try:
+        tokenizer = pick_tokenizer(args.model, args.tokenizer)
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        raise SystemExit(f"error: --tokenizer {args.tokenizer or args.model!r}: {err}") from None
+    model.eval()
+    if not args.prompt:
+        raise SystemExit("error: --prompt is empty")
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise SystemExit("error: --prompt encodes to no tokens")
+    if args.max_prompt_tokens is not None and len(ids) > args.max_prompt_tokens:
+        raise SystemExit(f"error: --prompt is {len(ids)} tokens, more than --max-prompt-tokens {args.max_prompt_tokens}")
+    if max(ids) >= model.config.padded_vocab_size:
+        raise SystemExit(f"error: the prompt has token ids up to {max(ids)} but the model's vocabulary has "
+                         f"{model.config.padded_vocab_size} entries")
+    if random_weights:
+        print(f"[mambakit] preset {args.model!r} with RANDOM weights (seed {args.seed}): the text is noise, "
+              f"this shows the machinery, not a trained model", file=sys.stderr)
+    input_ids = torch.tensor([ids], device=args.device)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    tokens, t_first, t0 = [], None, time.perf_counter()
+    printed = ""
+    eos = args.eos_token_id if args.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    for token in stream(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                        seed=args.seed, eos_token_id=eos, stop=args.stop or None,
+                        tokenizer=tokenizer if args.stop else None):
+        if t_first is None:
+            t_first = time.perf_counter()
+        tokens.append(int(token[0]))
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(printable(text[len(printed):]))
+            out.flush()
+            printed = text
+    t_end = time.perf_counter()
+    out.write(printable(tokenizer.decode(tokens)[len(printed):]) + "\n")
+    steps = len(tokens) - 1
+    step_ms = (t_end - t_first) / steps * 1e3 if steps else float("nan")
+    print(f"[mambakit] prefill {len(ids)} tokens: {(t_first - t0) * 1e3:.1f} ms | {len(tokens)} new tokens, "
+          f"{step_ms:.2f} ms/step, {1e3 / step_ms if steps else float('nan'):.1f} tokens/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,55 @@
+"""`mambakit train`: a MambaLM on a corpus (mambakit.training), with one flag per TrainConfig
+field and per model config field. `--task NAME` (other than lm) never reaches this parser:
+mambakit.cli hands the other flags to the task, which parses them itself."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..config import MambaConfig
+from ..tasks import TASKS
+from ..training import TrainConfig, train
+from .flags import add_dataclass_flags
+
+HELP = "train a MambaLM (default: the tiny preset on the Python standard library)"
+DESCRIPTION = ("Every TrainConfig field and every model config field (--d-model, --n-layer, "
+               "...) can be set; unset ones keep the preset's / the default.")
+# TrainConfig's bool fields that are plain switches (--resume) rather than --flag true/false
+SWITCHES = ("resume", "overwrite", "compile", "activation_checkpointing", "fsdp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(parser, TrainConfig, skip=SWITCHES)
+    for flag, text in (("resume", "continue the run in --out-dir from its latest checkpoint"),
+                       ("fsdp", "under torchrun: shard the model, gradients and optimizer state (FSDP2)"),
+                       ("overwrite", "start over in an --out-dir that holds a checkpoint"),
+                       ("compile", "torch.compile the model"),
+                       ("activation_checkpointing", "recompute each block's activations in the backward pass")):
+        parser.add_argument("--" + flag.replace("_", "-"), dest="flag_" + flag, action="store_true", help=text)
+    add_dataclass_flags(parser, MambaConfig, dest_prefix="model_")
+    parser.add_argument("--task", default="lm", choices=["lm", *TASKS],
+                        help="lm (default): a language model on --data; another task takes its own flags "
+                             "(mambakit train --task NAME --help)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trains from the parsed flags; a bad setting is an `error:` line (SystemExit)."""
+    values = {k: v for k, v in vars(args).items() if v is not None and k != "task"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    model_overrides = {k[len("model_"):]: v for k, v in values.items() if k.startswith("model_")}
+    for flag in SWITCHES:
+        if getattr(args, "flag_" + flag, False):
+            setattr(cfg, flag, True)
+    try:
+        summary = train(cfg, model_overrides)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    bits = summary.get("val_bits_per_token")
+    print(f"[mambakit] {summary['params'] / 1e6:.2f}M parameters, {summary['step']} steps on {summary['corpus']}; "
+          f"validation {bits:.3f} bits/token against the unigram entropy {summary['unigram_bits']:.3f}; "
+          f"checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}" if bits is not None else
+          f"[mambakit] stopped at step {summary['step']}; checkpoint in {cfg.out_dir}", file=sys.stderr)
+    return 0
