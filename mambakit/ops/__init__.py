@@ -12,6 +12,7 @@ tuning knobs are in knobs.py.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import backend as _backend
 from . import knobs
@@ -37,13 +38,16 @@ __all__ = [
 ]
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor | None = None) -> str:
+def resolve_backend(backend: str | None, x: Tensor | None = None) -> str:
     """The backend that runs an op for the input x ("triton", "torch" or "reference"); see backend.py."""
     return _backend.resolve(backend, x)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None, out=None):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   initial_state: Tensor | None = None, return_final_state: bool = False,
+                   cu_seqlens: Tensor | None = None, *, backend: str | None = None, out: Tensor | None = None
+                   ) -> Tensor | tuple[Tensor, Tensor]:
     """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
     initial_state: (B, D, N), or (S, D, N) with cu_seqlens (int32 (S+1,) offsets, batch 1).
     Returns y (B, D, L) [, final_state (B or S, D, N), fp32 or fp64].
@@ -66,8 +70,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, final) if return_final_state else out
 
 
-def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           initial_state=None, return_final_state=False, cu_seqlens=None, *, backend=None, out=None):
+def selective_scan_dt_proj(u: Tensor, dt: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
+                           delta_softplus: bool = False, initial_state: Tensor | None = None,
+                           return_final_state: bool = False, cu_seqlens: Tensor | None = None, *,
+                           backend: str | None = None, out: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """selective_scan(u, Δ, ...) with Δ = dt_weight @ dt formed inside: dt (B, R, L) is the low-rank
     step input and dt_weight (D, R) the mixer's dt_proj weight (its bias is delta_bias). With the
     Triton backend, training keeps dt instead of Δ for the backward and forms Δ again there: one
@@ -84,8 +91,10 @@ def selective_scan_dt_proj(u, dt, dt_weight, A, B, C, D=None, z=None, delta_bias
     return selective_scan_dt_proj_triton(u, dt, dt_weight, A, B, C, **kw)
 
 
-def conv_proj_scan(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None, delta_bias=None,
-                   cu_seqlens=None, *, backend=None, gate_in_x=False):
+def conv_proj_scan(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor,
+                   dt_proj_weight: Tensor, A: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+                   delta_bias: Tensor | None = None, cu_seqlens: Tensor | None = None, *, backend: str | None = None,
+                   gate_in_x: bool = False) -> Tensor:
     """A Mamba mixer from its conv input to its gated scan output, without states in or out:
     u = SiLU(causal_conv1d(x)), (dt, B, C) = x_proj_weight @ u split as (R, N, N), then
     selective_scan_dt_proj(u, dt, dt_proj_weight, A, B, C, D, z, delta_bias, softplus).
@@ -128,8 +137,9 @@ def _split_gate(x, z, conv_weight, gate_in_x: bool):
     return x[:, :dim], x[:, dim:]
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
-                  cu_seqlens=None, *, backend=None):
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+                  initial_state: Tensor | None = None, return_final_state: bool = False,
+                  cu_seqlens: Tensor | None = None, *, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """x: (B, D, L); weight: (D, K); bias: (D,); initial_state: (B, D, K-1), or (S, D, K-1) with
     cu_seqlens. Returns y (B, D, L) [, final_state (B or S, D, K-1)].
     None picks the fused Triton kernel for CUDA tensors and the torch path elsewhere."""
@@ -142,8 +152,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, ret
     return fn(x, weight, bias, activation, initial_state, return_final_state, cu_seqlens)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
-                           backend=None):
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                           dt_softplus: bool = False, *, backend: str | None = None) -> Tensor:
     """One decoding step, as mamba_ssm's: `state` (B, D, N) is updated in place; returns y (B, D).
     x, dt, z: (B, D); A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D,). None picks the
     fused Triton kernel for CUDA tensors, torch elsewhere."""
@@ -161,7 +172,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                                 None if dt_bias is None else dt_bias.to(state.dtype), dt_softplus)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend=None):
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                         activation: str | None = None, *, backend: str | None = None) -> Tensor:
     """One decoding step: `conv_state` (B, D, K-1) is shifted in place; returns y (B, D). None
     picks the fused Triton kernel for CUDA tensors, torch elsewhere."""
     check_conv_update_args(x, conv_state, weight, bias, activation)
@@ -176,7 +188,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     return _conv_update_torch_(x, conv_state, weight, bias, activation)
 
 
-def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update_(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                            dt_softplus: bool = False) -> Tensor:
     """The unchecked decoding update that Mamba.step calls: the fused Triton kernel on CUDA,
     the in-place torch ops elsewhere."""
     if _backend.fused_kernels_for(state):
@@ -185,7 +199,9 @@ def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     return _state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A_log, B, C, D=None, z=None):
+def dt_proj_state_update_(state: Tensor, x: Tensor, dt_low_rank: Tensor, dt_weight: Tensor, dt_bias: Tensor | None,
+                          A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                          z: Tensor | None = None) -> Tensor:
     """The mixer's decoding update with its dt_proj and A folded in: Δ = softplus(dt_low_rank @
     dt_weight.T + dt_bias), A = -exp(A_log). One fused Triton kernel on CUDA (A formed in it, so
     a CUDA-graph step launches nothing for it); a linear then the torch update elsewhere.
@@ -199,7 +215,8 @@ def dt_proj_state_update_(state, x, dt_low_rank, dt_weight, dt_bias, A_log, B, C
     return _state_update_torch_(state, x, dt, A, B, C, D, z, None, True)
 
 
-def causal_conv1d_update_(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update_(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                          activation: str | None = None) -> Tensor:
     """The unchecked conv update that Mamba.step calls (Triton on CUDA, torch elsewhere)."""
     if _backend.fused_kernels_for(x) and conv_state.stride(-1) == 1:
         from .triton.step import conv_update_

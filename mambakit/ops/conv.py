@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .checks import check_conv_args
 from .varlen import split_varlen_conv
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
-                        cu_seqlens=None):
+def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+                        initial_state: Tensor | None = None, return_final_state: bool = False,
+                        cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Same signature and results as `causal_conv1d_ref`. x: (B, D, L); weight: (D, K).
     Returns y (B, D, L) [, final_state (B, D, K-1)] in x's dtype; y is time-major in memory."""
     width = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .checks import (check_conv_args, check_conv_update_args, check_scan_args, check_state_update_args,
                      compute_dtype)
@@ -27,8 +28,10 @@ def _expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
     return BC.repeat_interleave(dim // BC.shape[1], dim=1)
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None, return_final_state=False, cu_seqlens=None):
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                       z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                       initial_state: Tensor | None = None, return_final_state: bool = False,
+                       cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) or (B, G, N, L); D, delta_bias: (D,);
     initial_state: (B, D, N), or (S, D, N) with cu_seqlens. Returns y (B, D, L) in u's dtype
     [, final_state (B or S, D, N) in the compute dtype]."""
@@ -66,8 +69,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_final_state else y
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False,
-                      cu_seqlens=None):
+def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+                      initial_state: Tensor | None = None, return_final_state: bool = False,
+                      cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Depthwise causal conv: y[:, d, t] = bias[d] + sum_k weight[d, k] * x[:, d, t - (K-1) + k],
     with x at negative times taken from initial_state (B, D, K-1) or zero. With cu_seqlens (batch 1)
     each packed sequence starts afresh, from its own row of initial_state (S, D, K-1).
@@ -96,7 +100,9 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None,
     return y, final
 
 
-def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                               D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                               dt_softplus: bool = False) -> tuple[Tensor, Tensor]:
     """One decoding step of the scan. state: (B, D, N); x, dt, z: (B, D); B, C: (B, N) or
     (B, G, N). Returns (y (B, D) in x's dtype, new_state (B, D, N) in state's dtype)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
@@ -122,7 +128,8 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     return y.to(x.dtype), h.to(state.dtype)
 
 
-def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                             activation: str | None = None) -> tuple[Tensor, Tensor]:
     """One decoding step of the conv. x: (B, D); conv_state: (B, D, K-1) holds the last K-1
     inputs. Returns (y (B, D), new_conv_state (B, D, K-1)), in x's and conv_state's dtypes."""
     check_conv_update_args(x, conv_state, weight, bias, activation)

@@ -20,6 +20,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .checks import check_scan_args, compute_dtype
 from .recording import records_grad
@@ -274,9 +275,11 @@ class _ChunkedScan(torch.autograd.Function):
                 None, None, None, None)
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           initial_state=None, return_final_state=False, cu_seqlens=None,
-                           chunk_size: int | None = None, inner: str | None = None):
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                           initial_state: Tensor | None = None, return_final_state: bool = False,
+                           cu_seqlens: Tensor | None = None, chunk_size: int | None = None,
+                           inner: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Same signature and results as `selective_scan_ref`; see the module docstring."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     if chunk_size is None:
