@@ -1,4 +1,4 @@
-"""The command line: `mambakit train`, `eval`, `prepare` and `generate` (bench arrives with its issue).
+"""The command line: `mambakit train`, `eval`, `prepare` and `generate`.
 
 COMMANDS maps each command to its module, which owns its flags: `HELP` (its line in `mambakit
 --help`), an optional `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`. A new
