@@ -95,13 +95,9 @@ def main():
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    import matplotlib  # a dependency of mambakit
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     pre, dec = results["prefill"], results["decode"]
     for ax, title, values, unit, ratio in (

@@ -107,13 +107,9 @@ def main():
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    import matplotlib  # a dependency of mambakit
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for base in (r for r in result["rows"] if r["chunk_size"] is None):
         ax.axhline(base["ms"], ls="--", lw=1, color="gray" if "plain" in base["method"] else "black")

@@ -133,13 +133,9 @@ def main():
 
 def plot(result, path):
     """Tokens/s (left) and peak memory (right) of both models at each B x L shape."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    import matplotlib  # a dependency of mambakit
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = result["rows"]
     names = [n for n in ("mambakit", "official") if any(isinstance(r.get(n), dict) for r in rows)]
     colors = {"mambakit": "tab:green", "official": "tab:gray"}
