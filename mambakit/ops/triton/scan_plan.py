@@ -230,12 +230,17 @@ def _make_plan(u: torch.Tensor, B: torch.Tensor, A: torch.Tensor, varlen: bool, 
     # anywhere, and a time stride other than 1 is no vector at all (t_in_thread)
     unaligned = varlen or bc_strides[3] != 1
 
+    def forward_meta(rows: int) -> dict:
+        meta = lanes_shape(block_n, cpg, elem_size, save_every, rows, length, unaligned)
+        _override(meta, lanes, elem_size, block_n, length, unaligned)
+        if "EVEN" not in (lanes or {}):  # every chunk, channel block and state in bounds: no masks
+            meta["EVEN"] = (not varlen and length % meta["T"] == 0 and d_state == block_n
+                            and dim % meta["BLOCK_D"] == 0)
+        return meta
+
     seg_len, n_segs = segment_plan(n_seqs * dim, length, varlen, save_every)
     rows = n_seqs * n_segs * dim
-    fwd = lanes_shape(block_n, cpg, elem_size, save_every, rows, length, unaligned)
-    _override(fwd, lanes, elem_size, block_n, length, unaligned)
-    if "EVEN" not in (lanes or {}):  # every chunk, channel block and state in bounds: no masks
-        fwd["EVEN"] = not varlen and length % fwd["T"] == 0 and d_state == block_n and dim % fwd["BLOCK_D"] == 0
+    fwd = forward_meta(rows)
     bwd = lanes_bwd_shape(block_n, cpg, save_every, elem_size, length, unaligned, rows)
     _override(bwd, lanes, elem_size, block_n, length, unaligned)
     # the summary kernels have no register prefetch, no unmasked path and no reversed direction
@@ -248,11 +253,7 @@ def _make_plan(u: torch.Tensor, B: torch.Tensor, A: torch.Tensor, varlen: bool, 
     # of the warp's lanes, fp32) and where one lane holds all of a channel's states (NL = 1:
     # d_state 4, bf16, errors of 3.8-9.2 against the reference at 4 x 64 x 64 and 24 x 384 x
     # 64, right with the masked sum), so the masked sum reads it there instead
-    rev_shape = lanes_shape(block_n, cpg, elem_size, save_every, n_seqs * dim, length, unaligned)
-    _override(rev_shape, lanes, elem_size, block_n, length, unaligned)
-    if "EVEN" not in (lanes or {}):
-        rev_shape["EVEN"] = (not varlen and length % rev_shape["T"] == 0 and d_state == block_n
-                             and dim % rev_shape["BLOCK_D"] == 0)
+    rev_shape = forward_meta(n_seqs * dim)  # never segmented: one program a row
     ordered = (rev_shape["ORDERED"] and rev_shape["NL"] > 1
                and rev_shape["NL"] * rev_shape["BLOCK_D"] >= 32 * rev_shape["num_warps"])
     rev_shape.update(REVERSE=True, ORDERED=ordered)
