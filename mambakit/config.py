@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 MAX_D_STATE = 256
 LAYERS = ("mamba", "s4d")
+# upper bounds far above any real model, so that a corrupt config fails with a message here,
+# not later in an allocation of terabytes
+MAX_SIZES = {"d_state": MAX_D_STATE, "d_model": 2**20, "n_layer": 2**14, "vocab_size": 2**31 - 1, "d_conv": 2**12, "expand": 2**8,
+             "pad_vocab_size_multiple": 2**20, "dt_rank": 2**20}
+BOOL_FIELDS = ("conv_bias", "bias", "rms_norm", "residual_in_fp32", "tie_embeddings", "rescale_prenorm_residual",
+               "gate")
+# the names of MambaConfig's fields in the Hugging Face and the official config.json, where they differ
+HF_NAMES = {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "d_state": "state_size", "d_conv": "conv_kernel",
+            "dt_rank": "time_step_rank", "dt_min": "time_step_min", "dt_max": "time_step_max",
+            "dt_init_floor": "time_step_floor", "dt_scale": "time_step_scale", "conv_bias": "use_conv_bias",
+            "bias": "use_bias", "norm_epsilon": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings"}
+OFFICIAL_NAMES = {name: f"ssm_cfg.{name}" for name in ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max",
+                                                       "dt_init_floor", "dt_scale", "conv_bias", "bias")}
 
 
 @dataclass
@@ -38,28 +52,35 @@ class MambaConfig:
     gate: bool = True  # the SiLU(z) gate branch of the mixer (the paper's Table 1 "without gate": False)
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig.{name} must be a positive int, got {value!r}")
-        if self.d_state > MAX_D_STATE:
-            raise ValueError(f"MambaConfig.d_state must be <= {MAX_D_STATE}, got {self.d_state}")
-        if self.dt_rank != "auto":
-            if isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int) or self.dt_rank < 1:
-                raise ValueError(f"MambaConfig.dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")
+        self._check_sizes()
+        for name in BOOL_FIELDS:  # exactly True or False: "false" or 0 would pass as a truth value
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MambaConfig.{name} must be a bool (true or false), got {_show(getattr(self, name))}")
         for name in ("dt_min", "dt_max", "dt_init_floor", "dt_scale", "norm_epsilon", "initializer_range"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"MambaConfig.{name} must be a finite positive number, got {value!r}")
+            if not _is_number(value) or value <= 0:
+                raise ValueError(f"MambaConfig.{name} must be a finite positive number, got {_show(value)}")
         if self.dt_min > self.dt_max:
-            raise ValueError(f"MambaConfig.dt_min ({self.dt_min}) must be <= dt_max ({self.dt_max})")
-        if self.layer not in LAYERS:
-            raise ValueError(f"MambaConfig.layer must be one of {LAYERS}, got {self.layer!r}")
-        if not isinstance(self.gate, bool):
-            raise ValueError(f"MambaConfig.gate must be a bool, got {self.gate!r}")
+            raise ValueError(f"MambaConfig.dt_min ({_show(self.dt_min)}) must be <= dt_max ({_show(self.dt_max)})")
+        if not isinstance(self.layer, str) or self.layer not in LAYERS:
+            raise ValueError(f"MambaConfig.layer must be one of {LAYERS}, got {_show(self.layer)}")
         if self.layer == "s4d" and self.d_state % 2:
             raise ValueError(f"MambaConfig.d_state must be even for layer='s4d' (d_state/2 complex modes), "
                              f"got {self.d_state}")
+
+    def _check_sizes(self) -> None:
+        """Every size a positive int (not a bool) up to its MAX_SIZES bound; dt_rank may be "auto"."""
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive int, got {_show(value)}")
+            if value > MAX_SIZES[name]:
+                raise ValueError(f"MambaConfig.{name} must be <= {MAX_SIZES[name]}, got {value}")
+        if self.dt_rank != "auto":
+            if not _is_int(self.dt_rank) or self.dt_rank < 1:
+                raise ValueError(f"MambaConfig.dt_rank must be 'auto' or a positive int, got {_show(self.dt_rank)}")
+            if self.dt_rank > MAX_SIZES["dt_rank"]:
+                raise ValueError(f"MambaConfig.dt_rank must be <= {MAX_SIZES['dt_rank']}, got {self.dt_rank}")
 
     def _check_standard_mixer(self, fmt: str) -> None:
         """The official and Hugging Face formats hold gated Mamba mixers only."""
@@ -94,6 +115,8 @@ class MambaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a MambaConfig must be made from a dict of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -122,26 +145,33 @@ class MambaConfig:
 
     @classmethod
     def from_official(cls, d: dict[str, Any]) -> "MambaConfig":
-        ssm_cfg = dict(d.get("ssm_cfg") or {})
-        layer = ssm_cfg.pop("layer", "Mamba1")
+        """The config of mamba_ssm's config.json; every field is type-checked and named when wrong."""
+        read = _Fields(d, "official config")
+        ssm_cfg = _Fields(read.get("ssm_cfg", dict, default={}), "official config ssm_cfg")
+        layer = ssm_cfg.get("layer", str, default="Mamba1")
         if layer != "Mamba1":
             raise ValueError(f"official config has ssm_cfg.layer={layer!r}; mambakit reads Mamba1 models only")
-        if d.get("attn_layer_idx"):
+        if read.get("attn_layer_idx", list, default=[]):
             raise ValueError("official config has attention layers (attn_layer_idx); mambakit reads pure Mamba models only")
-        if d.get("d_intermediate", 0):
+        if read.get("d_intermediate", "count", default=0):
             raise ValueError("official config has d_intermediate > 0 (MLP layers); mambakit reads pure Mamba models only")
-        allowed = {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor",
+        allowed = {"layer", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor",
                    "dt_scale", "conv_bias", "bias"}
         ignored = {"dt_init", "dt_limit", "use_fast_path"}
-        unknown = sorted(set(ssm_cfg) - allowed - ignored)
+        unknown = sorted(set(ssm_cfg.d) - allowed - ignored)
         if unknown:
             raise ValueError(f"official config ssm_cfg has unsupported keys {unknown}")
-        return cls(
-            d_model=d["d_model"], n_layer=d["n_layer"], vocab_size=d["vocab_size"],
-            rms_norm=d.get("rms_norm", True), residual_in_fp32=d.get("residual_in_fp32", True),
-            pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
-            tie_embeddings=d.get("tie_embeddings", True),
-            **{k: v for k, v in ssm_cfg.items() if k in allowed},
+        kinds = {"d_state": "size", "d_conv": "size", "expand": "size", "dt_rank": "rank", "conv_bias": bool,
+                 "bias": bool, "dt_min": "number", "dt_max": "number", "dt_init_floor": "number", "dt_scale": "number"}
+        return _made(
+            cls, OFFICIAL_NAMES, "official config",
+            d_model=read.get("d_model", "size"), n_layer=read.get("n_layer", "size"),
+            vocab_size=read.get("vocab_size", "size"),
+            rms_norm=read.get("rms_norm", bool, default=True),
+            residual_in_fp32=read.get("residual_in_fp32", bool, default=True),
+            pad_vocab_size_multiple=read.get("pad_vocab_size_multiple", "size", default=8),
+            tie_embeddings=read.get("tie_embeddings", bool, default=True),
+            **{k: ssm_cfg.get(k, kind) for k, kind in kinds.items() if k in ssm_cfg.d},
         )
 
     # ---- the Hugging Face MambaConfig ----------------------------------------------------
@@ -166,29 +196,106 @@ class MambaConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "MambaConfig":
-        if d.get("model_type", "mamba") != "mamba":
-            raise ValueError(f"Hugging Face config has model_type={d.get('model_type')!r}; expected 'mamba'")
-        hidden = d["hidden_size"]
-        expand = d.get("expand", 2)
-        if "intermediate_size" in d and d["intermediate_size"] != expand * hidden:
+        """The config of a Hugging Face MambaForCausalLM's config.json; every field is
+        type-checked and named when wrong."""
+        read = _Fields(d, "Hugging Face config")
+        model_type = read.get("model_type", str, default="mamba")
+        if model_type != "mamba":
+            raise ValueError(f"Hugging Face config has model_type={model_type!r}; expected 'mamba'")
+        hidden = read.get("hidden_size", "size")
+        expand = read.get("expand", "size", default=2)
+        intermediate = read.get("intermediate_size", "size", default=expand * hidden)
+        if intermediate != expand * hidden:
             raise ValueError(
-                f"Hugging Face config: intermediate_size={d['intermediate_size']} != expand*hidden_size={expand * hidden}")
-        if d.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ValueError(f"Hugging Face config: hidden_act={d['hidden_act']!r} is not supported (only silu)")
-        rank = d.get("time_step_rank", "auto")
-        return cls(
-            d_model=hidden, n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
-            d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4), expand=expand,
-            dt_rank=rank, dt_min=d.get("time_step_min", 0.001), dt_max=d.get("time_step_max", 0.1),
-            dt_init_floor=d.get("time_step_floor", 1e-4), dt_scale=d.get("time_step_scale", 1.0),
-            conv_bias=d.get("use_conv_bias", True), bias=d.get("use_bias", False),
-            rms_norm=True, norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
-            residual_in_fp32=d.get("residual_in_fp32", True),
+                f"Hugging Face config: intermediate_size={intermediate} != expand*hidden_size={expand * hidden}")
+        act = read.get("hidden_act", str, default="silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"Hugging Face config: hidden_act={act!r} is not supported (only silu)")
+        return _made(
+            cls, HF_NAMES, "Hugging Face config",
+            d_model=hidden, n_layer=read.get("num_hidden_layers", "size"), vocab_size=read.get("vocab_size", "size"),
+            d_state=read.get("state_size", "size", default=16), d_conv=read.get("conv_kernel", "size", default=4),
+            expand=expand, dt_rank=read.get("time_step_rank", "rank", default="auto"),
+            dt_min=read.get("time_step_min", "number", default=0.001),
+            dt_max=read.get("time_step_max", "number", default=0.1),
+            dt_init_floor=read.get("time_step_floor", "number", default=1e-4),
+            dt_scale=read.get("time_step_scale", "number", default=1.0),
+            conv_bias=read.get("use_conv_bias", bool, default=True), bias=read.get("use_bias", bool, default=False),
+            rms_norm=True, norm_epsilon=read.get("layer_norm_epsilon", "number", default=1e-5),
+            residual_in_fp32=read.get("residual_in_fp32", bool, default=True),
             pad_vocab_size_multiple=1,  # HF stores the embedding at its final size
-            tie_embeddings=d.get("tie_word_embeddings", True),
-            initializer_range=d.get("initializer_range", 0.02),
-            rescale_prenorm_residual=d.get("rescale_prenorm_residual", True),
+            tie_embeddings=read.get("tie_word_embeddings", bool, default=True),
+            initializer_range=read.get("initializer_range", "number", default=0.02),
+            rescale_prenorm_residual=read.get("rescale_prenorm_residual", bool, default=True),
         )
+
+
+def _made(cls: type, names: dict[str, str], where: str, **fields: Any) -> "MambaConfig":
+    """cls(**fields), with MambaConfig's errors speaking of the fields by their names in the
+    foreign config (`hidden_size (MambaConfig.d_model) must be ...`)."""
+    try:
+        return cls(**fields)
+    except ValueError as err:
+        message = re.sub(r"MambaConfig\.(\w+)", lambda m: f"{names.get(m.group(1), m.group(1))} (MambaConfig.{m.group(1)})",
+                         str(err))
+        raise ValueError(f"{where}: {message}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_REQUIRED = object()
+
+
+class _Fields:
+    """Reads the fields of a foreign config (a JSON object), each checked for its kind, so that
+    a wrong one is a ValueError naming it rather than a KeyError, a truth value taken from a
+    string ("false" is true), or arithmetic on a list. Kinds: bool, str, list, dict; "size" (an
+    int >= 1), "count" (an int >= 0), "rank" (a size or "auto"), "number" (a finite int or float).
+    MambaConfig then checks the ranges."""
+
+    def __init__(self, d: Any, where: str):
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a JSON object, got {type(d).__name__}")
+        self.d, self.where = d, where
+
+    def get(self, key: str, kind: Any, default: Any = _REQUIRED) -> Any:
+        if key not in self.d:
+            if default is _REQUIRED:
+                raise ValueError(f"{self.where} is missing the field {key!r}")
+            return default
+        value = self.d[key]
+        if value is None and kind in (dict, list):  # e.g. "ssm_cfg": null
+            return default
+        if not _is_kind(value, kind):
+            want = {"size": "an int >= 1", "count": "an int >= 0", "rank": "'auto' or an int >= 1",
+                    "number": "a finite number"}.get(kind) or f"a {getattr(kind, '__name__', kind)}"
+            raise ValueError(f"{self.where}: {key} must be {want}, got {_show(value)}")
+        return value
+
+
+def _is_kind(value: Any, kind: Any) -> bool:
+    if kind == "size":
+        return _is_int(value) and value >= 1
+    if kind == "count":
+        return _is_int(value) and value >= 0
+    if kind == "rank":
+        return value == "auto" or (_is_int(value) and value >= 1)
+    if kind == "number":
+        return _is_number(value)
+    return isinstance(value, kind)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a finite float (not a bool; an int of any size, which math.isfinite cannot take)."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value), shortened: a config's wrong value may be a megabyte-long string."""
+    text = repr(value) if not _is_int(value) or abs(value) < 10**limit else f"an int of {len(str(abs(value)))} digits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # the language-model presets (`mambakit.PRESETS`, `mambakit train --preset`); models/lm.py registers

@@ -8,35 +8,44 @@
 - "official": mamba_ssm's config.json (d_model, ssm_cfg, ...) + pytorch_model.bin, which is
   what `MambaLMHeadModel.from_pretrained` reads.
 
-Every file is written atomically (files.py). `.bin` files are read only with
-`torch.load(..., weights_only=True)`. The model class is passed in (`load_pretrained(cls, ...)`),
-so this package never imports the models."""
+A checkpoint directory is written as a whole (files.write_directory): at every instant it is
+the complete old checkpoint or the complete new one. `.bin` files are read only with
+`torch.load(..., weights_only=True)`. Whatever is wrong in a checkpoint (a config field of the
+wrong type, a truncated file, a shard outside the directory, sizes that disagree with the
+weights) is a ValueError naming the file, found before the model is allocated: the config's
+sizes are checked against the weights' shapes on the meta device first. The model class is
+passed in (`load_pretrained(cls, ...)`), so this package never imports the models."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import re
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 
-from ..config import MambaConfig
-from .files import atomic_write, atomic_write_json
-from .hub import resolve_directory
+from ..config import HF_NAMES, OFFICIAL_NAMES, MambaConfig
+from .files import atomic_write, atomic_write_json, write_directory
+from .hub import child_path, resolve_directory
 
 FORMATS = ("mambakit", "hf", "official")
 _HF_PREFIX, _OURS_PREFIX = "backbone.embeddings.", "backbone.embedding."
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_CONFIG, _SAFETENSORS, _BIN = "config.json", "model.safetensors", "pytorch_model.bin"
+_INDEXES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
+_WEIGHT_FILES = (_SAFETENSORS, *_INDEXES, _BIN)
+_MAX_JSON_BYTES = 64 << 20  # a config or an index is kilobytes; more is not one
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 Model = TypeVar("Model", bound=nn.Module)
 
 
 # ---- key and config conversion ---------------------------------------------------------------
 
-def _keys_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _keys_from_hf(state: dict[str, Any]) -> dict[str, Any]:
     """Hugging Face's `backbone.embeddings.*` -> the official `backbone.embedding.*`; other keys as they are."""
     return {(_OURS_PREFIX + k[len(_HF_PREFIX):] if k.startswith(_HF_PREFIX) else k): v for k, v in state.items()}
 
@@ -46,118 +55,311 @@ def _keys_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_config(directory: Path) -> tuple[MambaConfig, str]:
-    """Returns (config, format) from config.json."""
-    path = directory / "config.json"
+    """Returns (config, format) from config.json; a ValueError names the file and the field."""
+    path = Path(directory) / _CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    with open(path) as f:
-        raw = json.load(f)
-    if raw.get("format") == "mambakit":
-        return MambaConfig.from_dict({k: v for k, v in raw.items() if k not in ("format", "mambakit_version")}), "mambakit"
-    if "hidden_size" in raw or raw.get("model_type") == "mamba":
-        return MambaConfig.from_hf(raw), "hf"
-    if "d_model" in raw:
-        return MambaConfig.from_official(raw), "official"
-    raise ValueError(f"{path} is neither a mambakit, a Hugging Face Mamba nor an official mamba_ssm config")
+    raw = _read_json(path)
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(raw).__name__}")
+        if raw.get("format") == "mambakit":
+            return MambaConfig.from_dict({k: v for k, v in raw.items() if k not in ("format", "mambakit_version")}), \
+                "mambakit"
+        if "hidden_size" in raw or raw.get("model_type") == "mamba":
+            return MambaConfig.from_hf(raw), "hf"
+        if "d_model" in raw:
+            return MambaConfig.from_official(raw), "official"
+        raise ValueError("it is neither a mambakit, a Hugging Face Mamba nor an official mamba_ssm config")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _load_bin)):
+def _read_json(path: Path) -> Any:
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size} bytes, too large for a JSON config or index")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({type(err).__name__}: {err})") from None
+
+
+# ---- the weights on disk ---------------------------------------------------------------------
+
+class _Weights:
+    """The weight files of a directory: every tensor's shape under the official key names
+    (read from the files' headers, no data), and on request the tensors themselves."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files, self.kind = _weight_files(directory)
+        self._bin: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        seen: dict[str, Path] = {}
+        for path in self.files:
+            for key, (shape, dtype) in self._header(path).items():
+                if key in seen:
+                    raise ValueError(f"{path} and {seen[key]} both hold {key}")
+                if dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"{path}: {key} is {dtype}; the weights must be floating point")
+                seen[key] = path
+                self.shapes[key] = shape
+        if len(_keys_from_hf(self.shapes)) != len(self.shapes):
+            raise ValueError(f"{directory}: the weights hold the embedding under both {_HF_PREFIX}* and {_OURS_PREFIX}*")
+        self.shapes = _keys_from_hf(self.shapes)
+
+    def _header(self, path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+            with _readable(path, "a safetensors file"):
+                with safe_open(str(path), "pt") as f:
+                    return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        state = _load_bin(path)  # memory-mapped where the format allows: no data is read yet
+        self._bin.update(state)
+        return {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, keyed by the names in the files."""
+        if self.kind == "bin":
+            return dict(self._bin)
+        from safetensors.torch import load_file
+        state: dict[str, torch.Tensor] = {}
+        for path in self.files:
+            with _readable(path, "a safetensors file"):
+                state.update(load_file(str(path)))
+        return state
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], str]:
+    """The files holding the weights: the shards an index names, or model.safetensors, or
+    pytorch_model.bin; and their kind ("safetensors" or "bin")."""
+    for index_name, kind in _INDEXES.items():
         index = directory / index_name
         if index.is_file():
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(loader(str(directory / shard)))
-            return state
-    if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").is_file():
-        return _load_bin(str(directory / "pytorch_model.bin"))
+            return [_shard(directory, name, index) for name in _shard_names(index)], kind
+    for name, kind in ((_SAFETENSORS, "safetensors"), (_BIN, "bin")):
+        if (directory / name).is_file():
+            return [directory / name], kind
     raise FileNotFoundError(f"no weights in {directory}: expected model.safetensors, a sharded "
                             f"model.safetensors.index.json, or pytorch_model.bin")
 
 
-def _load_bin(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _shard_names(index: Path) -> list[str]:
+    raw = _read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} must be a JSON object with a non-empty \"weight_map\" object "
+                         f"(tensor name -> shard file), got {type(weight_map if isinstance(raw, dict) else raw).__name__}")
+    names = set()
+    for name in weight_map.values():
+        if not isinstance(name, str):
+            raise ValueError(f"{index}: the weight_map's values must be shard file names, got {name!r}")
+        names.add(name)
+    return sorted(names)
+
+
+def _shard(directory: Path, name: Any, index: Path) -> Path:
+    path = child_path(directory, name, source=index)
+    if not path.is_file():
+        raise ValueError(f"{index} names the shard {name!r}, which is missing from {directory}")
+    return path
+
+
+@contextlib.contextmanager
+def _readable(path: Path, what: str):
+    """Turns any failure to read `path` into a ValueError naming it (a truncated or corrupt file
+    raises the format library's own error, which does not say which file)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 (whatever the library raises for a bad file)
+        raise ValueError(f"{path} cannot be read as {what} ({type(err).__name__}: {_gist(err)})") from None
+
+
+def _gist(err: Exception) -> str:
+    """The first line of an error's message, and the line that names the reason when torch's
+    weights-only unpickler refused something (without the terminal's color codes)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    reason = [line for line in lines[1:] if "WeightsUnpickler error" in line]
+    return " ".join(lines[:1] + reason[:1])
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin's state dict, unpickled with weights_only=True only."""
+    with _readable(path, "a weights-only PyTorch file"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format: no mmap
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}.get(
+        dtype, str(dtype))
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's weights (sharded or not), keyed by the names in the files."""
+    return _Weights(Path(directory)).tensors()
 
 
 # ---- loading ---------------------------------------------------------------------------------
 
 def load_pretrained(cls: type[Model], name_or_path: str | Path, device=None, dtype=None) -> Model:
     """`cls(config, device=device, dtype=dtype)` with the weights of a checkpoint directory (any
-    of the three formats) or of a hub id in the local Hugging Face cache."""
+    of the three formats) or of a hub id in the local Hugging Face cache. The config is
+    checked against the weights' shapes before anything of the model's size is allocated."""
     directory = resolve_directory(name_or_path)
-    config, _ = read_config(directory)
-    state = _keys_from_hf(read_state_dict(directory))
+    config, fmt = read_config(directory)
+    weights = _Weights(directory)
+    _check_config_against_weights(cls, config, fmt, directory, weights.shapes)
+    state = _keys_from_hf(weights.tensors())
+    if config.tie_embeddings:
+        _check_tied_head(state, f"{directory / _CONFIG} ties lm_head to the embedding "
+                                f"({_field_name('tie_embeddings', fmt)}=true), but")
     model = cls(config, device=device, dtype=dtype)
     load_state_dict_strict(model, state, source=str(directory))
     return model
 
 
+def _check_config_against_weights(cls, config: MambaConfig, fmt: str, directory: Path,
+                                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """A ValueError naming config.json, its fields and the tensors when the model that the
+    config describes does not have the weights' keys and shapes. The model is built on the meta
+    device (no memory), after its layer count has been checked against the weights'."""
+    path = directory / _CONFIG
+    layers = {int(m.group(1)) for m in map(re.compile(r"backbone\.layers\.(\d+)\.").match, shapes) if m}
+    n_layer = max(layers) + 1 if layers else 0
+    if n_layer != config.n_layer:
+        raise ValueError(f"{path}: {_field_name('n_layer', fmt)}={config.n_layer}, but the weights in {directory} "
+                         f"hold {n_layer} layers")
+    expected = {k: tuple(v.shape) for k, v in cls(config, device="meta").state_dict().items()}
+    problems = _mismatches(expected, shapes, config.tie_embeddings, "config", hint=lambda k: _shaped_by(k, fmt))
+    if problems:
+        raise ValueError(f"{path} does not match the weights in {directory}: " + "; ".join(problems))
+
+
+def _mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool, what: str,
+                hint: Callable[[str], str] = lambda key: "") -> list[str]:
+    """Every missing key, unexpected key and shape mismatch of `found` against `expected`,
+    as message parts. With tied embeddings, lm_head.weight may be absent from `found`."""
+    wanted = {k for k in expected if not (tied and k == "lm_head.weight")}
+    found_keys = set(found) - ({"lm_head.weight"} if tied else set())
+    missing = sorted(wanted - found_keys)
+    unexpected = sorted(found_keys - wanted)
+    shapes = sorted(f"{k}: checkpoint {tuple(found[k])} vs {what} {tuple(expected[k])}{hint(k)}"
+                    for k in wanted & found_keys if tuple(found[k]) != tuple(expected[k]))
+    parts = [f"{len(missing)} missing keys: {_first(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected keys: {_first(unexpected)}"] if unexpected else []
+    parts += [f"{len(shapes)} shape mismatches: {_first(shapes)}"] if shapes else []
+    return parts
+
+
+def _first(items: list[str], limit: int = 12) -> str:
+    """The list as text, its first `limit` items only (every layer may repeat the same problem)."""
+    return str(items) if len(items) <= limit else f"{items[:limit]} and {len(items) - limit} more"
+
+
+# which config fields give a tensor its shape, by the end of its name
+_SHAPED_BY = {
+    "embedding.weight": ("vocab_size", "d_model"), "lm_head.weight": ("vocab_size", "d_model"),
+    "in_proj.weight": ("d_model", "expand"), "in_proj.bias": ("d_model", "expand"),
+    "conv1d.weight": ("d_model", "expand", "d_conv"), "conv1d.bias": ("d_model", "expand"),
+    "x_proj.weight": ("d_model", "expand", "dt_rank", "d_state"), "dt_proj.weight": ("d_model", "expand", "dt_rank"),
+    "dt_proj.bias": ("d_model", "expand"), "A_log": ("d_model", "expand", "d_state"), "D": ("d_model", "expand"),
+    "out_proj.weight": ("d_model", "expand"), "out_proj.bias": ("d_model",), "norm.weight": ("d_model",),
+    "norm.bias": ("d_model",), "norm_f.weight": ("d_model",), "norm_f.bias": ("d_model",),
+}
+
+
+def _shaped_by(key: str, fmt: str) -> str:
+    for end, fields in _SHAPED_BY.items():
+        if key.endswith("." + end) or key == end:
+            return f" (config fields {', '.join(_field_name(f, fmt) for f in fields)})"
+    return ""
+
+
+def _field_name(field: str, fmt: str) -> str:
+    """A MambaConfig field's name in the config.json of a format."""
+    return {"hf": HF_NAMES, "official": OFFICIAL_NAMES}.get(fmt, {}).get(field, field)
+
+
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Loads `state` into `model`, or raises ValueError listing every missing key, unexpected
     key and shape mismatch. A tied lm_head may be absent from `state`."""
-    expected = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = model.config.tie_embeddings
     state = dict(state)
-    if tied and "lm_head.weight" in state:
-        head = state.pop("lm_head.weight")
-        emb = state.get("backbone.embedding.weight")
-        if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
-            raise ValueError(f"{source}: lm_head.weight differs from the embedding, but the config ties them "
-                             f"(tie_embeddings=True)")
-    wanted = {k for k in expected if not (tied and k == "lm_head.weight")}
-    missing = sorted(wanted - set(state))
-    unexpected = sorted(set(state) - wanted)
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in wanted & set(state) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing keys: {missing}"] if missing else []
-        parts += [f"{len(unexpected)} unexpected keys: {unexpected}"] if unexpected else []
-        parts += [f"{len(shapes)} shape mismatches: {shapes}"] if shapes else []
-        raise ValueError(f"{source} does not match the model config: " + "; ".join(parts))
+    if tied:
+        _check_tied_head(state, f"{source}: the config ties lm_head to the embedding (tie_embeddings=True), but")
+        state.pop("lm_head.weight", None)
+    problems = _mismatches(expected, {k: tuple(v.shape) for k, v in state.items()}, tied, "model")
+    if problems:
+        raise ValueError(f"{source} does not match the model config: " + "; ".join(problems))
     model.load_state_dict(state, strict=False)  # the tied lm_head follows the embedding
+
+
+def _check_tied_head(state: dict[str, torch.Tensor], context: str) -> None:
+    """With tied embeddings, an lm_head.weight in the checkpoint must equal the embedding."""
+    head, emb = state.get("lm_head.weight"), state.get("backbone.embedding.weight")
+    if head is not None and emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
+        raise ValueError(f"{context} lm_head.weight differs from the embedding")
 
 
 # ---- saving ----------------------------------------------------------------------------------
 
 def save_pretrained(model: nn.Module, directory: str | Path, format: str = "mambakit") -> None:
-    """Writes `model` (its `.config` is a MambaConfig) to `directory` in one of FORMATS."""
+    """Writes `model` (its `.config` is a MambaConfig) to `directory` in one of FORMATS, as a
+    whole: a kill at any instant leaves the complete old checkpoint or the complete new one
+    (files.write_directory). Other files in the directory (a tokenizer, a README) are kept."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config: MambaConfig = model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if format == "official":
         raw = config.to_official()  # before writing anything: it raises for an inexpressible config
-        atomic_write(directory / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
-        atomic_write_json(directory / "config.json", raw)
-        _remove_shadowing(directory, keep="pytorch_model.bin")
-        return
-    from safetensors.torch import save_file
-    if config.tie_embeddings:
-        state.pop("lm_head.weight")
-    if format == "hf":
-        raw = config.to_hf()
-        state = _keys_to_hf(state)
     else:
-        raw = {"format": "mambakit", "mambakit_version": _package_version(), **config.to_dict()}
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_json(directory / "config.json", raw)
-    _remove_shadowing(directory, keep="model.safetensors")
+        if config.tie_embeddings:
+            state.pop("lm_head.weight")
+        if format == "hf":
+            raw, state = config.to_hf(), _keys_to_hf(state)
+        else:
+            raw = {"format": "mambakit", "mambakit_version": _package_version(), **config.to_dict()}
+
+    def write_weights(tmp: str) -> None:
+        if format == "official":
+            torch.save(state, tmp)
+        else:
+            from safetensors.torch import save_file
+            save_file(state, tmp, metadata={"format": "pt"})
+
+    def write(into: Path) -> None:
+        atomic_write(into / (_BIN if format == "official" else _SAFETENSORS), write_weights)
+        atomic_write_json(into / _CONFIG, raw)  # last: a directory with config.json is complete
+
+    write_directory(directory, write, owned=_checkpoint_files, marker=_CONFIG)
 
 
-def _remove_shadowing(directory: Path, keep: str) -> None:
-    """Removes weight files of an earlier save in another format, which the loader would
-    otherwise read instead of the file just written."""
-    for name in _WEIGHT_FILES:
-        if name != keep and (directory / name).is_file():
-            (directory / name).unlink()
+def _checkpoint_files(directory: Path) -> set[str]:
+    """The names of a checkpoint's files in `directory`, present or not: config.json, every
+    weight file, and the shards its indexes name (only plain names inside the directory: a
+    name pointing elsewhere is not the checkpoint's to remove)."""
+    names = {_CONFIG, *_WEIGHT_FILES}
+    for index in _INDEXES:
+        try:
+            shards = _shard_names(directory / index) if (directory / index).is_file() else []
+        except ValueError:
+            continue
+        for shard in shards:
+            with contextlib.suppress(ValueError):
+                names.add(child_path(directory, shard, source=directory / index).name)
+    return names
 
 
 def _package_version() -> str:

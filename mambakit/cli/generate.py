@@ -4,6 +4,7 @@ to stdout as it is made, with the prefill time and decode speed on stderr."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from ..config import PRESETS
 from ..generation import stream
+from ..generation.sampling import MIN_TEMPERATURE, SEED_RANGE
 from ..models.lm import MambaLM
 from ..tokenizer import ByteTokenizer, HFTokenizer, has_tokenizer, load_tokenizer
 
@@ -25,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory / cached hub id")
     parser.add_argument("--prompt", default="The state space model ")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help=f"0 = greedy (so is anything below {MIN_TEMPERATURE:g})")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
     parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
@@ -68,21 +71,53 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def _error(message: str) -> SystemExit:
+    """The exit of a bad flag or file: one `error:` line on stderr, exit status 1."""
+    return SystemExit("error: " + " ".join(str(message).split()))
+
+
 def _check_generate_args(args) -> None:
+    """Every flag that can be checked before the model is loaded."""
     if args.max_new_tokens < 1:
-        raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0 or args.temperature == float("inf"):
-        raise SystemExit(f"error: --temperature must be a finite number >= 0, got {args.temperature}")
+        raise _error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise _error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
-        raise SystemExit(f"error: --top-k must be >= 1, got {args.top_k}")
+        raise _error(f"--top-k must be >= 1, got {args.top_k}")
     for name in ("top_p", "min_p"):
         v = getattr(args, name)
         if v is not None and not 0 < v <= 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be in (0, 1], got {v}")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise SystemExit(f"error: --repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
+            raise _error(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    r = args.repetition_penalty
+    if r is not None and (not math.isfinite(r) or r <= 0):
+        raise _error(f"--repetition-penalty must be a finite number > 0, got {r}")
+    if any(not stop for stop in args.stop):
+        raise _error("--stop must not be empty")
+    if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
+        raise _error(f"--seed must fit in 64 bits ([-2**63, 2**64)), got {args.seed}")
+    if args.eos_token_id is not None and args.eos_token_id < 0:
+        raise _error(f"--eos-token-id must be >= 0, got {args.eos_token_id}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise _error(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise _error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _error(f"--device {args.device} but no CUDA device is available")
+
+
+def _eos_token_id(args, tokenizer, vocab_size: int) -> int | None:
+    """--eos-token-id, else the tokenizer's eos token; an error line if the model cannot make it."""
+    if args.eos_token_id is not None:
+        if args.eos_token_id >= vocab_size:
+            raise _error(f"--eos-token-id {args.eos_token_id} is outside the model's vocabulary [0, {vocab_size})")
+        return args.eos_token_id
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and not 0 <= eos < vocab_size:
+        raise _error(f"the tokenizer's eos token id {eos} is outside the model's vocabulary [0, {vocab_size}); "
+                     f"pass --eos-token-id or another --tokenizer")
+    return eos
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,22 +126,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, random_weights = load_model(args.model, args.device, DTYPES[args.dtype], args.seed)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: --model {args.model!r}: {err}") from None
+        raise _error(f"--model {args.model!r}: {err}") from None
     try:
         tokenizer = pick_tokenizer(args.model, args.tokenizer)
     except (FileNotFoundError, ImportError, ValueError) as err:
-        raise SystemExit(f"error: --tokenizer {args.tokenizer or args.model!r}: {err}") from None
+        raise _error(f"--tokenizer {args.tokenizer or args.model!r}: {err}") from None
     model.eval()
     if not args.prompt:
-        raise SystemExit("error: --prompt is empty")
+        raise _error("--prompt is empty")
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise SystemExit("error: --prompt encodes to no tokens")
+        raise _error("--prompt encodes to no tokens")
     if args.max_prompt_tokens is not None and len(ids) > args.max_prompt_tokens:
-        raise SystemExit(f"error: --prompt is {len(ids)} tokens, more than --max-prompt-tokens {args.max_prompt_tokens}")
+        raise _error(f"--prompt is {len(ids)} tokens, more than --max-prompt-tokens {args.max_prompt_tokens}")
     if max(ids) >= model.config.padded_vocab_size:
-        raise SystemExit(f"error: the prompt has token ids up to {max(ids)} but the model's vocabulary has "
-                         f"{model.config.padded_vocab_size} entries")
+        raise _error(f"the prompt has token ids up to {max(ids)} but the model's vocabulary has "
+                     f"{model.config.padded_vocab_size} entries")
+    eos = _eos_token_id(args, tokenizer, model.config.vocab_size)
     if random_weights:
         print(f"[mambakit] preset {args.model!r} with RANDOM weights (seed {args.seed}): the text is noise, "
               f"this shows the machinery, not a trained model", file=sys.stderr)
@@ -116,19 +152,23 @@ def run(args: argparse.Namespace) -> int:
     out.flush()
     tokens, t_first, t0 = [], None, time.perf_counter()
     printed = ""
-    eos = args.eos_token_id if args.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-    for token in stream(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                        seed=args.seed, eos_token_id=eos, stop=args.stop or None,
-                        tokenizer=tokenizer if args.stop else None):
-        if t_first is None:
-            t_first = time.perf_counter()
-        tokens.append(int(token[0]))
-        text = tokenizer.decode(tokens)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(printable(text[len(printed):]))
-            out.flush()
-            printed = text
+    tokens_in = stream(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                       seed=args.seed, eos_token_id=eos, stop=args.stop or None,
+                       tokenizer=tokenizer if args.stop else None)
+    try:
+        for token in tokens_in:
+            if t_first is None:
+                t_first = time.perf_counter()
+            tokens.append(int(token[0]))
+            text = tokenizer.decode(tokens)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                out.write(printable(text[len(printed):]))
+                out.flush()
+                printed = text
+    except (ValueError, TypeError) as err:  # an argument the checks above let through: still one line
+        out.write("\n")
+        raise _error(err) from None
     t_end = time.perf_counter()
     out.write(printable(tokenizer.decode(tokens)[len(printed):]) + "\n")
     steps = len(tokens) - 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 
 from ..config import MambaConfig
@@ -17,7 +18,8 @@ HELP = "train a MambaLM (default: the tiny preset on the Python standard library
 DESCRIPTION = ("Every TrainConfig field and every model config field (--d-model, --n-layer, "
                "...) can be set; unset ones keep the preset's / the default.")
 # TrainConfig's bool fields that are plain switches (--resume) rather than --flag true/false
-SWITCHES = ("resume", "overwrite", "compile", "activation_checkpointing", "fsdp")
+SWITCHES = ("resume", "overwrite", "compile", "activation_checkpointing", "fsdp", "skip_nonfinite",
+            "allow_config_change")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("fsdp", "under torchrun: shard the model, gradients and optimizer state (FSDP2)"),
                        ("overwrite", "start over in an --out-dir that holds a checkpoint"),
                        ("compile", "torch.compile the model"),
-                       ("activation_checkpointing", "recompute each block's activations in the backward pass")):
+                       ("activation_checkpointing", "recompute each block's activations in the backward pass"),
+                       ("skip_nonfinite", "skip a step whose loss or gradient norm is NaN or infinite (default: stop "
+                                          "with an error; no checkpoint ever holds a non-finite state)"),
+                       ("allow_config_change", "--resume even with other settings than the checkpoint's (data, seed, "
+                                               "lr, ...): the changes are listed instead of refused")):
         parser.add_argument("--" + flag.replace("_", "-"), dest="flag_" + flag, action="store_true", help=text)
     add_dataclass_flags(parser, MambaConfig, dest_prefix="model_")
     parser.add_argument("--task", default="lm", choices=["lm", *TASKS],
@@ -46,10 +52,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, model_overrides)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit("error: " + " ".join(str(err).split("\n"))) from None
+    except KeyboardInterrupt as err:  # Ctrl-C before training began, or a second signal while stopping
+        print(f"error: {str(err) or 'interrupted'}; the last checkpoint in {cfg.out_dir} (if any) is intact",
+              file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
     bits = summary.get("val_bits_per_token")
     print(f"[mambakit] {summary['params'] / 1e6:.2f}M parameters, {summary['step']} steps on {summary['corpus']}; "
           f"validation {bits:.3f} bits/token against the unigram entropy {summary['unigram_bits']:.3f}; "
           f"checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}" if bits is not None else
           f"[mambakit] stopped at step {summary['step']}; checkpoint in {cfg.out_dir}", file=sys.stderr)
-    return 0
+    return summary.get("exit_status") or 0  # 130 / 143 when stopped by SIGINT / SIGTERM

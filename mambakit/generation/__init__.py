@@ -5,7 +5,7 @@ and CPU (cpu_decode.py), and the `generate` method the models inherit (mixin.py)
 
 This layer sits below the models: it takes a model duck-typed and never imports one."""
 
-from .cache import LMCache
+from .cache import LMCache, architecture_of
 from .cpu_decode import CpuDecoder, cpu_decoder, supports_cpu_decoder
 from .cuda_graph import GraphedDecoder, graphed_decoder
 from .loop import generate, stream
@@ -15,5 +15,5 @@ from .sampling import SamplingOptions, process_logits, sample_next
 from .stopping import StopStrings
 
 __all__ = ["CpuDecoder", "GenerationMixin", "GraphedDecoder", "LMCache", "PackedPrompts", "SamplingOptions",
-           "StopStrings", "cpu_decoder", "generate", "graphed_decoder", "pack_prompts", "process_logits",
-           "sample_next", "stream", "supports_cpu_decoder"]
+           "StopStrings", "architecture_of", "cpu_decoder", "generate", "graphed_decoder", "pack_prompts",
+           "process_logits", "sample_next", "stream", "supports_cpu_decoder"]

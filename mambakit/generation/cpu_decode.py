@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..modules import LayerNorm, Mamba, RMSNorm
+from ..modules import LayerNorm, Mamba, RMSNorm, is_plain
 
 
 def _norm_fn(norm):
@@ -157,12 +158,18 @@ class CpuDecoder:
 
 def supports_cpu_decoder(model) -> bool:
     """The plan covers fp32 MambaLMs on CPU whose blocks are gated Mamba mixers with RMSNorm or
-    LayerNorm; anything else (S4D layers, other dtypes) decodes through model.step."""
+    LayerNorm; anything else (S4D layers, other dtypes, and any wrapped submodule: a LoRA layer,
+    a quantized Linear, a hook, whose weights the plan must not read) decodes through model.step."""
     params = list(model.parameters())
     if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return False
-    return all(isinstance(b.mixer, Mamba) and b.mixer.gate and isinstance(b.norm, (RMSNorm, LayerNorm))
-               for b in model.backbone.layers) and isinstance(model.backbone.norm_f, (RMSNorm, LayerNorm))
+    return (all(isinstance(b.mixer, Mamba) and b.mixer.gate and b.mixer.plain_submodules() and _plain_norm(b.norm)
+                for b in model.backbone.layers) and _plain_norm(model.backbone.norm_f)
+            and is_plain(model.lm_head, nn.Linear) and is_plain(model.backbone.embedding, nn.Embedding))
+
+
+def _plain_norm(norm) -> bool:
+    return is_plain(norm, RMSNorm) or is_plain(norm, LayerNorm)
 
 
 def cpu_decoder(model, batch_size: int) -> CpuDecoder | None:

@@ -17,10 +17,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cache import LMCache
 from .cpu_decode import cpu_decoder
 from .cuda_graph import graphed_decoder
 from .prompts import pack_prompts
-from .sampling import SamplingOptions, check_max_new_tokens, sample_next
+from .sampling import SamplingOptions, check_max_new_tokens, check_seed, sample_next, short_repr
 from .stopping import StopStrings, cut_at_stop
 
 
@@ -38,12 +39,24 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
     of different lengths), from a cache that prefill() or an earlier generation left (its last
     logits give the next token), or from a cache and new input_ids that continue it. A cache
     passed in takes in every token yielded (one more step at the end), so that it can be saved
-    and continued; a generator closed early leaves it after the last token it fed."""
+    and continued; a generator closed early leaves it after the last token it fed.
+
+    Every argument is checked before the first token: a bad one is a ValueError or TypeError
+    naming it, and a cache made for another model is refused, saying what differs."""
     check_max_new_tokens(max_new_tokens)
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty)
     options.check()
+    check_seed(seed)
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        check_token_id(name, value, model.config.vocab_size)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
     if input_ids is None and cache is None:
         raise ValueError("generation needs input_ids, a cache, or both")
+    if cache is not None:
+        if not isinstance(cache, LMCache):
+            raise TypeError(f"cache must be an LMCache, got {type(cache).__name__}")
+        cache.check_fits(model)
     keep_cache_current = cache is not None  # the caller's cache: it takes in every token yielded
     if cache is not None and input_ids is None:
         if cache.last_logits is None:
@@ -56,7 +69,7 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        generator.manual_seed(int(seed))
     seen = None
     if repetition_penalty is not None:
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
@@ -84,6 +97,16 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
             runner.store(cache)
             if cache.last_logits is runner.logits:
                 cache.last_logits = runner.logits.clone()
+
+
+def check_token_id(name: str, value, vocab_size: int) -> None:
+    """None, or a token id in [0, vocab_size): one that generation can yield."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or an int token id, got {type(value).__name__} {short_repr(value)}")
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {short_repr(value)}")
 
 
 def _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops, pad,
@@ -120,7 +143,8 @@ def _decode(model, cache, runner, logits, max_new_tokens, options, generator, vo
 def generate(model, input_ids: torch.Tensor | Sequence | None = None, max_new_tokens: int = 64, *,
              stream: bool = False, **options) -> torch.Tensor | list[torch.Tensor] | Iterator[torch.Tensor] | None:
     """The prompt followed by the new tokens. For a (B, L) tensor (with or without
-    attention_mask) a (B, L + new) tensor, finished rows padded; for a list of prompts a list
+    attention_mask) a (B, L + new) tensor of its dtype (int64 where that dtype cannot hold every
+    token id), finished rows padded; for a list of prompts a list
     of 1-D tensors, each ending where it finished. With stream=True, the iterator of `stream`."""
     tokens = _stream(model, input_ids, max_new_tokens, **options)
     if stream:
@@ -131,7 +155,8 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, max_new_to
     if isinstance(input_ids, torch.Tensor):
         if not new:
             return input_ids
-        return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.device, input_ids.dtype)], dim=1)
+        dtype = input_ids.dtype if _holds_ids(input_ids.dtype, model.config.vocab_size) else torch.long
+        return torch.cat([input_ids.to(dtype), torch.stack(new, dim=1).to(input_ids.device, dtype)], dim=1)
     out = []
     eos, stop = options.get("eos_token_id"), options.get("stop")
     for i, prompt in enumerate(input_ids):
@@ -142,6 +167,11 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, max_new_to
             row = cut_at_stop(row, stop, options.get("tokenizer"))
         out.append(torch.cat([torch.as_tensor(prompt, dtype=torch.long).cpu(), torch.tensor(row, dtype=torch.long)]))
     return out
+
+
+def _holds_ids(dtype: torch.dtype, vocab_size: int) -> bool:
+    """Whether an integer dtype holds every token id (uint8 does not hold those of a 300-token vocabulary)."""
+    return torch.iinfo(dtype).max >= vocab_size - 1
 
 
 _stream = stream  # generate's keyword argument `stream` shadows the function

@@ -34,6 +34,7 @@ def pack_prompts(input_ids: torch.Tensor | Sequence, attention_mask: torch.Tenso
     optional (B, L) attention_mask of 0/1 whose ones in each row are one run (left or right
     padding). Returns the packed prompts; an empty prompt or a bad mask is an error."""
     if isinstance(input_ids, torch.Tensor):
+        _require_ids("input_ids", input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
         device = device or input_ids.device
@@ -46,10 +47,7 @@ def pack_prompts(input_ids: torch.Tensor | Sequence, attention_mask: torch.Tenso
             raise ValueError("attention_mask goes with a (B, L) tensor of input_ids, not with a list of prompts")
         if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence) or len(input_ids) == 0:
             raise TypeError("input_ids must be a (B, L) tensor or a non-empty list of prompts (lists of token ids)")
-        prompts = [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
-        for i, p in enumerate(prompts):
-            if p.ndim != 1:
-                raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {tuple(p.shape)}")
+        prompts = [_prompt(i, p) for i, p in enumerate(input_ids)]
     prompts = [p.to(device=device, dtype=torch.long) for p in prompts]
     for i, p in enumerate(prompts):
         if p.numel() == 0:
@@ -59,13 +57,41 @@ def pack_prompts(input_ids: torch.Tensor | Sequence, attention_mask: torch.Tenso
     return PackedPrompts(torch.cat(prompts)[None], cu, prompts)
 
 
+def _require_ids(name: str, t: torch.Tensor) -> None:
+    """An integer tensor that holds values (not a meta tensor)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got a {t.dtype} tensor")
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor: it has a shape but no values to generate from")
+
+
+def _prompt(i: int, prompt) -> torch.Tensor:
+    """Prompt i of a list: a 1-D tensor of its token ids (a list of ints, or an integer tensor)."""
+    if not isinstance(prompt, torch.Tensor):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise TypeError(f"prompt {i} must be a list of int token ids or a 1-D tensor, got {type(prompt).__name__}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise TypeError(f"prompt {i} must be a list of int token ids, got {prompt!r:.80}")
+        if any(not -2**63 <= t < 2**63 for t in prompt):
+            raise ValueError(f"prompt {i} has a token id out of the int64 range")
+        prompt = torch.tensor(prompt, dtype=torch.long)
+    if prompt.numel() == 0:
+        return prompt
+    _require_ids(f"prompt {i}", prompt)
+    if prompt.ndim != 1:
+        raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {tuple(prompt.shape)}")
+    return prompt
+
+
 def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {got}")
-    mask = attention_mask.to(torch.long)
-    if ((mask != 0) & (mask != 1)).any():
+    if attention_mask.is_meta:
+        raise ValueError("attention_mask is a meta tensor: it has a shape but no values")
+    if ((attention_mask != 0) & (attention_mask != 1)).any():  # before any cast: 0.5 would become 0
         raise ValueError("attention_mask must hold only 0 and 1")
+    mask = attention_mask.to(torch.long)
     prompts = []
     for i, (row, m) in enumerate(zip(input_ids, mask)):
         ones = torch.nonzero(m)[:, 0]

@@ -14,10 +14,14 @@ class StopStrings:
     def __init__(self, stop: str | Sequence[str], tokenizer, batch: int):
         if isinstance(stop, str):
             stop = [stop]
-        if not stop or not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+        if not stop or not all(stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         if tokenizer is None:
             raise ValueError("stop strings need a tokenizer= to decode the generated tokens")
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise TypeError(f"tokenizer must have a decode(ids) method, got {type(tokenizer).__name__}")
         self.stop, self.tokenizer = list(stop), tokenizer
         self.new: list[list[int]] = [[] for _ in range(batch)]
 

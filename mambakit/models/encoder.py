@@ -40,12 +40,26 @@ class EncoderConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     divide_out: bool = True  # Vim's (y_f + y_b) / 2
+    drop_path_rate: float = 0.0  # stochastic depth of the last layer's mixer output (0 at the first)
 
     def check(self) -> None:
         for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "n_paths"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        rate = self.drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
+
+
+def drop_path(hidden: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): in training, each sample's (B, L, D) output is
+    zeroed with probability `rate` and the kept ones scaled by 1 / (1 - rate); the identity in
+    eval or at rate 0."""
+    if not training or rate == 0.0:
+        return hidden
+    keep = hidden.new_empty(hidden.shape[0], *(1,) * (hidden.ndim - 1)).bernoulli_(1.0 - rate)  # (B, 1, 1)
+    return hidden * keep.div_(1.0 - rate)
 
 
 class PathMixer(nn.Module):
@@ -89,6 +103,8 @@ class MambaEncoder(nn.Module):
                       cfg.residual_in_fp32)
             for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.d_model, cfg.rms_norm, cfg.norm_eps)
+        # timm's schedule: the rate grows linearly from 0 at the first layer to drop_path_rate
+        self.drop_path_rates = [cfg.drop_path_rate * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None,
                 order: ScanOrder | None = None, keep: int | None = None) -> torch.Tensor:
@@ -117,8 +133,9 @@ class MambaEncoder(nn.Module):
                 torch.add(tokens, pos, out=hidden[:, :length])
             hidden[:, length:].zero_()
         residual = None
-        for layer in self.layers:
+        for layer, rate in zip(self.layers, self.drop_path_rates):
             hidden, residual = layer(hidden, residual, order, length if padded != length else None)
+            hidden = drop_path(hidden, rate, self.training)  # the mixer output, before the residual add
         keep = slice(0, length) if keep is None else slice(keep % length, keep % length + 1)
         residual = hidden[:, keep] if residual is None else residual[:, keep] + hidden[:, keep]
         return self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L or 1, D)

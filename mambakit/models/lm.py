@@ -4,7 +4,11 @@ Module names follow the official checkpoints (`backbone.embedding`, `backbone.la
 `backbone.norm_f`, `lm_head`), so the official state dict loads without renaming. `generate`
 comes from mambakit.generation's GenerationMixin, the recurrent state is its LMCache, and the
 checkpoint formats are mambakit.checkpoint's. The language-model presets are registered in the
-model registry (registry.py) at the end of this file."""
+model registry (registry.py) at the end of this file.
+
+Bad input is a TypeError / ValueError naming the argument. The checks of types, shapes, dtypes
+and devices run everywhere; the ones that read tensor values (token ids in range) are all in
+`MambaLM._check_values_eagerly`, which torch.compile and torch.export tracing skip."""
 
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ from torch import nn
 
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import PRESETS, MambaConfig
-from ..generation import GenerationMixin, LMCache, pack_prompts
+from ..generation import GenerationMixin, LMCache, architecture_of, pack_prompts
 from ..modules import S4D, Block, Mamba, MambaState
 from ..modules.norm import make_norm
 from .registry import register_model
+
+IGNORE_INDEX = -100  # a target equal to it adds no loss (cross_entropy's default ignore_index)
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -45,6 +52,28 @@ def make_mixer(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> 
                  conv_bias=config.conv_bias, bias=config.bias, layer_idx=layer_idx, gate=config.gate, **factory)
 
 
+def as_cu_seqlens(cu_seqlens, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """cu_seqlens as the ops take it. A list of int offsets is checked here (0 first, strictly
+    increasing, L last) and made an int32 tensor on input_ids' device; a tensor's values are
+    checked by the ops, and here only that it is on input_ids' device."""
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.device != input_ids.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {input_ids.device}")
+        return cu_seqlens
+    if not isinstance(cu_seqlens, (list, tuple)) or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in cu_seqlens):
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of int offsets, got {cu_seqlens!r:.80}")
+    length = input_ids.shape[-1]
+    offsets = list(cu_seqlens)
+    increasing = all(a < b for a, b in zip(offsets, offsets[1:]))
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != length or not increasing:
+        raise ValueError(f"cu_seqlens must be offsets from 0 to L={length}, strictly increasing (no empty "
+                         f"sequence), got {offsets!r:.80}")
+    return torch.tensor(offsets, dtype=torch.int32, device=input_ids.device)
+
+
 class Backbone(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
@@ -62,7 +91,10 @@ class Backbone(nn.Module):
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """input_ids (B, L) -> hidden (B, L, d_model). With cu_seqlens (S + 1 offsets, a 1-D
+        integer tensor or a list of ints), the batch is one row of S packed sequences."""
+        cu_seqlens = as_cu_seqlens(cu_seqlens, input_ids)
         hidden, residual = self.embedding(input_ids), None  # (B, L, d_model)
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i],
@@ -105,36 +137,94 @@ class MambaLM(nn.Module, GenerationMixin):
             module.out_proj.weight /= math.sqrt(self.config.n_layer)
 
     # ---- running -------------------------------------------------------------------------
-    def _check_ids(self, input_ids: torch.Tensor, ndim: int) -> None:
+    def _check_ids(self, input_ids: torch.Tensor, ndim: int, name: str = "input_ids") -> None:
+        """Type, dtype, shape and device of token ids; their values: _check_values_eagerly."""
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in ID_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor, got {input_ids.dtype}")
         if input_ids.ndim != ndim:
             want = "(B, L)" if ndim == 2 else "(B,)"
-            raise ValueError(f"input_ids must have shape {want}, got {tuple(input_ids.shape)}")
+            raise ValueError(f"{name} must have shape {want}, got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+            raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)})")
+        self._check_device(name, input_ids)
+
+    def _check_device(self, name: str, t: torch.Tensor) -> None:
+        """t on the model's device: a meta tensor (a shape without values) only for a meta model."""
+        device = self.backbone.embedding.weight.device  # (a quantized lm_head's .weight is a method)
+        if t.device != device:
+            what = "a meta tensor (a shape without values)" if t.is_meta else f"on {t.device}"
+            raise ValueError(f"{name} is {what}, but the model is on {device}")
+
+    def _check_targets(self, targets: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Type, dtype, shape and device of the training targets; their values: _check_values_eagerly."""
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
+        if targets.dtype not in ID_DTYPES + (torch.int8,):
+            raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
+        self._check_device("targets", targets)
+
+    def _check_values_eagerly(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Every check that reads tensor values: input ids in [0, padded_vocab_size), targets in
+        [0, vocab_size) or IGNORE_INDEX. Each costs a device sync, and none can run while
+        torch.compile or torch.export traces the model (the value is not known then), so they
+        are all here, skipped under tracing, and for meta tensors (which hold no values)."""
+        if torch.compiler.is_compiling() or input_ids.is_meta:
+            return
+        vocab = self.config.vocab_size
+        stats = list(torch.aminmax(input_ids))
+        if targets is not None:
+            bad_targets = ((targets < 0) | (targets >= vocab)) & (targets != IGNORE_INDEX)  # (B, L)
+            stats.append(bad_targets.sum())
+        lo, hi, *n_bad = torch.stack([t.long() for t in stats]).tolist()  # one sync
         if lo < 0 or hi >= self.config.padded_vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]")
+        if n_bad and n_bad[0]:
+            raise ValueError(f"targets must be token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored), "
+                             f"got {int(targets[bad_targets][0])}")
+
+    def _check_cache(self, cache: LMCache, batch: int, name: str = "input_ids") -> None:
+        """A cache of this model's layer count at this batch (check_fits checks everything)."""
+        if not isinstance(cache, LMCache):
+            raise TypeError(f"cache must be an LMCache, got {type(cache).__name__}")
+        if len(cache.layers) != len(self.backbone.layers):
+            raise ValueError(f"the cache holds {len(cache.layers)} layers, the model has {len(self.backbone.layers)}")
+        if cache.batch_size != batch:
+            raise ValueError(f"cache holds batch {cache.batch_size} but {name} has batch {batch}")
 
     def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0,
                 targets: torch.Tensor | None = None, chunk_len: int | None = None) -> torch.Tensor:
         """input_ids: (B, L) -> logits (B, L, V), or (B, logits_to_keep, V) for the last positions
         only. With a cache, continue from its state and leave the final state in it.
-        With targets (B, L), the mean cross-entropy instead (in at least fp32), run chunk_len
-        tokens at a time when chunk_len is given (see chunked_loss). Training goes through
-        forward so that wrappers such as DistributedDataParallel see it."""
+        With targets (B, L) (token ids, or IGNORE_INDEX where no loss is wanted), the mean
+        cross-entropy instead (in at least fp32), run chunk_len tokens at a time when chunk_len
+        is given (see chunked_loss). Training goes through forward so that wrappers such as
+        DistributedDataParallel see it."""
+        self._check_ids(input_ids, 2)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+            raise TypeError(f"logits_to_keep must be an int, got {type(logits_to_keep).__name__}")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}")
         if targets is not None:
             if cache is not None or logits_to_keep:
                 raise ValueError("targets= computes the training loss; it takes no cache or logits_to_keep")
-            if chunk_len is not None and chunk_len < input_ids.shape[1]:
-                return self.chunked_loss(input_ids, targets, chunk_len)
-            return lm_loss(self(input_ids), targets)
-        self._check_ids(input_ids, 2)
-        if cache is not None and cache.batch_size != input_ids.shape[0]:
-            raise ValueError(f"cache holds batch {cache.batch_size} but input_ids has batch {input_ids.shape[0]}")
+            if chunk_len is not None:
+                _check_chunk_len(chunk_len)
+                if chunk_len < input_ids.shape[1]:
+                    return self.chunked_loss(input_ids, targets, chunk_len)
+            self._check_targets(targets, input_ids)
+            self._check_values_eagerly(input_ids, targets)
+            return lm_loss(self._logits(input_ids), targets)
+        self._check_values_eagerly(input_ids)
+        if cache is not None:
+            self._check_cache(cache, input_ids.shape[0])
+        return self._logits(input_ids, cache, logits_to_keep)
+
+    def _logits(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """forward's computation on checked arguments: (B, L) -> (B, L or logits_to_keep, V)."""
         hidden = self.backbone(input_ids.long(), cache)  # (B, L, d_model)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -145,8 +235,8 @@ class MambaLM(nn.Module, GenerationMixin):
     def step(self, token_ids: torch.Tensor, cache: LMCache) -> torch.Tensor:
         """token_ids: (B,) -> logits (B, V); one token, updating the cache."""
         self._check_ids(token_ids, 1)
-        if cache.batch_size != token_ids.shape[0]:
-            raise ValueError(f"cache holds batch {cache.batch_size} but token_ids has batch {token_ids.shape[0]}")
+        self._check_values_eagerly(token_ids)
+        self._check_cache(cache, token_ids.shape[0], "token_ids")
         logits = self.lm_head(self.backbone.step(token_ids.long(), cache))
         cache.seqlen += 1
         cache.last_logits = logits
@@ -162,10 +252,9 @@ class MambaLM(nn.Module, GenerationMixin):
         input_ids, targets: (B, L) -> a scalar."""
         from torch.utils.checkpoint import checkpoint as recompute
         self._check_ids(input_ids, 2)
-        if targets.shape != input_ids.shape:
-            raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
-        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-            raise ValueError(f"chunk_len must be an int >= 1, got {chunk_len!r}")
+        self._check_targets(targets, input_ids)
+        _check_chunk_len(chunk_len)
+        self._check_values_eagerly(input_ids, targets)
         n_layer = len(self.backbone.layers)
 
         def run_chunk(ids, tgt, *flat_states):
@@ -188,10 +277,11 @@ class MambaLM(nn.Module, GenerationMixin):
                 out = run_chunk(ids, tgt, *flat)
             total = out[0] if total is None else total + out[0]
             flat = list(out[1:])
-        return total / targets.numel()
+        return total / (targets != IGNORE_INDEX).sum()  # the mean over the targets not ignored, as lm_loss
 
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LMCache:
-        return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers])
+        return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers],
+                       architecture=architecture_of(self.config))
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask: torch.Tensor | None = None, cache: LMCache | None = None
@@ -206,6 +296,9 @@ class MambaLM(nn.Module, GenerationMixin):
         if cache is not None:
             if not isinstance(input_ids, torch.Tensor) or attention_mask is not None:
                 raise ValueError("continuing a cache takes a (B, L) tensor of new tokens, without attention_mask")
+            if not isinstance(cache, LMCache):
+                raise TypeError(f"cache must be an LMCache, got {type(cache).__name__}")
+            cache.check_fits(self)
             logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
             cache.last_logits = logits
             return logits, cache
@@ -213,8 +306,9 @@ class MambaLM(nn.Module, GenerationMixin):
             cache = self.allocate_cache(input_ids.shape[0])
             logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
         else:
-            packed = pack_prompts(input_ids, attention_mask, device=self.lm_head.weight.device)
+            packed = pack_prompts(input_ids, attention_mask, device=self.backbone.embedding.weight.device)
             self._check_ids(packed.ids, 2)
+            self._check_values_eagerly(packed.ids)
             cache = self.allocate_cache(len(packed.prompts))
             hidden = self.backbone(packed.ids, cache, cu_seqlens=packed.cu_seqlens)  # (1, T, d_model)
             logits = self.lm_head(hidden[0, packed.last_positions])  # (S, V)
@@ -232,6 +326,11 @@ class MambaLM(nn.Module, GenerationMixin):
     def save_pretrained(self, directory: str | Path, format: str = "mambakit") -> None:
         """Writes the model in the mambakit, "hf" (Hugging Face) or "official" (mamba_ssm) format."""
         save_pretrained(self, directory, format=format)
+
+
+def _check_chunk_len(chunk_len) -> None:
+    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+        raise ValueError(f"chunk_len must be an int >= 1, got {chunk_len!r}")
 
 
 # ---- the registry's language models ----------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules import is_plain
 from ..modules.bimamba import BiMamba
 from .. import ops
 from . import registry
@@ -46,6 +47,7 @@ class VisionConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     divide_out: bool = True
+    drop_path_rate: float = 0.0  # stochastic depth (timm's drop_path_rate), linear over the layers
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -71,7 +73,7 @@ class VisionConfig:
         return EncoderConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, d_conv=self.d_conv,
                              expand=self.expand, n_paths=2 if self.scan == "cross" else 1, rms_norm=self.rms_norm,
                              norm_eps=self.norm_eps, residual_in_fp32=self.residual_in_fp32,
-                             divide_out=self.divide_out)
+                             divide_out=self.divide_out, drop_path_rate=self.drop_path_rate)
 
 
 # Vim's models: patch 16, 24 layers, d_state 16, expand 2, RMSNorm, fp32 residual, middle class
@@ -101,7 +103,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"image size {tuple(x.shape[2:])} does not match the model's img_size {self.img_size}; "
                              f"create the model with img_size={tuple(x.shape[2:])} (position embeddings are "
                              f"interpolated when its weights are loaded)")
-        if x.is_cuda:
+        if x.is_cuda and is_plain(self.proj, nn.Conv2d):  # a wrapped proj (LoRA, hooks) is called
             return self.as_gemm(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, M, D)
 
@@ -178,6 +180,37 @@ class VisionMamba(nn.Module):
             tokens, pos = self.tokens(x)
             return self.head(self.encoder(tokens, pos, self.order, keep=self.cls_position)[:, 0])
         return self.forward_head(self.forward_features(x))
+
+    # ---- what timm's scripts and optimizers ask of a model -------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    @property
+    def num_features(self) -> int:
+        return self.cfg.d_model
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for `num_classes` (timm's fine-tuning entry); global_pool 'token' pools
+        the class token, 'avg' the mean of the patch tokens."""
+        if global_pool is not None:
+            pools = {"token": "cls", "avg": "mean"}
+            if global_pool not in pools:
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.cfg = replace(self.cfg, pool=pools[global_pool])
+        self.cfg = replace(self.cfg, num_classes=num_classes)
+        self.cfg.check()
+        like = self.cls_token  # the head's device and dtype (a wrapped head may have no .weight)
+        self.head = nn.Linear(self.cfg.d_model, num_classes, device=like.device, dtype=like.dtype)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """The parameters that timm's optimizer factory leaves out of weight decay."""
+        return {"cls_token", "pos_embed", "cls_pos_embed"}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but a pos_embed made for another image size is interpolated to this

@@ -5,6 +5,6 @@ from .block import Block
 from .mamba import Mamba
 from .norm import LayerNorm, RMSNorm
 from .s4d import S4D
-from .state import MambaState
+from .state import MambaState, is_plain
 
-__all__ = ["Block", "LayerNorm", "Mamba", "MambaState", "RMSNorm", "S4D"]
+__all__ = ["Block", "LayerNorm", "Mamba", "MambaState", "RMSNorm", "S4D", "is_plain"]

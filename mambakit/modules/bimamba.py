@@ -23,7 +23,11 @@ Without autograd the layer runs an inference path: on CUDA (the Triton kernels) 
 `ops.bimamba_inference`, which flips nothing (the backward direction's conv runs anti-causally
 and its scan backward in time, over rows padded to 16 steps), with the weights it takes made
 once per version of the parameters (`padded_weights`); elsewhere `_fused_inference`, the fused
-path holding less memory at once."""
+path holding less memory at once.
+
+The fused paths take the submodules' weights only where every one is plain (`state.is_plain`);
+a wrapped in_proj or out_proj (peft LoRA, a quantized Linear, a hook) is called, and a wrapped
+per-direction conv1d, x_proj or dt_proj sends the layer to the reference, whose calls honour it."""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .state import at_least_fp32
+from .state import at_least_fp32, causal_conv, is_plain, linear_on_channels
 
 
 class BiMamba(nn.Module):
@@ -103,6 +107,17 @@ class BiMamba(nn.Module):
                 "dt_proj": getattr(self, f"dt_proj{s}"), "A_log": self.A_b_log if backward else self.A_log,
                 "D": getattr(self, f"D{s}")}
 
+    def plain_submodules(self) -> bool:
+        """Whether in_proj, out_proj and both directions' conv1d, x_proj and dt_proj are plain
+        (`is_plain`): the fused inference paths read their weights."""
+        return is_plain(self.in_proj, nn.Linear) and is_plain(self.out_proj, nn.Linear) and self._directions_plain()
+
+    def _directions_plain(self) -> bool:
+        """Whether both directions' conv1d, x_proj and dt_proj are plain (`_fused` stacks their weights)."""
+        return all(is_plain(p["conv1d"], nn.Conv1d) and is_plain(p["x_proj"], nn.Linear)
+                   and is_plain(p["dt_proj"], nn.Linear)
+                   for p in (self.direction_params(False), self.direction_params(True)))
+
     def forward(self, hidden_states: torch.Tensor, cache=None, fused: bool = True,
                 length: int | None = None) -> torch.Tensor:
         """hidden_states (B, L, d_model) -> (B, L, d_model). `cache` is accepted for Block's
@@ -135,16 +150,18 @@ class BiMamba(nn.Module):
         # stride-0 weight, cuBLAS chose sm75 kernels for Vim's shapes (1.0 + 0.43 ms a layer at
         # B = 64, L = 4097 on the H200, 20 % of the model's time)
         tokens = hidden_states.reshape(batch * length, -1).t()  # (d_model, B*L)
-        if fused and ops.no_autograd(hidden_states, *self.parameters()):
+        if fused and ops.no_autograd(hidden_states, *self.parameters()) and self.plain_submodules():
             y_cols = self._fused_inference(tokens, batch, length)  # (D_inner, B*L)
         else:
             xz = self._in_cols(slice(None), tokens).view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L)
             x, z = xz.split(self.d_inner, dim=1)  # (B, D_inner, L) each, L contiguous
-            if fused:
+            if fused and self._directions_plain():
                 y_cols = self._fused(x, z)  # (D_inner, B*L)
             else:
                 y_cols = self._reference(x, z).transpose(0, 1).reshape(self.d_inner, batch * length)
         y_rows = y_cols.t()  # (B*L, D_inner), a view
+        if not is_plain(self.out_proj, nn.Linear):  # called, on y / 2: a wrapper's own terms halve too
+            return self.out_proj(y_rows * 0.5 if self.divide_out else y_rows).view(batch, length, -1)
         # out_proj(y / 2) as (W / 2) y: halving the small weight (exact, a power of two) instead
         # of one more pass over the (B, D_inner, L) activations
         w_out = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
@@ -159,6 +176,8 @@ class BiMamba(nn.Module):
         """Whether this call takes `_padded_inference`: no autograd, outside torch.compile, and
         the Triton kernels for these inputs (CUDA, or backend="triton" under the interpreter)."""
         if not ops.no_autograd(hidden, *self.parameters()) or hidden.dtype == torch.float64:
+            return False
+        if not self.plain_submodules():  # the padded path reads every weight
             return False
         if self.backend is None:
             return hidden.is_cuda and ops.triton_available()
@@ -180,19 +199,25 @@ class BiMamba(nn.Module):
         return y_f + y_b.flip(-1)
 
     def _one_direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D) -> torch.Tensor:
-        """What Mamba._run does between in_proj and out_proj, for one direction."""
-        x = ops.causal_conv1d(x, conv1d.weight[:, 0], conv1d.bias, "silu")  # (B, D_inner, L)
-        x_dbl = ops.batched_linear(x_proj.weight, x)  # (B, R + 2N, L)
+        """What Mamba._run does between in_proj and out_proj, for one direction; a wrapped
+        conv1d, x_proj or dt_proj is called."""
+        x = causal_conv(conv1d, x, self.d_conv)  # (B, D_inner, L)
+        x_dbl = _channels(x_proj, x)  # (B, R + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = ops.batched_linear(dt_proj.weight, dt)  # (B, D_inner, L)
         A = -torch.exp(at_least_fp32(A_log))  # (D_inner, N)
-        return ops.selective_scan(x, delta, A, B, C, D=at_least_fp32(D), z=z,
-                                  delta_bias=at_least_fp32(dt_proj.bias), delta_softplus=True)
+        if is_plain(dt_proj, nn.Linear):  # the bias added in fp32 by the scan
+            delta, delta_bias = ops.batched_linear(dt_proj.weight, dt), at_least_fp32(dt_proj.bias)  # (B, D_inner, L)
+        else:
+            delta, delta_bias = linear_on_channels(dt_proj, dt, contiguous_time=True), None
+        return ops.selective_scan(x, delta, A, B, C, D=at_least_fp32(D), z=z, delta_bias=delta_bias,
+                                  delta_softplus=True)
 
     # -- the fused path: both directions in one conv call and one scan call -------------------
 
     def _in_cols(self, rows: slice, tokens: torch.Tensor) -> torch.Tensor:
         """in_proj's output channels `rows` for the tokens (d_model, B*L), as columns (C, B*L)."""
+        if not is_plain(self.in_proj, nn.Linear):  # called on the token rows (B*L, d_model)
+            return self.in_proj(tokens.t())[:, rows].t().contiguous()
         out = self.in_proj.weight[rows] @ tokens
         if self.in_proj.bias is not None:
             out = out + self.in_proj.bias[rows, None].to(out.dtype)
@@ -272,6 +297,14 @@ class BiMamba(nn.Module):
         del x2
         gate = F.silu(self._in_cols(slice(di, 2 * di), tokens), inplace=True)  # (D_inner, B*L)
         return y.view(di, -1).mul_(gate)
+
+
+def _channels(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear over the channels of x (B, C, L) -> (B, O, L), L contiguous: on its weight
+    (ops.batched_linear) where it is plain and has no bias (x_proj), else called."""
+    if is_plain(linear, nn.Linear) and linear.bias is None:
+        return ops.batched_linear(linear.weight, x)
+    return linear_on_channels(linear, x, contiguous_time=True)
 
 
 def stack_directions(x: torch.Tensor, padded: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import ops
 from .norm import RMSNorm
-from .state import MambaState
+from .state import MambaState, is_plain
 
 
 class Block(nn.Module):
@@ -32,7 +32,7 @@ class Block(nn.Module):
         Triton): the residual add and the norm in one pass over the (..., dim) rows, the normed
         output written in autocast's dtype when autocast is on (the rounding that its first GEMM
         would apply), with exactly _pre's roundings otherwise."""
-        if (hidden.is_cuda and hidden.dtype != torch.float64 and isinstance(self.norm, RMSNorm)
+        if (hidden.is_cuda and hidden.dtype != torch.float64 and is_plain(self.norm, RMSNorm)
                 and ops.triton_available() and ops.no_autograd(hidden, residual, self.norm.weight)):
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
             return self._pre_fused(hidden, residual, out_dtype)
@@ -55,8 +55,9 @@ class Block(nn.Module):
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: MambaState):
         """hidden, residual: (B, dim); one token. On CUDA the residual add and RMSNorm run as one
-        fused kernel (`ops.add_rms_norm`), with exactly _pre's roundings."""
-        if hidden.is_cuda and isinstance(self.norm, RMSNorm) and ops.triton_available():
+        fused kernel (`ops.add_rms_norm`), with exactly _pre's roundings. The fused kernel reads
+        the norm's weight, so it runs only for a plain RMSNorm (`is_plain`); a wrapped one is called."""
+        if hidden.is_cuda and is_plain(self.norm, RMSNorm) and ops.triton_available():
             hidden, residual = self._pre_fused(hidden, residual)
         else:
             hidden, residual = self._pre(hidden, residual)

@@ -5,7 +5,11 @@ Table 1 "without gate" variant.
 
 `forward(x, cache)` runs over L tokens; with a cache it starts from the cached conv and SSM
 states and leaves the final ones there. `step(x, cache)` continues one token at a time. The
-cache has a constant size, (B, D_inner, K-1) + (B, D_inner, N), whatever the length."""
+cache has a constant size, (B, D_inner, K-1) + (B, D_inner, N), whatever the length.
+
+The fused paths take in_proj's, conv1d's, x_proj's, dt_proj's and out_proj's weights only where
+each is a plain module (`state.is_plain`); a wrapped one (peft LoRA, a quantized Linear, a hook)
+is called, each on its own, with the same math."""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .state import MambaState, at_least_fp32, check_state, one_token
+from .state import (MambaState, at_least_fp32, causal_conv, causal_conv_step, check_state, conv_state_dtype, is_plain,
+                    linear, linear_on_channels, one_token)
 
 
 class Mamba(nn.Module):
@@ -62,8 +67,8 @@ class Mamba(nn.Module):
         self.dt_proj.bias._no_weight_decay = True
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
-        device = device or self.in_proj.weight.device
-        dtype = dtype or self.conv1d.weight.dtype
+        device = device or self.A_log.device
+        dtype = dtype or conv_state_dtype(self.conv1d)
         return MambaState(
             conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
@@ -81,10 +86,13 @@ class Mamba(nn.Module):
         """The step sizes Δ = softplus(dt_proj(x) + bias) that the scan uses on these inputs,
         (B, D_inner, L) fp32, from a zero state: a readable recomputation for diagnostics (how
         long each channel keeps what it stores: exp(ΔA) per step), not a fast path."""
-        x = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)[..., :self.d_inner]  # (B, L, D_inner)
+        x = self.in_proj(hidden_states)[..., :self.d_inner]  # (B, L, D_inner)
         x = F.silu(self.conv1d(x.transpose(1, 2))[..., :hidden_states.shape[1]])  # (B, D_inner, L), causal
-        dt, _, _ = self._ssm_params(F.linear(x.transpose(1, 2), self.x_proj.weight))  # (B, L, R)
-        delta = F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float()  # the scan adds the bias in fp32
+        dt, _, _ = self._ssm_params(self.x_proj(x.transpose(1, 2)))  # (B, L, R)
+        if is_plain(self.dt_proj, nn.Linear):  # the scan adds the bias in fp32
+            delta = F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float()
+        else:
+            delta = self.dt_proj(dt).float()
         return F.softplus(delta).transpose(1, 2)
 
     def _ssm_params(self, x_dbl: torch.Tensor, dim: int = -1):
@@ -133,6 +141,48 @@ class Mamba(nn.Module):
         either layout (see _project)."""
         with_states = state is not None or always_states
         time_major = _time_major(hidden_states)
+        xz = self._in(hidden_states, time_major)  # (B, 2*D_inner, L)
+        x, z = xz.split(self.d_inner, dim=1) if self.gate else (xz, None)  # (B, D_inner, L) each
+        A = self.A()  # (D_inner, N)
+        fusable = (is_plain(self.conv1d, nn.Conv1d) and is_plain(self.x_proj, nn.Linear)
+                   and is_plain(self.dt_proj, nn.Linear))  # conv_proj_scan takes their weights
+        if not time_major and not with_states and fusable:
+            # conv, x_proj and the scan in one op: its Triton training path holds the conv's
+            # input for the backward, not its output, and Δ's low-rank input, not Δ
+            # the gate rides in xz, so that xz's gradient comes back whole in its own layout
+            y = ops.conv_proj_scan(xz, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
+                                   self.dt_proj.weight, A, D=at_least_fp32(self.D),
+                                   delta_bias=at_least_fp32(self.dt_proj.bias), cu_seqlens=cu_seqlens,
+                                   gate_in_x=self.gate)  # (B, D_inner, L)
+            return self._out(y, time_major), None
+        conv_out = causal_conv(self.conv1d, x, self.d_conv, initial_state=None if state is None else state.conv,
+                               return_final_state=with_states, cu_seqlens=cu_seqlens)
+        x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
+        x_dbl = self._linear(self.x_proj, x, time_major)  # (B, R + 2N, L)
+        dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
+        scan_kw = dict(D=at_least_fp32(self.D), z=z, delta_softplus=True,
+                       initial_state=None if state is None else state.ssm,
+                       return_final_state=with_states, cu_seqlens=cu_seqlens)
+        if not is_plain(self.dt_proj, nn.Linear):  # called: Δ before the softplus, its bias included
+            delta = linear_on_channels(self.dt_proj, dt, contiguous_time=not time_major)  # (B, D_inner, L)
+            scan_out = ops.selective_scan(x, delta, A, B, C, **scan_kw)
+        elif time_major:
+            delta = _project(self.dt_proj.weight, dt, time_major)  # (B, D_inner, L)
+            scan_out = ops.selective_scan(x, delta, A, B, C, delta_bias=at_least_fp32(self.dt_proj.bias), **scan_kw)
+        else:  # Δ = dt_proj(dt) formed inside: the Triton scan's backward keeps dt (B, R, L), not Δ
+            inference = ops.no_autograd(hidden_states, *self.parameters())  # then y goes over the conv output
+            scan_out = ops.selective_scan_dt_proj(x, dt, self.dt_proj.weight, A, B, C,
+                                                  delta_bias=at_least_fp32(self.dt_proj.bias), **scan_kw,
+                                                  out=x if inference else None)
+        y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
+        return self._out(y, time_major), (MambaState(conv_final, ssm_final) if with_states else None)
+
+    def _in(self, hidden_states: torch.Tensor, time_major: bool) -> torch.Tensor:
+        """in_proj of hidden_states (B, L, d_model) -> xz (B, 2*D_inner, L) in the layout of
+        `time_major` (a view, C contiguous; or L contiguous)."""
+        if not is_plain(self.in_proj, nn.Linear):  # called
+            xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*D_inner, L), C contiguous
+            return xz if time_major else xz.contiguous()
         batch, length, _ = hidden_states.shape
         if time_major:
             xz = F.linear(hidden_states, self.in_proj.weight).transpose(1, 2)  # (B, 2*D_inner, L), C contiguous
@@ -141,57 +191,49 @@ class Mamba(nn.Module):
             xz = xz.view(-1, batch, length).transpose(0, 1)  # (B, 2*D_inner, L), L contiguous
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
-        x, z = xz.split(self.d_inner, dim=1) if self.gate else (xz, None)  # (B, D_inner, L) each
-        conv_w = self.conv1d.weight.squeeze(1)  # (D_inner, K)
-        A = self.A()  # (D_inner, N)
-        if not time_major and not with_states:
-            # conv, x_proj and the scan in one op: its Triton training path holds the conv's
-            # input for the backward, not its output, and Δ's low-rank input, not Δ
-            # the gate rides in xz, so that xz's gradient comes back whole in its own layout
-            y = ops.conv_proj_scan(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
-                                   D=at_least_fp32(self.D), delta_bias=at_least_fp32(self.dt_proj.bias),
-                                   cu_seqlens=cu_seqlens, gate_in_x=self.gate)  # (B, D_inner, L)
-            return self._out(y, time_major), None
-        conv_out = ops.causal_conv1d(x, conv_w, self.conv1d.bias, "silu",
-                                     initial_state=None if state is None else state.conv,
-                                     return_final_state=with_states, cu_seqlens=cu_seqlens)
-        x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
-        x_dbl = _project(self.x_proj.weight, x, time_major)  # (B, R + 2N, L)
-        dt, B, C = self._ssm_params(x_dbl, dim=1)  # (B, R|N|N, L)
-        scan_kw = dict(D=at_least_fp32(self.D), z=z, delta_bias=at_least_fp32(self.dt_proj.bias),
-                       delta_softplus=True, initial_state=None if state is None else state.ssm,
-                       return_final_state=with_states, cu_seqlens=cu_seqlens)
-        if time_major:
-            delta = _project(self.dt_proj.weight, dt, time_major)  # (B, D_inner, L)
-            scan_out = ops.selective_scan(x, delta, A, B, C, **scan_kw)
-        else:  # Δ = dt_proj(dt) formed inside: the Triton scan's backward keeps dt (B, R, L), not Δ
-            inference = ops.no_autograd(hidden_states, *self.parameters())  # then y goes over the conv output
-            scan_out = ops.selective_scan_dt_proj(x, dt, self.dt_proj.weight, A, B, C, **scan_kw,
-                                                  out=x if inference else None)
-        y, ssm_final = scan_out if with_states else (scan_out, None)  # y: (B, D_inner, L)
-        return self._out(y, time_major), (MambaState(conv_final, ssm_final) if with_states else None)
+        return xz
+
+    @staticmethod
+    def _linear(module: nn.Module, x: torch.Tensor, time_major: bool) -> torch.Tensor:
+        """A projection over the channels of x (B, C, L) -> (B, O, L), its bias included: on its
+        weight through _project where it is plain, else called."""
+        if not is_plain(module, nn.Linear):
+            return linear_on_channels(module, x, contiguous_time=not time_major)
+        out = _project(module.weight, x, time_major)  # (B, O, L)
+        if module.bias is not None:
+            out = out + module.bias[:, None].to(out.dtype)
+        return out
 
     def _out(self, y: torch.Tensor, time_major: bool) -> torch.Tensor:
         """out_proj of the scan output y (B, D_inner, L) -> (B, L, d_model)."""
-        out = _project(self.out_proj.weight, y, time_major)  # (B, d_model, L)
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias[:, None].to(out.dtype)
-        return out.transpose(1, 2)  # (B, L, d_model), a view; its consumer (the residual add) reads it once
+        # (B, L, d_model), a view; its consumer (the residual add) reads it once
+        return self._linear(self.out_proj, y, time_major).transpose(1, 2)
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape. Updates cache."""
         hidden_states, squeeze = one_token(hidden_states, self.d_model)
         check_state(cache, hidden_states.shape[0], self)
         # The shapes are guaranteed here, so this calls the unchecked in-place updates, and
-        # F.linear rather than the Linear modules: at one token per step, overhead is the cost.
-        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2*D_inner), or (B, D_inner) ungated
+        # F.linear rather than plain Linear modules: at one token per step, overhead is the cost.
+        xz = linear(self.in_proj, hidden_states)  # (B, 2*D_inner), or (B, D_inner) ungated
         x, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)  # (B, D_inner)
-        x = ops.causal_conv1d_update_(x, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
-        dt, B, C = self._ssm_params(F.linear(x, self.x_proj.weight))  # dt: (B, R), low rank
-        y = ops.dt_proj_state_update_(cache.ssm, x, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C,
-                                      D=self.D, z=z)
-        out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
+        x = causal_conv_step(self.conv1d, x, cache.conv, self.d_conv)
+        dt, B, C = self._ssm_params(linear(self.x_proj, x))  # dt: (B, R), low rank
+        if is_plain(self.dt_proj, nn.Linear):
+            y = ops.dt_proj_state_update_(cache.ssm, x, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C,
+                                          D=self.D, z=z)
+        else:  # called: Δ before the softplus, its bias included
+            y = ops.selective_state_update_(cache.ssm, x, self.dt_proj(dt), self.A(), B, C, D=self.D, z=z,
+                                            dt_softplus=True)
+        out = linear(self.out_proj, y)
         return out[:, None] if squeeze else out
+
+    def plain_submodules(self) -> bool:
+        """Whether in_proj, conv1d, x_proj, dt_proj and out_proj are all plain (`is_plain`), so
+        that a decoder may read their weights (generation's planned CPU step does)."""
+        return all(is_plain(m, cls) for m, cls in ((self.in_proj, nn.Linear), (self.conv1d, nn.Conv1d),
+                                                   (self.x_proj, nn.Linear), (self.dt_proj, nn.Linear),
+                                                   (self.out_proj, nn.Linear)))
 
 
 def _time_major(hidden_states: torch.Tensor) -> bool:

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from .state import MambaState, check_state, one_token
+from .state import MambaState, causal_conv, causal_conv_step, check_state, conv_state_dtype, linear, one_token
 
 MODES = ("conv", "recurrent")
 
@@ -114,8 +113,8 @@ class S4D(nn.Module):
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         """conv: (B, D_inner, K-1) in the model's dtype; ssm: (B, D_inner, N) fp32 (fp64 for an
         fp64 model), the N/2 complex modes as (re, im) pairs."""
-        device = device or self.in_proj.weight.device
-        dtype = dtype or self.conv1d.weight.dtype
+        device = device or self.log_dt.device
+        dtype = dtype or conv_state_dtype(self.conv1d)
         return MambaState(
             conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=self._real_dtype()),
@@ -157,9 +156,9 @@ class S4D(nn.Module):
             raise ValueError(f"S4D mode must be one of {MODES}, got {mode!r}")
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*D_inner, L), or (B, D_inner, L) ungated
         x, z = xz.chunk(2, dim=1) if self.gate else (xz, None)  # (B, D_inner, L)
-        conv_out = ops.causal_conv1d(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
-                                     initial_state=None if state is None else state.conv,
-                                     return_final_state=with_states, cu_seqlens=cu_seqlens)
+        conv_out = causal_conv(self.conv1d, x.contiguous(), self.d_conv,
+                               initial_state=None if state is None else state.conv,
+                               return_final_state=with_states, cu_seqlens=cu_seqlens)
         x, conv_final = conv_out if with_states else (conv_out, None)  # x: (B, D_inner, L)
         ssm = self._ssm_conv if mode == "conv" else self._ssm_scan
         h0 = None if state is None else _as_complex(state.ssm.to(self._real_dtype()))  # (B|S, D_inner, N/2)
@@ -241,9 +240,9 @@ class S4D(nn.Module):
         hidden_states, squeeze = one_token(hidden_states, self.d_model)
         check_state(cache, hidden_states.shape[0], self)
         rdt = self._real_dtype()
-        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2*D_inner) or (B, D_inner)
+        xz = linear(self.in_proj, hidden_states)  # (B, 2*D_inner) or (B, D_inner)
         x, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)  # (B, D_inner)
-        x = ops.causal_conv1d_update_(x, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
+        x = causal_conv_step(self.conv1d, x, cache.conv, self.d_conv)
         _, A_bar, B_bar, C = self.discretize()  # (D_inner, N/2)
         xr = x.to(rdt)
         h = _as_complex(cache.ssm)  # (B, D_inner, N/2), a view of the cache when it is fp32/fp64
@@ -253,7 +252,7 @@ class S4D(nn.Module):
         y = y.to(x.dtype)
         if z is not None:
             y = y * F.silu(z)
-        out = F.linear(y, self.out_proj.weight, self.out_proj.bias)
+        out = linear(self.out_proj, y)
         return out[:, None] if squeeze else out
 
 

@@ -135,10 +135,9 @@ def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
 
 
 def plot_confusion(conf: list[list[int]], accuracy: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     ax.imshow(conf, cmap="Blues")
     for i, row in enumerate(conf):
         for j, v in enumerate(row):
@@ -149,7 +148,6 @@ def plot_confusion(conf: list[list[int]], accuracy: float, path: Path) -> None:
            title=f"Vision Mamba on 8x8 digits: test accuracy {accuracy:.1%}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def train_main(argv: list[str]) -> int:

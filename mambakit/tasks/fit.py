@@ -6,6 +6,7 @@ step, so a run is a pure function of its seed."""
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,12 @@ class FitConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("--warmup-steps, --grad-clip and --weight-decay must be >= 0")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps!r}")
+        for name in ("grad_clip", "weight_decay"):  # NaN would train a NaN model
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.time_limit_s is not None and not (isinstance(self.time_limit_s, (int, float))
@@ -168,9 +173,14 @@ def load_state(cfg: FitConfig, model: nn.Module, optimizer) -> tuple[int, list[d
     path = Path(cfg.state_path)
     if not path.is_file():
         raise ValueError(f"--resume: there is no training state at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain containers only, a crafted file runs no code
+        state = torch.load(path, map_location="cpu", weights_only=True)
         schedule, step, rows = state["schedule"], int(state["step"]), list(state["rows"])
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # garbage, not a crafted object
+            raise ValueError(f"the training state {path} cannot be read (UnpicklingError)") from None
+        raise ValueError(f"the training state {path} holds objects other than tensors and plain data; "
+                         f"it is not loaded (torch.load(weights_only=True) refuses it)") from None
     except Exception as err:  # noqa: BLE001 (any corruption is reported the same way)
         raise ValueError(f"the training state {path} cannot be read ({type(err).__name__}: {err})") from None
     now = _settings(cfg)

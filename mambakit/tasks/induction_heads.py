@@ -182,10 +182,9 @@ def parse_lengths(text: str) -> list[int]:
 def plot_lengths(rows: list[dict], path: Path, train_len: int | None, title: str,
                  series: dict[str, list[dict]] | None = None) -> None:
     """Accuracy against length (log2 x axis); `series` draws several models on one plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
     for name, rs in (series or {title: rows}).items():
         ax.plot([r["length"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
     if train_len:
@@ -197,7 +196,6 @@ def plot_lengths(rows: list[dict], path: Path, train_len: int | None, title: str
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---- training ----------------------------------------------------------------------------

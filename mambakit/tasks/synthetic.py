@@ -165,10 +165,9 @@ def save_run(out_dir: str | Path, model, summary: dict, rows: list[dict], plot_k
 
 
 def plot_curves(rows: list[dict], key: str, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+    fig = Figure(figsize=(9, 3.5))
+    ax = fig.subplots(1, 2)
     ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
     ax[0].set(xlabel="step", ylabel="training loss", yscale="log", title=title)
     ev = [r for r in rows if key in r]
@@ -178,7 +177,6 @@ def plot_curves(rows: list[dict], key: str, title: str, path: Path) -> None:
         a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_summary(summary: dict) -> None:

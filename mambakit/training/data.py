@@ -5,6 +5,8 @@
   relative to the library root, so the split does not change between runs or machines.
 - `--data PATH`: a text file, a directory of text files, or a pre-tokenized `.bin` (uint16) /
   `.npy` (uint16 or uint32) read through a memory map (90 % train, 10 % validation).
+- `--max-corpus-bytes N` bounds what is read, in all: text files are read in order until N
+  bytes (the last one only in part), a token file's first N bytes are used.
 - Text is tokenized by the byte tokenizer: ids 0..255, and EOS_ID = 256 between documents.
 - The batch for step k depends only on (seed, k): a resumed run sees the same batches.
 """
@@ -77,21 +79,21 @@ def load_corpus(data: str | Path | None = None, val_fraction: float = 0.1, max_b
             raise ValueError(f"--data {str(data)!r}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in the directory")
         return _from_files(files, path, val_fraction, max_bytes, str(path))
     if path.suffix in (".bin", ".npy"):
-        return _from_array(path, val_fraction)
+        return _from_array(path, val_fraction, max_bytes)
     return _from_files([path], path.parent, val_fraction, max_bytes, str(path), split_inside=True)
 
 
 def _from_files(files, root, val_fraction, max_bytes, name, split_inside=False) -> Corpus:
     train, val, total = [], [], 0
     for f in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
         try:
-            raw = f.read_bytes()
+            raw = _read_bytes(f, None if max_bytes is None else max_bytes - total)
         except OSError:
             continue  # unreadable files of the standard library (permissions) are skipped
         if not raw:
             continue
-        if max_bytes is not None and total >= max_bytes:
-            break
         total += len(raw)
         if split_inside:  # one file: its last val_fraction is validation
             cut = int(len(raw) * (1 - val_fraction))
@@ -107,7 +109,13 @@ def _from_files(files, root, val_fraction, max_bytes, name, split_inside=False) 
     return Corpus(_bytes_to_tokens(train), _bytes_to_tokens(val), name, BYTE_VOCAB)
 
 
-def _from_array(path: Path, val_fraction: float) -> Corpus:
+def _read_bytes(path: Path, limit: int | None) -> bytes:
+    """The file's bytes, or its first `limit` bytes (the rest is never read)."""
+    with open(path, "rb") as f:
+        return f.read() if limit is None else f.read(limit)
+
+
+def _from_array(path: Path, val_fraction: float, max_bytes: int | None = None) -> Corpus:
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r")
         if tokens.dtype not in (np.uint16, np.uint32) or tokens.ndim != 1:
@@ -117,6 +125,8 @@ def _from_array(path: Path, val_fraction: float) -> Corpus:
         if path.stat().st_size % 2:
             raise ValueError(f"--data {path}: a .bin corpus holds uint16 tokens, but its size is odd")
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if max_bytes is not None:
+        tokens = tokens[:max_bytes // tokens.dtype.itemsize]
     if len(tokens) < 4:
         raise ValueError(f"--data {path}: the corpus is empty or too small to split into train and validation")
     cut = int(len(tokens) * (1 - val_fraction))

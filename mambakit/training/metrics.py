@@ -4,15 +4,42 @@ the validation loss at evaluations), and the loss curves they plot to out_dir/lo
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
 def read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """Metrics of a run being resumed, without the steps after its checkpoint."""
+    """Metrics of a run being resumed, without the steps after its checkpoint. A torn last line
+    (a run killed while writing it) is dropped with a warning; any other unreadable line is a
+    ValueError naming the file and the line."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    rows = []
+    for n, (number, line) in enumerate(numbered):
+        row = _row(line)
+        if row is None and n == len(numbered) - 1:
+            print(f"[mambakit] warning: {path} line {number} is torn (a run killed while writing it); dropped",
+                  file=sys.stderr)
+            break
+        if row is None:
+            raise ValueError(f"{path} line {number} is not a metrics row (JSON with an integer \"step\"): "
+                             f"{line[:80]!r}")
+        rows.append(row)
     return [r for r in rows if r["step"] <= up_to_step]
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+    return row if ok else None
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:

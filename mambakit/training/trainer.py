@@ -13,7 +13,13 @@ recomputed in the backward pass (MambaLM.chunked_loss): the full sequence's grad
 that does not grow with the length.
 
 Checkpoints (checkpoints.py) are written every save_every steps, at the end and on SIGINT/SIGTERM
-(signals.py); `--resume` continues exactly: the batch of step k depends only on (seed, k)."""
+(signals.py: the summary's exit_status is then 130 / 143; a second signal aborts without
+saving); `--resume` continues exactly: the batch of step k depends only on (seed, k), and a
+resume with other settings is refused (TrainConfig.changes_from) unless --allow-config-change.
+
+A step whose loss or gradient norm is not finite stops the run with a ValueError (after saving
+the last finite state), or with --skip-nonfinite is skipped (no update; its metrics row says
+"skipped"). A state that is not finite is never saved, so `latest` always holds a finite one."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,8 +38,9 @@ import torch
 from ..checkpoint import atomic_write
 from ..config import PRESETS, MambaConfig
 from ..models.lm import MambaLM
-from .checkpoints import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Corpus, batch_at, load_corpus
+from .checkpoints import (full_state, latest_checkpoint, load_checkpoint, read_trainer_state, remove_stale_temporaries,
+                          save_checkpoint)
+from .data import BYTE_VOCAB, Corpus, batch_at, load_corpus
 from .distributed import DistEnv, any_rank, barrier, init_distributed, mean_over_ranks, rows_of, shutdown
 from .metrics import plot_losses, read_metrics
 from .optim import lr_at, param_groups
@@ -41,21 +49,36 @@ from .train_config import TrainConfig
 
 
 def _device(cfg: TrainConfig) -> torch.device:
+    """The device of --device (checked by TrainConfig.check), or a ValueError when it is not here."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(cfg.device)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {cfg.device} but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps but no MPS device is available")
+    return device
 
 
 def model_config_for(cfg: TrainConfig, corpus: Corpus, overrides: dict) -> MambaConfig:
-    """The run's model: the preset, widened to the corpus' vocabulary, with the model flags' overrides."""
+    """The run's model: the preset with the model flags' overrides. Without --vocab-size, the
+    vocabulary grows to the corpus' only up to the byte tokenizer's (bytes + EOS): a token file
+    whose largest id lies beyond the preset's vocabulary is a ValueError naming the file and
+    the id (one stray id would otherwise grow the embedding and the head to fit it)."""
     base = dataclasses.replace(PRESETS[cfg.preset])
+    largest = corpus.vocab_size - 1
     if "vocab_size" not in overrides and base.vocab_size < corpus.vocab_size:
-        base = dataclasses.replace(base, vocab_size=corpus.vocab_size)  # e.g. bytes + EOS
+        if corpus.vocab_size > max(base.vocab_size, BYTE_VOCAB):
+            raise ValueError(f"--data {corpus.name}: its largest token id is {largest}, beyond the {cfg.preset} "
+                             f"preset's vocabulary of {base.vocab_size}; pass --vocab-size {largest + 1} (or more) "
+                             f"if the tokenizer has that many tokens")
+        base = dataclasses.replace(base, vocab_size=corpus.vocab_size)  # bytes + EOS
     config = dataclasses.replace(base, **overrides)
     if config.vocab_size < corpus.vocab_size:
-        raise ValueError(f"--vocab-size {config.vocab_size} is smaller than the corpus' {corpus.vocab_size} token ids")
+        raise ValueError(f"--vocab-size {config.vocab_size} does not cover the largest token id {largest} "
+                         f"of --data {corpus.name}")
     return config
 
 
@@ -92,13 +115,18 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
 
 def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv, progress: bool) -> dict:
     out_dir = Path(cfg.out_dir)
-    existing = latest_checkpoint(out_dir) if out_dir.exists() else None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a directory")
+    existing = _existing_checkpoint(out_dir, cfg)
     if existing is not None and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out_dir} already holds a checkpoint ({existing.name}); pass --resume to continue it or "
                          f"--overwrite to start over")
     if cfg.resume and existing is None:
         raise ValueError(f"--resume: {out_dir} holds no checkpoint")
+    stored = read_trainer_state(existing) if cfg.resume else None
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
+    if stored is not None:
+        _check_resume(cfg, stored, existing, env)
     for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
         if len(tokens) < cfg.seq_len + 1:
             raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {split} split ({len(tokens)} tokens)")
@@ -114,15 +142,11 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
         fully_shard(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
-    start = load_checkpoint(existing, model, optimizer) if cfg.resume else 0
+    start = load_checkpoint(existing, model, optimizer, stored) if cfg.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
     rows = read_metrics(metrics_path, start) if cfg.resume else []
     if env.is_main:  # only rank 0 writes
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and existing is not None:
-            for old in out_dir.glob("ckpt-*"):
-                shutil.rmtree(old, ignore_errors=True)
-            (out_dir / "latest").unlink(missing_ok=True)
+        _prepare_out_dir(out_dir, cfg)
         atomic_write(metrics_path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
         atomic_write(out_dir / "train_config.json",
                      lambda p: Path(p).write_text(json.dumps({"train": dataclasses.asdict(cfg),
@@ -144,12 +168,12 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     chunked = cfg.chunk_len is not None and cfg.chunk_len < cfg.seq_len
     summary = {"corpus": corpus.name, "unigram_bits": corpus.unigram_bits_per_token(),
-               "params": sum(p.numel() for p in model.parameters())}
+               "params": sum(p.numel() for p in model.parameters()), "max_token_id": corpus.vocab_size - 1}
     bar = _progress(start, cfg.max_steps, progress)
     model.train()
-    last_val = None
+    last_val, last_saved, failure, stopped_by, exit_status = None, start, None, None, None
     log = open(metrics_path, "a") if env.is_main else contextlib.nullcontext()
-    with StopFlag() as stop, log:
+    with StopFlag() as stop, log, contextlib.closing(bar):
         step = start
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -170,46 +194,137 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
                     loss.backward()
                 loss_sum += loss.item()
             loss_sum = mean_over_ranks(loss_sum, env, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            optimizer.step()
+            grad_norm = _gradient_norm(model, cfg.grad_clip)
+            finite = not any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), env, device)
+            if finite:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_step / dt}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if device.type == "cuda":
-                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                if env.is_main or cfg.fsdp:  # a sharded model evaluates on every rank together
-                    last_val = evaluate(model, corpus, cfg, device, autocast)
-                    row.update(val_loss=last_val, val_bits_per_token=last_val / math.log(2))
-                barrier(env)
-            if env.is_main:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            rows.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            **({"val_bpt": f"{row['val_bits_per_token']:.3f}"} if "val_loss" in row else {}))
+            if not finite and not cfg.skip_nonfinite:
+                failure = (f"step {step + 1}: the loss is {loss_sum:.4g} and the gradient norm {grad_norm:.4g}, "
+                           f"not finite; training stopped (--skip-nonfinite skips such steps)")
+            else:
+                step += 1
+                dt = time.perf_counter() - t0
+                row = {"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                       "grad_norm": grad_norm}
+                if not finite:  # skipped: no update, and no loss to plot
+                    row = {"step": step, "lr": lr, "skipped": f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g}"}
+                if device.type == "cuda":
+                    row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    if env.is_main or cfg.fsdp:  # a sharded model evaluates on every rank together
+                        last_val = evaluate(model, corpus, cfg, device, autocast)
+                        row.update(val_loss=last_val, val_bits_per_token=last_val / math.log(2))
+                    barrier(env)
+                if env.is_main:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                rows.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
+                                **({"val_bpt": f"{row['val_bits_per_token']:.3f}"} if "val_loss" in row else {}))
             time_box = cfg.stop_after is not None and step - start >= cfg.stop_after
             stop.requested = any_rank(stop.requested, env, device)  # all ranks stop at the same step
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stop.requested or time_box:
-                states = full_state(model, optimizer) if cfg.fsdp else None  # collective when sharded
-                if env.is_main:
-                    save_checkpoint(out_dir, model, optimizer, step, cfg, states)
-                barrier(env)
-            if stop.requested or time_box:
-                why = "a signal" if stop.requested else "--stop-after"
-                bar.write(f"[mambakit] stopped by {why} at step {step}; checkpoint saved, --resume continues it",
-                          file=sys.stderr)
+            periodic = failure is None and (step % cfg.save_every == 0 or step == cfg.max_steps)
+            if (periodic or failure or stop.requested or time_box) and step > last_saved:
+                _save(out_dir, model, optimizer, step, cfg, env, device)
+                last_saved = step
+            if failure is not None or stop.requested or time_box:
+                if failure is None:
+                    stopped_by = _signal_name(stop.signum) if stop.requested else "--stop-after"
+                    exit_status = stop.exit_status if stop.requested else None
+                    bar.write(f"[mambakit] stopped by {stopped_by} at step {step}; checkpoint saved, --resume "
+                              f"continues it", file=sys.stderr)
                 break
     bar.close()
     if env.is_main:
         plot_losses(rows, out_dir / "loss.png")
-    summary.update(step=step, val_loss=last_val,
+    if failure is not None:
+        kept = f"the checkpoint of step {last_saved} in {out_dir} is kept" if last_saved else "nothing was saved"
+        raise ValueError(f"{failure}; {kept}")
+    summary.update(step=step, val_loss=last_val, stopped_by=stopped_by, exit_status=exit_status,
                    val_bits_per_token=None if last_val is None else last_val / math.log(2))
     return summary
+
+
+def _check_resume(cfg: TrainConfig, stored: dict, checkpoint: Path, env: DistEnv) -> None:
+    """A resume continues the stored run: other settings are a ValueError listing them, or,
+    with --allow-config-change, a listed warning (TrainConfig.changes_from says which count)."""
+    changes = cfg.changes_from(stored["train_config"])
+    if changes and not cfg.allow_config_change:
+        raise ValueError(f"--resume: {checkpoint} was trained with other settings ({', '.join(changes)}); "
+                         f"pass the same ones to continue that run, or --allow-config-change")
+    if changes and env.is_main:
+        print(f"[mambakit] --resume with changed settings: {', '.join(changes)}", file=sys.stderr)
+    if stored["step"] >= cfg.max_steps:
+        raise ValueError(f"--resume: {checkpoint} is at step {stored['step']} and --max-steps is {cfg.max_steps}; "
+                         f"raise --max-steps to train further")
+
+
+def _existing_checkpoint(out_dir: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint out_dir/latest names; a broken `latest` is a ValueError, except under
+    --overwrite, which removes it."""
+    if not out_dir.exists():
+        return None
+    try:
+        return latest_checkpoint(out_dir)
+    except ValueError:
+        if cfg.overwrite:
+            return None
+        raise
+
+
+def _prepare_out_dir(out_dir: Path, cfg: TrainConfig) -> None:
+    """Creates out_dir, removes what killed runs left there, and with --overwrite the old run's
+    checkpoints."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out-dir {out_dir} cannot be created ({err.strerror or err})") from None
+    remove_stale_temporaries(out_dir)
+    if cfg.overwrite:
+        for old in out_dir.glob("ckpt-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out_dir / "latest").unlink(missing_ok=True)
+
+
+def _gradient_norm(model: MambaLM, max_norm: float) -> float:
+    """The gradients' total norm (before clipping), clipping them to max_norm when it is > 0."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # a sharded (FSDP2) norm: every rank takes the whole one
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _save(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig, env: DistEnv, device) -> None:
+    """Saves a checkpoint on rank 0, unless some rank's parameters or optimizer state are not
+    finite: then every rank raises the same ValueError and `latest` keeps the last good one."""
+    bad = _local_nonfinite(model, optimizer)
+    if any_rank(bad is not None, env, device):
+        raise ValueError(f"step {step}: {bad or 'a parameter of another rank'} is not finite; no checkpoint "
+                         f"written, {out_dir / 'latest'} keeps the last good one")
+    states = full_state(model, optimizer) if cfg.fsdp else None  # collective when sharded
+    if env.is_main:
+        save_checkpoint(out_dir, model, optimizer, step, cfg, states)
+    barrier(env)
+
+
+def _local_nonfinite(model: MambaLM, optimizer) -> str | None:
+    """The first parameter (or its optimizer state) of this rank that holds a NaN or an infinity."""
+    for name, p in model.named_parameters():
+        tensors = {name: p, **{f"{name} (optimizer {k})": v for k, v in optimizer.state.get(p, {}).items()}}
+        for label, t in tensors.items():
+            t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                return label
+    return None
+
+
+def _signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum is not None else "a signal"
 
 
 def _checkpoint_blocks(model: MambaLM) -> None:

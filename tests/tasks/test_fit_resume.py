@@ -49,7 +49,7 @@ def test_a_crash_between_saves_resumes_from_the_last_save(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "crash", "--save-every", "3")  # saved after steps 3 and 6
     monkeypatch.setattr(ih.InductionHeads, "batch", real_batch)
-    state = torch.load(tmp_path / "crash" / "fit_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "crash" / "fit_state.pt", weights_only=True)
     assert state["step"] == 6
     model, rows = _train(tmp_path / "crash", "--resume")
     assert [r["step"] for r in rows] == list(range(1, 13))
