@@ -4,6 +4,7 @@ are windows of the embedded standard-library corpus (byte tokens), the same for 
 
     python benchmarks/train.py [--out benchmarks/results/train_h200.json] [--profile 20]
     python benchmarks/train.py --device cpu --preset tiny --shapes 2x64 --steps 2   # a smoke run
+    python benchmarks/train.py --compile    # also mambakit under torch.compile(fullgraph=True), beside eager
     python benchmarks/train.py --plot benchmarks/results/train_h200.json             # redraw the PNG
 
 Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape.
@@ -34,6 +35,13 @@ def ours_model(config, device):
     from mambakit import MambaLM
     model = MambaLM(config, device=device)
     return model, model
+
+
+def ours_compiled_model(config, device):
+    """mambakit's model in one torch.compile graph (the Triton kernels are custom ops), static
+    shapes (each B x L its own graph); the warm-up steps of measure() compile it."""
+    model, _ = ours_model(config, device)
+    return torch.compile(model, fullgraph=True, dynamic=False), model
 
 
 def measure(forward, model, batch, length, tokens, steps, device, profile=0):
@@ -87,6 +95,8 @@ def main():
     ap.add_argument("--profile", type=int, default=0, help="print the top N kernels of one step of each model")
     ap.add_argument("--max-corpus-bytes", type=int, default=None)
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="also measure mambakit's training step under torch.compile(fullgraph=True)")
     args = ap.parse_args()
     if args.plot:
         with open(args.plot) as f:
@@ -99,6 +109,8 @@ def main():
     if config.vocab_size < corpus.vocab_size:  # the tiny preset: bytes, and the corpus adds EOS
         config = dataclasses.replace(config, vocab_size=corpus.vocab_size)
     builders = [("mambakit", ours_model)]
+    if args.compile:
+        builders.append(("mambakit_compiled", ours_compiled_model))
     if args.device == "cuda":
         try:
             import mamba_ssm  # noqa: F401
@@ -122,9 +134,12 @@ def main():
                 torch.cuda.empty_cache()
         if isinstance(row.get("official"), dict) and isinstance(row.get("mambakit"), dict):
             row["tokens_per_s_ratio"] = row["mambakit"]["tokens_per_s"] / row["official"]["tokens_per_s"]
+        if isinstance(row.get("mambakit_compiled"), dict) and isinstance(row.get("mambakit"), dict):
+            row["compiled_speedup"] = row["mambakit_compiled"]["tokens_per_s"] / row["mambakit"]["tokens_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"preset": args.preset, "corpus": corpus.name, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    result = {"preset": args.preset, "corpus": corpus.name, "compile": args.compile,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -137,8 +152,9 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = result["rows"]
-    names = [n for n in ("mambakit", "official") if any(isinstance(r.get(n), dict) for r in rows)]
-    colors = {"mambakit": "tab:green", "official": "tab:gray"}
+    names = [n for n in ("mambakit", "mambakit_compiled", "official")
+             if any(isinstance(r.get(n), dict) for r in rows)]
+    colors = {"mambakit": "tab:green", "mambakit_compiled": "tab:olive", "official": "tab:gray"}
     labels = [f"{r['B']} x {r['L']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     width = 0.8 / max(1, len(names))

@@ -129,15 +129,17 @@ class MambaConfig:
         if self.norm_epsilon != 1e-5:  # mamba_ssm's config has no epsilon; its models use 1e-5
             raise ValueError(f"the official mamba_ssm format supports norm_epsilon=1e-5 only "
                              f"(norm_epsilon={self.norm_epsilon} given)")
-        ssm_cfg = {
-            "layer": "Mamba1", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+        ssm_cfg = {  # the keyword arguments of mamba_ssm's Mamba (Mamba1) mixer
+            "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
             "dt_rank": self.dt_rank, "dt_min": self.dt_min, "dt_max": self.dt_max,
             "dt_init_floor": self.dt_init_floor, "dt_scale": self.dt_scale,
             "conv_bias": self.conv_bias, "bias": self.bias,
         }
+        # Only the fields of mamba_ssm 1.2's MambaConfig, so that 1.2 and 2.x both read it: 2.x's
+        # d_intermediate, attn_layer_idx, attn_cfg and ssm_cfg.layer default to 0, [], {} and
+        # "Mamba1" (a pure Mamba-1 model), and 1.2's MambaConfig(**config) refuses them.
         return {
-            "d_model": self.d_model, "d_intermediate": 0, "n_layer": self.n_layer,
-            "vocab_size": self.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {},
+            "d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": self.vocab_size, "ssm_cfg": ssm_cfg,
             "rms_norm": self.rms_norm, "residual_in_fp32": self.residual_in_fp32,
             "fused_add_norm": True, "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
             "tie_embeddings": self.tie_embeddings,
@@ -176,6 +178,12 @@ class MambaConfig:
 
     # ---- the Hugging Face MambaConfig ----------------------------------------------------
     def to_hf(self) -> dict[str, Any]:
+        """The config.json of a Hugging Face MambaForCausalLM with the same outputs. The
+        embedding is stored at its padded size, so vocab_size is the padded one.
+        rescale_prenorm_residual is written false: transformers (up to 5.x at least) applies it
+        to out_proj at every from_pretrained, loaded weights included, so true would divide the
+        saved out_proj by sqrt(n_layer) once more. It changes only a fresh init, which a
+        checkpoint's weights replace."""
         self._check_standard_mixer("Hugging Face Mamba")
         if not self.rms_norm:
             raise ValueError("the Hugging Face Mamba format supports RMSNorm only (rms_norm=False given)")
@@ -190,7 +198,7 @@ class MambaConfig:
             "time_step_rank": self.resolved_dt_rank, "time_step_scale": self.dt_scale,
             "time_step_min": self.dt_min, "time_step_max": self.dt_max,
             "time_step_init_scheme": "random", "time_step_floor": self.dt_init_floor,
-            "rescale_prenorm_residual": self.rescale_prenorm_residual,
+            "rescale_prenorm_residual": False,
             "tie_word_embeddings": self.tie_embeddings, "use_cache": True,
         }
 

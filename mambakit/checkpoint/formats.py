@@ -8,6 +8,13 @@
 - "official": mamba_ssm's config.json (d_model, ssm_cfg, ...) + pytorch_model.bin, which is
   what `MambaLMHeadModel.from_pretrained` reads.
 
+The safetensors formats ("mambakit", "hf") are written in shards of at most `max_shard_size`
+bytes (5GB by default, the size the published Hugging Face Mamba checkpoints use), as
+transformers does: `model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json`
+({"metadata": {"total_size": ...}, "weight_map": {tensor name: shard}}); weights below the
+limit are one model.safetensors. The official format is always one pytorch_model.bin:
+mamba_ssm's loader reads that file only.
+
 A checkpoint directory is written as a whole (files.write_directory): at every instant it is
 the complete old checkpoint or the complete new one. `.bin` files are read only with
 `torch.load(..., weights_only=True)`. Whatever is wrong in a checkpoint (a config field of the
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -35,8 +43,13 @@ from .hub import child_path, resolve_directory
 FORMATS = ("mambakit", "hf", "official")
 _HF_PREFIX, _OURS_PREFIX = "backbone.embeddings.", "backbone.embedding."
 _CONFIG, _SAFETENSORS, _BIN = "config.json", "model.safetensors", "pytorch_model.bin"
-_INDEXES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_INDEXES = {_SAFETENSORS_INDEX: "safetensors", "pytorch_model.bin.index.json": "bin"}
 _WEIGHT_FILES = (_SAFETENSORS, *_INDEXES, _BIN)
+_SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")  # what save_pretrained names its shards
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MAX_JSON_BYTES = 64 << 20  # a config or an index is kilobytes; more is not one
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -213,8 +226,9 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(cls: type[Model], name_or_path: str | Path, device=None, dtype=None) -> Model:
     """`cls(config, device=device, dtype=dtype)` with the weights of a checkpoint directory (any
-    of the three formats) or of a hub id in the local Hugging Face cache. The config is
-    checked against the weights' shapes before anything of the model's size is allocated."""
+    of the three formats) or of a hub id in the local Hugging Face cache, in eval mode. The
+    config is checked against the weights' shapes before anything of the model's size is
+    allocated."""
     directory = resolve_directory(name_or_path)
     config, fmt = read_config(directory)
     weights = _Weights(directory)
@@ -225,7 +239,7 @@ def load_pretrained(cls: type[Model], name_or_path: str | Path, device=None, dty
                                 f"({_field_name('tie_embeddings', fmt)}=true), but")
     model = cls(config, device=device, dtype=dtype)
     load_state_dict_strict(model, state, source=str(directory))
-    return model
+    return model.eval()  # as transformers' from_pretrained: dropout-free inference until .train()
 
 
 def _check_config_against_weights(cls, config: MambaConfig, fmt: str, directory: Path,
@@ -314,12 +328,20 @@ def _check_tied_head(state: dict[str, torch.Tensor], context: str) -> None:
 
 # ---- saving ----------------------------------------------------------------------------------
 
-def save_pretrained(model: nn.Module, directory: str | Path, format: str = "mambakit") -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, format: str = "mambakit",
+                    max_shard_size: int | str | None = None) -> None:
     """Writes `model` (its `.config` is a MambaConfig) to `directory` in one of FORMATS, as a
     whole: a kill at any instant leaves the complete old checkpoint or the complete new one
-    (files.write_directory). Other files in the directory (a tokenizer, a README) are kept."""
+    (files.write_directory). Other files in the directory (a tokenizer, a README) are kept.
+    max_shard_size (bytes, or a string such as "500MB", "5GB", "2GiB"; None: 5GB) splits the
+    safetensors of the "mambakit" and "hf" formats into shards with an index; the "official"
+    format is one pytorch_model.bin and takes no max_shard_size."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "official" and max_shard_size is not None:
+        raise ValueError(f"max_shard_size is not available for format='official': mamba_ssm's MambaLMHeadModel."
+                         f"from_pretrained reads one {_BIN} only (got max_shard_size={max_shard_size!r})")
+    shard_limit = _shard_size_bytes(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     config: MambaConfig = model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if format == "official":
@@ -332,25 +354,91 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "mamb
         else:
             raw = {"format": "mambakit", "mambakit_version": _package_version(), **config.to_dict()}
 
-    def write_weights(tmp: str) -> None:
-        if format == "official":
-            torch.save(state, tmp)
-        else:
-            from safetensors.torch import save_file
-            save_file(state, tmp, metadata={"format": "pt"})
-
     def write(into: Path) -> None:
-        atomic_write(into / (_BIN if format == "official" else _SAFETENSORS), write_weights)
+        if format == "official":
+            atomic_write(into / _BIN, lambda tmp: torch.save(state, tmp))
+        else:
+            _write_safetensors(into, state, shard_limit)
         atomic_write_json(into / _CONFIG, raw)  # last: a directory with config.json is complete
 
     write_directory(directory, write, owned=_checkpoint_files, marker=_CONFIG)
 
 
+def _shard_size_bytes(max_shard_size: Any) -> int:
+    """max_shard_size in bytes: an int, or a number with a unit, B, KB, MB, GB, TB (powers of
+    1000) or KiB, MiB, GiB, TiB (powers of 1024), in any case ("500MB", "5GB", "1.5 GiB")."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    else:
+        size = _size_with_unit(max_shard_size)
+        if size is None:
+            raise ValueError(f"max_shard_size must be a number of bytes (an int) or a size with a unit such as "
+                             f"'500MB' or '5GB' (units {', '.join(u.upper() for u in _SIZE_UNITS)}), "
+                             f"got {str(max_shard_size)[:60]!r}")
+    if size < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {max_shard_size!r}")
+    return size
+
+
+def _size_with_unit(text: Any) -> int | None:
+    """"500MB" -> 500_000_000; None for anything else than a number followed by a known unit."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]+)\s*", text) if isinstance(text, str) else None
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    return None if unit is None else int(float(match.group(1)) * unit)
+
+
+def _write_safetensors(into: Path, state: dict[str, torch.Tensor], limit: int) -> None:
+    """model.safetensors, or, when the weights exceed `limit` bytes, the shards and their index
+    (the index after the shards). A failure removes what this call wrote."""
+    from safetensors.torch import save_file
+    shards = _split(state, limit)
+    names = [_SAFETENSORS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written: list[Path] = []
+    try:
+        for name, shard in zip(names, shards):
+            written.append(into / name)
+            atomic_write(into / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        if len(shards) > 1:
+            written.append(into / _SAFETENSORS_INDEX)
+            atomic_write_json(into / _SAFETENSORS_INDEX, {
+                "metadata": {"total_size": sum(_nbytes(t) for t in state.values())},
+                "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}})
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _split(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, cut into consecutive shards of at most `limit` bytes each (as
+    transformers and huggingface_hub cut them); a tensor larger than `limit` is a shard alone."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        if shards[-1] and size + _nbytes(tensor) > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += _nbytes(tensor)
+    return shards
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _checkpoint_files(directory: Path) -> set[str]:
     """The names of a checkpoint's files in `directory`, present or not: config.json, every
-    weight file, and the shards its indexes name (only plain names inside the directory: a
-    name pointing elsewhere is not the checkpoint's to remove)."""
+    weight file, the shards its indexes name (only plain names inside the directory: a name
+    pointing elsewhere is not the checkpoint's to remove), and every file named as
+    save_pretrained names its shards (`model-00001-of-00003.safetensors`), indexed or not."""
     names = {_CONFIG, *_WEIGHT_FILES}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):  # a shard, or the temporary file of a killed shard write
+            shard = re.sub(r"^\.(.*)\.[a-z0-9_]{8}\.tmp$", r"\1", name)
+            if _SHARD_NAME.fullmatch(shard):
+                names.add(shard)
     for index in _INDEXES:
         try:
             shards = _shard_names(directory / index) if (directory / index).is_file() else []

@@ -32,7 +32,24 @@ def resolve_directory(name_or_path: str | Path) -> Path:
         warnings.warn(f"{path} is missing: a save into it was interrupted; reading the previous checkpoint from "
                       f"{old} (the next save_pretrained into {path} puts it back)", stacklevel=3)
         return old
+    if not _may_be_hub_id(name_or_path):
+        raise FileNotFoundError(f"no checkpoint directory {str(name_or_path)!r}: "
+                                f"{os.path.abspath(path)} does not exist")
     return _hub_snapshot(name_or_path)
+
+
+def _may_be_hub_id(name_or_path: str | Path) -> bool:
+    """Whether a name that is no local path may be a hub id ("org/name" or "name"): a str that
+    the hub accepts as a repository id. "./run", "../run", "/abs/run", "~/run", "a/b/c" and a
+    pathlib.Path are paths, whose absence is all there is to say."""
+    if not isinstance(name_or_path, str):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return False
+    return True
 
 
 def child_path(directory: Path, name: Any, source: Path) -> Path:
@@ -74,9 +91,10 @@ def _hub_snapshot(repo_id: str | Path) -> Path:
         snapshot = Path(snapshot_download(repo_id=str(repo_id), local_files_only=True))
     except Exception as err:  # not in the cache, or not a valid repo id
         raise FileNotFoundError(
-            f"{str(repo_id)!r} is neither a local directory nor a model in the local Hugging Face cache "
-            f"(looked in {Path(repo_id).expanduser().resolve()} and {constants.HF_HUB_CACHE}). mambakit never "
-            f"downloads; fetch it first (e.g. `hf download {repo_id}`) or pass a directory. ({type(err).__name__})"
+            f"{str(repo_id)!r} is neither a local directory ({os.path.abspath(repo_id)} does not exist) nor a model "
+            f"in the local Hugging Face cache ({constants.HF_HUB_CACHE}). mambakit never downloads: if it is a "
+            f"hub id, fetch it first (`hf download {repo_id}`); else pass the path of a checkpoint directory. "
+            f"({type(err).__name__})"
         ) from None
     snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=str(repo_id), repo_type="model") / "snapshots"
     refs = snapshots.parent / "refs"

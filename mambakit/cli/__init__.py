@@ -3,12 +3,17 @@
 COMMANDS maps each command to its module, which owns its flags: `HELP` (its line in `mambakit
 --help`), an optional `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`. A new
 command is a new module and one line here. `train` and `eval` with `--task NAME` (other than
-lm) hand the other flags to the task (mambakit.tasks), which parses them itself."""
+lm) hand the other flags to the task (mambakit.tasks), which parses them itself.
+
+Conventions every command and task keeps: a boolean option is a --name / --no-name pair, a
+--device takes auto (the default), cpu, cuda, cuda:N or mps, a bad flag or file is one `error:`
+line. `mambakit --version` prints the installed version."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -24,6 +29,7 @@ TASK_COMMANDS = ("train", "eval")  # the commands that take --task
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambakit", description="Mamba selective state-space models")
+    parser.add_argument("--version", action="version", version=f"mambakit {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         command = importlib.import_module(module_name)
@@ -31,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(command_parser)
         command_parser.set_defaults(run=command.run)
     return parser
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata), or "0+unknown" in a source tree that is
+    not installed."""
+    try:
+        return importlib.metadata.version("mambakit")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _split_task(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -7,7 +7,6 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -15,7 +14,8 @@ from ..config import PRESETS
 from ..generation import stream
 from ..generation.sampling import MIN_TEMPERATURE, SEED_RANGE
 from ..models.lm import MambaLM
-from ..tokenizer import ByteTokenizer, HFTokenizer, has_tokenizer, load_tokenizer
+from ..tokenizer import ByteTokenizer, HFTokenizer, load_for_model, load_tokenizer
+from ..training.devices import DEVICE_HELP, resolve_device
 
 HELP = "generate text from a preset (random weights) or a checkpoint"
 
@@ -39,11 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory or cached hub id, or 'bytes'; "
                                                           "default: the checkpoint's, else bytes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP.replace(" (default: auto)", ""))
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 
-def load_model(spec: str, device: str, dtype: torch.dtype, seed: int) -> tuple[MambaLM, bool]:
+def load_model(spec: str, device: str | torch.device, dtype: torch.dtype, seed: int) -> tuple[MambaLM, bool]:
     """A preset name (random weights, seeded) or a checkpoint directory / cached hub id."""
     if spec in PRESETS:
         torch.manual_seed(seed)
@@ -58,9 +58,7 @@ def pick_tokenizer(model_spec: str, tokenizer_spec: str | None) -> ByteTokenizer
         return ByteTokenizer()
     if tokenizer_spec is not None:
         return load_tokenizer(tokenizer_spec)
-    if model_spec not in PRESETS and Path(model_spec).is_dir() and has_tokenizer(model_spec):
-        return load_tokenizer(model_spec)
-    return ByteTokenizer()
+    return ByteTokenizer() if model_spec in PRESETS else load_for_model(model_spec)
 
 
 _CONTROL = {c: "\ufffd" for c in range(32) if chr(c) not in "\n\t"} | {127: "\ufffd"}
@@ -76,8 +74,8 @@ def _error(message: str) -> SystemExit:
     return SystemExit("error: " + " ".join(str(message).split()))
 
 
-def _check_generate_args(args) -> None:
-    """Every flag that can be checked before the model is loaded."""
+def _check_generate_args(args) -> torch.device:
+    """Every flag that can be checked before the model is loaded; returns --device's device."""
     if args.max_new_tokens < 1:
         raise _error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -100,11 +98,9 @@ def _check_generate_args(args) -> None:
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise _error(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise _error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _error(f"--device {args.device} but no CUDA device is available")
+        return resolve_device(args.device)
+    except ValueError as err:
+        raise _error(err) from None
 
 
 def _eos_token_id(args, tokenizer, vocab_size: int) -> int | None:
@@ -122,9 +118,9 @@ def _eos_token_id(args, tokenizer, vocab_size: int) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     """Generates from --model and --prompt; every bad flag is an `error:` line (SystemExit)."""
-    _check_generate_args(args)
+    device = _check_generate_args(args)
     try:
-        model, random_weights = load_model(args.model, args.device, DTYPES[args.dtype], args.seed)
+        model, random_weights = load_model(args.model, device, DTYPES[args.dtype], args.seed)
     except (FileNotFoundError, ValueError) as err:
         raise _error(f"--model {args.model!r}: {err}") from None
     try:
@@ -146,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if random_weights:
         print(f"[mambakit] preset {args.model!r} with RANDOM weights (seed {args.seed}): the text is noise, "
               f"this shows the machinery, not a trained model", file=sys.stderr)
-    input_ids = torch.tensor([ids], device=args.device)
+    input_ids = torch.tensor([ids], device=device)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()

@@ -1,5 +1,6 @@
 """`mambakit prepare`: tokenize a corpus with a Hugging Face tokenizer into the .bin / .npy
-token file that `mambakit train --data` memory-maps (mambakit.training.prepare)."""
+token file that `mambakit train --data` memory-maps (mambakit.training.prepare), with the
+tokenizer's files beside it (OUT.tokenizer/), which the run then stores with its checkpoints."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         info = prepare(args.tokenizer, args.data, args.out)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"[mambakit] {info['files']} files -> {info['tokens']} tokens ({info['dtype']}) in {info['out']}",
+    kept = f"; the tokenizer's files in {info['tokenizer']}" if info["tokenizer"] else ""
+    print(f"[mambakit] {info['files']} files -> {info['tokens']} tokens ({info['dtype']}) in {info['out']}{kept}",
           file=sys.stderr)
     return 0

@@ -9,35 +9,56 @@ import dataclasses
 import signal
 import sys
 
-from ..config import MambaConfig
+from ..config import PRESETS, MambaConfig
 from ..tasks import TASKS
 from ..training import TrainConfig, train
+from ..training.devices import DEVICE_HELP
 from .flags import add_dataclass_flags
 
 HELP = "train a MambaLM (default: the tiny preset on the Python standard library)"
 DESCRIPTION = ("Every TrainConfig field and every model config field (--d-model, --n-layer, "
                "...) can be set; unset ones keep the preset's / the default.")
-# TrainConfig's bool fields that are plain switches (--resume) rather than --flag true/false
-SWITCHES = ("resume", "overwrite", "compile", "activation_checkpointing", "fsdp", "skip_nonfinite",
-            "allow_config_change")
+TRAIN_HELP = {  # TrainConfig fields whose flag needs more than its default
+    "preset": f"the model's size: {', '.join(PRESETS)} (the table below)",
+    "data": "a text file, a directory of text files, or a token file of `mambakit prepare` (.bin / .npy); "
+            "None: the Python standard library",
+    "device": DEVICE_HELP.replace(" (default: auto)", ""),
+    "resume": "continue the run in --out-dir from its latest checkpoint",
+    "fsdp": "under torchrun: shard the model, gradients and optimizer state (FSDP2)",
+    "overwrite": "start over in an --out-dir that holds a checkpoint",
+    "compile": "torch.compile the model",
+    "activation_checkpointing": "recompute each block's activations in the backward pass",
+    "skip_nonfinite": "skip a step whose loss or gradient norm is NaN or infinite, instead of stopping with an "
+                      "error (no checkpoint ever holds a non-finite state)",
+    "allow_config_change": "--resume even with other settings than the checkpoint's (data, seed, lr, ...): the "
+                           "changes are listed instead of refused",
+}
+MODEL_HELP = {"vocab_size": "grown to the data's largest token id + 1 when that is larger (257 for text: "
+                            "bytes + EOS)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_flags(parser, TrainConfig, skip=SWITCHES)
-    for flag, text in (("resume", "continue the run in --out-dir from its latest checkpoint"),
-                       ("fsdp", "under torchrun: shard the model, gradients and optimizer state (FSDP2)"),
-                       ("overwrite", "start over in an --out-dir that holds a checkpoint"),
-                       ("compile", "torch.compile the model"),
-                       ("activation_checkpointing", "recompute each block's activations in the backward pass"),
-                       ("skip_nonfinite", "skip a step whose loss or gradient norm is NaN or infinite (default: stop "
-                                          "with an error; no checkpoint ever holds a non-finite state)"),
-                       ("allow_config_change", "--resume even with other settings than the checkpoint's (data, seed, "
-                                               "lr, ...): the changes are listed instead of refused")):
-        parser.add_argument("--" + flag.replace("_", "-"), dest="flag_" + flag, action="store_true", help=text)
-    add_dataclass_flags(parser, MambaConfig, dest_prefix="model_")
+    add_dataclass_flags(parser, TrainConfig, help=TRAIN_HELP)
+    preset = TrainConfig.preset  # the default preset: the model flags' defaults are its values
+    add_dataclass_flags(parser, MambaConfig, dest_prefix="model_", help=MODEL_HELP, defaults=PRESETS[preset],
+                        default_note=f"from --preset; {preset}: ")
     parser.add_argument("--task", default="lm", choices=["lm", *TASKS],
                         help="lm (default): a language model on --data; another task takes its own flags "
                              "(mambakit train --task NAME --help)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = preset_table()
+
+
+def preset_table() -> str:
+    """The presets' values of the model fields in which they differ, as a table for --help."""
+    fields = [f.name for f in dataclasses.fields(MambaConfig)
+              if len({repr(getattr(p, f.name)) for p in PRESETS.values()}) > 1]
+    rows = [["--preset"] + ["--" + f.replace("_", "-") for f in fields]]
+    rows += [[name] + [str(getattr(cfg, f)) for f in fields] for name, cfg in PRESETS.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "the presets (a model flag, when given, overrides its value):\n  " + "\n  ".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,9 +67,6 @@ def run(args: argparse.Namespace) -> int:
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     model_overrides = {k[len("model_"):]: v for k, v in values.items() if k.startswith("model_")}
-    for flag in SWITCHES:
-        if getattr(args, "flag_" + flag, False):
-            setattr(cfg, flag, True)
     try:
         summary = train(cfg, model_overrides)
     except (ValueError, FileNotFoundError) as err:

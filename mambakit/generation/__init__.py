@@ -1,7 +1,8 @@
 """Generation: prompts packed for a varlen prefill (prompts.py), the recurrent cache
 (cache.py), sampling (sampling.py), stop strings (stopping.py), the decode loop (loop.py:
 `stream`, `generate`), the fast decoders that replace a model's step on CUDA (cuda_graph.py)
-and CPU (cpu_decode.py), and the `generate` method the models inherit (mixin.py).
+and CPU (cpu_decode.py), and the `generate` method the models inherit (mixin.py), which also
+takes transformers' options (do_sample, max_length, a generation_config: conventions.py).
 
 This layer sits below the models: it takes a model duck-typed and never imports one."""
 

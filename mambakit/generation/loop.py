@@ -29,11 +29,13 @@ from .stopping import StopStrings, cut_at_stop
 def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_tokens: int = 64, *,
            attention_mask: torch.Tensor | None = None, cache=None, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-           repetition_penalty: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
-           pad_token_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer=None,
+           repetition_penalty: float | None = None, seed: int | None = None,
+           eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+           stop: str | Sequence[str] | None = None, tokenizer=None,
            cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
-    """Yields the next token ids (B,) one step at a time. Rows that have finished (eos or a stop
-    string) yield pad_token_id (eos_token_id when not given, else 0) until all have finished.
+    """Yields the next token ids (B,) one step at a time. Rows that have finished (eos_token_id,
+    an id or a list of them, or a stop string) yield pad_token_id (the first eos_token_id when
+    not given, else 0) until all have finished.
 
     Start from input_ids (a (B, L) tensor, optionally with attention_mask, or a list of prompts
     of different lengths), from a cache that prefill() or an earlier generation left (its last
@@ -47,8 +49,8 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty)
     options.check()
     check_seed(seed)
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        check_token_id(name, value, model.config.vocab_size)
+    eos_ids = eos_token_ids(eos_token_id, model.config.vocab_size)
+    check_token_id("pad_token_id", pad_token_id, model.config.vocab_size)
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
     if input_ids is None and cache is None:
@@ -77,7 +79,7 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
             for i, p in enumerate(pack_prompts(input_ids, attention_mask, device=device).prompts):
                 seen[i, p[p < vocab]] = True
     stops = StopStrings(stop, tokenizer, batch) if stop is not None else None
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}")
@@ -91,7 +93,7 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
             runner.load(cache)
     try:
         yield from _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops,
-                           pad, eos_token_id, done, keep_cache_current)
+                           pad, eos_ids, done, keep_cache_current)
     finally:
         if runner is not None:  # the caller's cache gets the state back, and its own logits
             runner.store(cache)
@@ -109,17 +111,29 @@ def check_token_id(name: str, value, vocab_size: int) -> None:
         raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {short_repr(value)}")
 
 
+def eos_token_ids(eos_token_id, vocab_size: int) -> tuple[int, ...]:
+    """eos_token_id (None, an id, or a list of ids as in transformers) as a tuple of checked ids."""
+    if isinstance(eos_token_id, (list, tuple)):
+        if not eos_token_id:
+            raise ValueError("eos_token_id must be None, a token id or a non-empty list of them, got []")
+        for value in eos_token_id:
+            check_token_id("eos_token_id", value, vocab_size)
+        return tuple(eos_token_id)
+    check_token_id("eos_token_id", eos_token_id, vocab_size)
+    return () if eos_token_id is None else (eos_token_id,)
+
+
 def _decode(model, cache, runner, logits, max_new_tokens, options, generator, vocab, seen, stops, pad,
-            eos_token_id, done, keep_cache_current):
+            eos_ids, done, keep_cache_current):
     batch, device = logits.shape[0], logits.device
-    can_finish = eos_token_id is not None or stops is not None  # else no per-step host sync
+    can_finish = bool(eos_ids) or stops is not None  # else no per-step host sync
     for i in range(max_new_tokens):
         token = sample_next(logits, options, generator, vocab, seen)
         if can_finish:
             token = torch.where(done, torch.full_like(token, pad), token)
             finished = torch.zeros_like(done)
-            if eos_token_id is not None:
-                finished |= token == eos_token_id
+            for eos in eos_ids:
+                finished |= token == eos
             if stops is not None:
                 finished |= stops.hit(token, done)
         if seen is not None:
@@ -158,11 +172,12 @@ def generate(model, input_ids: torch.Tensor | Sequence | None = None, max_new_to
         dtype = input_ids.dtype if _holds_ids(input_ids.dtype, model.config.vocab_size) else torch.long
         return torch.cat([input_ids.to(dtype), torch.stack(new, dim=1).to(input_ids.device, dtype)], dim=1)
     out = []
-    eos, stop = options.get("eos_token_id"), options.get("stop")
+    eos_ids, stop = eos_token_ids(options.get("eos_token_id"), model.config.vocab_size), options.get("stop")
     for i, prompt in enumerate(input_ids):
         row = [int(t[i]) for t in new]
-        if eos is not None and eos in row:
-            row = row[:row.index(eos) + 1]
+        ends = [n for n, token in enumerate(row) if token in eos_ids]
+        if ends:
+            row = row[:ends[0] + 1]
         if stop is not None:
             row = cut_at_stop(row, stop, options.get("tokenizer"))
         out.append(torch.cat([torch.as_tensor(prompt, dtype=torch.long).cpu(), torch.tensor(row, dtype=torch.long)]))

@@ -6,7 +6,7 @@ installed the Vim presets as timm models too (timm_models.py)."""
 from importlib.util import find_spec
 
 from ..generation import LMCache
-from .lm import MambaLM
+from .lm import CausalLMOutput, MambaLM
 from .registry import create_model, list_models, register_model
 from .vision import VisionConfig, VisionMamba
 
@@ -15,4 +15,4 @@ if find_spec("timm") is not None:
 
     timm_models.register()
 
-__all__ = ["LMCache", "MambaLM", "VisionConfig", "VisionMamba", "create_model", "list_models", "register_model"]
+__all__ = ["CausalLMOutput", "LMCache", "MambaLM", "VisionConfig", "VisionMamba", "create_model", "list_models", "register_model"]

@@ -8,7 +8,12 @@ model registry (registry.py) at the end of this file.
 
 Bad input is a TypeError / ValueError naming the argument. The checks of types, shapes, dtypes
 and devices run everywhere; the ones that read tensor values (token ids in range) are all in
-`MambaLM._check_values_eagerly`, which torch.compile and torch.export tracing skip."""
+`MambaLM._check_values_eagerly`, which torch.compile and torch.export tracing skip: the whole
+model compiles with fullgraph=True and exports (torch.export, ONNX).
+
+The transformers conventions: `model(input_ids=ids, labels=ids)` returns a `CausalLMOutput`
+(`.loss`, the shifted cross-entropy, and `.logits`), `main_input_name`, and `generate` with
+transformers' options (generation/mixin.py), so that transformers' Trainer trains a MambaLM."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..checkpoint import load_pretrained, save_pretrained
@@ -30,6 +36,35 @@ from .registry import register_model
 
 IGNORE_INDEX = -100  # a target equal to it adds no loss (cross_entropy's default ignore_index)
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+MASK_DTYPES = ID_DTYPES + (torch.int8, torch.bool)
+
+
+@dataclasses.dataclass(eq=False)
+class CausalLMOutput:
+    """forward's output with labels (or return_dict=True), read as transformers' CausalLMOutput:
+    by attribute (out.loss), by key (out["logits"]) or as the tuple of the fields that are set
+    (out[0] is the loss when there is one)."""
+    loss: torch.Tensor | None = None  # a scalar
+    logits: torch.Tensor | None = None  # (B, L, V)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, key) for key in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):  # the keys, as a ModelOutput (a dict) iterates
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -85,6 +120,7 @@ class Backbone(nn.Module):
                   residual_in_fp32=config.residual_in_fp32)
             for i in range(config.n_layer))
         self.norm_f = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
+        self.checkpoint_every = 0  # n > 0: every n-th block recomputed in the backward pass
 
     def _final(self, hidden, residual):
         residual = hidden if residual is None else residual + hidden
@@ -96,9 +132,14 @@ class Backbone(nn.Module):
         integer tensor or a list of ints), the batch is one row of S packed sequences."""
         cu_seqlens = as_cu_seqlens(cu_seqlens, input_ids)
         hidden, residual = self.embedding(input_ids), None  # (B, L, d_model)
+        every = self.checkpoint_every if cache is None and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i],
-                                     cu_seqlens=cu_seqlens)
+            if every and i % every == 0:  # its activations recomputed in the backward pass, not stored
+                hidden, residual = torch.utils.checkpoint.checkpoint(layer, hidden, residual, None, cu_seqlens,
+                                                                     use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual, cache=None if cache is None else cache.layers[i],
+                                         cu_seqlens=cu_seqlens)
         return self._final(hidden, residual)
 
     def step(self, token_ids: torch.Tensor, cache: LMCache) -> torch.Tensor:
@@ -109,6 +150,10 @@ class Backbone(nn.Module):
 
 
 class MambaLM(nn.Module, GenerationMixin):
+    main_input_name = "input_ids"  # what transformers' Trainer reads the batch size from
+    _keys_to_ignore_on_save = None  # (transformers' Trainer reads it when it saves)
+    supports_gradient_checkpointing = True
+
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -157,21 +202,35 @@ class MambaLM(nn.Module, GenerationMixin):
             what = "a meta tensor (a shape without values)" if t.is_meta else f"on {t.device}"
             raise ValueError(f"{name} is {what}, but the model is on {device}")
 
-    def _check_targets(self, targets: torch.Tensor, input_ids: torch.Tensor) -> None:
-        """Type, dtype, shape and device of the training targets; their values: _check_values_eagerly."""
+    def _check_targets(self, targets: torch.Tensor, input_ids: torch.Tensor, name: str = "targets") -> None:
+        """Type, dtype, shape and device of the training targets (or labels); their values:
+        _check_values_eagerly."""
         if not isinstance(targets, torch.Tensor):
-            raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(targets).__name__}")
         if targets.dtype not in ID_DTYPES + (torch.int8,):
-            raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
+            raise TypeError(f"{name} must be an integer tensor of token ids, got {targets.dtype}")
         if targets.shape != input_ids.shape:
-            raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
-        self._check_device("targets", targets)
+            raise ValueError(f"{name} {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
+        self._check_device(name, targets)
 
-    def _check_values_eagerly(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    def _check_attention_mask(self, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Type, dtype, shape and device of forward's attention_mask; its values: _check_values_eagerly."""
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor of 0 and 1, got {type(attention_mask).__name__}")
+        if attention_mask.dtype not in MASK_DTYPES:
+            raise TypeError(f"attention_mask must be an integer or bool tensor of 0 and 1, got {attention_mask.dtype}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        self._check_device("attention_mask", attention_mask)
+
+    def _check_values_eagerly(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                              targets_name: str = "targets", attention_mask: torch.Tensor | None = None) -> None:
         """Every check that reads tensor values: input ids in [0, padded_vocab_size), targets in
-        [0, vocab_size) or IGNORE_INDEX. Each costs a device sync, and none can run while
-        torch.compile or torch.export traces the model (the value is not known then), so they
-        are all here, skipped under tracing, and for meta tensors (which hold no values)."""
+        [0, vocab_size) or IGNORE_INDEX, an attention_mask of 0 and 1 that pads on the right.
+        Each costs a device sync, and none can run while torch.compile or torch.export traces
+        the model (the value is not known then), so they are all here, skipped under tracing,
+        and for meta tensors (which hold no values)."""
         if torch.compiler.is_compiling() or input_ids.is_meta:
             return
         vocab = self.config.vocab_size
@@ -179,12 +238,23 @@ class MambaLM(nn.Module, GenerationMixin):
         if targets is not None:
             bad_targets = ((targets < 0) | (targets >= vocab)) & (targets != IGNORE_INDEX)  # (B, L)
             stats.append(bad_targets.sum())
-        lo, hi, *n_bad = torch.stack([t.long() for t in stats]).tolist()  # one sync
+        if attention_mask is not None:
+            mask = attention_mask.long()  # (B, L)
+            stats.append(((mask != 0) & (mask != 1)).sum())
+            stats.append((mask[:, 1:] > mask[:, :-1]).sum())  # a 1 after a 0: left padding or a gap
+        lo, hi, *counts = torch.stack([t.long() for t in stats]).tolist()  # one sync
         if lo < 0 or hi >= self.config.padded_vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]")
-        if n_bad and n_bad[0]:
-            raise ValueError(f"targets must be token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored), "
+        if targets is not None and counts.pop(0):
+            raise ValueError(f"{targets_name} must be token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored), "
                              f"got {int(targets[bad_targets][0])}")
+        if attention_mask is not None:
+            not_binary, left_padded = counts
+            if not_binary:
+                raise ValueError("attention_mask must hold only 0 and 1")
+            if left_padded:
+                raise ValueError("attention_mask must pad on the right (each row's ones first): the model is "
+                                 "recurrent, so left padding would enter the state; generate() takes any padding")
 
     def _check_cache(self, cache: LMCache, batch: int, name: str = "input_ids") -> None:
         """A cache of this model's layer count at this batch (check_fits checks everything)."""
@@ -196,21 +266,46 @@ class MambaLM(nn.Module, GenerationMixin):
             raise ValueError(f"cache holds batch {cache.batch_size} but {name} has batch {batch}")
 
     def forward(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0,
-                targets: torch.Tensor | None = None, chunk_len: int | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, chunk_len: int | None = None, *,
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                return_dict: bool | None = None) -> torch.Tensor | CausalLMOutput | tuple[torch.Tensor, ...]:
         """input_ids: (B, L) -> logits (B, L, V), or (B, logits_to_keep, V) for the last positions
         only. With a cache, continue from its state and leave the final state in it.
         With targets (B, L) (token ids, or IGNORE_INDEX where no loss is wanted), the mean
         cross-entropy instead (in at least fp32), run chunk_len tokens at a time when chunk_len
         is given (see chunked_loss). Training goes through forward so that wrappers such as
-        DistributedDataParallel see it."""
+        DistributedDataParallel see it.
+
+        transformers' conventions: with labels (B, L), a CausalLMOutput of the loss of its causal
+        LMs (logits[:, :-1] against labels[:, 1:], IGNORE_INDEX ignored, the mean in at least
+        fp32) and the logits; return_dict=True gives a CausalLMOutput without labels too, and
+        return_dict=False the tuple (loss, logits) with them. An attention_mask (B, L) may pad
+        on the right only: the model is causal, so that changes no real position's logits (give
+        the padding IGNORE_INDEX labels to leave it out of the loss)."""
         self._check_ids(input_ids, 2)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
             raise TypeError(f"logits_to_keep must be an int, got {type(logits_to_keep).__name__}")
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}")
+        if return_dict is not None and not isinstance(return_dict, bool):
+            raise TypeError(f"return_dict must be None, True or False, got {return_dict!r:.80}")
+        if attention_mask is not None:
+            if cache is not None or targets is not None:
+                raise ValueError("attention_mask goes with labels or the logits, without a cache or targets: "
+                                 "padding would enter the cache's state (generate() and prefill() take padded "
+                                 "prompts); with targets, give the padding IGNORE_INDEX targets")
+            self._check_attention_mask(attention_mask, input_ids)
+        if labels is not None:
+            if targets is not None or cache is not None or logits_to_keep or chunk_len is not None:
+                raise ValueError("labels= computes transformers' training loss (shifted inside); it takes no "
+                                 "targets (already shifted), cache, logits_to_keep or chunk_len")
+            return self._labels_loss(input_ids, labels, attention_mask, return_dict)
         if targets is not None:
             if cache is not None or logits_to_keep:
                 raise ValueError("targets= computes the training loss; it takes no cache or logits_to_keep")
+            if return_dict is not None:
+                raise ValueError("targets= returns the loss alone, without return_dict "
+                                 "(labels= gives a CausalLMOutput)")
             if chunk_len is not None:
                 _check_chunk_len(chunk_len)
                 if chunk_len < input_ids.shape[1]:
@@ -218,10 +313,23 @@ class MambaLM(nn.Module, GenerationMixin):
             self._check_targets(targets, input_ids)
             self._check_values_eagerly(input_ids, targets)
             return lm_loss(self._logits(input_ids), targets)
-        self._check_values_eagerly(input_ids)
+        self._check_values_eagerly(input_ids, attention_mask=attention_mask)
         if cache is not None:
             self._check_cache(cache, input_ids.shape[0])
-        return self._logits(input_ids, cache, logits_to_keep)
+        logits = self._logits(input_ids, cache, logits_to_keep)
+        return CausalLMOutput(logits=logits) if return_dict else logits
+
+    def _labels_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                     return_dict: bool | None) -> CausalLMOutput | tuple[torch.Tensor, torch.Tensor]:
+        """forward with labels: transformers' causal-LM loss and the logits (B, L, V)."""
+        self._check_targets(labels, input_ids, "labels")
+        self._check_values_eagerly(input_ids, labels, "labels", attention_mask)
+        logits = self._logits(input_ids)  # (B, L, V)
+        # position t predicts labels[t + 1]; the last position predicts nothing (as transformers'
+        # ForCausalLMLoss: the labels shifted left, IGNORE_INDEX at the end, no copy of the logits)
+        next_labels = torch.nn.functional.pad(labels[:, 1:].long(), (0, 1), value=IGNORE_INDEX)  # (B, L)
+        loss = lm_loss(logits, next_labels)
+        return (loss, logits) if return_dict is False else CausalLMOutput(loss=loss, logits=logits)
 
     def _logits(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """forward's computation on checked arguments: (B, L) -> (B, L or logits_to_keep, V)."""
@@ -279,6 +387,36 @@ class MambaLM(nn.Module, GenerationMixin):
             flat = list(out[1:])
         return total / (targets != IGNORE_INDEX).sum()  # the mean over the targets not ignored, as lm_loss
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute every every_n_layers-th block's activations in the backward pass instead of
+        storing them, as transformers' models do (its Trainer calls this, or the older
+        gradient_checkpointing_enable, with gradient_checkpointing=True). The checkpoint is
+        torch's non-reentrant one; offloading to the host is not supported."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False) or kwargs:
+            raise ValueError(f"activation checkpointing takes only use_reentrant=False, "
+                             f"got {activation_checkpointing_kwargs!r:.80}")
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r:.80}")
+        if offload:
+            raise ValueError("offload=True is not supported: the recomputed blocks' inputs stay on the device")
+        self.backbone.checkpoint_every = every_n_layers
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' older name of activation_checkpointing_enable."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.backbone.checkpoint_every = 0
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.backbone.checkpoint_every > 0
+
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LMCache:
         return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers],
                        architecture=architecture_of(self.config))
@@ -323,9 +461,11 @@ class MambaLM(nn.Module, GenerationMixin):
         local Hugging Face cache; nothing is downloaded."""
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
 
-    def save_pretrained(self, directory: str | Path, format: str = "mambakit") -> None:
-        """Writes the model in the mambakit, "hf" (Hugging Face) or "official" (mamba_ssm) format."""
-        save_pretrained(self, directory, format=format)
+    def save_pretrained(self, directory: str | Path, format: str = "mambakit",
+                        max_shard_size: int | str | None = None) -> None:
+        """Writes the model in the mambakit, "hf" (Hugging Face) or "official" (mamba_ssm) format;
+        max_shard_size ("5GB" by default) shards the safetensors formats."""
+        save_pretrained(self, directory, format=format, max_shard_size=max_shard_size)
 
 
 def _check_chunk_len(chunk_len) -> None:

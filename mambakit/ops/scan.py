@@ -52,11 +52,13 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     """An uninitialised (T, b, D, N) work buffer, reused across calls on CPU. A fresh multi-MB
     CPU allocation is mmap'ed and page-faulted in on first touch, which cost more than the
     scan itself for short sequences (a 32-token prefill: 1.5 ms per buffer per layer).
-    CUDA's caching allocator already reuses memory, so other devices allocate normally."""
+    CUDA's caching allocator already reuses memory, so other devices allocate normally, and so
+    does a traced call (torch.compile, torch.export): a module-level buffer written in the graph
+    would be a mutated constant, which torch.export's decompositions and ONNX export refuse."""
     numel = 1
     for n in shape:
         numel *= n
-    if device.type != "cpu" or numel * dtype.itemsize > _SCRATCH_MAX_BYTES:
+    if device.type != "cpu" or torch.compiler.is_compiling() or numel * dtype.itemsize > _SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:

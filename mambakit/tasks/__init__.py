@@ -3,7 +3,8 @@
 them itself (so `mambakit train --task NAME --help` lists that task's flags).
 
 A task module defines `train_main(argv: list[str]) -> int` and, where it has one, an
-`eval_main(argv: list[str]) -> int`."""
+`eval_main(argv: list[str]) -> int`. Every task says what it trains before its first step and
+ends with the same summary (report.py); its model goes to --out-dir, where `eval` finds it."""
 
 from __future__ import annotations
 

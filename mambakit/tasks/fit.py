@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_write
-from ..training.optim import lr_at, param_groups  # the LM trainer's schedule and weight-decay groups
+from ..training.optim import lr_at, param_groups, warmup_warning  # the LM trainer's schedule and groups
 
 
 @dataclass
@@ -77,8 +78,12 @@ def fit(model: nn.Module, batch_at: Callable[[int], tuple], loss_fn: Callable[..
     marked "stopped_early": True); the schedule is still that of cfg.max_steps. With
     cfg.state_path the state is saved (see FitConfig) and cfg.resume continues it: the
     parameters and losses are those of an uninterrupted run, and only the rows where a call
-    stopped carry the extra evaluation and mark."""
+    stopped carry the extra evaluation and mark. A warmup longer than the run is warned about
+    on stderr."""
     cfg.check()
+    warning = warmup_warning(cfg)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     fused = next(model.parameters()).is_cuda
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=fused or None)

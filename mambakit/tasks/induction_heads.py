@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..training.devices import DEVICE_HELP
 from .synthetic import check_positive_int, rng_for, to_device
 
 VOCAB_SIZE = 16
@@ -203,11 +204,12 @@ def plot_lengths(rows: list[dict], path: Path, train_len: int | None, title: str
 def run(args, progress: bool = True):
     """Trains one model from parsed flags; returns (model, summary, per-step rows)."""
     from .fit import fit
-    from .synthetic import autocast_for, build_model, fit_config, model_args, resolve_device, summary_base
+    from .synthetic import autocast_for, build_model, fit_config, model_args, resolve_device, start, summary_base
     margs = model_args(args)
     task = InductionHeads(args.seq_len)
     device = resolve_device(args.device)
     model = build_model(margs, VOCAB_SIZE, device, args.seed)
+    start("induction-heads", args, model, device, progress)
     autocast = autocast_for(device)
     batch_size = args.batch_size
 
@@ -219,8 +221,7 @@ def run(args, progress: bool = True):
                                             autocast=autocast)}
 
     rows = fit(model, batch_at, loss_fn, fit_config(args), evaluate=ev, progress=progress, autocast=autocast)
-    summary = summary_base(args, model, rows, device)
-    summary.update(task="induction-heads", accuracy=rows[-1].get("accuracy"))
+    summary = summary_base("induction-heads", args, model, rows, device, rows[-1].get("accuracy"))
     return model, summary, rows
 
 
@@ -235,12 +236,13 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str]) -> int:
-    from .synthetic import autocast_for, print_summary, resolve_device, save_run
+    from .report import print_summary, save_run
+    from .synthetic import autocast_for, resolve_device
     args = build_train_parser().parse_args(argv)
     try:
         lengths = parse_lengths(args.eval_lengths) if args.eval_lengths else []
         InductionHeads(args.seq_len)
-        model, summary, rows = run(args, progress=not args.no_progress)
+        model, summary, rows = run(args, progress=args.progress)
         if lengths:
             device = resolve_device(args.device)
             summary["lengths"] = evaluate_lengths(model, lengths, args.batch_size, args.eval_batches, args.seed,
@@ -267,7 +269,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--chunk-len", type=int, default=8192, help="tokens per forward; the state carries over")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", default=None, help="the JSON to write (default: MODEL/length_eval.json; "
                                                     "the plot goes beside it as .png)")
     return parser

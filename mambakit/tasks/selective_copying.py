@@ -128,11 +128,12 @@ def length_curriculum(seq_len: int, start_len: int | None, max_steps: int) -> Ca
 def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
     """Trains one model from parsed flags; returns (model, summary, per-step rows)."""
     from .fit import fit
-    from .synthetic import autocast_for, build_model, fit_config, model_args, resolve_device, summary_base
+    from .synthetic import autocast_for, build_model, fit_config, model_args, resolve_device, start, summary_base
     margs = model_args(args)
     task = SelectiveCopying(args.seq_len, args.n_memorize)
     device = resolve_device(args.device)
     model = build_model(margs, VOCAB_SIZE, device, args.seed)
+    start("selective-copying", args, model, device, progress)
     autocast = autocast_for(device)
     cfg = fit_config(args)
     batch_size = args.batch_size
@@ -149,9 +150,9 @@ def run(args, progress: bool = True) -> tuple[object, dict, list[dict]]:
         return evaluate(model, task, batch_size, args.eval_batches, args.seed, device, autocast)
 
     rows = fit(model, batch_at, loss_fn, cfg, evaluate=ev, progress=progress, autocast=autocast)
-    summary = summary_base(args, model, rows, device)
-    final = {k: v for k, v in rows[-1].items() if k in ("accuracy", "sequence_accuracy")}
-    summary.update(task="selective-copying", n_memorize=args.n_memorize, curriculum_from=args.curriculum_from, **final)
+    summary = summary_base("selective-copying", args, model, rows, device, rows[-1].get("accuracy"))
+    summary.update(n_memorize=args.n_memorize, curriculum_from=args.curriculum_from,
+                   sequence_accuracy=rows[-1].get("sequence_accuracy"))
     return model, summary, rows
 
 
@@ -169,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str]) -> int:
-    from .synthetic import print_summary, save_run
+    from .report import print_summary, save_run
     args = build_parser().parse_args(argv)
     try:
         SelectiveCopying(args.seq_len, args.n_memorize)
         if args.curriculum_from is not None:
             SelectiveCopying(args.curriculum_from, args.n_memorize)  # a clear error for a too-short start
-        model, summary, rows = run(args, progress=not args.no_progress)
+        model, summary, rows = run(args, progress=args.progress)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.out_dir:

@@ -1,5 +1,6 @@
 """What the Mamba paper's synthetic tasks (selective copying, induction heads) share: seeded
-batch streams, the small MambaLM they train, the common flags, and writing a run's outputs.
+batch streams, the small MambaLM they train, the common flags, and their summary (written and
+printed as every task's: report.py).
 
 A batch is a pure function of (seed, split, step): nothing is stored, and a run (or a test)
 can regenerate any batch exactly."""
@@ -8,18 +9,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..training.devices import DEVICE_HELP
+from ..training.devices import resolve_device as _resolve_device
+from .report import announce, plot_curves, print_summary, save_run, task_summary
+
+__all__ = ["ModelArgs", "add_common_flags", "autocast_for", "build_model", "fit_config", "model_args",
+           "plot_curves", "print_summary", "resolve_device", "rng_for", "save_run", "start", "summary_base"]
+
 SPLITS = {"train": 0, "eval": 1}
 STATE_FILE = "fit_state.pt"  # the resumable training state in --out-dir (--save-every, --resume)
 # flags that do not change what a run trains (where, how long this call, what it writes or shows);
 # a resume must keep every other flag (the batch size, the lengths, the model ...)
-NOT_RUN_SETTINGS = ("time_limit", "resume", "save_every", "out_dir", "no_progress", "device", "eval_every",
+NOT_RUN_SETTINGS = ("time_limit", "resume", "save_every", "out_dir", "progress", "device", "eval_every",
                     "eval_batches", "eval_lengths")
 
 
@@ -72,13 +79,8 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    """--device (auto, cpu, cuda, cuda:N, mps: training.devices) as a torch.device."""
+    return _resolve_device(name)
 
 
 def autocast_for(device: torch.device):
@@ -116,14 +118,15 @@ def add_common_flags(parser: argparse.ArgumentParser, *, seq_len: int, max_steps
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop training early (evaluated) after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out-dir", default=out_dir, help="model, metrics JSON and plot go here ('' = none)")
     parser.add_argument("--save-every", type=int, default=0,
                         help="write a resumable training state (OUT_DIR/fit_state.pt) every N steps, at the end "
                              "and on a --time-limit stop (default 0: no state)")
-    parser.add_argument("--resume", action="store_true",
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                         help="continue exactly from OUT_DIR/fit_state.pt (same settings; --time-limit applies anew)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="the start line and a progress bar on stderr")
 
 
 def model_args(args) -> ModelArgs:
@@ -153,38 +156,17 @@ def fit_config(args):
 
 # ---- outputs -----------------------------------------------------------------------------
 
-def save_run(out_dir: str | Path, model, summary: dict, rows: list[dict], plot_key: str, title: str) -> None:
-    """model (mambakit format: config.json + model.safetensors), metrics.json (the summary and
-    every step's row) and a training-curve plot (loss and `plot_key`) in out_dir."""
-    from ..checkpoint import atomic_write_json
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    atomic_write_json(out / "metrics.json", {"summary": summary, "steps": rows})
-    plot_curves(rows, plot_key, title, out / "curves.png")
+def start(task: str, args, model, device: torch.device, progress: bool) -> None:
+    """The start line (report.announce), before the first step: one batch is batch_size x seq_len tokens."""
+    if progress:
+        announce(task, n_params(model), args.max_steps, f"{args.batch_size} x {args.seq_len} tokens",
+                 args.max_steps * args.batch_size * args.seq_len, device)
 
 
-def plot_curves(rows: list[dict], key: str, title: str, path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-    fig = Figure(figsize=(9, 3.5))
-    ax = fig.subplots(1, 2)
-    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
-    ax[0].set(xlabel="step", ylabel="training loss", yscale="log", title=title)
-    ev = [r for r in rows if key in r]
-    ax[1].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o")
-    ax[1].set(xlabel="step", ylabel=key, ylim=(0, 1.02), title=key)
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def print_summary(summary: dict) -> None:
-    print(json.dumps(summary, indent=None, sort_keys=True))
-
-
-def summary_base(args, model, rows: list[dict], device: torch.device) -> dict:
-    return {"model": asdict(model_args(args)), "n_params": n_params(model), "seq_len": args.seq_len,
-            "steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "device": str(device), "seconds": round(rows[-1]["seconds"], 2) if rows else 0.0,
-            "steps_run": len(rows), "final_loss": rows[-1]["loss"] if rows else None}
+def summary_base(task: str, args, model, rows: list[dict], device: torch.device, accuracy: float | None) -> dict:
+    """Every task's summary keys (report.task_summary), and the sequence length."""
+    summary = task_summary(task, accuracy=accuracy, rows=rows, n_params=n_params(model), steps=args.max_steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
+                           model=asdict(model_args(args)), out_dir=args.out_dir)
+    summary["seq_len"] = args.seq_len
+    return summary

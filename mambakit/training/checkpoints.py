@@ -1,8 +1,9 @@
 """The checkpoints of a `mambakit train` run.
 
 out_dir/ckpt-<step>/ holds the model (safetensors, loadable by `mambakit generate --model
-out_dir/ckpt-<step>` or `--model out_dir`) and trainer.pt (optimizer, step, RNG states, the
-TrainConfig as a dict). Each is written to a temporary directory and renamed, then
+out_dir/ckpt-<step>` or `--model out_dir`), trainer.pt (optimizer, step, RNG states, the
+TrainConfig as a dict) and, for a run on a token file of `mambakit prepare`, its tokenizer's
+files (which `generate` decodes with). Each is written to a temporary directory and renamed, then
 out_dir/latest is switched atomically, so a crash leaves the previous checkpoint intact; a
 state that is not finite is never written. The trainer writes them every save_every steps, at
 the end and on SIGINT/SIGTERM. `--resume` continues exactly: the batch of step k depends only
@@ -85,10 +86,11 @@ def first_nonfinite(state, prefix: str = "") -> str | None:
 
 
 def save_checkpoint(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig,
-                    states: tuple[dict, dict] | None = None) -> Path:
-    """Writes ckpt-<step> (through a temporary directory and a rename), switches `latest`, then
-    removes the older checkpoints. A model or optimizer state that is not finite is a
-    ValueError, and nothing is written or removed."""
+                    states: tuple[dict, dict] | None = None, tokenizer: dict[str, bytes] | None = None) -> Path:
+    """Writes ckpt-<step> (through a temporary directory and a rename), with the tokenizer's
+    files (tokenizer.tokenizer_files) when given, switches `latest`, then removes the older
+    checkpoints. A model or optimizer state that is not finite is a ValueError, and nothing is
+    written or removed."""
     model_sd, optim_sd = states if states is not None else full_state(model, optimizer)
     bad = first_nonfinite(model_sd) or first_nonfinite(optim_sd, "optimizer")
     if bad is not None:
@@ -108,6 +110,8 @@ def save_checkpoint(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: Tr
              "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(state, tmp / "trainer.pt")
+    for name, data in (tokenizer or {}).items():
+        (tmp / name).write_bytes(data)
     _fsync_files(tmp)
     if final.exists():  # a leftover of a run that stopped before switching `latest` to it
         shutil.rmtree(final)

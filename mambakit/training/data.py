@@ -8,12 +8,16 @@
 - `--max-corpus-bytes N` bounds what is read, in all: text files are read in order until N
   bytes (the last one only in part), a token file's first N bytes are used.
 - Text is tokenized by the byte tokenizer: ids 0..255, and EOS_ID = 256 between documents.
+- A token file made by `mambakit prepare` has its tokenizer beside it (`tokenizer_sidecar`):
+  the Corpus names it, and the run stores it with every checkpoint.
 - The batch for step k depends only on (seed, k): a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ class Corpus:
     val: np.ndarray
     name: str
     vocab_size: int
+    tokenizer_dir: Path | None = None  # the tokenizer that made the tokens (None: bytes, or unknown)
 
     def unigram_bits_per_token(self) -> float:
         """The entropy of the validation tokens' unigram distribution: what a model must beat."""
@@ -115,6 +120,33 @@ def _read_bytes(path: Path, limit: int | None) -> bytes:
         return f.read() if limit is None else f.read(limit)
 
 
+def tokenizer_sidecar(token_file: str | Path) -> Path:
+    """The directory beside a token file where `mambakit prepare` keeps the tokenizer that made
+    it (its files, and prepared.json recording the token file it belongs to)."""
+    token_file = Path(token_file)
+    return token_file.with_name(token_file.name + ".tokenizer")
+
+
+SIDECAR_RECORD = "prepared.json"  # in the sidecar: {"tokens": N, "token_file": NAME, "tokenizer": SPEC}
+
+
+def _sidecar_for(path: Path, n_tokens: int) -> Path | None:
+    """The token file's tokenizer sidecar, when there is one and it records this file (its
+    number of tokens); one that records another is ignored with a warning."""
+    sidecar = tokenizer_sidecar(path)
+    if not sidecar.is_dir():
+        return None
+    try:
+        recorded = json.loads((sidecar / SIDECAR_RECORD).read_text())["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded != n_tokens:
+        print(f"[mambakit] warning: {sidecar} does not record {path.name} ({n_tokens} tokens; it records "
+              f"{recorded}); the run stores no tokenizer", file=sys.stderr)
+        return None
+    return sidecar
+
+
 def _from_array(path: Path, val_fraction: float, max_bytes: int | None = None) -> Corpus:
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r")
@@ -125,13 +157,14 @@ def _from_array(path: Path, val_fraction: float, max_bytes: int | None = None) -
         if path.stat().st_size % 2:
             raise ValueError(f"--data {path}: a .bin corpus holds uint16 tokens, but its size is odd")
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    sidecar = _sidecar_for(path, len(tokens))
     if max_bytes is not None:
         tokens = tokens[:max_bytes // tokens.dtype.itemsize]
     if len(tokens) < 4:
         raise ValueError(f"--data {path}: the corpus is empty or too small to split into train and validation")
     cut = int(len(tokens) * (1 - val_fraction))
     vocab = int(tokens.max()) + 1
-    return Corpus(tokens[:cut], tokens[cut:], str(path), vocab)
+    return Corpus(tokens[:cut], tokens[cut:], str(path), vocab, sidecar)
 
 
 def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int,

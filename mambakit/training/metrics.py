@@ -1,9 +1,11 @@
 """A run's metrics: one JSON row per step in out_dir/metrics.jsonl (loss, lr, tokens/s, and
-the validation loss at evaluations), and the loss curves they plot to out_dir/loss.png."""
+the validation loss at evaluations, in nats), and the loss curves they plot to out_dir/loss.png
+(in bits per token, as the run's summary)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,22 +44,24 @@ def _row(line: str) -> dict | None:
     return row if ok else None
 
 
-def plot_losses(rows: list[dict], path: Path) -> None:
-    """The training loss of every step and the validation loss of every evaluation, against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_losses(rows: list[dict], path: Path):
+    """The training loss of every step and the validation loss of every evaluation, against the
+    step, in bits per token (the unit of the run's summary; the rows hold nats). Returns the
+    matplotlib Figure it saved."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+    train = [(r["step"], r["loss"] / math.log(2)) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"] / math.log(2)) for r in rows if "val_loss" in r]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss (bits / token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -26,6 +26,15 @@ def lr_at(step: int, cfg: Schedule) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def warmup_warning(cfg: Schedule) -> str | None:
+    """A warning when the warmup is longer than the run: the learning rate then never reaches
+    cfg.lr (it stops at lr_at(max_steps - 1)); None otherwise."""
+    if cfg.warmup_steps <= cfg.max_steps:
+        return None
+    return (f"[mambakit] warning: --warmup-steps {cfg.warmup_steps} is longer than the run (--max-steps "
+            f"{cfg.max_steps}): the learning rate peaks at {lr_at(cfg.max_steps - 1, cfg):.3g}, not --lr {cfg.lr:g}")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (projections, conv, embedding) only: none on norms, biases,
     A_log, D and the dt bias (the official recipe marks these `_no_weight_decay`)."""

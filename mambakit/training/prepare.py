@@ -1,17 +1,22 @@
 """`mambakit prepare`: tokenize a text corpus with a Hugging Face tokenizer (from a local
 directory or the local cache) into a flat token file that `mambakit train --data` memory-maps:
 `.bin` (uint16) or `.npy` (uint16 when the vocabulary fits, else uint32). Documents are
-separated by the tokenizer's EOS token when it has one. Written atomically."""
+separated by the tokenizer's EOS token when it has one. Written atomically.
+
+The tokenizer's files go beside the token file, into `<out>.tokenizer/` (data.tokenizer_sidecar,
+with prepared.json recording the token file), so that a run on the tokens stores its tokenizer
+with its checkpoints and `mambakit generate` decodes with it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_write
-from ..tokenizer import load_tokenizer
-from .data import TEXT_SUFFIXES
+from ..checkpoint import atomic_write, atomic_write_json, write_directory
+from ..tokenizer import TOKENIZER_FILES, load_tokenizer, tokenizer_files, write_tokenizer_files
+from .data import SIDECAR_RECORD, TEXT_SUFFIXES, tokenizer_sidecar
 
 
 def _documents(data: Path) -> list[Path]:
@@ -59,4 +64,24 @@ def prepare(tokenizer_spec: str, data: str | Path, out: str | Path, progress: bo
         atomic_write(out, lambda tmp: np.save(open(tmp, "wb"), tokens))
     else:
         atomic_write(out, lambda tmp: tokens.tofile(tmp))
-    return {"files": len(files), "tokens": n_tokens, "dtype": str(np.dtype(dtype)), "out": str(out)}
+    sidecar = _write_sidecar(out, tokenizer, tokenizer_spec, n_tokens)
+    return {"files": len(files), "tokens": n_tokens, "dtype": str(np.dtype(dtype)), "out": str(out),
+            "tokenizer": None if sidecar is None else str(sidecar)}
+
+
+def _write_sidecar(out: Path, tokenizer, tokenizer_spec: str, n_tokens: int) -> Path | None:
+    """The tokenizer's files beside the token file (as a whole: files.write_directory, with
+    prepared.json last), or no sidecar when the tokenizer has no files to copy."""
+    sidecar = tokenizer_sidecar(out)
+    files = tokenizer_files(tokenizer.directory) if tokenizer.directory is not None else {}
+    if not files:
+        shutil.rmtree(sidecar, ignore_errors=True)  # a stale one would name the wrong tokenizer
+        return None
+    record = {"tokens": n_tokens, "token_file": out.name, "tokenizer": str(tokenizer_spec)}
+
+    def write(into: Path) -> None:
+        write_tokenizer_files(files, into)
+        atomic_write_json(into / SIDECAR_RECORD, record)  # last: it marks a complete sidecar
+
+    write_directory(sidecar, write, owned=lambda _: set(TOKENIZER_FILES), marker=SIDECAR_RECORD)
+    return sidecar

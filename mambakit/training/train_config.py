@@ -6,12 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass
 
 from ..config import PRESETS
-
-DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+from .devices import DEVICES
 
 
 @dataclass

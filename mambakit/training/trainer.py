@@ -5,7 +5,8 @@ AdamW (fused on CUDA) with no weight decay on norms, biases, A_log, D and the dt
 warmup then cosine decay (optim.py); gradient clipping and accumulation; bf16 autocast on CUDA;
 optional activation checkpointing per block and torch.compile. Periodic evaluation gives the
 validation loss and bits per token (bits per byte for the byte tokenizer). A tqdm bar shows the
-loss, tokens/s and the ETA; metrics go to metrics.jsonl and the curves to loss.png (metrics.py).
+loss, tokens/s and the ETA; metrics go to metrics.jsonl and the curves, in bits per token as the
+summary, to loss.png (metrics.py). A warmup longer than the run is warned about.
 
 Long sequences: with --chunk-len, each sequence runs chunk by chunk with every layer's conv and
 SSM states carried across the boundaries (with their gradients) and each chunk's activations
@@ -16,6 +17,8 @@ Checkpoints (checkpoints.py) are written every save_every steps, at the end and 
 (signals.py: the summary's exit_status is then 130 / 143; a second signal aborts without
 saving); `--resume` continues exactly: the batch of step k depends only on (seed, k), and a
 resume with other settings is refused (TrainConfig.changes_from) unless --allow-config-change.
+A run on a token file of `mambakit prepare` stores the tokenizer beside it (data.tokenizer_sidecar)
+in every checkpoint and in out_dir, so that `mambakit generate --model out_dir` decodes with it.
 
 A step whose loss or gradient norm is not finite stops the run with a ValueError (after saving
 the last finite state), or with --skip-nonfinite is skipped (no update; its metrics row says
@@ -38,28 +41,21 @@ import torch
 from ..checkpoint import atomic_write
 from ..config import PRESETS, MambaConfig
 from ..models.lm import MambaLM
+from ..tokenizer import has_tokenizer, tokenizer_files, write_tokenizer_files
 from .checkpoints import (full_state, latest_checkpoint, load_checkpoint, read_trainer_state, remove_stale_temporaries,
                           save_checkpoint)
 from .data import BYTE_VOCAB, Corpus, batch_at, load_corpus
+from .devices import resolve_device
 from .distributed import DistEnv, any_rank, barrier, init_distributed, mean_over_ranks, rows_of, shutdown
 from .metrics import plot_losses, read_metrics
-from .optim import lr_at, param_groups
+from .optim import lr_at, param_groups, warmup_warning
 from .signals import StopFlag
 from .train_config import TrainConfig
 
 
 def _device(cfg: TrainConfig) -> torch.device:
     """The device of --device (checked by TrainConfig.check), or a ValueError when it is not here."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device} but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {cfg.device} but there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps but no MPS device is available")
-    return device
+    return resolve_device(cfg.device)
 
 
 def model_config_for(cfg: TrainConfig, corpus: Corpus, overrides: dict) -> MambaConfig:
@@ -107,6 +103,9 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, progress: bool 
             device = torch.device("cuda", env.local_rank)
         if cfg.batch_size % env.world:
             raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide among {env.world} ranks")
+    warning = warmup_warning(cfg)
+    if warning is not None and env.is_main:
+        print(warning, file=sys.stderr)
     try:
         return _train(cfg, overrides, device, env, progress and env.is_main)
     finally:
@@ -145,8 +144,10 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
     start = load_checkpoint(existing, model, optimizer, stored) if cfg.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
     rows = read_metrics(metrics_path, start) if cfg.resume else []
+    tokenizer = _run_tokenizer(corpus, existing if cfg.resume else None)
     if env.is_main:  # only rank 0 writes
         _prepare_out_dir(out_dir, cfg)
+        write_tokenizer_files(tokenizer, out_dir)  # the run's copy (each checkpoint holds one too)
         atomic_write(metrics_path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
         atomic_write(out_dir / "train_config.json",
                      lambda p: Path(p).write_text(json.dumps({"train": dataclasses.asdict(cfg),
@@ -168,7 +169,8 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     chunked = cfg.chunk_len is not None and cfg.chunk_len < cfg.seq_len
     summary = {"corpus": corpus.name, "unigram_bits": corpus.unigram_bits_per_token(),
-               "params": sum(p.numel() for p in model.parameters()), "max_token_id": corpus.vocab_size - 1}
+               "params": sum(p.numel() for p in model.parameters()), "max_token_id": corpus.vocab_size - 1,
+               "tokenizer": sorted(tokenizer)}
     bar = _progress(start, cfg.max_steps, progress)
     model.train()
     last_val, last_saved, failure, stopped_by, exit_status = None, start, None, None, None
@@ -227,7 +229,7 @@ def _train(cfg: TrainConfig, overrides: dict, device: torch.device, env: DistEnv
             stop.requested = any_rank(stop.requested, env, device)  # all ranks stop at the same step
             periodic = failure is None and (step % cfg.save_every == 0 or step == cfg.max_steps)
             if (periodic or failure or stop.requested or time_box) and step > last_saved:
-                _save(out_dir, model, optimizer, step, cfg, env, device)
+                _save(out_dir, model, optimizer, step, cfg, env, device, tokenizer)
                 last_saved = step
             if failure is not None or stop.requested or time_box:
                 if failure is None:
@@ -299,16 +301,29 @@ def _gradient_norm(model: MambaLM, max_norm: float) -> float:
     return float(norm)
 
 
-def _save(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig, env: DistEnv, device) -> None:
-    """Saves a checkpoint on rank 0, unless some rank's parameters or optimizer state are not
-    finite: then every rank raises the same ValueError and `latest` keeps the last good one."""
+def _run_tokenizer(corpus: Corpus, resumed: Path | None) -> dict[str, bytes]:
+    """The files of the tokenizer that made the corpus (a token file's sidecar), else those of
+    the checkpoint being resumed; none for a byte-level run. Read once: every checkpoint gets
+    the same ones, whatever happens to the files meanwhile."""
+    if corpus.tokenizer_dir is not None:
+        return tokenizer_files(corpus.tokenizer_dir)
+    if resumed is not None and has_tokenizer(resumed):
+        return tokenizer_files(resumed)
+    return {}
+
+
+def _save(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig, env: DistEnv, device,
+          tokenizer: dict[str, bytes]) -> None:
+    """Saves a checkpoint (with the run's tokenizer files) on rank 0, unless some rank's
+    parameters or optimizer state are not finite: then every rank raises the same ValueError
+    and `latest` keeps the last good one."""
     bad = _local_nonfinite(model, optimizer)
     if any_rank(bad is not None, env, device):
         raise ValueError(f"step {step}: {bad or 'a parameter of another rank'} is not finite; no checkpoint "
                          f"written, {out_dir / 'latest'} keeps the last good one")
     states = full_state(model, optimizer) if cfg.fsdp else None  # collective when sharded
     if env.is_main:
-        save_checkpoint(out_dir, model, optimizer, step, cfg, states)
+        save_checkpoint(out_dir, model, optimizer, step, cfg, states, tokenizer)
     barrier(env)
 
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mambakit import MambaConfig, MambaLM
+from tests.checkpoint.weights import randomize_
 
 VOCAB, D_MODEL, N_LAYER, D_STATE = 96, 32, 2, 8
 WEIGHT_NAMES = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -20,23 +21,6 @@ WEIGHT_NAMES = {"model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Gives every parameter (A_log, D, norms and biases included, whose default inits are
-    constants) a distinct random value, so that a key that is dropped, swapped or left at its
-    init changes the logits far beyond the tolerances used here."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if name.endswith("A_log"):
-            p.copy_(torch.rand(p.shape, generator=g) * 2 - 0.5)
-        elif "norm" in name:
-            p.copy_(1 + 0.2 * r)
-        else:
-            p.copy_(0.2 * r)
-    return model
-
 
 def small_config(**overrides) -> MambaConfig:
     return MambaConfig(**{"d_model": D_MODEL, "n_layer": N_LAYER, "d_state": D_STATE, "vocab_size": VOCAB,

@@ -386,7 +386,7 @@ def test_digits_task_runs_and_writes_its_outputs(tmp_path):
                      "--d-state", "4", "--batch-size", "16", "--eval-every", "2", "--threads", "0",
                      "--no-progress"])
     assert rc == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["summary"]
     conf = torch.tensor(metrics["confusion"])
     assert conf.shape == (10, 10) and conf.sum() == metrics["n_test"] == 360
     assert abs(conf.diag().sum().item() / 360 - metrics["test_accuracy"]) < 1e-9
@@ -404,7 +404,7 @@ def test_digits_default_run_reaches_95_percent(tmp_path):
         assert train_main(["--out-dir", str(tmp_path), "--no-progress"]) == 0  # sets 2 threads
     finally:
         torch.set_num_threads(threads)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["summary"]
     print(f"digits: test accuracy {metrics['test_accuracy']:.4f} in {metrics['seconds']:.0f} s")
     assert metrics["test_accuracy"] >= 0.95
     assert metrics["steps"] == 1000 and metrics["threads"] == 2

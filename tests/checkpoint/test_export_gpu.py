@@ -1,0 +1,60 @@
+"""format="official" read by mamba_ssm's own loader (`MambaLMHeadModel.from_pretrained`), and
+mamba_ssm's own `save_pretrained` read by mambakit: the same logits (fp32, on the GPU, where
+mamba_ssm runs). Skipped without a CUDA device or without mamba_ssm installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit import PRESETS, MambaLM
+from tests.checkpoint.test_checkpoint import logits_of
+from tests.checkpoint.test_export import ids_for
+from tests.checkpoint.weights import randomize_constants_
+
+pytestmark = pytest.mark.gpu
+
+OFFICIAL_EXPORTS = {
+    "tiny": ("tiny", {}),
+    "tiny-untied-padded-vocab-bias": ("tiny", {"tie_embeddings": False, "vocab_size": 250, "bias": True}),
+    "tiny-layernorm-no-conv-bias-dt-rank": ("tiny", {"rms_norm": False, "residual_in_fp32": False,
+                                                     "conv_bias": False, "dt_rank": 5}),
+    "130m": ("130m", {}),
+}
+
+
+def mamba_lm_head_model():
+    return pytest.importorskip("mamba_ssm.models.mixer_seq_simple").MambaLMHeadModel
+
+
+@pytest.mark.parametrize("preset,overrides", list(OFFICIAL_EXPORTS.values()), ids=list(OFFICIAL_EXPORTS))
+def test_official_export_loads_in_mamba_ssm_with_equal_logits(tmp_path, preset, overrides):
+    MambaLMHeadModel = mamba_lm_head_model()
+    model = randomize_constants_(MambaLM.from_name(preset, **overrides)).to("cuda").eval()
+    model.save_pretrained(tmp_path, format="official")
+    official = MambaLMHeadModel.from_pretrained(str(tmp_path), device="cuda", dtype=torch.float32).eval()
+    ids = ids_for(model.config).to("cuda")
+    with torch.no_grad():
+        expected = official(ids).logits
+    torch.testing.assert_close(logits_of(model, ids), expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "130m"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_mamba_ssm_save_loads_in_mambakit_with_equal_logits(tmp_path, preset, tied):
+    MambaLMHeadModel = mamba_lm_head_model()
+    from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
+    shape = PRESETS[preset]
+    torch.manual_seed(0)
+    config = OfficialConfig(d_model=shape.d_model, n_layer=shape.n_layer, vocab_size=shape.vocab_size,
+                            ssm_cfg={"d_state": shape.d_state}, tie_embeddings=tied)
+    official = MambaLMHeadModel(config, device="cuda", dtype=torch.float32)
+    randomize_constants_(official).eval()
+    official.save_pretrained(str(tmp_path))
+
+    ours = MambaLM.from_pretrained(tmp_path, device="cuda")
+    assert ours.config.tie_embeddings == tied and ours.config.padded_vocab_size == official.lm_head.weight.shape[0]
+    ids = ids_for(ours.config).to("cuda")
+    with torch.no_grad():
+        expected = official(ids).logits
+    torch.testing.assert_close(logits_of(ours, ids), expected, atol=1e-3, rtol=0)
