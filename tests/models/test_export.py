@@ -82,7 +82,7 @@ def test_onnx_export_runs_in_onnxruntime():
     with torch.no_grad():
         want = model(ids)
     onnx_program = torch.onnx.export(model, (ids,), dynamo=True, verbose=False)
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (name,) = [i.name for i in session.get_inputs()]
-    (logits,) = session.run(None, {name: ids.numpy()})
+    runtime = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in runtime.get_inputs()]
+    (logits,) = runtime.run(None, {name: ids.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), want, rtol=1e-4, atol=1e-4)
