@@ -1,4 +1,5 @@
-"""RMSNorm and LayerNorm computed in fp32 for fp32 / fp16 / bf16 inputs, in fp64 for fp64 ones."""
+"""RMSNorm, LayerNorm and Mamba-2's gated RMSNorm, computed in fp32 for fp32 / fp16 / bf16 inputs, in fp64
+for fp64 ones."""
 
 from __future__ import annotations
 
@@ -32,3 +33,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def make_norm(dim: int, rms_norm: bool, eps: float, device=None, dtype=None) -> nn.Module:
     return RMSNorm(dim, eps, device=device, dtype=dtype) if rms_norm else LayerNorm(dim, eps=eps, device=device,
                                                                                     dtype=dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's gated, grouped RMSNorm: x (..., dim) and the gate z (..., dim) ->
+    rmsnorm(x · SiLU(z)) · weight (the default), or rmsnorm(x) · weight · SiLU(z) with
+    norm_before_gate; each group of `group_size` channels is normalised on its own. fp32
+    inside (fp64 for fp64 inputs), as RMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None, norm_before_gate: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.group_size = dim if group_size is None else group_size
+        if self.group_size < 1 or dim % self.group_size:
+            raise ValueError(f"group_size {group_size} must divide dim {dim}")
+        self.eps, self.norm_before_gate = eps, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        cdt = _compute_dtype(x)
+        h = x.to(cdt)
+        if z is not None and not self.norm_before_gate:
+            h = h * F.silu(z.to(cdt))
+        groups = h.unflatten(-1, (-1, self.group_size))  # (..., dim / group_size, group_size)
+        h = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2) * self.weight.to(cdt)
+        if z is not None and self.norm_before_gate:
+            h = h * F.silu(z.to(cdt))
+        return h.to(x.dtype)

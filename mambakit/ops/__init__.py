@@ -11,6 +11,8 @@ tuning knobs are in knobs.py.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,8 +24,12 @@ from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_upda
 from .conv import causal_conv1d_torch
 from .recording import no_autograd, records_grad
 from .reference import (add_rms_norm_ref, batched_linear, bimamba_inference_ref, causal_conv1d_ref,
-                        causal_conv1d_update_ref, patchify_ref, selective_scan_ref, selective_state_update_ref)
+                        causal_conv1d_update_ref, patchify_ref, selective_scan_ref, selective_state_update_ref,
+                        ssd_dual_ref, ssd_ref)
 from .scan import selective_scan_chunked
+from .ssd import DEFAULT_CHUNK_SIZE as SSD_CHUNK_SIZE
+from .ssd import ssd_chunked
+from .ssd_checks import check_chunk_size
 from .step import causal_conv1d_update_ as _conv_update_torch_
 from .step import selective_state_update_ as _state_update_torch_
 from .vision import BiMambaWeights, bimamba_inference
@@ -34,7 +40,8 @@ __all__ = [
     "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_", "knobs",
     "no_autograd", "patchify", "patchify_ref", "records_grad", "resolve_backend", "selective_scan",
     "selective_scan_chunked", "selective_scan_dt_proj", "selective_scan_ref", "selective_state_update",
-    "selective_state_update_", "selective_state_update_ref", "triton_available",
+    "selective_state_update_", "selective_state_update_ref", "ssd", "ssd_chunked", "ssd_dual_ref", "ssd_ref",
+    "triton_available",
 ]
 
 
@@ -68,6 +75,27 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     y, final = result if return_final_state else (result, None)
     out.copy_(y)
     return (out, final) if return_final_state else out
+
+
+def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+        dt_bias: Tensor | None = None, dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
+        initial_state: Tensor | None = None, return_final_state: bool = False, cu_seqlens: Tensor | None = None,
+        chunk_size: int = SSD_CHUNK_SIZE, *, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """The Mamba-2 (SSD) scan, as mamba_ssm's mamba_chunk_scan_combined. x, z: (batch, L, H, P);
+    dt: (batch, L, H); A, dt_bias: (H,); B, C: (batch, L, G, N) with G dividing H; D: (H,) or (H, P);
+    dt_limit: (lo, hi) clamp of the step sizes ((0, inf): none); initial_state (batch, H, P, N), or
+    (S, H, P, N) with cu_seqlens (int (S+1,) offsets, batch 1). Returns y (batch, L, H, P) in x's
+    dtype [, final_state (batch or S, H, P, N), fp32 or fp64]. The chunked torch path (ssd.py) runs
+    on every device for now; backend="reference" runs the sequential spec (reference.py)."""
+    if backend == "triton":
+        raise ValueError("ssd has no Triton kernel yet; use backend=None or 'torch'")
+    which = resolve_backend(backend, x if isinstance(x, torch.Tensor) else None)
+    check_chunk_size(chunk_size)
+    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
+              return_final_state=return_final_state, cu_seqlens=cu_seqlens)
+    if which == "reference":
+        return ssd_ref(x, dt, A, B, C, **kw)
+    return ssd_chunked(x, dt, A, B, C, **kw, chunk_size=chunk_size)  # no Triton kernel yet
 
 
 def selective_scan_dt_proj(u: Tensor, dt: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,

@@ -39,7 +39,7 @@ def require_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], what: str)
 
 def require_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
-        if t is not None and t.device != ref.device:
+        if isinstance(t, torch.Tensor) and t.device != ref.device:  # non-tensors: their own check names them
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put all inputs on one device")
 
 

@@ -12,13 +12,16 @@ these functions. They compute in fp32, or in fp64 when an input is fp64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import (check_conv_args, check_conv_update_args, check_scan_args, check_state_update_args,
                      compute_dtype)
-from .varlen import split_varlen, split_varlen_conv
+from .ssd_checks import check_ssd_args
+from .varlen import split_varlen, split_varlen_conv, split_varlen_ssd
 
 
 def _expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
@@ -207,3 +210,105 @@ def bimamba_inference_ref(hidden: torch.Tensor, weights, length: int) -> torch.T
     out = hidden.new_zeros(batch, padded, w.out.shape[0], dtype=torch.float32)
     out[:, :length] = F.linear(y.transpose(1, 2), f32(w.out), f32(w.out_bias))
     return out.to(w.in_proj.dtype)
+
+
+# ---- Mamba-2: the state-space dual (SSD) scan ----------------------------------------------------
+#
+#   dt_t = softplus(dt_t + dt_bias)   (if dt_softplus), then clamped to dt_limit (unless (0, inf))
+#   a_t  = exp(dt_t · A_h)            (one scalar decay per head)
+#   h_t  = a_t · h_{t-1} + dt_t · x_t ⊗ B_t          (h: (P, N) per head)
+#   y_t  = h_t C_t + D · x_t,  out = y · SiLU(z)
+# Head h reads the B/C group h // (H // G).
+
+def _ssd_step_sizes(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit, cdt) -> Tensor:
+    """dt (batch, L, H) -> the step sizes the scan uses, in the compute dtype."""
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def _ssd_skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """y + D x, gated by SiLU(z). y, x, z: (batch, L, H, P) in the compute dtype; D (H,) or (H, P)."""
+    if D is not None:
+        y = y + (D[:, None] if D.ndim == 1 else D).to(y.dtype) * x
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def ssd_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+            z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
+            dt_limit: tuple[float, float] = (0.0, math.inf), initial_state: Tensor | None = None,
+            return_final_state: bool = False, cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """The Mamba-2 scan, one step at a time. x, z: (batch, L, H, P); dt: (batch, L, H); A, dt_bias:
+    (H,); B, C: (batch, L, G, N); D: (H,) or (H, P); initial_state: (batch, H, P, N), or (S, H, P, N)
+    with cu_seqlens (batch 1; the state restarts at each offset). Returns y (batch, L, H, P) in x's
+    dtype [, final_state (batch or S, H, P, N) in the compute dtype]."""
+    shape = check_ssd_args(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, cu_seqlens)
+    cdt = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    heads_per_group = shape.heads // shape.groups
+    step = _ssd_step_sizes(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (batch, L, H)
+    decay = torch.exp(step * A.to(cdt))  # (batch, L, H)
+    Bh = B.to(cdt).repeat_interleave(heads_per_group, dim=2)  # (batch, L, H, N)
+    Ch = C.to(cdt).repeat_interleave(heads_per_group, dim=2)  # (batch, L, H, N)
+    xc = x.to(cdt)  # (batch, L, H, P)
+    offsets = [0, shape.length] if cu_seqlens is None else cu_seqlens.tolist()
+    starts = {start: s for s, start in enumerate(offsets[:-1])}
+    zeros = torch.zeros(shape.batch, shape.heads, shape.headdim, shape.d_state, dtype=cdt, device=x.device)
+
+    ys, finals = [], []
+    for t in range(shape.length):
+        if t in starts:  # a sequence begins: its own initial state, or zero
+            s = starts[t]
+            if initial_state is None:
+                h = zeros
+            else:
+                h = initial_state.to(cdt) if cu_seqlens is None else initial_state[s:s + 1].to(cdt)
+        inp = (step[:, t, :, None] * xc[:, t])[..., None] * Bh[:, t, :, None, :]  # (batch, H, P, N)
+        h = decay[:, t, :, None, None] * h + inp  # (batch, H, P, N)
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
+        if t + 1 in offsets:
+            finals.append(h)
+    y = _ssd_skip_and_gate(torch.stack(ys, dim=1), xc, D, z).to(x.dtype)  # (batch, L, H, P)
+    return (y, torch.cat(finals, dim=0)) if return_final_state else y
+
+
+def ssd_dual_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                 z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
+                 dt_limit: tuple[float, float] = (0.0, math.inf), initial_state: Tensor | None = None,
+                 return_final_state: bool = False, cu_seqlens: Tensor | None = None
+                 ) -> Tensor | tuple[Tensor, Tensor]:
+    """ssd_ref's result from the quadratic "dual" (attention-like) form, the SSD paper's:
+    y = (M ∘ (C Bᵀ)) (dt·x) with M[t, s] = exp(sum_{s<k<=t} dt_k A) for s <= t, else 0, plus the
+    initial state read through C_t and decayed by exp(sum_{k<=t} dt_k A). Same arguments and
+    results as ssd_ref; O(L²) memory."""
+    shape = check_ssd_args(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return split_varlen_ssd(ssd_dual_ref, x, dt, B, C, z, initial_state, cu_seqlens, return_final_state,
+                                A=A, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    cdt = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    heads_per_group = shape.heads // shape.groups
+    step = _ssd_step_sizes(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (batch, L, H)
+    log_decay = torch.cumsum(step * A.to(cdt), dim=1).transpose(1, 2)  # (batch, H, L): sum_{k<=t} dt_k A
+    diff = log_decay[..., :, None] - log_decay[..., None, :]  # (batch, H, t, s): sum_{s<k<=t} dt_k A
+    causal = torch.ones(shape.length, shape.length, dtype=torch.bool, device=x.device).tril()
+    M = torch.exp(diff.masked_fill(~causal, -math.inf))  # (batch, H, t, s)
+    Bh = B.to(cdt).repeat_interleave(heads_per_group, dim=2)  # (batch, L, H, N)
+    Ch = C.to(cdt).repeat_interleave(heads_per_group, dim=2)  # (batch, L, H, N)
+    xc = x.to(cdt)
+    dtx = step[..., None] * xc  # (batch, L, H, P)
+    scores = torch.einsum("bthn,bshn->bhts", Ch, Bh) * M  # (batch, H, t, s)
+    y = torch.einsum("bhts,bshp->bthp", scores, dtx)  # (batch, L, H, P)
+    to_end = torch.exp(log_decay[..., -1:] - log_decay)  # (batch, H, L): decay from after s to the end
+    final = torch.einsum("bhs,bshp,bshn->bhpn", to_end, dtx, Bh)  # (batch, H, P, N)
+    if initial_state is not None:
+        h0 = initial_state.to(cdt)  # (batch, H, P, N)
+        y = y + torch.exp(log_decay).transpose(1, 2)[..., None] * torch.einsum("bhpn,bthn->bthp", h0, Ch)
+        final = final + torch.exp(log_decay[..., -1])[..., None, None] * h0
+    y = _ssd_skip_and_gate(y, xc, D, z).to(x.dtype)
+    return (y, final) if return_final_state else y

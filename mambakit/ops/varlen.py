@@ -34,3 +34,20 @@ def split_varlen_conv(conv_fn, x, weight, bias, activation, initial_state, retur
         finals.append(final)
     y = torch.cat(ys, dim=-1)
     return (y, torch.cat(finals, dim=0)) if return_final_state else y
+
+
+def split_varlen_ssd(ssd_fn, x, dt, B, C, z, initial_state, cu_seqlens, return_final_state, **kwargs):
+    """The same for the SSD scan, time on dim 1: x, z (1, L, H, P); dt (1, L, H); B, C (1, L, G, N);
+    initial_state (S, H, P, N) or None. Returns y (1, L, H, P) [, final_state (S, H, P, N)]."""
+    offsets = cu_seqlens.tolist()
+    ys, finals = [], []
+    for s, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        y, final = ssd_fn(
+            x[:, start:end], dt[:, start:end], B=B[:, start:end], C=C[:, start:end],
+            z=None if z is None else z[:, start:end],
+            initial_state=None if initial_state is None else initial_state[s:s + 1],
+            return_final_state=True, **kwargs)
+        ys.append(y)
+        finals.append(final)
+    y = torch.cat(ys, dim=1)  # (1, L, H, P)
+    return (y, torch.cat(finals, dim=0)) if return_final_state else y
