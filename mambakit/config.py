@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_D_STATE = 256
-LAYERS = ("mamba", "s4d")
+LAYERS = ("mamba", "s4d", "mamba2")
 # upper bounds far above any real model, so that a corrupt config fails with a message here,
 # not later in an allocation of terabytes
 MAX_SIZES = {"d_state": MAX_D_STATE, "d_model": 2**20, "n_layer": 2**14, "vocab_size": 2**31 - 1, "d_conv": 2**12, "expand": 2**8,
-             "pad_vocab_size_multiple": 2**20, "dt_rank": 2**20}
+             "pad_vocab_size_multiple": 2**20, "dt_rank": 2**20, "headdim": 2**16, "ngroups": 2**16,
+             "chunk_size": 2**20}
 BOOL_FIELDS = ("conv_bias", "bias", "rms_norm", "residual_in_fp32", "tie_embeddings", "rescale_prenorm_residual",
                "gate")
 # the names of MambaConfig's fields in the Hugging Face and the official config.json, where they differ
@@ -48,8 +49,13 @@ class MambaConfig:
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
-    layer: str = "mamba"  # the mixer: "mamba" (selective, S6) or "s4d" (diagonal LTI, S4D-Lin)
+    layer: str = "mamba"  # the mixer: "mamba" (selective, S6), "s4d" (diagonal LTI, S4D-Lin) or "mamba2" (SSD)
     gate: bool = True  # the SiLU(z) gate branch of the mixer (the paper's Table 1 "without gate": False)
+    # Mamba-2 (layer="mamba2") only: heads of headdim channels, B/C shared by ngroups groups, the
+    # SSD's chunk length
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -67,10 +73,20 @@ class MambaConfig:
         if self.layer == "s4d" and self.d_state % 2:
             raise ValueError(f"MambaConfig.d_state must be even for layer='s4d' (d_state/2 complex modes), "
                              f"got {self.d_state}")
+        if self.layer == "mamba2":
+            if self.d_inner % self.headdim:
+                raise ValueError(f"MambaConfig.headdim ({self.headdim}) must divide d_inner = expand * d_model "
+                                 f"= {self.d_inner} for layer='mamba2'")
+            if (self.d_inner // self.headdim) % self.ngroups:
+                raise ValueError(f"MambaConfig.ngroups ({self.ngroups}) must divide the number of heads "
+                                 f"{self.d_inner // self.headdim} (d_inner / headdim) for layer='mamba2'")
+            if not self.gate:
+                raise ValueError("MambaConfig.gate must be true for layer='mamba2' (its norm is gated)")
 
     def _check_sizes(self) -> None:
         """Every size a positive int (not a bool) up to its MAX_SIZES bound; dt_rank may be "auto"."""
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple",
+                     "headdim", "ngroups", "chunk_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"MambaConfig.{name} must be a positive int, got {_show(value)}")
@@ -316,4 +332,11 @@ PRESETS: dict[str, MambaConfig] = {
     "790m": MambaConfig(d_model=1536, n_layer=48),
     "1.4b": MambaConfig(d_model=2048, n_layer=48),
     "2.8b": MambaConfig(d_model=2560, n_layer=64),
+    # Mamba-2 (SSD) with the official shapes: d_state 128, heads of 64 channels, one group
+    "mamba2-tiny": MambaConfig(d_model=128, n_layer=4, vocab_size=256, layer="mamba2", d_state=16, headdim=32),
+    "mamba2-130m": MambaConfig(d_model=768, n_layer=24, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
+    "mamba2-370m": MambaConfig(d_model=1024, n_layer=48, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
+    "mamba2-780m": MambaConfig(d_model=1536, n_layer=48, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
+    "mamba2-1.3b": MambaConfig(d_model=2048, n_layer=48, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
+    "mamba2-2.7b": MambaConfig(d_model=2560, n_layer=64, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
 }

@@ -28,7 +28,7 @@ ARCHITECTURE_FIELDS = {
     "d_model": "d_model", "n_layer": "n_layer", "vocab_size": "padded_vocab_size", "d_state": "d_state",
     "d_conv": "d_conv", "expand": "expand", "dt_rank": "resolved_dt_rank", "layer": "layer", "gate": "gate",
     "conv_bias": "conv_bias", "bias": "bias", "rms_norm": "rms_norm", "norm_epsilon": "norm_epsilon",
-    "residual_in_fp32": "residual_in_fp32",
+    "residual_in_fp32": "residual_in_fp32", "headdim": "headdim", "ngroups": "ngroups",
 }
 
 
@@ -141,7 +141,7 @@ def check_states(cache: LMCache) -> None:
         if not isinstance(state, MambaState):
             raise TypeError(f"the cache's layer {i} must be a MambaState, got {type(state).__name__}")
         for part in ("conv", "ssm"):
-            _require_float3(f"layer {i}'s {part} state", getattr(state, part))
+            _require_float(f"layer {i}'s {part} state", getattr(state, part), (3,) if part == "conv" else (3, 4))
         if state.conv.shape[:2] != cache.layers[0].ssm.shape[:2] or state.ssm.shape[:2] != state.conv.shape[:2]:
             raise ValueError(f"layer {i}'s states conv {tuple(state.conv.shape)} and ssm {tuple(state.ssm.shape)} "
                              f"disagree with layer 0's ssm {tuple(cache.layers[0].ssm.shape)} on (batch, channels)")
@@ -157,11 +157,13 @@ def check_states(cache: LMCache) -> None:
                              f"got {tuple(logits.shape)}")
 
 
-def _require_float3(name: str, t) -> None:
+def _require_float(name: str, t, ndims: tuple[int, ...]) -> None:
+    """A floating tensor of one of `ndims` dims: the conv state (B, D, K-1), the SSM state
+    (B, D, N) of Mamba-1 or (B, H, P, N) of Mamba-2."""
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor, got {_describe(t)}")
-    if t.ndim != 3:
-        raise ValueError(f"{name} must have 3 dims (B, D, *), got shape {tuple(t.shape)}")
+    if t.ndim not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dims (B, D, *), got shape {tuple(t.shape)}")
 
 
 def _describe(t) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import PRESETS, MambaConfig
 from ..generation import GenerationMixin, LMCache, architecture_of, pack_prompts
-from ..modules import S4D, Block, Mamba, MambaState
+from ..modules import S4D, Block, Mamba, Mamba2, MambaState
 from ..modules.norm import make_norm
 from .registry import register_model
 
@@ -75,8 +75,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
 
 def make_mixer(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> nn.Module:
-    """The mixer of config.layer: "mamba" (selective, S6) or "s4d" (LTI, S4D-Lin), gated or not."""
+    """The mixer of config.layer: "mamba" (selective, S6) or "s4d" (LTI, S4D-Lin), gated or not, or
+    "mamba2" (SSD)."""
     factory = {"device": device, "dtype": dtype}
+    if config.layer == "mamba2":
+        return Mamba2(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                      headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size,
+                      dt_min=config.dt_min, dt_max=config.dt_max, dt_init_floor=config.dt_init_floor,
+                      conv_bias=config.conv_bias, bias=config.bias, norm_eps=config.norm_epsilon,
+                      layer_idx=layer_idx, **factory)
     if config.layer == "s4d":
         return S4D(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
                    dt_min=config.dt_min, dt_max=config.dt_max, conv_bias=config.conv_bias, bias=config.bias,

@@ -15,22 +15,12 @@ wrappers (LoRA, quantization, hooks) change what runs."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from .norm import GatedRMSNorm
-from .state import at_least_fp32, causal_conv, causal_conv_step, conv_state_dtype, one_token
-
-
-@dataclass
-class Mamba2State:
-    """The recurrent state of one Mamba-2 mixer."""
-    conv: torch.Tensor  # (B, conv_dim, K-1): the last K-1 inputs of the conv over x, B and C
-    ssm: torch.Tensor  # (B, H, P, N), fp32
+from .state import MambaState, at_least_fp32, causal_conv, causal_conv_step, conv_state_dtype, one_token
 
 
 class Mamba2(nn.Module):
@@ -83,16 +73,16 @@ class Mamba2(nn.Module):
         """A = -exp(A_log), (H,) fp32 (fp64 for a fp64 model)."""
         return -torch.exp(at_least_fp32(self.A_log))
 
-    def allocate_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         device = device or self.A_log.device
-        return Mamba2State(
+        return MambaState(
             conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device,
                              dtype=dtype or conv_state_dtype(self.conv1d)),
             ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
                             dtype=at_least_fp32(self.A_log).dtype),  # fp32 (fp64 for a fp64 model)
         )
 
-    def forward(self, hidden_states: torch.Tensor, cache: Mamba2State | None = None,
+    def forward(self, hidden_states: torch.Tensor, cache: MambaState | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (B, L, d_model) -> (B, L, d_model). With a cache, start from its state
         and leave the final state in it. With cu_seqlens (S + 1,), the batch is one row of S
@@ -104,8 +94,8 @@ class Mamba2(nn.Module):
             cache.ssm.copy_(final.ssm)
         return out
 
-    def forward_with_states(self, hidden_states: torch.Tensor, state: Mamba2State | None = None,
-                            cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, Mamba2State]:
+    def forward_with_states(self, hidden_states: torch.Tensor, state: MambaState | None = None,
+                            cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState]:
         """(out (B, L, d_model), the final state), starting from `state` (or zeros); nothing is
         updated in place, so gradients flow through the states (chunked training)."""
         batch, length = self._check_input(hidden_states, cu_seqlens)
@@ -127,9 +117,9 @@ class Mamba2(nn.Module):
             initial_state=None if state is None else state.ssm, return_final_state=True,
             cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
         y = self.norm(y.reshape(batch, length, self.d_inner), z)  # (B, L, d_inner)
-        return self.out_proj(y), Mamba2State(conv=conv_final, ssm=ssm_final)
+        return self.out_proj(y), MambaState(conv=conv_final, ssm=ssm_final)
 
-    def step(self, hidden_states: torch.Tensor, cache: Mamba2State) -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape; updates
         the cache in place."""
         hidden_states, squeeze = one_token(hidden_states, self.d_model)
@@ -139,10 +129,11 @@ class Mamba2(nn.Module):
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc = causal_conv_step(self.conv1d, xbc, cache.conv, self.d_conv)  # (B, conv_dim)
         x, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ssd_step_(cache.ssm, x.reshape(batch, self.nheads, self.headdim), dt, self.A(),
-                      B.reshape(batch, self.ngroups, self.d_state), C.reshape(batch, self.ngroups, self.d_state),
-                      self.D, self.dt_bias, self.dt_limit)  # (B, H, P)
-        out = self.out_proj(self.norm(y.reshape(batch, self.d_inner).to(hidden_states.dtype), z))
+        y = ops.ssd_state_update_(cache.ssm, x.reshape(batch, self.nheads, self.headdim), dt, self.A(),
+                                  B.reshape(batch, self.ngroups, self.d_state),
+                                  C.reshape(batch, self.ngroups, self.d_state), D=self.D, dt_bias=self.dt_bias,
+                                  dt_softplus=True, dt_limit=self.dt_limit)  # (B, H, P)
+        out = self.out_proj(self.norm(y.reshape(batch, self.d_inner), z))
         return out[:, None] if squeeze else out
 
     def _check_input(self, hidden_states: torch.Tensor, cu_seqlens) -> tuple[int, int]:
@@ -155,28 +146,12 @@ class Mamba2(nn.Module):
             raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
         return batch, length
 
-    def _check_state(self, state: Mamba2State, batch: int) -> None:
+    def _check_state(self, state: MambaState, batch: int) -> None:
         want_conv = (batch, self.conv_dim, self.d_conv - 1)
         want_ssm = (batch, self.nheads, self.headdim, self.d_state)
         if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
             raise ValueError(f"cache shapes conv {tuple(state.conv.shape)} / ssm {tuple(state.ssm.shape)} do not "
                              f"match this layer and batch: expected conv {want_conv} / ssm {want_ssm}")
-
-
-def ssd_step_(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float]) -> torch.Tensor:
-    """One SSD step, in place on state (B, H, P, N) (fp32, or fp64): x (B, H, P), dt (B, H) before
-    its bias, A (H,), B/C (B, G, N) -> y (B, H, P) in the state's dtype, computed from the state
-    before it is rounded to anything narrower."""
-    heads, groups, f = x.shape[1], B.shape[1], state.dtype
-    delta = F.softplus(dt.to(f) + dt_bias.to(f)).clamp(*dt_limit)  # (B, H)
-    decay = torch.exp(delta * A.to(f))  # (B, H)
-    B = B.to(f).repeat_interleave(heads // groups, dim=1)  # (B, H, N)
-    C = C.to(f).repeat_interleave(heads // groups, dim=1)
-    xf = x.to(f)
-    state.mul_(decay[:, :, None, None]).add_((delta[:, :, None] * xf)[..., None] * B[:, :, None, :])
-    y = torch.einsum("bhpn,bhn->bhp", state, C)  # (B, H, P)
-    return y + D.to(f)[:, None] * xf
 
 
 def _check_geometry(d_inner: int, headdim: int, ngroups: int, d_state: int, chunk_size: int,

@@ -26,7 +26,7 @@ from .. import ops
 class MambaState:
     """The recurrent state of one mixer: what a Transformer's KV cache is, at a fixed size."""
     conv: torch.Tensor  # (B, D_inner, K-1): the last K-1 conv inputs
-    ssm: torch.Tensor  # (B, D_inner, N), fp32
+    ssm: torch.Tensor  # (B, D_inner, N) for Mamba-1, (B, H, P, N) for Mamba-2; fp32
 
 
 class _MixerShape(Protocol):

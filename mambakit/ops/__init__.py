@@ -25,13 +25,14 @@ from .conv import causal_conv1d_torch
 from .recording import no_autograd, records_grad
 from .reference import (add_rms_norm_ref, batched_linear, bimamba_inference_ref, causal_conv1d_ref,
                         causal_conv1d_update_ref, patchify_ref, selective_scan_ref, selective_state_update_ref,
-                        ssd_dual_ref, ssd_ref)
+                        ssd_dual_ref, ssd_ref, ssd_state_update_ref)
 from .scan import selective_scan_chunked
 from .ssd import DEFAULT_CHUNK_SIZE as SSD_CHUNK_SIZE
 from .ssd import ssd_chunked
-from .ssd_checks import check_chunk_size
+from .ssd_checks import check_chunk_size, check_ssd_state_update_args
 from .step import causal_conv1d_update_ as _conv_update_torch_
 from .step import selective_state_update_ as _state_update_torch_
+from .step import ssd_state_update_ as _ssd_state_update_torch_
 from .vision import BiMambaWeights, bimamba_inference
 
 __all__ = [
@@ -40,7 +41,8 @@ __all__ = [
     "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_", "knobs",
     "no_autograd", "patchify", "patchify_ref", "records_grad", "resolve_backend", "selective_scan",
     "selective_scan_chunked", "selective_scan_dt_proj", "selective_scan_ref", "selective_state_update",
-    "selective_state_update_", "selective_state_update_ref", "ssd", "ssd_chunked", "ssd_dual_ref", "ssd_ref",
+    "selective_state_update_", "selective_state_update_ref", "ssd", "ssd_chunked", "ssd_dual_ref", "ssd_ref", "ssd_state_update_",
+    "ssd_state_update_ref",
     "triton_available",
 ]
 
@@ -214,6 +216,17 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
         from .triton.step import conv_update_
         return conv_update_(x, conv_state, weight, bias, activation)
     return _conv_update_torch_(x, conv_state, weight, bias, activation)
+
+
+def ssd_state_update_(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                      dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf)) -> Tensor:
+    """Mamba-2's decoding step, in place on state (batch, H, P, N): x, z (batch, H, P), dt
+    (batch, H), A (H,), B/C (batch, G, N), D (H,) or (H, P) -> y (batch, H, P) in x's dtype,
+    computed from the new state in fp32 before it is stored in the state's dtype. The spec is
+    `ssd_state_update_ref` (`ssd_ref` over one token)."""
+    check_ssd_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    return _ssd_state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, tuple(dt_limit))
 
 
 def selective_state_update_(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,

@@ -312,3 +312,16 @@ def ssd_dual_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
         final = final + torch.exp(log_decay[..., -1])[..., None, None] * h0
     y = _ssd_skip_and_gate(y, xc, D, z).to(x.dtype)
     return (y, final) if return_final_state else y
+
+
+def ssd_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                         dt_softplus: bool = False, dt_limit=(0.0, math.inf)) -> tuple[Tensor, Tensor]:
+    """One decoding step of the SSD, defined as `ssd_ref` over a sequence of one token that starts
+    from `state`: state (batch, H, P, N), x and z (batch, H, P), dt (batch, H), B/C (batch, G, N)
+    -> (y (batch, H, P) in x's dtype, the new state in state's dtype). y is computed from the
+    new state in fp32 (fp64) before that is rounded to the state's dtype."""
+    y, final = ssd_ref(x[:, None], dt[:, None], A, B[:, None], C[:, None], D=D,
+                       z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
+                       dt_limit=dt_limit, initial_state=state, return_final_state=True)
+    return y[:, 0], final.to(state.dtype)

@@ -84,3 +84,37 @@ def check_ssd_args(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, 
         what = "(S, H, P, N) with S sequences from cu_seqlens" if cu_seqlens is not None else "(batch, H, P, N)"
         require_shape("initial_state", initial_state, (n_seqs, heads, headdim, d_state), what)
     return SSDShape(batch, length, heads, headdim, groups, d_state, n_seqs)
+
+
+def check_ssd_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_limit=(0.0, math.inf)):
+    """The headed step's arguments: state (batch, H, P, N), x/z (batch, H, P), dt (batch, H),
+    A/dt_bias (H,), B/C (batch, G, N) with G dividing H, D (H,) or (H, P)."""
+    require_tensor("state", state, ndim=4)
+    batch, heads, headdim, d_state = state.shape
+    require_tensor("x", x, ndim=3)
+    require_shape("x", x, (batch, heads, headdim), f"state {_shape(state)} (batch, H, P, N)")
+    require_tensor("dt", dt, ndim=2)
+    require_shape("dt", dt, (batch, heads), "(batch, H)")
+    require_tensor("A", A, ndim=1)
+    require_shape("A", A, (heads,), "(H,)")
+    require_tensor("B", B, ndim=3)
+    groups = B.shape[1]
+    if groups < 1 or heads % groups:
+        raise ValueError(f"B's groups ({groups}) must divide the heads H={heads}")
+    require_shape("B", B, (batch, groups, d_state), "(batch, G, N)")
+    require_tensor("C", C, ndim=3)
+    require_shape("C", C, (batch, groups, d_state), "(batch, G, N) like B")
+    if d_state > MAX_D_STATE:
+        raise ValueError(f"d_state N={d_state} is above {MAX_D_STATE}")
+    if D is not None:
+        require_tensor("D", D, ndim=(1, 2))
+        if tuple(D.shape) not in ((heads,), (heads, headdim)):
+            raise ValueError(f"D must be (H,) = ({heads},) or (H, P) = ({heads}, {headdim}), got {_shape(D)}")
+    if z is not None:
+        require_tensor("z", z, ndim=3)
+        require_shape("z", z, tuple(x.shape), "x's shape")
+    if dt_bias is not None:
+        require_tensor("dt_bias", dt_bias, ndim=1)
+        require_shape("dt_bias", dt_bias, (heads,), "(H,)")
+    check_dt_limit(dt_limit)
+    require_same_device("state", state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)

@@ -6,9 +6,10 @@ step the time goes to per-op overhead, not arithmetic."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,3 +53,32 @@ def causal_conv1d_update_(x, conv_state, weight, bias=None, activation=None):
     if conv_state.shape[-1]:
         conv_state.copy_(torch.cat([conv_state[:, :, 1:], _as(x[..., None], conv_state.dtype)], dim=-1))
     return _as(F.silu(y) if activation is not None else y, x.dtype)
+
+
+def ssd_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                      dt_limit=(0.0, math.inf)):
+    """Mamba-2's step, in place on state (B, H, P, N): x, z (B, H, P); dt (B, H); A (H,); B, C
+    (B, G, N), head h reading group h // (H // G); D (H,) or (H, P). The arithmetic runs in fp32
+    (fp64 for a fp64 state) and y comes from the new state before it is stored in the state's
+    dtype. Returns y (B, H, P) in x's dtype. Arguments are not checked: see ops.ssd_state_update_."""
+    batch, heads, headdim, d_state = state.shape
+    groups = B.shape[1]
+    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    dt = _as(dt, cdt)
+    if dt_bias is not None:
+        dt = dt + _as(dt_bias, cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])  # (B, H)
+    shape = (batch, groups, heads // groups, headdim, d_state)
+    xc = _as(x, cdt)  # (B, H, P)
+    h = _as(state, cdt).view(shape) * torch.exp(dt * _as(A, cdt)).view(batch, groups, -1, 1, 1)  # decay
+    h = h + (dt[..., None] * xc).view(shape[:4] + (1,)) * _as(B, cdt)[:, :, None, None, :]  # + Δ x Bᵀ
+    y = torch.matmul(h, _as(C, cdt)[:, :, None, :, None]).view(batch, heads, headdim)  # h C
+    state.copy_(h.view(state.shape))
+    if D is not None:
+        y = y + (D[:, None] if D.ndim == 1 else D).to(cdt) * xc
+    if z is not None:
+        y = y * F.silu(_as(z, cdt))
+    return _as(y, x.dtype)
