@@ -69,8 +69,9 @@ def full_state(model: MambaLM, optimizer) -> tuple[dict, dict]:
 
 def first_nonfinite(state, prefix: str = "") -> str | None:
     """The name of the first floating-point tensor in a nested state (dicts, lists) holding a
-    NaN or an infinity, or None when all are finite."""
+    NaN or an infinity, or None when all are finite. An FSDP2 shard is checked on this rank."""
     if isinstance(state, torch.Tensor):
+        state = state.to_local() if hasattr(state, "to_local") else state
         return prefix if state.is_floating_point() and not torch.isfinite(state).all() else None
     if isinstance(state, dict):
         items = state.items()

@@ -42,8 +42,8 @@ from ..checkpoint import atomic_write
 from ..config import PRESETS, MambaConfig
 from ..models.lm import MambaLM
 from ..tokenizer import has_tokenizer, tokenizer_files, write_tokenizer_files
-from .checkpoints import (full_state, latest_checkpoint, load_checkpoint, read_trainer_state, remove_stale_temporaries,
-                          save_checkpoint)
+from .checkpoints import (first_nonfinite, full_state, latest_checkpoint, load_checkpoint, read_trainer_state,
+                          remove_stale_temporaries, save_checkpoint)
 from .data import BYTE_VOCAB, Corpus, batch_at, load_corpus
 from .devices import resolve_device
 from .distributed import DistEnv, any_rank, barrier, init_distributed, mean_over_ranks, rows_of, shutdown
@@ -329,13 +329,10 @@ def _save(out_dir: Path, model: MambaLM, optimizer, step: int, cfg: TrainConfig,
 
 def _local_nonfinite(model: MambaLM, optimizer) -> str | None:
     """The first parameter (or its optimizer state) of this rank that holds a NaN or an infinity."""
+    state = {}
     for name, p in model.named_parameters():
-        tensors = {name: p, **{f"{name} (optimizer {k})": v for k, v in optimizer.state.get(p, {}).items()}}
-        for label, t in tensors.items():
-            t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                return label
-    return None
+        state[name], state[f"{name} (optimizer)"] = p, optimizer.state.get(p, {})
+    return first_nonfinite(state)
 
 
 def _signal_name(signum: int | None) -> str:
