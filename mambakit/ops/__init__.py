@@ -29,7 +29,7 @@ from .reference import (add_rms_norm_ref, batched_linear, bimamba_inference_ref,
 from .scan import selective_scan_chunked
 from .ssd import DEFAULT_CHUNK_SIZE as SSD_CHUNK_SIZE
 from .ssd import ssd_chunked
-from .ssd_checks import check_chunk_size, check_ssd_state_update_args
+from .ssd_checks import check_chunk_size, check_ssd_args, check_ssd_state_update_args
 from .step import causal_conv1d_update_ as _conv_update_torch_
 from .step import selective_state_update_ as _state_update_torch_
 from .step import ssd_state_update_ as _ssd_state_update_torch_
@@ -87,17 +87,20 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None
     dt: (batch, L, H); A, dt_bias: (H,); B, C: (batch, L, G, N) with G dividing H; D: (H,) or (H, P);
     dt_limit: (lo, hi) clamp of the step sizes ((0, inf): none); initial_state (batch, H, P, N), or
     (S, H, P, N) with cu_seqlens (int (S+1,) offsets, batch 1). Returns y (batch, L, H, P) in x's
-    dtype [, final_state (batch or S, H, P, N), fp32 or fp64]. The chunked torch path (ssd.py) runs
-    on every device for now; backend="reference" runs the sequential spec (reference.py)."""
-    if backend == "triton":
-        raise ValueError("ssd has no Triton kernel yet; use backend=None or 'torch'")
+    dtype [, final_state (batch or S, H, P, N), fp32 or fp64]. CUDA tensors of fp16/bf16/fp32 run the
+    Triton kernels (triton/ssd_op.py), others the chunked torch path (ssd.py); backend="reference"
+    runs the sequential spec (reference.py)."""
     which = resolve_backend(backend, x if isinstance(x, torch.Tensor) else None)
     check_chunk_size(chunk_size)
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
               return_final_state=return_final_state, cu_seqlens=cu_seqlens)
     if which == "reference":
         return ssd_ref(x, dt, A, B, C, **kw)
-    return ssd_chunked(x, dt, A, B, C, **kw, chunk_size=chunk_size)  # no Triton kernel yet
+    if which == "triton":
+        check_ssd_args(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, cu_seqlens)
+        from .triton.ssd_op import ssd_triton
+        return ssd_triton(x, dt, A, B, C, **kw, chunk_size=chunk_size)
+    return ssd_chunked(x, dt, A, B, C, **kw, chunk_size=chunk_size)
 
 
 def selective_scan_dt_proj(u: Tensor, dt: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,

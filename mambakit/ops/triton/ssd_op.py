@@ -1,0 +1,164 @@
+"""The Triton Mamba-2 (SSD) scan: its autograd function and the kernels' launches.
+
+The step sizes (Δ-bias, softplus, limit) and the in-chunk cumulative sum cs of dt·A are
+element-wise work on (batch, L, H), small next to x, and stay in torch, where autograd carries
+their gradients to dt, dt_bias and A. The kernels (ssd_fwd_kernels.py, ssd_bwd_kernels.py) take
+dt and cs and do everything that touches x, B, C and the states. The gate z multiplies the fp32
+output in torch. Packed sequences (cu_seqlens) run one sequence at a time (varlen.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from ..ssd import step_sizes
+from ..varlen import split_varlen_ssd
+from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
+from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
+
+_STATE_BLOCK = 512  # elements of a (P * N) state per state-passing program
+_MIN_PROGRAMS = 512  # the backward keeps at least this many programs before it sums heads in one
+
+
+def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+               z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
+               dt_limit: tuple[float, float] = (0.0, math.inf), initial_state: Tensor | None = None,
+               return_final_state: bool = False, cu_seqlens: Tensor | None = None,
+               chunk_size: int = 256) -> Tensor | tuple[Tensor, Tensor]:
+    """As ops.ssd (arguments checked there). x, z: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H,);
+    B, C: (batch, L, G, N); D: (H,) or (H, P). Returns y (batch, L, H, P) [, final (batch or S, H, P, N) fp32]."""
+    if cu_seqlens is not None:
+        return split_varlen_ssd(ssd_triton, x, dt, B, C, z, initial_state, cu_seqlens, return_final_state,
+                                A=A, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                chunk_size=chunk_size)
+    batch, length, heads, _ = x.shape
+    T = min(chunk_size, length)
+    n_chunks = -(-length // T)
+    step = step_sizes(dt, dt_bias, dt_softplus, dt_limit, torch.float32)  # (batch, L, H)
+    dA = F.pad(step * A.float(), (0, 0, 0, n_chunks * T - length))  # (batch, c·T, H), 0 past L
+    cs = dA.reshape(batch, n_chunks, T, heads).cumsum(dim=2).permute(0, 3, 1, 2).contiguous()  # (batch, H, c, T)
+    out_dtype = torch.float32 if z is not None else x.dtype
+    y, final = _SSD.apply(x, step, cs, B, C, D, initial_state, out_dtype)
+    if z is not None:
+        y = (y * F.silu(z.float())).to(x.dtype)
+    return (y, final) if return_final_state else y
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _blocks(size: int, cap: int) -> int:
+    """A power-of-two tile edge covering `size` (at least 16, tl.dot's minimum), at most `cap`."""
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact products; else bf16/fp16 tensor cores
+
+
+class _SSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, step, cs, B, C, D, initial_state, out_dtype):
+        ctx.b_dtype, ctx.c_dtype = B.dtype, C.dtype
+        x = _last_dim_contiguous(x)
+        bc_dtype = torch.promote_types(B.dtype, C.dtype)
+        B, C = _last_dim_contiguous(B.to(bc_dtype)), _last_dim_contiguous(C.to(bc_dtype))
+        batch, length, heads, headdim = x.shape
+        groups, d_state = B.shape[2], B.shape[3]
+        _, _, n_chunks, T = cs.shape
+        precision = _precision(x.dtype)
+        CB = x.new_empty((batch, n_chunks, groups, T, T), dtype=torch.float32)
+        states = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
+        final = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32)
+        y = x.new_empty((batch, length, heads, headdim), dtype=out_dtype)
+        bt, bk = _blocks(T, 64), _blocks(d_state, 64)
+        bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
+
+        cb_kernel[(batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt))](
+            C, B, CB, length, T, n_chunks, groups, d_state, *C.stride()[:3], *B.stride()[:3],
+            BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision)
+        chunk_state_kernel[(batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn))](
+            x, B, step, cs, states, length, T, n_chunks, heads, groups, headdim, d_state,
+            *x.stride()[:3], *B.stride()[:3], FORWARD=True, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision)
+        init = initial_state.contiguous() if initial_state is not None else None
+        pn = headdim * d_state
+        state_passing_kernel[(batch * heads, triton.cdiv(pn, _STATE_BLOCK))](
+            states, cs, init if init is not None else states, final, T, n_chunks, heads, pn,
+            HAS_INIT=init is not None, BLOCK=_STATE_BLOCK)
+        chunk_output_kernel[(batch * n_chunks * heads, triton.cdiv(T, bt), triton.cdiv(headdim, bp))](
+            x, step, cs, CB, states, C, D if D is not None else x, y, length, T, n_chunks, heads, groups, headdim,
+            d_state, *x.stride()[:3], *C.stride()[:3], *y.stride()[:3],
+            HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
+            BLOCK_M=bt, BLOCK_P=bp, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision)
+        ctx.save_for_backward(x, step, cs, B, C, D, CB, states)
+        ctx.has_init = initial_state is not None
+        ctx.init_dtype = initial_state.dtype if initial_state is not None else None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, step, cs, B, C, D, CB, states = ctx.saved_tensors
+        batch, length, heads, headdim = x.shape
+        groups, d_state = B.shape[2], B.shape[3]
+        _, _, n_chunks, T = cs.shape
+        precision = _precision(x.dtype)
+        dy = _last_dim_contiguous(dy.to(x.dtype)) if dy is not None else torch.zeros_like(x)
+        bt = _blocks(T, 64)
+        bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
+        pn = headdim * d_state
+
+        dstates = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
+        chunk_state_kernel[(batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn))](
+            dy, C, step, cs, dstates, length, T, n_chunks, heads, groups, headdim, d_state,
+            *dy.stride()[:3], *C.stride()[:3], FORWARD=False, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision)
+        dcs_end = x.new_zeros((batch, heads, n_chunks), dtype=torch.float32)
+        dinit = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32) if ctx.has_init else None
+        dfinal = dfinal.contiguous() if dfinal is not None else None
+        state_passing_bwd_kernel[(batch * heads, triton.cdiv(pn, _STATE_BLOCK))](
+            dstates, states, cs, dfinal if dfinal is not None else dstates, dinit if dinit is not None else dstates,
+            dcs_end, T, n_chunks, heads, pn, HAS_DFINAL=dfinal is not None, HAS_DINIT=dinit is not None,
+            BLOCK=_STATE_BLOCK)
+
+        full_p, full_n = _blocks(headdim, 256), _blocks(d_state, 256)
+        bs = 64 if full_n * full_p <= 128 * 64 else 32
+        bs = min(bs, bt)
+        per_program = _heads_per_program(heads // groups, batch * n_chunks * groups * triton.cdiv(T, bs))
+        splits = heads // groups // per_program
+        dx = torch.empty_like(x)
+        ddt = x.new_empty((batch, length, heads), dtype=torch.float32)
+        dcs = x.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32)
+        dB = x.new_empty((splits, batch, length, groups, d_state), dtype=torch.float32)
+        dC = torch.empty_like(dB)
+        common = (length, T, n_chunks, heads, groups, headdim, d_state, per_program, batch * length * groups * d_state)
+        grid = (batch * n_chunks * groups * splits, triton.cdiv(T, bs))
+        dx_kernel[grid](
+            x, step, cs, CB, dstates, B, C, D if D is not None else x, dy, dx, ddt, dB, dcs, dcs_end, *common,
+            *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
+            HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
+            BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision)
+        dc_kernel[grid](
+            x, step, cs, CB, states, B, C, dy, dC, dcs, *common,
+            *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
+            BLOCK_T=bs, BLOCK_S=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision)
+        dcs[..., T - 1] += dcs_end
+        dB, dC = dB.sum(0) if splits > 1 else dB[0], dC.sum(0) if splits > 1 else dC[0]
+        dD = None
+        if D is not None and ctx.needs_input_grad[5]:
+            prod = dy.float() * x.float()  # (batch, L, H, P)
+            dD = (prod.sum((0, 1, 3)) if D.ndim == 1 else prod.sum((0, 1))).to(D.dtype)
+        dinit = dinit.to(ctx.init_dtype) if dinit is not None else None
+        return dx, ddt, dcs, dB.to(ctx.b_dtype), dC.to(ctx.c_dtype), dD, dinit, None
+
+
+def _heads_per_program(heads_per_group: int, programs_per_head: int) -> int:
+    """How many of a group's heads one backward program runs (summing their dB, dC in registers):
+    the most that still leaves at least _MIN_PROGRAMS programs, and a divisor of heads_per_group."""
+    for per_program in range(heads_per_group, 0, -1):
+        if heads_per_group % per_program == 0 and programs_per_head * (heads_per_group // per_program) >= _MIN_PROGRAMS:
+            return per_program
+    return 1

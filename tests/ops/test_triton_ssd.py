@@ -1,0 +1,135 @@
+"""The Triton Mamba-2 (SSD) kernels against the sequential reference: the output, the final state
+and the gradient of every input (against float64 autograd through the reference), over
+hypothesis-drawn shapes: heads, groups, N up to 256, headdim and chunk sizes that are not powers
+of two, L not a multiple of the chunk, L = 1, initial states, packing and the Δ limit. On a machine
+without CUDA the kernels run under TRITON_INTERPRET=1; on the GPU the same tests run compiled."""
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest.py sets it first; kept for direct runs
+pytest.importorskip("triton")
+
+from mambakit import ops  # noqa: E402
+from mambakit.ops import ssd_ref  # noqa: E402
+from tests.ops.test_ssd import make_ssd_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32 = dict(rtol=1e-3, atol=2e-3)
+INTERPRETED = settings(max_examples=8 if DEVICE == "cpu" else 40, deadline=None, derandomize=True)
+
+
+def _run(fn, kw, dtype, grad_seed=1, **opts):
+    """y, the final state and the gradient of every tensor input, for a random cotangent of both."""
+    inputs = {k: v.detach().to(DEVICE, dtype).requires_grad_() for k, v in kw.items() if v is not None}
+    y, h = fn(**inputs, **opts, return_final_state=True)
+    g = torch.Generator().manual_seed(grad_seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    gh = torch.randn(h.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    loss = (y.double() * gy).sum() + (h.double() * gh).sum()
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return y.detach().double().cpu(), h.detach().double().cpu(), {k: v.double().cpu() for k, v in zip(inputs, grads)}
+
+
+def _assert_triton_matches_reference(kw, tol=FP32, dtype=torch.float32, **opts):
+    y_ref, h_ref, g_ref = _run(ssd_ref, kw, torch.float64, **{k: v for k, v in opts.items() if k != "chunk_size"})
+    y, h, g = _run(ops.ssd, kw, dtype, backend="triton", **opts)
+    scale = lambda t: max(1.0, t.abs().max().item())  # noqa: E731 - gradients grow with L; compare relative to their size
+    torch.testing.assert_close(y, y_ref, rtol=tol["rtol"], atol=tol["atol"] * scale(y_ref))
+    torch.testing.assert_close(h, h_ref, rtol=tol["rtol"], atol=tol["atol"] * scale(h_ref))
+    assert set(g) == set(g_ref)
+    for name, ref in g_ref.items():
+        torch.testing.assert_close(g[name], ref, rtol=tol["rtol"], atol=tol["atol"] * scale(ref),
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@st.composite
+def ssd_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 4, 6]))
+    headdim = draw(st.sampled_from([4, 12, 16, 33]))
+    chunk = draw(st.sampled_from([8, 10, 16, 32]))
+    return dict(
+        kw=make_ssd_inputs(
+            draw(st.integers(1, 2)), draw(st.integers(1, 3 * chunk + 5)), heads, headdim,
+            draw(st.sampled_from([g for g in (1, 2, 3) if heads % g == 0])), draw(st.sampled_from([3, 16, 40])),
+            D_shape=draw(st.sampled_from([None, (heads,), (heads, headdim)])), with_z=draw(st.booleans()),
+            with_bias=draw(st.booleans()), with_init=draw(st.booleans()), seed=draw(st.integers(0, 2**16))),
+        opts=dict(chunk_size=chunk, dt_softplus=draw(st.booleans()),
+                  dt_limit=draw(st.sampled_from([(0.0, math.inf), (0.05, 0.8)]))))
+
+
+@INTERPRETED
+@given(case=ssd_cases())
+def test_triton_ssd_matches_reference(case):
+    _assert_triton_matches_reference(case["kw"], **case["opts"])
+
+
+@pytest.mark.parametrize("length", [1, 16, 17])
+def test_single_step_and_chunk_edges(length):
+    kw = make_ssd_inputs(1, length, 2, 16, 1, 16, D_shape=(2,), with_init=True, seed=length)
+    _assert_triton_matches_reference(kw, chunk_size=16)
+
+
+def test_largest_state_size():
+    """N = 256 (the most mambakit takes) with a 64-wide head: the backward's widest tiles."""
+    kw = make_ssd_inputs(1, 20, 2, 64, 1, 256, D_shape=(2,), with_init=True, seed=3)
+    _assert_triton_matches_reference(kw, chunk_size=16)
+
+
+def test_backward_split_heads(monkeypatch):
+    """Many heads per group: the backward splits them over programs and sums dB, dC after."""
+    from mambakit.ops.triton import ssd_op
+    monkeypatch.setattr(ssd_op, "_MIN_PROGRAMS", 10**6)  # one head per program: the most splits
+    kw = make_ssd_inputs(1, 21, 4, 8, 1, 8, D_shape=(4, 8), with_bias=True, seed=5)
+    _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
+
+
+def test_packed_sequences_match_separate_runs():
+    lengths = [5, 17, 1]
+    kw = make_ssd_inputs(1, sum(lengths), 2, 16, 2, 16, D_shape=(2,), with_init=True, n_seqs=3, seed=7)
+    cu = torch.tensor([0, 5, 22, 23], dtype=torch.int32)
+    kw32 = {k: v.float() if v is not None else None for k, v in kw.items()}
+    y, h = ops.ssd(**kw32, cu_seqlens=cu, chunk_size=8, return_final_state=True, backend="triton")
+    for s, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        part = {k: (v[:, start:end] if k in ("x", "dt", "B", "C") else v) for k, v in kw.items()}
+        part["initial_state"] = kw["initial_state"][s:s + 1]
+        y_ref, h_ref = ssd_ref(**part, return_final_state=True)
+        torch.testing.assert_close(y[:, start:end].double(), y_ref, **FP32)
+        torch.testing.assert_close(h[s:s + 1].double(), h_ref, **FP32)
+
+
+_HALF = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as raw uint16 bits"))]
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+def test_half_inputs_accumulate_in_fp32(dtype):
+    """fp16/bf16 x, B, C: y in that dtype within its rounding of the float64 answer, the state in fp32."""
+    kw = make_ssd_inputs(2, 40, 4, 16, 2, 16, D_shape=(4,), with_z=True, with_init=True, seed=11)
+    half = {k: (v.to(dtype) if k in ("x", "B", "C", "z") else v.float()).to(DEVICE) if v is not None else None
+            for k, v in kw.items()}
+    y, h = ops.ssd(**half, return_final_state=True, dt_softplus=True, chunk_size=16, backend="triton")
+    assert y.dtype == dtype and h.dtype == torch.float32
+    y_ref, h_ref = ssd_ref(**{k: (v.double().cpu() if v is not None else None) for k, v in half.items()},
+                           dt_softplus=True, return_final_state=True)
+    err = (y.double().cpu() - y_ref).abs().max() / y_ref.abs().max()
+    assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), err  # low-precision products, fp32 sums
+    h_err = (h.double().cpu() - h_ref).abs().max() / h_ref.abs().max()
+    assert h_err < (2e-2 if dtype == torch.bfloat16 else 3e-3), h_err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(2, 1000, 8, 64, 1, 128), (1, 4096, 4, 64, 2, 64), (1, 300, 2, 32, 1, 256)])
+def test_compiled_kernels_at_model_shapes(shape):
+    """The compiled kernels at the 130m mixer's head shape (headdim 64, N 128) with the default chunk."""
+    batch, length, heads, headdim, groups, d_state = shape
+    kw = make_ssd_inputs(batch, length, heads, headdim, groups, d_state, D_shape=(heads,), with_bias=True,
+                         with_init=True, seed=13)
+    _assert_triton_matches_reference(kw, tol=dict(rtol=2e-3, atol=2e-3), chunk_size=256, dt_softplus=True)
