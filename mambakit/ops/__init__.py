@@ -223,12 +223,17 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
 
 def ssd_state_update_(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
-                      dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf)) -> Tensor:
+                      dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf), *,
+                      backend: str | None = None) -> Tensor:
     """Mamba-2's decoding step, in place on state (batch, H, P, N): x, z (batch, H, P), dt
     (batch, H), A (H,), B/C (batch, G, N), D (H,) or (H, P) -> y (batch, H, P) in x's dtype,
     computed from the new state in fp32 before it is stored in the state's dtype. The spec is
-    `ssd_state_update_ref` (`ssd_ref` over one token)."""
+    `ssd_state_update_ref` (`ssd_ref` over one token). CUDA states run the fused Triton step
+    (triton/ssd_step.py), others the torch step (step.py)."""
     check_ssd_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    if resolve_backend(backend, state) == "triton" and state.stride(-1) == 1:
+        from .triton.ssd_step import ssd_state_update_triton_
+        return ssd_state_update_triton_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, tuple(dt_limit))
     return _ssd_state_update_torch_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, tuple(dt_limit))
 
 

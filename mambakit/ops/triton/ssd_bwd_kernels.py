@@ -49,15 +49,15 @@ def state_passing_bwd_kernel(DSTATES, STATES, CS, DFINAL, DINIT, DCS_END, T, n_c
 
 
 @triton.jit
-def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END,
+def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END, DD,
               L, T, n_chunks, H, G, P, N, heads_per_program, s_dbsplit,
               s_xb, s_xl, s_xh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg, s_yb, s_yl, s_yh, s_dxb, s_dxl, s_dxh,
-              HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+              HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, WANT_DD: tl.constexpr,
               BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
               PRECISION: tl.constexpr):
     # grid (batch * c * G * splits, cdiv(T, BLOCK_S)); each program runs heads_per_program heads of
     # one group. DX (batch, L, H, P); DDT (batch, L, H) fp32; DB (splits, batch, L, G, N) fp32;
-    # DCS (batch, H, c, T) fp32 (written here); DCS_END (batch, H, c) fp32 (added to)
+    # DCS (batch, H, c, T) fp32 (written here); DCS_END (batch, H, c) and DD (H,) or (H, P) fp32 (added to)
     pid, pid_s = tl.program_id(0), tl.program_id(1)
     splits = (H // G) // heads_per_program
     split = pid % splits
@@ -122,6 +122,12 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END,
                 dx += tl.load(D + h * P + offs_p, mask=ok_p, other=0.0).to(tl.float32)[None, :] * dy_s
             else:
                 dx += tl.load(D + h).to(tl.float32) * dy_s
+            if WANT_DD:
+                dy_x = tl.sum(dy_s * x32, axis=0)  # (BLOCK_P,)
+                if D_PER_CHANNEL:
+                    tl.atomic_add(DD + h * P + offs_p, dy_x, mask=ok_p)
+                else:
+                    tl.atomic_add(DD + h, tl.sum(dy_x, axis=0))
         tl.store(DX + b * s_dxb + h * s_dxh + pos_s[:, None] * s_dxl + offs_p[None, :], dx.to(DX.dtype.element_ty),
                  mask=ok_s[:, None] & ok_p[None, :])
         tl.store(DDT + (b * L + pos_s) * H + h, tl.sum(du * x32, axis=1), mask=ok_s)

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..ssd import step_sizes
 from ..varlen import split_varlen_ssd
 from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
+from .launch import launch
 from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
 
 _STATE_BLOCK = 512  # elements of a (P * N) state per state-passing program
@@ -46,6 +47,11 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
     if z is not None:
         y = (y * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_state else y
+
+
+def _run(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) through launch.py's cache (less host time per launch)."""
+    launch(kernel, grid, list(args), kwargs)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -79,18 +85,18 @@ class _SSD(torch.autograd.Function):
         bt, bk = _blocks(T, 64), _blocks(d_state, 64)
         bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
 
-        cb_kernel[(batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt))](
+        _run(cb_kernel, (batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt)), 
             C, B, CB, length, T, n_chunks, groups, d_state, *C.stride()[:3], *B.stride()[:3],
             BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision)
-        chunk_state_kernel[(batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn))](
+        _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)), 
             x, B, step, cs, states, length, T, n_chunks, heads, groups, headdim, d_state,
             *x.stride()[:3], *B.stride()[:3], FORWARD=True, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision)
         init = initial_state.contiguous() if initial_state is not None else None
         pn = headdim * d_state
-        state_passing_kernel[(batch * heads, triton.cdiv(pn, _STATE_BLOCK))](
+        _run(state_passing_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)), 
             states, cs, init if init is not None else states, final, T, n_chunks, heads, pn,
             HAS_INIT=init is not None, BLOCK=_STATE_BLOCK)
-        chunk_output_kernel[(batch * n_chunks * heads, triton.cdiv(T, bt), triton.cdiv(headdim, bp))](
+        _run(chunk_output_kernel, (batch * n_chunks * heads, triton.cdiv(T, bt), triton.cdiv(headdim, bp)), 
             x, step, cs, CB, states, C, D if D is not None else x, y, length, T, n_chunks, heads, groups, headdim,
             d_state, *x.stride()[:3], *C.stride()[:3], *y.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
@@ -113,13 +119,13 @@ class _SSD(torch.autograd.Function):
         pn = headdim * d_state
 
         dstates = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
-        chunk_state_kernel[(batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn))](
+        _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)), 
             dy, C, step, cs, dstates, length, T, n_chunks, heads, groups, headdim, d_state,
             *dy.stride()[:3], *C.stride()[:3], FORWARD=False, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision)
         dcs_end = x.new_zeros((batch, heads, n_chunks), dtype=torch.float32)
         dinit = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32) if ctx.has_init else None
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        state_passing_bwd_kernel[(batch * heads, triton.cdiv(pn, _STATE_BLOCK))](
+        _run(state_passing_bwd_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)), 
             dstates, states, cs, dfinal if dfinal is not None else dstates, dinit if dinit is not None else dstates,
             dcs_end, T, n_chunks, heads, pn, HAS_DFINAL=dfinal is not None, HAS_DINIT=dinit is not None,
             BLOCK=_STATE_BLOCK)
@@ -136,21 +142,21 @@ class _SSD(torch.autograd.Function):
         dC = torch.empty_like(dB)
         common = (length, T, n_chunks, heads, groups, headdim, d_state, per_program, batch * length * groups * d_state)
         grid = (batch * n_chunks * groups * splits, triton.cdiv(T, bs))
-        dx_kernel[grid](
-            x, step, cs, CB, dstates, B, C, D if D is not None else x, dy, dx, ddt, dB, dcs, dcs_end, *common,
+        want_dD = D is not None and ctx.needs_input_grad[5]
+        dD = torch.zeros(D.shape, device=x.device, dtype=torch.float32) if want_dD else None
+        _run(dx_kernel, grid, 
+            x, step, cs, CB, dstates, B, C, D if D is not None else x, dy, dx, ddt, dB, dcs, dcs_end,
+            dD if want_dD else dcs_end, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
-            HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
+            HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2, WANT_DD=want_dD,
             BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision)
-        dc_kernel[grid](
+        _run(dc_kernel, grid, 
             x, step, cs, CB, states, B, C, dy, dC, dcs, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
             BLOCK_T=bs, BLOCK_S=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision)
         dcs[..., T - 1] += dcs_end
         dB, dC = dB.sum(0) if splits > 1 else dB[0], dC.sum(0) if splits > 1 else dC[0]
-        dD = None
-        if D is not None and ctx.needs_input_grad[5]:
-            prod = dy.float() * x.float()  # (batch, L, H, P)
-            dD = (prod.sum((0, 1, 3)) if D.ndim == 1 else prod.sum((0, 1))).to(D.dtype)
+        dD = dD.to(D.dtype) if dD is not None else None
         dinit = dinit.to(ctx.init_dtype) if dinit is not None else None
         return dx, ddt, dcs, dB.to(ctx.b_dtype), dC.to(ctx.c_dtype), dD, dinit, None
 
