@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import PRESETS, MambaConfig
 from .generation import LMCache, SamplingOptions, generate, stream
-from .models import MambaLM, VisionConfig, VisionMamba, create_model, list_models, register_model
+from .models import AutoModel, Mamba2LM, MambaLM, VisionConfig, VisionMamba, create_model, list_models, register_model
 from .modules import Block, Mamba, MambaState, RMSNorm
 from .tokenizer import ByteTokenizer
 from .training import TrainConfig, train
@@ -15,10 +15,12 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "AutoModel",
     "Block",
     "ByteTokenizer",
     "LMCache",
     "Mamba",
+    "Mamba2LM",
     "MambaConfig",
     "MambaLM",
     "MambaState",

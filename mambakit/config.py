@@ -1,5 +1,6 @@
 """`MambaConfig`: the shape of a Mamba language model, its presets, and conversion
-to and from the official (`mamba_ssm`) and Hugging Face (`MambaForCausalLM`) configs."""
+to and from the official (`mamba_ssm`) and Hugging Face (`MambaForCausalLM`,
+`Mamba2ForCausalLM`) configs, for Mamba-1 (layer="mamba") and Mamba-2 (layer="mamba2")."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ HF_NAMES = {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "d_state":
             "bias": "use_bias", "norm_epsilon": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings"}
 OFFICIAL_NAMES = {name: f"ssm_cfg.{name}" for name in ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max",
                                                        "dt_init_floor", "dt_scale", "conv_bias", "bias")}
+# the same for Mamba-2: transformers' Mamba2Config and the official ssm_cfg of a Mamba2 mixer
+HF2_NAMES = {**HF_NAMES, "headdim": "head_dim", "ngroups": "n_groups"}
+OFFICIAL2_NAMES = {**OFFICIAL_NAMES, **{name: f"ssm_cfg.{name}" for name in ("headdim", "ngroups", "chunk_size")}}
 
 
 @dataclass
@@ -99,10 +103,10 @@ class MambaConfig:
                 raise ValueError(f"MambaConfig.dt_rank must be <= {MAX_SIZES['dt_rank']}, got {self.dt_rank}")
 
     def _check_standard_mixer(self, fmt: str) -> None:
-        """The official and Hugging Face formats hold gated Mamba mixers only."""
-        if self.layer != "mamba" or not self.gate:
-            raise ValueError(f"the {fmt} format holds gated Mamba mixers only "
-                             f"(layer={self.layer!r}, gate={self.gate} given); save in the mambakit format")
+        """The official and Hugging Face formats hold gated Mamba-1 mixers and Mamba-2 mixers only."""
+        if self.layer not in ("mamba", "mamba2") or not self.gate:
+            raise ValueError(f"the {fmt} format holds gated Mamba (layer='mamba') and Mamba-2 (layer='mamba2') "
+                             f"mixers only (layer={self.layer!r}, gate={self.gate} given); save in the mambakit format")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -145,6 +149,8 @@ class MambaConfig:
         if self.norm_epsilon != 1e-5:  # mamba_ssm's config has no epsilon; its models use 1e-5
             raise ValueError(f"the official mamba_ssm format supports norm_epsilon=1e-5 only "
                              f"(norm_epsilon={self.norm_epsilon} given)")
+        if self.layer == "mamba2":
+            return self._to_official_mamba2()
         ssm_cfg = {  # the keyword arguments of mamba_ssm's Mamba (Mamba1) mixer
             "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
             "dt_rank": self.dt_rank, "dt_min": self.dt_min, "dt_max": self.dt_max,
@@ -167,12 +173,15 @@ class MambaConfig:
         read = _Fields(d, "official config")
         ssm_cfg = _Fields(read.get("ssm_cfg", dict, default={}), "official config ssm_cfg")
         layer = ssm_cfg.get("layer", str, default="Mamba1")
-        if layer != "Mamba1":
-            raise ValueError(f"official config has ssm_cfg.layer={layer!r}; mambakit reads Mamba1 models only")
+        if layer not in ("Mamba1", "Mamba2"):
+            raise ValueError(f"official config has ssm_cfg.layer={layer!r}; mambakit reads Mamba1 and Mamba2 "
+                             f"models only")
         if read.get("attn_layer_idx", list, default=[]):
             raise ValueError("official config has attention layers (attn_layer_idx); mambakit reads pure Mamba models only")
         if read.get("d_intermediate", "count", default=0):
             raise ValueError("official config has d_intermediate > 0 (MLP layers); mambakit reads pure Mamba models only")
+        if layer == "Mamba2":
+            return cls._from_official_mamba2(read, ssm_cfg)
         allowed = {"layer", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor",
                    "dt_scale", "conv_bias", "bias"}
         ignored = {"dt_init", "dt_limit", "use_fast_path"}
@@ -203,6 +212,8 @@ class MambaConfig:
         self._check_standard_mixer("Hugging Face Mamba")
         if not self.rms_norm:
             raise ValueError("the Hugging Face Mamba format supports RMSNorm only (rms_norm=False given)")
+        if self.layer == "mamba2":
+            return self._to_hf_mamba2()
         return {
             "architectures": ["MambaForCausalLM"], "model_type": "mamba",
             "vocab_size": self.padded_vocab_size, "hidden_size": self.d_model,
@@ -224,8 +235,11 @@ class MambaConfig:
         type-checked and named when wrong."""
         read = _Fields(d, "Hugging Face config")
         model_type = read.get("model_type", str, default="mamba")
+        if model_type == "mamba2":
+            return cls._from_hf_mamba2(read)
         if model_type != "mamba":
-            raise ValueError(f"Hugging Face config has model_type={model_type!r}; expected 'mamba'")
+            raise ValueError(f"Hugging Face config has model_type={model_type!r}; mambakit reads 'mamba' "
+                             f"(MambaForCausalLM) and 'mamba2' (Mamba2ForCausalLM) only")
         hidden = read.get("hidden_size", "size")
         expand = read.get("expand", "size", default=2)
         intermediate = read.get("intermediate_size", "size", default=expand * hidden)
@@ -252,6 +266,172 @@ class MambaConfig:
             initializer_range=read.get("initializer_range", "number", default=0.02),
             rescale_prenorm_residual=read.get("rescale_prenorm_residual", bool, default=True),
         )
+
+    # ---- Mamba-2 in the official and Hugging Face configs --------------------------------
+    def _to_official_mamba2(self) -> dict[str, Any]:
+        """mamba_ssm 2.x's config.json of a pure Mamba-2 model: ssm_cfg holds the keyword
+        arguments of its Mamba2 mixer, whose gated norm multiplies by the gate before normalising
+        (norm_before_gate=False, its default and ours)."""
+        ssm_cfg = {
+            "layer": "Mamba2", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+            "headdim": self.headdim, "ngroups": self.ngroups, "chunk_size": self.chunk_size,
+            "dt_min": self.dt_min, "dt_max": self.dt_max, "dt_init_floor": self.dt_init_floor,
+            "conv_bias": self.conv_bias, "bias": self.bias,
+        }
+        return {
+            "d_model": self.d_model, "d_intermediate": 0, "n_layer": self.n_layer, "vocab_size": self.vocab_size,
+            "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": self.rms_norm,
+            "residual_in_fp32": self.residual_in_fp32, "fused_add_norm": True,
+            "pad_vocab_size_multiple": self.pad_vocab_size_multiple, "tie_embeddings": self.tie_embeddings,
+        }
+
+    @classmethod
+    def _from_official_mamba2(cls, read: "_Fields", ssm_cfg: "_Fields") -> "MambaConfig":
+        """A config.json whose ssm_cfg.layer is "Mamba2"; absent keys take the official Mamba2
+        mixer's defaults (d_state 128, headdim 64, ngroups 1, chunk_size 256, ...)."""
+        unknown = sorted(set(ssm_cfg.d) - set(OFFICIAL2_SSM_KINDS) - {"layer"} - set(OFFICIAL2_FIXED)
+                         - OFFICIAL2_IGNORED)
+        if unknown:
+            raise ValueError(f"official config ssm_cfg has keys that a Mamba2 mixer does not take or mambakit "
+                             f"does not support: {unknown}")
+        fields = {k: ssm_cfg.get(k, kind) for k, kind in OFFICIAL2_SSM_KINDS.items() if k in ssm_cfg.d}
+        d_model = read.get("d_model", "size")
+        d_inner = fields.get("expand", 2) * d_model
+        for key, default in OFFICIAL2_FIXED.items():
+            value = _special_floats(ssm_cfg.d.get(key, default))
+            if key == "d_ssm" and value is not None and value != d_inner:
+                raise ValueError(f"official config: ssm_cfg.d_ssm={_show(value)} (an SSM on part of the channels) is "
+                                 f"not supported; mambakit's Mamba-2 runs the SSM on all expand * d_model = {d_inner}")
+            if key != "d_ssm" and not _same_value(value, default):
+                raise ValueError(f"official config: ssm_cfg.{key}={_show(value)} is not supported; mambakit's "
+                                 f"Mamba-2 has {key}={_show(default)}")
+        return _made(
+            cls, OFFICIAL2_NAMES, "official config", layer="mamba2",
+            d_model=d_model, n_layer=read.get("n_layer", "size"), vocab_size=read.get("vocab_size", "size"),
+            rms_norm=read.get("rms_norm", bool, default=True),
+            residual_in_fp32=read.get("residual_in_fp32", bool, default=True),
+            pad_vocab_size_multiple=read.get("pad_vocab_size_multiple", "size", default=8),
+            tie_embeddings=read.get("tie_embeddings", bool, default=True),
+            **{"d_state": 128, **fields},  # the official Mamba2's d_state, not Mamba-1's 16
+        )
+
+    def _to_hf_mamba2(self) -> dict[str, Any]:
+        """The config.json of a transformers Mamba2ForCausalLM with the same outputs. As for
+        Mamba-1, vocab_size is the padded one and rescale_prenorm_residual is false. The token
+        ids are null: MambaConfig does not know them (transformers' defaults would make token 2
+        an end of sequence). time_step_limit (0, inf) is written with a bare Infinity, which
+        every transformers version reads."""
+        return {
+            "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+            "vocab_size": self.padded_vocab_size, "hidden_size": self.d_model, "num_hidden_layers": self.n_layer,
+            "state_size": self.d_state, "num_heads": self.d_inner // self.headdim, "head_dim": self.headdim,
+            "n_groups": self.ngroups, "expand": self.expand, "conv_kernel": self.d_conv,
+            "chunk_size": self.chunk_size, "use_bias": self.bias, "use_conv_bias": self.conv_bias,
+            "hidden_act": "silu", "layer_norm_epsilon": self.norm_epsilon, "residual_in_fp32": self.residual_in_fp32,
+            "initializer_range": self.initializer_range, "rescale_prenorm_residual": False,
+            "time_step_min": self.dt_min, "time_step_max": self.dt_max, "time_step_floor": self.dt_init_floor,
+            "time_step_limit": [0.0, math.inf], "tie_word_embeddings": self.tie_embeddings,
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None, "use_cache": True,
+        }
+
+    @classmethod
+    def _from_hf_mamba2(cls, read: "_Fields") -> "MambaConfig":
+        """The config of a transformers Mamba2ForCausalLM's config.json (model_type "mamba2");
+        absent fields take transformers' Mamba2Config defaults. A field that would make
+        transformers compute something mambakit cannot (a clamp of Δ, another activation, an
+        unknown field) is a ValueError naming it."""
+        unknown = sorted(set(read.d) - HF2_READ - HF2_IGNORED - HF_GENERIC_FIELDS)
+        if unknown:
+            raise ValueError(f"Hugging Face config has fields that mambakit's Mamba-2 cannot represent: {unknown}")
+        act = read.get("hidden_act", str, default="silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"Hugging Face config: hidden_act={act!r} is not supported (only silu)")
+        limit = _special_floats(read.get("time_step_limit", list, default=[0.0, math.inf]))
+        if not _same_value(limit, [0.0, math.inf]):
+            raise ValueError(f"Hugging Face config: time_step_limit={_show(limit)} is not supported; mambakit's "
+                             f"Mamba-2 does not clamp the time step (only [0.0, Infinity])")
+        hidden, expand = read.get("hidden_size", "size"), read.get("expand", "size", default=2)
+        heads, head_dim = read.get("num_heads", "size", default=128), read.get("head_dim", "size", default=64)
+        if heads * head_dim != expand * hidden:
+            raise ValueError(f"Hugging Face config: num_heads * head_dim = {heads} * {head_dim} must equal "
+                             f"expand * hidden_size = {expand} * {hidden}")
+        return _made(
+            cls, HF2_NAMES, "Hugging Face config", layer="mamba2",
+            d_model=hidden, n_layer=read.get("num_hidden_layers", "size"), vocab_size=read.get("vocab_size", "size"),
+            d_state=read.get("state_size", "size", default=128), d_conv=read.get("conv_kernel", "size", default=4),
+            expand=expand, headdim=head_dim, ngroups=read.get("n_groups", "size", default=8),
+            chunk_size=read.get("chunk_size", "size", default=256),
+            dt_min=read.get("time_step_min", "number", default=0.001),
+            dt_max=read.get("time_step_max", "number", default=0.1),
+            dt_init_floor=read.get("time_step_floor", "number", default=1e-4),
+            conv_bias=read.get("use_conv_bias", bool, default=True), bias=read.get("use_bias", bool, default=False),
+            rms_norm=True, norm_epsilon=read.get("layer_norm_epsilon", "number", default=1e-5),
+            residual_in_fp32=read.get("residual_in_fp32", bool, default=True),
+            pad_vocab_size_multiple=1,  # HF stores the embedding at its final size
+            tie_embeddings=read.get("tie_word_embeddings", bool, default=False),
+            initializer_range=read.get("initializer_range", "number", default=0.1),
+            rescale_prenorm_residual=read.get("rescale_prenorm_residual", bool, default=False),
+        )
+
+
+# The official Mamba2 mixer's ssm_cfg: the keys read (with their kinds), those that must keep
+# the value mambakit's mixer has, and those that change only a fresh init or the kernels chosen
+OFFICIAL2_SSM_KINDS = {"d_state": "size", "d_conv": "size", "expand": "size", "headdim": "size", "ngroups": "size",
+                       "chunk_size": "size", "dt_min": "number", "dt_max": "number", "dt_init_floor": "number",
+                       "conv_bias": bool, "bias": bool}
+OFFICIAL2_FIXED = {"d_ssm": None, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False,
+                   "dt_limit": [0.0, math.inf]}
+OFFICIAL2_IGNORED = {"A_init_range", "conv_init", "use_mem_eff_path", "sequence_parallel"}
+# transformers' Mamba2Config: the fields read, and those that do not change what transformers
+# computes: time_step_rank, time_step_scale and time_step_init_scheme are Mamba-1's, and the
+# rms_norm, norm_before_gate and intermediate_size of older versions never changed what its
+# Mamba2 model computes (always RMSNorm, the gate applied before the norm, expand * hidden_size
+# channels)
+HF2_READ = {"model_type", "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "num_heads", "head_dim",
+            "n_groups", "expand", "conv_kernel", "chunk_size", "use_bias", "use_conv_bias", "hidden_act",
+            "layer_norm_epsilon", "residual_in_fp32", "initializer_range", "rescale_prenorm_residual",
+            "time_step_min", "time_step_max", "time_step_floor", "time_step_limit", "tie_word_embeddings"}
+HF2_IGNORED = {"time_step_rank", "time_step_scale", "time_step_init_scheme", "rms_norm", "norm_before_gate",
+               "intermediate_size", "use_cache"}
+# what every transformers config may hold besides its model's fields: names, versions, token
+# ids, output switches and the generation defaults that older versions kept in config.json
+HF_GENERIC_FIELDS = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "_commit_hash",
+    "_attn_implementation_autoset", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
+    "decoder_start_token_id", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "use_return_dict", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "chunk_size_feed_forward", "is_decoder", "is_encoder_decoder", "add_cross_attention",
+    "tie_encoder_decoder", "cross_attention_hidden_size", "pruned_heads", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+}
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _special_floats(value: Any) -> Any:
+    """A JSON value with transformers 5's encoding of non-finite floats ({"__float__": "Infinity"})
+    decoded, inside lists too; anything else as it is."""
+    if isinstance(value, dict) and set(value) == {"__float__"} and isinstance(value["__float__"], str) \
+            and value["__float__"] in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[value["__float__"]]
+    if isinstance(value, (list, tuple)):
+        return [_special_floats(v) for v in value]
+    return value
+
+
+def _same_value(value: Any, expected: Any) -> bool:
+    """value == expected, for JSON values: a bool is not an int, a list of numbers equals the
+    tuple of the same numbers."""
+    if isinstance(expected, bool) or expected is None:
+        return value is expected
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(value, (list, tuple)) and len(value) == len(expected)
+                and all(_is_int(v) or isinstance(v, float) for v in value)
+                and all(v == e for v, e in zip(value, expected)))
+    return value == expected
 
 
 def _made(cls: type, names: dict[str, str], where: str, **fields: Any) -> "MambaConfig":

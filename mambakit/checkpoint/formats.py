@@ -1,12 +1,18 @@
-"""Reading and writing MambaLM checkpoints in three formats.
+"""Reading and writing MambaLM checkpoints in three formats, each for Mamba-1 (layer="mamba")
+and Mamba-2 (layer="mamba2") models.
 
 - "mambakit": config.json (MambaConfig fields, "format": "mambakit") + model.safetensors,
   with the official key names.
-- "hf": Hugging Face `MambaForCausalLM` (config.json with hidden_size, state_size, ... and
-  `backbone.embeddings.*` keys) + model.safetensors. Reading also takes sharded safetensors
-  (model.safetensors.index.json) and pytorch_model.bin.
-- "official": mamba_ssm's config.json (d_model, ssm_cfg, ...) + pytorch_model.bin, which is
-  what `MambaLMHeadModel.from_pretrained` reads.
+- "hf": Hugging Face `MambaForCausalLM` or `Mamba2ForCausalLM` (config.json with model_type
+  "mamba" or "mamba2", hidden_size, state_size, ... and `backbone.embeddings.*` keys) +
+  model.safetensors. Reading also takes sharded safetensors (model.safetensors.index.json) and
+  pytorch_model.bin.
+- "official": mamba_ssm's config.json (d_model, ssm_cfg, ...; ssm_cfg.layer "Mamba2" for
+  Mamba-2) + pytorch_model.bin, which is what `MambaLMHeadModel.from_pretrained` reads.
+
+Mamba-2's tensors have the same names in the three formats as Mamba-1's, but for the mixer's
+own (`mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}`); only the embedding's
+differs in "hf", as for Mamba-1. The config conversions are MambaConfig's (config.py).
 
 The safetensors formats ("mambakit", "hf") are written in shards of at most `max_shard_size`
 bytes (5GB by default, the size the published Hugging Face Mamba checkpoints use), as
@@ -36,7 +42,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from ..config import HF_NAMES, OFFICIAL_NAMES, MambaConfig
+from ..config import HF2_NAMES, HF_NAMES, OFFICIAL2_NAMES, OFFICIAL_NAMES, MambaConfig
 from .files import atomic_write, atomic_write_json, write_directory
 from .hub import child_path, resolve_directory
 
@@ -79,11 +85,11 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
         if raw.get("format") == "mambakit":
             return MambaConfig.from_dict({k: v for k, v in raw.items() if k not in ("format", "mambakit_version")}), \
                 "mambakit"
-        if "hidden_size" in raw or raw.get("model_type") == "mamba":
+        if "hidden_size" in raw or ("model_type" in raw and "d_model" not in raw):
             return MambaConfig.from_hf(raw), "hf"
         if "d_model" in raw:
             return MambaConfig.from_official(raw), "official"
-        raise ValueError("it is neither a mambakit, a Hugging Face Mamba nor an official mamba_ssm config")
+        raise ValueError("it is neither a mambakit, a Hugging Face Mamba / Mamba-2 nor an official mamba_ssm config")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
@@ -236,7 +242,7 @@ def load_pretrained(cls: type[Model], name_or_path: str | Path, device=None, dty
     state = _keys_from_hf(weights.tensors())
     if config.tie_embeddings:
         _check_tied_head(state, f"{directory / _CONFIG} ties lm_head to the embedding "
-                                f"({_field_name('tie_embeddings', fmt)}=true), but")
+                                f"({_field_name('tie_embeddings', fmt, config.layer)}=true), but")
     model = cls(config, device=device, dtype=dtype)
     load_state_dict_strict(model, state, source=str(directory))
     return model.eval()  # as transformers' from_pretrained: dropout-free inference until .train()
@@ -251,10 +257,11 @@ def _check_config_against_weights(cls, config: MambaConfig, fmt: str, directory:
     layers = {int(m.group(1)) for m in map(re.compile(r"backbone\.layers\.(\d+)\.").match, shapes) if m}
     n_layer = max(layers) + 1 if layers else 0
     if n_layer != config.n_layer:
-        raise ValueError(f"{path}: {_field_name('n_layer', fmt)}={config.n_layer}, but the weights in {directory} "
-                         f"hold {n_layer} layers")
+        raise ValueError(f"{path}: {_field_name('n_layer', fmt, config.layer)}={config.n_layer}, but the weights in "
+                         f"{directory} hold {n_layer} layers")
     expected = {k: tuple(v.shape) for k, v in cls(config, device="meta").state_dict().items()}
-    problems = _mismatches(expected, shapes, config.tie_embeddings, "config", hint=lambda k: _shaped_by(k, fmt))
+    problems = _mismatches(expected, shapes, config.tie_embeddings, "config",
+                           hint=lambda k: _shaped_by(k, fmt, config.layer))
     if problems:
         raise ValueError(f"{path} does not match the weights in {directory}: " + "; ".join(problems))
 
@@ -290,18 +297,32 @@ _SHAPED_BY = {
     "out_proj.weight": ("d_model", "expand"), "out_proj.bias": ("d_model",), "norm.weight": ("d_model",),
     "norm.bias": ("d_model",), "norm_f.weight": ("d_model",), "norm_f.bias": ("d_model",),
 }
+# the same for Mamba-2's mixer: in_proj makes z, x (d_inner each), B, C (ngroups * d_state each)
+# and dt (one per head of headdim channels); the conv runs over x, B and C
+_XBC = ("d_model", "expand", "ngroups", "d_state")
+_SHAPED_BY_MAMBA2 = {
+    "embedding.weight": ("vocab_size", "d_model"), "lm_head.weight": ("vocab_size", "d_model"),
+    "in_proj.weight": (*_XBC, "headdim"), "in_proj.bias": (*_XBC, "headdim"),
+    "conv1d.weight": (*_XBC, "d_conv"), "conv1d.bias": _XBC,
+    "dt_bias": ("d_model", "expand", "headdim"), "A_log": ("d_model", "expand", "headdim"),
+    "D": ("d_model", "expand", "headdim"), "mixer.norm.weight": ("d_model", "expand"),
+    "out_proj.weight": ("d_model", "expand"), "out_proj.bias": ("d_model",), "norm.weight": ("d_model",),
+    "norm.bias": ("d_model",), "norm_f.weight": ("d_model",), "norm_f.bias": ("d_model",),
+}
 
 
-def _shaped_by(key: str, fmt: str) -> str:
-    for end, fields in _SHAPED_BY.items():
+def _shaped_by(key: str, fmt: str, layer: str = "mamba") -> str:
+    for end, fields in (_SHAPED_BY_MAMBA2 if layer == "mamba2" else _SHAPED_BY).items():
         if key.endswith("." + end) or key == end:
-            return f" (config fields {', '.join(_field_name(f, fmt) for f in fields)})"
+            return f" (config fields {', '.join(_field_name(f, fmt, layer) for f in fields)})"
     return ""
 
 
-def _field_name(field: str, fmt: str) -> str:
-    """A MambaConfig field's name in the config.json of a format."""
-    return {"hf": HF_NAMES, "official": OFFICIAL_NAMES}.get(fmt, {}).get(field, field)
+def _field_name(field: str, fmt: str, layer: str = "mamba") -> str:
+    """A MambaConfig field's name in the config.json of a format, for a model of `layer`."""
+    names = {"hf": HF2_NAMES, "official": OFFICIAL2_NAMES} if layer == "mamba2" else \
+        {"hf": HF_NAMES, "official": OFFICIAL_NAMES}
+    return names.get(fmt, {}).get(field, field)
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

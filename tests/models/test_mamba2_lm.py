@@ -1,6 +1,7 @@
 """The language model with Mamba-2 mixers (`layer="mamba2"`, the `mamba2-*` presets): greedy
-generation against full forwards, packed prompts against each alone, the mambakit checkpoint
-format both ways, the formats that cannot hold it refused, and the presets' official shapes."""
+generation against full forwards, packed prompts against each alone, the checkpoint formats
+both ways (tests/checkpoint/test_mamba2_formats.py tests them in depth), and the presets'
+official shapes."""
 
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def test_the_mambakit_format_round_trips(model, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["hf", "official"])
-def test_formats_without_mamba2_are_refused_by_name(model, tmp_path, fmt):
-    with pytest.raises(ValueError, match="layer='mamba2'"):
-        model.save_pretrained(tmp_path / fmt, format=fmt)
+def test_the_hf_and_official_formats_round_trip(model, tmp_path, fmt):
+    model.save_pretrained(tmp_path / fmt, format=fmt)
+    loaded = MambaLM.from_pretrained(tmp_path / fmt)
+    assert loaded.config.layer == "mamba2"
+    ids = torch.randint(0, 256, (1, 9))
+    assert torch.equal(loaded(ids), model(ids))
 
 
 @pytest.mark.parametrize("name,d_model,n_layer", [("mamba2-130m", 768, 24), ("mamba2-370m", 1024, 48),
