@@ -10,6 +10,7 @@ official `MambaLMHeadModel.generate(cg=True)`, in one run, with the same random 
     python benchmarks/generate.py [--out benchmarks/results/generate_h200.json]
     python benchmarks/generate.py --decode-only --out OUT.json   # part 1 only
     python benchmarks/generate.py --smoke        # CPU, tiny sizes: checks that the script runs
+    python benchmarks/generate.py --preset mamba2-130m --decode-only --out benchmarks/results/generate_mamba2_h200.json
 """
 
 from __future__ import annotations
@@ -57,9 +58,7 @@ def official_model(ours, device, dtype):
     from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     c = ours.config
-    cfg = OfficialConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg={"layer": "Mamba1"},
-                         rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                         pad_vocab_size_multiple=c.pad_vocab_size_multiple)
+    cfg = OfficialConfig(**c.to_official())  # Mamba-1 or Mamba-2 layers, as the preset's
     model = MambaLMHeadModel(cfg, device=device, dtype=dtype)
     model.load_state_dict(ours.state_dict())  # the same weights: the names follow the official ones
     return model.eval()
@@ -157,13 +156,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/generate_h200.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
+    ap.add_argument("--preset", default="130m", help="the model's preset (mamba2-130m for Mamba-2)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only part 1 (ms/step against the official generate); no plot")
     args = ap.parse_args()
     from mambakit import MambaLM
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    preset, prompt_len, new = ("tiny", 16, 8) if args.smoke else ("130m", 128, 512)
+    preset, prompt_len, new = ("mamba2-tiny" if "mamba2" in args.preset else "tiny", 16, 8) if args.smoke \
+        else (args.preset, 128, 512)
     batches = (1, 4) if args.smoke else (1, 64)
     contexts = (64, 256) if args.smoke else tuple(2**k for k in range(10, 18))
     long_prompt = 256 if args.smoke else 8192

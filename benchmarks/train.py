@@ -5,6 +5,7 @@ are windows of the embedded standard-library corpus (byte tokens), the same for 
     python benchmarks/train.py [--out benchmarks/results/train_h200.json] [--profile 20]
     python benchmarks/train.py --device cpu --preset tiny --shapes 2x64 --steps 2   # a smoke run
     python benchmarks/train.py --compile    # also mambakit under torch.compile(fullgraph=True), beside eager
+    python benchmarks/train.py --preset mamba2-130m --out benchmarks/results/train_mamba2_h200.json
     python benchmarks/train.py --plot benchmarks/results/train_h200.json             # redraw the PNG
 
 Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape.
@@ -24,9 +25,7 @@ import torch.nn.functional as F
 def official_model(config, device):
     from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    cfg = OfficialConfig(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size,
-                         ssm_cfg={"layer": "Mamba1"}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                         pad_vocab_size_multiple=config.pad_vocab_size_multiple)
+    cfg = OfficialConfig(**config.to_official())  # Mamba-1 or Mamba-2 layers, as the preset's
     model = MambaLMHeadModel(cfg, device=device)
     return lambda ids: model(ids).logits, model
 
