@@ -25,20 +25,21 @@ FP32 = dict(rtol=1e-3, atol=2e-3)
 INTERPRETED = settings(max_examples=8 if DEVICE == "cpu" else 40, deadline=None, derandomize=True)
 
 
-def _run(fn, kw, dtype, grad_seed=1, **opts):
+def _run(fn, kw, dtype, grad_seed=1, device=DEVICE, **opts):
     """y, the final state and the gradient of every tensor input, for a random cotangent of both."""
-    inputs = {k: v.detach().to(DEVICE, dtype).requires_grad_() for k, v in kw.items() if v is not None}
+    inputs = {k: v.detach().to(device, dtype).requires_grad_() for k, v in kw.items() if v is not None}
     y, h = fn(**inputs, **opts, return_final_state=True)
     g = torch.Generator().manual_seed(grad_seed)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    gh = torch.randn(h.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device)
+    gh = torch.randn(h.shape, generator=g, dtype=torch.float64).to(device)
     loss = (y.double() * gy).sum() + (h.double() * gh).sum()
     grads = torch.autograd.grad(loss, list(inputs.values()))
     return y.detach().double().cpu(), h.detach().double().cpu(), {k: v.double().cpu() for k, v in zip(inputs, grads)}
 
 
 def _assert_triton_matches_reference(kw, tol=FP32, dtype=torch.float32, **opts):
-    y_ref, h_ref, g_ref = _run(ssd_ref, kw, torch.float64, **{k: v for k, v in opts.items() if k != "chunk_size"})
+    ref_opts = {k: (v.cpu() if k == "cu_seqlens" else v) for k, v in opts.items() if k != "chunk_size"}
+    y_ref, h_ref, g_ref = _run(ssd_ref, kw, torch.float64, device="cpu", **ref_opts)
     y, h, g = _run(ops.ssd, kw, dtype, backend="triton", **opts)
     scale = lambda t: max(1.0, t.abs().max().item())  # noqa: E731 - gradients grow with L; compare relative to their size
     torch.testing.assert_close(y, y_ref, rtol=tol["rtol"], atol=tol["atol"] * scale(y_ref))
@@ -90,18 +91,14 @@ def test_backward_split_heads(monkeypatch):
     _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
 
 
-def test_packed_sequences_match_separate_runs():
-    lengths = [5, 17, 1]
-    kw = make_ssd_inputs(1, sum(lengths), 2, 16, 2, 16, D_shape=(2,), with_init=True, n_seqs=3, seed=7)
-    cu = torch.tensor([0, 5, 22, 23], dtype=torch.int32)
-    kw32 = {k: v.float() if v is not None else None for k, v in kw.items()}
-    y, h = ops.ssd(**kw32, cu_seqlens=cu, chunk_size=8, return_final_state=True, backend="triton")
-    for s, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        part = {k: (v[:, start:end] if k in ("x", "dt", "B", "C") else v) for k, v in kw.items()}
-        part["initial_state"] = kw["initial_state"][s:s + 1]
-        y_ref, h_ref = ssd_ref(**part, return_final_state=True)
-        torch.testing.assert_close(y[:, start:end].double(), y_ref, **FP32)
-        torch.testing.assert_close(h[s:s + 1].double(), h_ref, **FP32)
+@pytest.mark.parametrize("lengths", [[5, 17, 1], [7, 9, 8]], ids=["uneven-one-at-a-time", "even-padded-batch"])
+def test_packed_sequences_match_the_reference(lengths):
+    """Packed sequences restart from their own initial states: outputs, final states and every
+    gradient, both when they run one at a time and when they run as one padded batch."""
+    kw = make_ssd_inputs(1, sum(lengths), 2, 16, 2, 16, D_shape=(2,), with_bias=True, with_init=True,
+                         n_seqs=len(lengths), seed=7)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True, cu_seqlens=cu)
 
 
 _HALF = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(

@@ -32,21 +32,63 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
                chunk_size: int = 256) -> Tensor | tuple[Tensor, Tensor]:
     """As ops.ssd (arguments checked there). x, z: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H,);
     B, C: (batch, L, G, N); D: (H,) or (H, P). Returns y (batch, L, H, P) [, final (batch or S, H, P, N) fp32]."""
-    if cu_seqlens is not None:
-        return split_varlen_ssd(ssd_triton, x, dt, B, C, z, initial_state, cu_seqlens, return_final_state,
-                                A=A, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                chunk_size=chunk_size)
-    batch, length, heads, _ = x.shape
-    T = min(chunk_size, length)
-    n_chunks = -(-length // T)
     step = step_sizes(dt, dt_bias, dt_softplus, dt_limit, torch.float32)  # (batch, L, H)
-    dA = F.pad(step * A.float(), (0, 0, 0, n_chunks * T - length))  # (batch, c·T, H), 0 past L
-    cs = dA.reshape(batch, n_chunks, T, heads).cumsum(dim=2).permute(0, 3, 1, 2).contiguous()  # (batch, H, c, T)
     out_dtype = torch.float32 if z is not None else x.dtype
-    y, final = _SSD.apply(x, step, cs, B, C, D, initial_state, out_dtype)
+    if cu_seqlens is None:
+        y, final = _chunked(x, step, A, B, C, D, initial_state, chunk_size, out_dtype)
+    else:
+        packing = _Packing.of(cu_seqlens, x.shape[1])
+        if packing is None:  # lengths too uneven to pad: one sequence at a time
+            return split_varlen_ssd(ssd_triton, x, dt, B, C, z, initial_state, cu_seqlens, return_final_state,
+                                    A=A, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                    chunk_size=chunk_size)
+        padded = [packing.pad(t) for t in (x, B, C)]
+        step = packing.pad(step) * packing.valid[..., None]  # (S, L_max, H): dt = 0 on the padding
+        y, final = _chunked(padded[0], step, A, padded[1], padded[2], D, initial_state, chunk_size, out_dtype)
+        y = packing.unpad(y)
     if z is not None:
         y = (y * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_state else y
+
+
+def _chunked(x, step, A, B, C, D, initial_state, chunk_size, out_dtype):
+    """The in-chunk cumsum of dt·A in torch, then the kernels. step: (batch, L, H) fp32."""
+    batch, length, heads, _ = x.shape
+    T = min(chunk_size, length)
+    n_chunks = -(-length // T)
+    dA = F.pad(step * A.float(), (0, 0, 0, n_chunks * T - length))  # (batch, c·T, H), 0 past L
+    cs = dA.reshape(batch, n_chunks, T, heads).cumsum(dim=2).permute(0, 3, 1, 2).contiguous()  # (batch, H, c, T)
+    return _SSD.apply(x, step, cs, B, C, D, initial_state, out_dtype)
+
+
+class _Packing:
+    """Packed sequences (batch 1, cu_seqlens) laid out as a padded batch (S, L_max): with dt = 0
+    on the padding, which neither decays nor feeds the state, each row's final state is its
+    sequence's, and the kernels run once for all of them. Used where the padding is at most as
+    long as the sequences themselves."""
+
+    def __init__(self, index: Tensor, valid: Tensor):
+        self.index, self.valid = index, valid  # (S, L_max) positions in the packed sequence, and which are real
+
+    @classmethod
+    def of(cls, cu_seqlens: Tensor, length: int) -> "_Packing | None":
+        offsets = cu_seqlens.to(torch.int64)
+        lengths = offsets[1:] - offsets[:-1]  # (S,)
+        longest = int(lengths.max())
+        if lengths.numel() * longest > 2 * max(length, 1) or longest == 0:
+            return None
+        steps = torch.arange(longest, device=cu_seqlens.device)
+        valid = steps[None, :] < lengths[:, None]  # (S, L_max)
+        index = (offsets[:-1, None] + steps[None, :]).clamp(max=max(length - 1, 0))
+        return cls(index, valid)
+
+    def pad(self, t: Tensor) -> Tensor:
+        """(1, L, ...) -> (S, L_max, ...); the padding repeats the last position (dt masks it)."""
+        return t[0][self.index]
+
+    def unpad(self, t: Tensor) -> Tensor:
+        """(S, L_max, ...) -> (1, L, ...)"""
+        return t[self.valid][None]
 
 
 def _run(kernel, grid, *args, **kwargs) -> None:
