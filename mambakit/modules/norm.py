@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
@@ -51,12 +53,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        cdt = _compute_dtype(x)
-        h = x.to(cdt)
-        if z is not None and not self.norm_before_gate:
-            h = h * F.silu(z.to(cdt))
-        groups = h.unflatten(-1, (-1, self.group_size))  # (..., dim / group_size, group_size)
-        h = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2) * self.weight.to(cdt)
-        if z is not None and self.norm_before_gate:
-            h = h * F.silu(z.to(cdt))
-        return h.to(x.dtype)
+        return ops.gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)

@@ -24,7 +24,7 @@ from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_upda
 from .conv import causal_conv1d_torch
 from .recording import no_autograd, records_grad
 from .reference import (add_rms_norm_ref, batched_linear, bimamba_inference_ref, causal_conv1d_ref,
-                        causal_conv1d_update_ref, patchify_ref, selective_scan_ref, selective_state_update_ref,
+                        causal_conv1d_update_ref, gated_rms_norm_ref, patchify_ref, selective_scan_ref, selective_state_update_ref,
                         ssd_dual_ref, ssd_ref, ssd_state_update_ref)
 from .scan import selective_scan_chunked
 from .ssd import DEFAULT_CHUNK_SIZE as SSD_CHUNK_SIZE
@@ -38,7 +38,8 @@ from .vision import BiMambaWeights, bimamba_inference
 __all__ = [
     "BACKENDS", "BiMambaWeights", "add_rms_norm", "add_rms_norm_ref", "batched_linear", "bimamba_inference",
     "bimamba_inference_ref", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch", "causal_conv1d_update",
-    "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_", "knobs",
+    "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_",
+    "gated_rms_norm", "gated_rms_norm_ref", "knobs",
     "no_autograd", "patchify", "patchify_ref", "records_grad", "resolve_backend", "selective_scan",
     "selective_scan_chunked", "selective_scan_dt_proj", "selective_scan_ref", "selective_state_update",
     "selective_state_update_", "selective_state_update_ref", "ssd", "ssd_chunked", "ssd_dual_ref", "ssd_ref", "ssd_state_update_",
@@ -271,6 +272,23 @@ def causal_conv1d_update_(x: Tensor, conv_state: Tensor, weight: Tensor, bias: T
         from .triton.step import conv_update_
         return conv_update_(x, conv_state, weight, bias, activation)
     return _conv_update_torch_(x, conv_state, weight, bias, activation)
+
+
+def gated_rms_norm(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int,
+                   norm_before_gate: bool = False, *, backend: str | None = None) -> Tensor:
+    """Mamba-2's gated, grouped RMSNorm (`gated_rms_norm_ref`): x, z (..., dim), weight (dim,);
+    group_size divides dim. CUDA inputs run one Triton kernel each way (triton/gated_norm.py)."""
+    dim = x.shape[-1]
+    if not isinstance(group_size, int) or group_size < 1 or dim % group_size:
+        raise ValueError(f"gated_rms_norm: group_size must be a positive divisor of x's last dim {dim}, got {group_size!r}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"gated_rms_norm: z has shape {tuple(z.shape)}, x {tuple(x.shape)}; they must match")
+    if weight.shape != (dim,):
+        raise ValueError(f"gated_rms_norm: weight has shape {tuple(weight.shape)}, expected ({dim},)")
+    if resolve_backend(backend, x) == "triton" and group_size <= 8192:
+        from .triton.gated_norm import gated_rms_norm_triton
+        return gated_rms_norm_triton(x, z, weight, eps, group_size, norm_before_gate)
+    return gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)
 
 
 def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -325,3 +325,19 @@ def ssd_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Ten
                        z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
                        dt_limit=dt_limit, initial_state=state, return_final_state=True)
     return y[:, 0], final.to(state.dtype)
+
+
+def gated_rms_norm_ref(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int,
+                       norm_before_gate: bool = False) -> Tensor:
+    """Mamba-2's gated, grouped RMSNorm: x, z (..., dim), weight (dim,) -> rmsnorm(x · SiLU(z)) · weight
+    (default) or rmsnorm(x) · weight · SiLU(z) (norm_before_gate), each group of group_size channels
+    normalised on its own; fp32 inside (fp64 for fp64 x), y in x's dtype."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(cdt)
+    if z is not None and not norm_before_gate:
+        h = h * F.silu(z.to(cdt))
+    groups = h.unflatten(-1, (-1, group_size))  # (..., dim / group_size, group_size)
+    h = F.rms_norm(groups, (group_size,), eps=eps).flatten(-2) * weight.to(cdt)
+    if z is not None and norm_before_gate:
+        h = h * F.silu(z.to(cdt))
+    return h.to(x.dtype)
