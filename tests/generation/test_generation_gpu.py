@@ -1,5 +1,5 @@
-"""Issue 5's equalities on the GPU at bf16, with the fused step kernels and the CUDA-graph
-decoder on: graph = eager, batched prompts of different lengths = each alone, a saved cache
+"""Issue 5's equalities on the GPU at bf16, for Mamba-1 and Mamba-2 models, with the fused step
+kernels and the CUDA-graph decoder on: graph = eager, batched prompts of different lengths = each alone, a saved cache
 continues identically, seeded sampling is reproducible, and greedy ids equal transformers'."""
 
 import pytest
@@ -11,10 +11,13 @@ from mambakit.generation import LMCache
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.fixture(scope="module")
-def model():
+LAYERS = {"mamba": dict(d_state=16), "mamba2": dict(layer="mamba2", d_state=32, headdim=16, chunk_size=16)}
+
+
+@pytest.fixture(scope="module", params=list(LAYERS))
+def model(request):
     torch.manual_seed(0)
-    m = MambaLM(MambaConfig(d_model=64, n_layer=3, vocab_size=128, d_state=16), device="cuda")
+    m = MambaLM(MambaConfig(d_model=64, n_layer=3, vocab_size=128, **LAYERS[request.param]), device="cuda")
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)

@@ -101,6 +101,24 @@ def test_packed_sequences_match_the_reference(lengths):
     _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True, cu_seqlens=cu)
 
 
+def test_a_sequence_in_a_padded_batch_is_bitwise_the_sequence_alone():
+    """Decoding packs prompts of different lengths and must give each the tokens it gets alone:
+    the padded batch computes each row exactly as the row alone (the same chunk grid). On CPU the
+    step sizes come in without softplus: torch's CPU softplus rounds a tensor's SIMD body and its
+    tail differently, so the same value may differ in the last bit between two lengths."""
+    lengths = [7, 9, 8]
+    softplus = DEVICE == "cuda"
+    kw = make_ssd_inputs(1, sum(lengths), 2, 16, 1, 16, D_shape=(2,), with_bias=softplus, seed=9, dtype=torch.float32)
+    kw = {k: v.to(DEVICE) if v is not None else None for k, v in kw.items()}
+    offsets = [0, 7, 16, 24]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    y, h = ops.ssd(**kw, cu_seqlens=cu, chunk_size=8, dt_softplus=softplus, return_final_state=True, backend="triton")
+    for s, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        part = {k: (v[:, start:end] if k in ("x", "dt", "B", "C") else v) for k, v in kw.items()}
+        y1, h1 = ops.ssd(**part, chunk_size=8, dt_softplus=softplus, return_final_state=True, backend="triton")
+        assert torch.equal(y[:, start:end], y1) and torch.equal(h[s:s + 1], h1)
+
+
 _HALF = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as raw uint16 bits"))]
 

@@ -64,6 +64,8 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END, DD
     g = (pid // splits) % G
     c = (pid // (splits * G)) % n_chunks
     b = pid // (splits * G * n_chunks)
+    if c * T + pid_s * BLOCK_S >= L:
+        return  # sources past L: nothing to write (DCS stays 0 there)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -95,7 +97,7 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END, DD
         tl.atomic_add(DCS_END + (b * H + h) * n_chunks + c, tl.sum(via_state, axis=0))
 
         # within the chunk, over the targets t >= s
-        for t0 in range(pid_s * BLOCK_S, T, BLOCK_T):
+        for t0 in range(pid_s * BLOCK_S, tl.minimum(T, L - c * T), BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             pos_t = c * T + offs_t
             ok_t = (offs_t < T) & (pos_t < L)
@@ -150,6 +152,8 @@ def dc_kernel(X, DT, CS, CB, STATES, B, C, DY, DC, DCS,
     g = (pid // splits) % G
     c = (pid // (splits * G)) % n_chunks
     b = pid // (splits * G * n_chunks)
+    if c * T + pid_t * BLOCK_T >= L:
+        return  # targets past L: nothing to write
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)

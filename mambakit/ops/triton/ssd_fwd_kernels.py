@@ -27,11 +27,11 @@ def cb_kernel(C, B, CB, L, T, n_chunks, G, N,
               BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     # grid (batch * c * G, cdiv(T, BLOCK_M), cdiv(T, BLOCK_S)); CB: (batch, c, G, T, T) fp32
     pid, pid_t, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if pid_s * BLOCK_S > pid_t * BLOCK_M + BLOCK_M - 1:
-        return  # above the diagonal: never read
     g = pid % G
     c = (pid // G) % n_chunks
     b = pid // (G * n_chunks)
+    if (pid_s * BLOCK_S > pid_t * BLOCK_M + BLOCK_M - 1) | (c * T + pid_t * BLOCK_M >= L):
+        return  # above the diagonal, or past L: never read
     offs_t = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     pos_t, pos_s = c * T + offs_t, c * T + offs_s
@@ -68,7 +68,7 @@ def chunk_state_kernel(X, Y, DT, CS, OUT, L, T, n_chunks, H, G, P, N,
     cs_row = CS + ((b * H + h) * n_chunks + c) * T
     cs_end = tl.load(cs_row + T - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, T, BLOCK_K):
+    for k0 in range(0, tl.minimum(T, L - c * T), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         pos = c * T + offs_k
         ok = (offs_k < T) & (pos < L)
@@ -123,6 +123,8 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
     c = (pid // H) % n_chunks
     b = pid // (H * n_chunks)
     g = h // (H // G)
+    if c * T + pid_t * BLOCK_M >= L:
+        return  # rows past L: nothing to write
     offs_t = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pos_t = c * T + offs_t

@@ -54,7 +54,7 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
 def _chunked(x, step, A, B, C, D, initial_state, chunk_size, out_dtype):
     """The in-chunk cumsum of dt·A in torch, then the kernels. step: (batch, L, H) fp32."""
     batch, length, heads, _ = x.shape
-    T = min(chunk_size, length)
+    T = chunk_size  # not min(chunk_size, L): a prompt alone and in a padded batch then share every rounding
     n_chunks = -(-length // T)
     dA = F.pad(step * A.float(), (0, 0, 0, n_chunks * T - length))  # (batch, c·T, H), 0 past L
     cs = dA.reshape(batch, n_chunks, T, heads).cumsum(dim=2).permute(0, 3, 1, 2).contiguous()  # (batch, H, c, T)
