@@ -1,10 +1,10 @@
 """The Triton Mamba-2 (SSD) scan: its autograd function and the kernels' launches.
 
-The step sizes (Δ-bias, softplus, limit) and the in-chunk cumulative sum cs of dt·A are
-element-wise work on (batch, L, H), small next to x, and stay in torch, where autograd carries
-their gradients to dt, dt_bias and A. The kernels (ssd_fwd_kernels.py, ssd_bwd_kernels.py) take
+The step sizes (Δ-bias, softplus, limit) and the in-chunk cumulative sum cs of dt·A are one
+small kernel each way (ssd_dt.py). The kernels (ssd_fwd_kernels.py, ssd_bwd_kernels.py) take
 dt and cs and do everything that touches x, B, C and the states. The gate z multiplies the fp32
-output in torch. Packed sequences (cu_seqlens) run one sequence at a time (varlen.py)."""
+output in torch. Packed sequences (cu_seqlens) of similar lengths run as one padded batch,
+others one sequence at a time (varlen.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from ..ssd import step_sizes
 from ..varlen import split_varlen_ssd
+from .ssd_dt import StepCumsum
 from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
 from .launch import launch
 from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
@@ -32,33 +32,23 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
                chunk_size: int = 256) -> Tensor | tuple[Tensor, Tensor]:
     """As ops.ssd (arguments checked there). x, z: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H,);
     B, C: (batch, L, G, N); D: (H,) or (H, P). Returns y (batch, L, H, P) [, final (batch or S, H, P, N) fp32]."""
-    step = step_sizes(dt, dt_bias, dt_softplus, dt_limit, torch.float32)  # (batch, L, H)
     out_dtype = torch.float32 if z is not None else x.dtype
     if cu_seqlens is None:
-        y, final = _chunked(x, step, A, B, C, D, initial_state, chunk_size, out_dtype)
+        step, cs = StepCumsum.apply(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)  # one kernel each way
+        y, final = _SSD.apply(x, step, cs, B, C, D, initial_state, out_dtype)
     else:
         packing = _Packing.of(cu_seqlens, x.shape[1])
         if packing is None:  # lengths too uneven to pad: one sequence at a time
             return split_varlen_ssd(ssd_triton, x, dt, B, C, z, initial_state, cu_seqlens, return_final_state,
                                     A=A, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                                     chunk_size=chunk_size)
-        padded = [packing.pad(t) for t in (x, B, C)]
-        step = packing.pad(step) * packing.valid[..., None]  # (S, L_max, H): dt = 0 on the padding
-        y, final = _chunked(padded[0], step, A, padded[1], padded[2], D, initial_state, chunk_size, out_dtype)
+        x_pad, dt_pad, B_pad, C_pad = (packing.pad(t) for t in (x, dt, B, C))  # (S, L_max, ...)
+        step, cs = StepCumsum.apply(dt_pad, A, dt_bias, dt_softplus, dt_limit, chunk_size, packing.lengths)
+        y, final = _SSD.apply(x_pad, step, cs, B_pad, C_pad, D, initial_state, out_dtype)
         y = packing.unpad(y)
     if z is not None:
         y = (y * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_state else y
-
-
-def _chunked(x, step, A, B, C, D, initial_state, chunk_size, out_dtype):
-    """The in-chunk cumsum of dt·A in torch, then the kernels. step: (batch, L, H) fp32."""
-    batch, length, heads, _ = x.shape
-    T = chunk_size  # not min(chunk_size, L): a prompt alone and in a padded batch then share every rounding
-    n_chunks = -(-length // T)
-    dA = F.pad(step * A.float(), (0, 0, 0, n_chunks * T - length))  # (batch, c·T, H), 0 past L
-    cs = dA.reshape(batch, n_chunks, T, heads).cumsum(dim=2).permute(0, 3, 1, 2).contiguous()  # (batch, H, c, T)
-    return _SSD.apply(x, step, cs, B, C, D, initial_state, out_dtype)
 
 
 class _Packing:
@@ -67,8 +57,9 @@ class _Packing:
     sequence's, and the kernels run once for all of them. Used where the padding is at most as
     long as the sequences themselves."""
 
-    def __init__(self, index: Tensor, valid: Tensor):
+    def __init__(self, index: Tensor, valid: Tensor, lengths: Tensor):
         self.index, self.valid = index, valid  # (S, L_max) positions in the packed sequence, and which are real
+        self.lengths = lengths  # (S,) int32
 
     @classmethod
     def of(cls, cu_seqlens: Tensor, length: int) -> "_Packing | None":
@@ -80,10 +71,10 @@ class _Packing:
         steps = torch.arange(longest, device=cu_seqlens.device)
         valid = steps[None, :] < lengths[:, None]  # (S, L_max)
         index = (offsets[:-1, None] + steps[None, :]).clamp(max=max(length - 1, 0))
-        return cls(index, valid)
+        return cls(index, valid, lengths.to(torch.int32))
 
     def pad(self, t: Tensor) -> Tensor:
-        """(1, L, ...) -> (S, L_max, ...); the padding repeats the last position (dt masks it)."""
+        """(1, L, ...) -> (S, L_max, ...); the padding repeats the last position (its step is 0)."""
         return t[0][self.index]
 
     def unpad(self, t: Tensor) -> Tensor:
