@@ -12,6 +12,7 @@ from .lm import CausalLMOutput, MambaLM
 from .mamba2_lm import Mamba2LM
 from .registry import create_model, list_models, register_model
 from .vision import VisionConfig, VisionMamba
+from . import dna  # noqa: F401,E402 - registers the DNA presets
 
 if find_spec("timm") is not None:
     from . import timm_models

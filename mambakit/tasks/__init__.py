@@ -14,6 +14,8 @@ TASKS = {
     "digits": "mambakit.tasks.digits",  # Vision Mamba on scikit-learn's 8x8 digits
     "selective-copying": "mambakit.tasks.selective_copying",  # the Mamba paper's synthetic tasks
     "induction-heads": "mambakit.tasks.induction_heads",
+    "dna": "mambakit.tasks.dna.task",  # a DNA language model on FASTA/FASTQ genomes
+    "dna-classify": "mambakit.tasks.dna.classify",  # genome windows against k-mer-matched samples
 }
 
 
