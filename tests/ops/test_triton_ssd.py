@@ -22,7 +22,7 @@ from tests.ops.test_ssd import make_ssd_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32 = dict(rtol=1e-3, atol=2e-3)
-INTERPRETED = settings(max_examples=8 if DEVICE == "cpu" else 40, deadline=None, derandomize=True)
+INTERPRETED = settings(max_examples=8 if DEVICE == "cpu" else 16, deadline=None, derandomize=True)
 
 
 def _run(fn, kw, dtype, grad_seed=1, device=DEVICE, **opts):
