@@ -14,6 +14,11 @@ Mamba-2's tensors have the same names in the three formats as Mamba-1's, but for
 own (`mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}`); only the embedding's
 differs in "hf", as for Mamba-1. The config conversions are MambaConfig's (config.py).
 
+Hybrids (attention layers, MLPs): "mambakit" and "official" hold them under the official names
+(an attention layer's `mixer.{in_proj, conv1d, out_proj}`, a block's `norm2` and
+`mlp.{fc1, fc2}`); "hf" is transformers' `JambaForCausalLM` for Mamba-1 hybrids and
+`BambaForCausalLM` for Mamba-2 ones, whose names and layout hf_hybrid.py converts.
+
 The safetensors formats ("mambakit", "hf") are written in shards of at most `max_shard_size`
 bytes (5GB by default, the size the published Hugging Face Mamba checkpoints use), as
 transformers does: `model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json`
@@ -44,6 +49,7 @@ from torch import nn
 
 from ..config import HF2_NAMES, HF_NAMES, OFFICIAL2_NAMES, OFFICIAL_NAMES, MambaConfig
 from .files import atomic_write, atomic_write_json, write_directory
+from .hf_hybrid import from_transformers, to_transformers
 from .hub import child_path, resolve_directory
 
 FORMATS = ("mambakit", "hf", "official")
@@ -238,8 +244,15 @@ def load_pretrained(cls: type[Model], name_or_path: str | Path, device=None, dty
     directory = resolve_directory(name_or_path)
     config, fmt = read_config(directory)
     weights = _Weights(directory)
-    _check_config_against_weights(cls, config, fmt, directory, weights.shapes)
+    transformers_hybrid = fmt == "hf" and config.is_hybrid  # Jamba / Bamba: names and layout converted
+    shapes = weights.shapes
+    if transformers_hybrid:  # the converted shapes, from tensors without data
+        meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+        shapes = {k: tuple(v.shape) for k, v in from_transformers(meta).items()}
+    _check_config_against_weights(cls, config, fmt, directory, shapes)
     state = _keys_from_hf(weights.tensors())
+    if transformers_hybrid:
+        state = from_transformers(state)
     if config.tie_embeddings:
         _check_tied_head(state, f"{directory / _CONFIG} ties lm_head to the embedding "
                                 f"({_field_name('tie_embeddings', fmt, config.layer)}=true), but")
@@ -261,7 +274,7 @@ def _check_config_against_weights(cls, config: MambaConfig, fmt: str, directory:
                          f"{directory} hold {n_layer} layers")
     expected = {k: tuple(v.shape) for k, v in cls(config, device="meta").state_dict().items()}
     problems = _mismatches(expected, shapes, config.tie_embeddings, "config",
-                           hint=lambda k: _shaped_by(k, fmt, config.layer))
+                           hint=lambda k: _shaped_by(k, fmt, config.layer, config))
     if problems:
         raise ValueError(f"{path} does not match the weights in {directory}: " + "; ".join(problems))
 
@@ -311,10 +324,26 @@ _SHAPED_BY_MAMBA2 = {
 }
 
 
-def _shaped_by(key: str, fmt: str, layer: str = "mamba") -> str:
+def _shaped_by(key: str, fmt: str, layer: str = "mamba", config: MambaConfig | None = None) -> str:
+    hybrid = _shaped_by_hybrid(key, config)
+    if hybrid:
+        return hybrid
     for end, fields in (_SHAPED_BY_MAMBA2 if layer == "mamba2" else _SHAPED_BY).items():
         if key.endswith("." + end) or key == end:
             return f" (config fields {', '.join(_field_name(f, fmt, layer) for f in fields)})"
+    return ""
+
+
+def _shaped_by_hybrid(key: str, config: MambaConfig | None) -> str:
+    """The config fields that shape a hybrid's own tensors: an attention layer's mixer, a
+    block's norm2 and MLP; "" for any other key."""
+    match = re.match(r"backbone\.layers\.(\d+)\.(mixer|norm2|mlp)\.", key)
+    if config is None or match is None:
+        return ""
+    if match.group(2) == "mixer" and int(match.group(1)) in config.attn_layer_idx:
+        return " (config fields d_model, attn_cfg: num_heads, num_heads_kv, head_dim, d_conv)"
+    if match.group(2) != "mixer":
+        return " (config fields d_model, d_intermediate, num_experts)"
     return ""
 
 
@@ -371,7 +400,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "mamb
         if config.tie_embeddings:
             state.pop("lm_head.weight")
         if format == "hf":
-            raw, state = config.to_hf(), _keys_to_hf(state)
+            raw = config.to_hf()  # before writing anything: it raises for an inexpressible config
+            state = to_transformers(state, config) if config.is_hybrid else _keys_to_hf(state)
         else:
             raw = {"format": "mambakit", "mambakit_version": _package_version(), **config.to_dict()}
 

@@ -15,9 +15,13 @@ import torch
 
 
 class GraphedDecoder:
-    def __init__(self, model, batch_size: int, device: torch.device, warmup: int = 2):
+    def __init__(self, model, batch_size: int, device: torch.device, warmup: int = 2, like=None):
         self.model = model
         self.cache = model.allocate_cache(batch_size, device=device)
+        if like is not None:  # a hybrid's KV caches: as many slots as the caches it will load
+            for mine, theirs in zip(self.cache.layers, like.layers):
+                if hasattr(mine, "reserve"):
+                    mine.reserve(theirs.capacity)
         self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -33,14 +37,10 @@ class GraphedDecoder:
         return self.model.lm_head(self.model.backbone.step(self.token, self.cache))
 
     def load(self, cache) -> None:
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.conv.copy_(theirs.conv)
-            mine.ssm.copy_(theirs.ssm)
+        self.cache.copy_from_(cache)
 
     def store(self, cache) -> None:
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            theirs.conv.copy_(mine.conv)
-            theirs.ssm.copy_(mine.ssm)
+        cache.copy_from_(self.cache)
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token)
@@ -48,12 +48,14 @@ class GraphedDecoder:
         return self.logits
 
 
-def graphed_decoder(model, batch_size: int, device: torch.device) -> GraphedDecoder:
-    """The model's captured decoder for this batch size, captured on first use."""
+def graphed_decoder(model, batch_size: int, device: torch.device, cache=None) -> GraphedDecoder:
+    """The model's captured decoder for this batch size (and, for a hybrid, the KV caches'
+    slots of `cache`, the cache it will load), captured on first use."""
     graphs = model.__dict__.setdefault("_cuda_graphs", {})
     storage = tuple(p.data_ptr() for p in model.parameters())  # what the graph reads
-    key = (batch_size, str(device))
+    slots = () if cache is None else tuple(getattr(s, "capacity", 0) for s in cache.layers)
+    key = (batch_size, str(device), slots)
     entry = graphs.get(key)
     if entry is None or entry[0] != storage:
-        graphs[key] = (storage, GraphedDecoder(model, batch_size, device))
+        graphs[key] = (storage, GraphedDecoder(model, batch_size, device, like=cache))
     return graphs[key][1]

@@ -66,6 +66,7 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
         logits = cache.last_logits
     else:
         logits, cache = model.prefill(input_ids, attention_mask=attention_mask, cache=cache)
+    cache.reserve(cache.seqlen + max_new_tokens)  # attention layers' KV caches: decoding runs on fixed buffers
     batch, device = logits.shape[0], logits.device
     vocab = model.config.vocab_size
     generator = None
@@ -85,9 +86,10 @@ def stream(model, input_ids: torch.Tensor | Sequence | None = None, max_new_toke
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}")
     runner = None
     if (cuda_graph is None and device.type == "cuda") or cuda_graph:
-        runner = graphed_decoder(model, batch, device)
+        runner = graphed_decoder(model, batch, device, cache)
         runner.load(cache)
-    elif device.type == "cpu":
+    elif device.type == "cpu" and not getattr(model.config, "is_hybrid", False):
+        # (the planned CPU step covers Mamba blocks only; a hybrid's attention and MLPs step through model.step)
         runner = cpu_decoder(model, batch)  # None where the plan does not apply: model.step then
         if runner is not None:
             runner.load(cache)

@@ -1,8 +1,10 @@
 """AutoModel: the model class a checkpoint's config.json asks for, as transformers'
 AutoModelForCausalLM picks one. A Mamba-2 config (layer "mamba2", transformers' model_type
-"mamba2", the official ssm_cfg.layer "Mamba2") gives a Mamba2LM; a Mamba-1 one (or any other
-MambaLM mixer of the mambakit format) a MambaLM. Anything else (attention or MLP layers,
-another model_type) is a ValueError naming config.json and what it holds."""
+"mamba2" or "bamba", the official ssm_cfg.layer "Mamba2") gives a Mamba2LM; a Mamba-1 one (or
+any other MambaLM mixer of the mambakit format; transformers' "mamba" or "jamba") a MambaLM.
+Hybrids (the official attn_layer_idx / attn_cfg / d_intermediate, Jamba, Bamba) are built with
+their attention layers and MLPs. Anything else (another model_type, a field mambakit cannot
+represent) is a ValueError naming config.json and what it holds."""
 
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ class AutoModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> nn.Module:
         """The model of a checkpoint directory (mambakit, Hugging Face or official format, Mamba-1
-        or Mamba-2) or of a hub id in the local Hugging Face cache, in eval mode; nothing is
-        downloaded."""
+        or Mamba-2, pure or hybrid: the official hybrid, transformers' Jamba or Bamba) or of a
+        hub id in the local Hugging Face cache, in eval mode; nothing is downloaded."""
         directory = resolve_directory(name_or_path)
         config, _ = read_config(directory)
         return load_pretrained(cls.class_for(config), directory, device=device, dtype=dtype)

@@ -30,7 +30,8 @@ from torch import nn
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import PRESETS, MambaConfig
 from ..generation import GenerationMixin, LMCache, architecture_of, pack_prompts
-from ..modules import S4D, Block, Mamba, Mamba2, MambaState
+from ..modules import (S4D, Attention, Block, GatedMLP, KVHistory, Mamba, Mamba2, MambaState, MixtureOfExperts,
+                       NormedXProj)
 from ..modules.norm import make_norm
 from .registry import register_model
 
@@ -75,9 +76,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
 
 def make_mixer(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> nn.Module:
-    """The mixer of config.layer: "mamba" (selective, S6) or "s4d" (LTI, S4D-Lin), gated or not, or
-    "mamba2" (SSD)."""
+    """The mixer of layer layer_idx: causal attention at config.attn_layer_idx, else the mixer of
+    config.layer: "mamba" (selective, S6) or "s4d" (LTI, S4D-Lin), gated or not, or "mamba2" (SSD)."""
     factory = {"device": device, "dtype": dtype}
+    if layer_idx in config.attn_layer_idx:
+        attention = config.attention
+        return Attention(config.d_model, attention.num_heads, attention.num_heads_kv, attention.head_dim,
+                         qkv_proj_bias=attention.qkv_proj_bias, out_proj_bias=attention.out_proj_bias,
+                         softmax_scale=attention.softmax_scale, d_conv=attention.d_conv,
+                         rotary_emb_dim=attention.rotary_emb_dim, rotary_emb_base=attention.rotary_emb_base,
+                         rotary_emb_interleaved=attention.rotary_emb_interleaved, window_size=attention.window_size,
+                         layer_idx=layer_idx, **factory)
     if config.layer == "mamba2":
         return Mamba2(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
                       headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size,
@@ -88,10 +97,34 @@ def make_mixer(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> 
         return S4D(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
                    dt_min=config.dt_min, dt_max=config.dt_max, conv_bias=config.conv_bias, bias=config.bias,
                    gate=config.gate, layer_idx=layer_idx, **factory)
-    return Mamba(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
-                 dt_rank=config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max,
-                 dt_init_floor=config.dt_init_floor, dt_scale=config.dt_scale,
-                 conv_bias=config.conv_bias, bias=config.bias, layer_idx=layer_idx, gate=config.gate, **factory)
+    mixer = Mamba(config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+                  dt_rank=config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max,
+                  dt_init_floor=config.dt_init_floor, dt_scale=config.dt_scale,
+                  conv_bias=config.conv_bias, bias=config.bias, layer_idx=layer_idx, gate=config.gate, **factory)
+    if config.inner_norms:  # Jamba: dt, B and C normalised after x_proj
+        mixer.x_proj = NormedXProj(mixer.d_inner, mixer.dt_rank, config.d_state, config.norm_epsilon, **factory)
+    return mixer
+
+
+def make_mlp(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> nn.Module | None:
+    """The MLP after the mixer of layer layer_idx: none without d_intermediate, a mixture of
+    experts at config.moe_layer_idx, a gated MLP elsewhere."""
+    if not config.d_intermediate:
+        return None
+    if layer_idx in config.moe_layer_idx:
+        return MixtureOfExperts(config.d_model, config.d_intermediate, config.num_experts,
+                                config.num_experts_per_tok, device=device, dtype=dtype)
+    return GatedMLP(config.d_model, config.d_intermediate, device=device, dtype=dtype)
+
+
+def make_block(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> Block:
+    """Layer layer_idx: norm + mixer, and norm2 + mlp in a hybrid with d_intermediate > 0."""
+    factory = {"device": device, "dtype": dtype}
+    mlp = make_mlp(config, layer_idx, **factory)
+    norm2 = None if mlp is None else make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
+    return Block(config.d_model, make_mixer(config, layer_idx, **factory),
+                 make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory),
+                 residual_in_fp32=config.residual_in_fp32, mlp=mlp, norm2=norm2)
 
 
 def as_cu_seqlens(cu_seqlens, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -121,11 +154,7 @@ class Backbone(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, **factory)
-        self.layers = nn.ModuleList(
-            Block(config.d_model, make_mixer(config, i, **factory),
-                  make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory),
-                  residual_in_fp32=config.residual_in_fp32)
-            for i in range(config.n_layer))
+        self.layers = nn.ModuleList(make_block(config, i, **factory) for i in range(config.n_layer))
         self.norm_f = make_norm(config.d_model, config.rms_norm, config.norm_epsilon, **factory)
         self.checkpoint_every = 0  # n > 0: every n-th block recomputed in the backward pass
 
@@ -179,14 +208,19 @@ class MambaLM(nn.Module, GenerationMixin):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The official init: zero linear biases (but dt_proj's), N(0, 0.02) embeddings, and
-        out_proj rescaled by 1/sqrt(n_layer) (GPT-2's prenorm residual rescaling)."""
+        the residual branches' last projections (out_proj, and an MLP's fc2) rescaled by
+        1/sqrt(n_layer), or 1/sqrt(2 n_layer) with an MLP in every block (GPT-2's prenorm
+        residual rescaling)."""
         if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
-        if isinstance(module, (Mamba, S4D)) and self.config.rescale_prenorm_residual:
-            nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-            module.out_proj.weight /= math.sqrt(self.config.n_layer)
+        if not self.config.rescale_prenorm_residual:
+            return
+        if isinstance(module, (Mamba, S4D, Attention, GatedMLP)):
+            weight = (module.fc2 if isinstance(module, GatedMLP) else module.out_proj).weight
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            weight /= math.sqrt((2 if self.config.d_intermediate else 1) * self.config.n_layer)
 
     # ---- running -------------------------------------------------------------------------
     def _check_ids(self, input_ids: torch.Tensor, ndim: int, name: str = "input_ids") -> None:
@@ -352,6 +386,7 @@ class MambaLM(nn.Module, GenerationMixin):
         self._check_ids(token_ids, 1)
         self._check_values_eagerly(token_ids)
         self._check_cache(cache, token_ids.shape[0], "token_ids")
+        cache.reserve(cache.seqlen + 1)  # an attention layer's KV cache has room for this token
         logits = self.lm_head(self.backbone.step(token_ids.long(), cache))
         cache.seqlen += 1
         cache.last_logits = logits
@@ -360,36 +395,37 @@ class MambaLM(nn.Module, GenerationMixin):
     def chunked_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_len: int,
                      checkpoint: bool = True) -> torch.Tensor:
         """The mean cross-entropy over a long sequence, run chunk_len tokens at a time. Every
-        layer's conv and SSM states carry from chunk to chunk with their gradients, so this is
+        layer's conv and SSM states carry from chunk to chunk with their gradients, and every
+        attention layer's keys and values (all of the earlier ones, or the window's), so this is
         the full sequence's loss and gradient, not truncated backprop. With checkpoint, each
         chunk's activations are recomputed in the backward pass, so that only the chunk
-        boundaries' states stay in memory: memory stays flat as the length grows.
+        boundaries' states stay in memory: memory stays flat as the length grows, but for the
+        attention layers' keys and values, which grow with it (a window bounds them).
         input_ids, targets: (B, L) -> a scalar."""
         from torch.utils.checkpoint import checkpoint as recompute
         self._check_ids(input_ids, 2)
         self._check_targets(targets, input_ids)
         _check_chunk_len(chunk_len)
         self._check_values_eagerly(input_ids, targets)
-        n_layer = len(self.backbone.layers)
+        layers = self.backbone.layers
 
-        def run_chunk(ids, tgt, *flat_states):
-            states = [None if flat_states[2 * i] is None else MambaState(flat_states[2 * i], flat_states[2 * i + 1])
-                      for i in range(n_layer)]
+        def run_chunk(ids, tgt, offset, *flat_states):
+            states = _unflatten_states(layers, flat_states)
             hidden, residual, finals = self.backbone.embedding(ids), None, []
-            for layer, state in zip(self.backbone.layers, states):
-                hidden, residual, final = layer.forward_with_states(hidden, residual, state)
+            for layer, state in zip(layers, states):
+                hidden, residual, final = layer.forward_with_states(hidden, residual, state, offset)
                 finals.append(final)
             loss_sum = lm_loss(self.lm_head(self.backbone._final(hidden, residual)), tgt, reduction="sum")
-            return (loss_sum, *[t for f in finals for t in (f.conv, f.ssm)])
+            return (loss_sum, *_flatten_states(finals))
 
-        flat = [None] * (2 * n_layer)
+        flat = [None] * sum(_STATE_TENSORS[isinstance(layer.mixer, Attention)] for layer in layers)
         total = None
         for start in range(0, input_ids.shape[1], chunk_len):
             ids, tgt = input_ids[:, start:start + chunk_len].long(), targets[:, start:start + chunk_len].long()
             if checkpoint and torch.is_grad_enabled():
-                out = recompute(run_chunk, ids, tgt, *flat, use_reentrant=False)
+                out = recompute(run_chunk, ids, tgt, start, *flat, use_reentrant=False)
             else:
-                out = run_chunk(ids, tgt, *flat)
+                out = run_chunk(ids, tgt, start, *flat)
             total = out[0] if total is None else total + out[0]
             flat = list(out[1:])
         return total / (targets != IGNORE_INDEX).sum()  # the mean over the targets not ignored, as lm_loss
@@ -424,20 +460,33 @@ class MambaLM(nn.Module, GenerationMixin):
     def is_gradient_checkpointing(self) -> bool:
         return self.backbone.checkpoint_every > 0
 
-    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LMCache:
-        return LMCache([layer.mixer.allocate_state(batch_size, device, dtype) for layer in self.backbone.layers],
-                       architecture=architecture_of(self.config))
+    def allocate_cache(self, batch_size: int, device=None, dtype=None, max_seqlen: int | None = None) -> LMCache:
+        """An empty cache: every Mamba layer's constant-size state, and every attention layer's KV
+        cache with room for max_seqlen positions per row (it grows when a prompt needs more;
+        generate reserves the prompt's and the new tokens' before decoding)."""
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                       or max_seqlen < 0):
+            raise ValueError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r:.80}")
+        states = []
+        for layer in self.backbone.layers:
+            if isinstance(layer.mixer, Attention):
+                states.append(layer.mixer.allocate_state(batch_size, device, dtype, max_seqlen=max_seqlen or 0))
+            else:
+                states.append(layer.mixer.allocate_state(batch_size, device, dtype))
+        return LMCache(states, architecture=architecture_of(self.config))
 
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask: torch.Tensor | None = None, cache: LMCache | None = None
-                ) -> tuple[torch.Tensor, LMCache]:
+    def prefill(self, input_ids, attention_mask: torch.Tensor | None = None, cache: LMCache | None = None,
+                max_seqlen: int | None = None) -> tuple[torch.Tensor, LMCache]:
         """Runs prompts through the parallel scan, with no per-token loop. Returns (the logits
         for the next token (B, V), the cache), and keeps those logits in the cache.
 
         input_ids: a (B, L) tensor, optionally with an attention_mask (left or right padding),
         or a list of prompts of different lengths. Prompts of different lengths are packed into
-        one row with cu_seqlens, so padding never enters the state. With a cache, the prompt
-        (a (B, L) tensor) continues from the cache's state: a conversation's next turn."""
+        one row with cu_seqlens, so padding never enters the state (nor an attention layer's
+        keys: each prompt attends within itself). With a cache, the prompt (a (B, L) tensor)
+        continues from the cache's state: a conversation's next turn. max_seqlen: the positions
+        a new cache's attention layers make room for (the prompt's at least)."""
         if cache is not None:
             if not isinstance(input_ids, torch.Tensor) or attention_mask is not None:
                 raise ValueError("continuing a cache takes a (B, L) tensor of new tokens, without attention_mask")
@@ -448,13 +497,14 @@ class MambaLM(nn.Module, GenerationMixin):
             cache.last_logits = logits
             return logits, cache
         if isinstance(input_ids, torch.Tensor) and attention_mask is None:
-            cache = self.allocate_cache(input_ids.shape[0])
+            self._check_ids(input_ids, 2)
+            cache = self.allocate_cache(input_ids.shape[0], max_seqlen=max(max_seqlen or 0, input_ids.shape[1]))
             logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
         else:
             packed = pack_prompts(input_ids, attention_mask, device=self.backbone.embedding.weight.device)
             self._check_ids(packed.ids, 2)
             self._check_values_eagerly(packed.ids)
-            cache = self.allocate_cache(len(packed.prompts))
+            cache = self.allocate_cache(len(packed.prompts), max_seqlen=max(max_seqlen or 0, max(packed.lengths)))
             hidden = self.backbone(packed.ids, cache, cu_seqlens=packed.cu_seqlens)  # (1, T, d_model)
             logits = self.lm_head(hidden[0, packed.last_positions])  # (S, V)
             cache.seqlen = max(packed.lengths)
@@ -473,6 +523,32 @@ class MambaLM(nn.Module, GenerationMixin):
         """Writes the model in the mambakit, "hf" (Hugging Face) or "official" (mamba_ssm) format;
         max_shard_size ("5GB" by default) shards the safetensors formats."""
         save_pretrained(self, directory, format=format, max_shard_size=max_shard_size)
+
+
+# the tensors a layer's state is carried as between chunks: (conv, ssm) for a Mamba mixer's
+# MambaState, (k, v, conv) for an attention mixer's KVHistory
+_STATE_TENSORS = {False: 2, True: 3}
+
+
+def _flatten_states(states: list) -> list:
+    flat = []
+    for state in states:
+        flat += [state.k, state.v, state.conv] if isinstance(state, KVHistory) else [state.conv, state.ssm]
+    return flat
+
+
+def _unflatten_states(layers, flat: tuple) -> list:
+    """The states of _flatten_states back, None for the first chunk's (all None)."""
+    states, at = [], 0
+    for layer in layers:
+        attention = isinstance(layer.mixer, Attention)
+        parts = flat[at:at + _STATE_TENSORS[attention]]
+        at += len(parts)
+        if parts[0] is None:
+            states.append(None)
+        else:
+            states.append(KVHistory(*parts) if attention else MambaState(*parts))
+    return states
 
 
 def _check_chunk_len(chunk_len) -> None:

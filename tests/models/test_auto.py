@@ -68,18 +68,22 @@ def test_auto_model_reads_a_hub_id_in_the_local_cache(hub_cache):
         AutoModel.from_pretrained("org/other")
 
 
-# configs of architectures that are not pure Mamba-1 / Mamba-2 language models, and what the
-# message must name
+# configs of architectures that mambakit cannot build (hybrids it can are in
+# tests/checkpoint/test_hybrid_formats.py), and what the message must name
 UNKNOWN = {
-    "official_attention": ({"d_model": 32, "n_layer": 2, "vocab_size": VOCAB, "ssm_cfg": {"layer": "Mamba2"},
-                            "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4}}, "attn_layer_idx"),
-    "official_mlp": ({"d_model": 32, "n_layer": 2, "vocab_size": VOCAB, "ssm_cfg": {"layer": "Mamba2"},
-                      "d_intermediate": 64}, "d_intermediate"),
+    "official_attention_not_causal": ({"d_model": 32, "n_layer": 2, "vocab_size": VOCAB,
+                                       "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [1],
+                                       "attn_cfg": {"num_heads": 4}}, "attn_cfg.causal"),
+    "official_mlp_inside_attention": ({"d_model": 32, "n_layer": 2, "vocab_size": VOCAB,
+                                       "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [1],
+                                       "attn_cfg": {"num_heads": 4, "causal": True, "mlp_dim": 64}}, "mlp_dim"),
     "official_mamba3": ({"d_model": 32, "n_layer": 2, "vocab_size": VOCAB, "ssm_cfg": {"layer": "Mamba3"}},
                         "Mamba3"),
-    "hf_jamba": ({"model_type": "jamba", "architectures": ["JambaForCausalLM"], "hidden_size": 32,
-                  "num_hidden_layers": 2, "vocab_size": VOCAB}, "jamba"),
-    "hf_bamba_no_hidden_size": ({"model_type": "bamba", "vocab_size": VOCAB}, "bamba"),
+    "hf_jamba_sliding_window": ({"model_type": "jamba", "architectures": ["JambaForCausalLM"], "hidden_size": 32,
+                                 "num_hidden_layers": 2, "vocab_size": VOCAB, "sliding_window": 16},
+                                "sliding_window"),
+    "hf_bamba_scaled_rope": ({"model_type": "bamba", "vocab_size": VOCAB, "rope_parameters": {"rope_type": "yarn"}},
+                             "rope_type"),
     "mambakit_unknown_layer": ({"format": "mambakit", "d_model": 32, "n_layer": 2, "vocab_size": VOCAB,
                                 "layer": "mamba3"}, "mamba3"),
 }
