@@ -76,7 +76,7 @@ def test_cached_launches_match_the_first_and_a_misaligned_view_compiles_its_own(
     cache (counted), all bit-identical. Then u as a view 2 bytes off alignment: a new entry, and
     still the fp32 reference's result."""
     from mambakit.ops import selective_scan, selective_scan_ref
-    from scan_inputs import make_scan_inputs
+    from tests.scan_inputs import make_scan_inputs
     launch_mod.clear_cache()
     kw = {k: v.cuda() for k, v in make_scan_inputs(2, 64, 200, 16, with_init=True).items()}
     kw = {k: (v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
