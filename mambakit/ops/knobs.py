@@ -18,6 +18,9 @@ measured best on the H200 (BENCHMARKS.md); the knobs exist for A/B runs and swee
 | MAMBAKIT_REVERSE_WORDS       | reverse_words      | 1       | Vision's reversed scan loads B/C as bf16 pairs (0/1) |
 | MAMBAKIT_GLUON_SCAN          | gluon_scan         | 1       | Vision's padded path scans with the Gluon kernel     |
 | MAMBAKIT_COMPILE_GLUE        | compile_glue       | 0       | torch.compile the bidirectional layer's glue ops     |
+| MAMBAKIT_SSD_FWD_WARPS       | ssd_fwd_warps      | 4       | warps of the SSD's forward chunk kernels             |
+| MAMBAKIT_SSD_BWD_WARPS       | ssd_bwd_warps      | 4       | warps of the SSD's backward dx / dC kernels          |
+| MAMBAKIT_SSD_BWD_BLOCK       | ssd_bwd_block      | auto    | steps a backward dx / dC program owns (16/32/64)     |
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class Knobs:
     reverse_words: bool = True
     gluon_scan: bool = True
     compile_glue: bool = False
+    ssd_fwd_warps: int = 4
+    ssd_bwd_warps: int = 4
+    ssd_bwd_block: int | None = None  # None: 64 while headdim x d_state <= 8192, else 32
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -58,6 +64,11 @@ class Knobs:
                     raise ValueError(f"{name} must be a bool, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("ssd_fwd_warps", "ssd_bwd_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{_PREFIX}{name.upper()} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}")
+        if self.ssd_bwd_block not in (None, 16, 32, 64):
+            raise ValueError(f"{_PREFIX}SSD_BWD_BLOCK must be 16, 32 or 64, got {self.ssd_bwd_block}")
         if self.scan_bwd_chunks not in (None, 1, 2):
             raise ValueError(f"{_PREFIX}SCAN_BWD_CHUNKS must be 1 or 2, got {self.scan_bwd_chunks}")
 

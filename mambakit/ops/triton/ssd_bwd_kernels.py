@@ -35,15 +35,21 @@ def state_passing_bwd_kernel(DSTATES, STATES, CS, DFINAL, DINIT, DCS_END, T, n_c
         grad = tl.load(DFINAL + (b * H + h) * PN + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
+    # each chunk's loads are issued one chunk ahead: the loop's only serial chain is the gradient
+    last = n_chunks - 1
+    from_y = tl.load(DSTATES + ((b * n_chunks + last) * H + h) * PN + offs, mask=ok, other=0.0)
+    start = tl.load(STATES + ((b * n_chunks + last) * H + h) * PN + offs, mask=ok, other=0.0)
+    decay = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + last) * T + T - 1))
     for i in range(n_chunks):
-        c = n_chunks - 1 - i
-        slot = DSTATES + ((b * n_chunks + c) * H + h) * PN + offs
-        from_y = tl.load(slot, mask=ok, other=0.0)
-        tl.store(slot, grad, mask=ok)
-        start = tl.load(STATES + ((b * n_chunks + c) * H + h) * PN + offs, mask=ok, other=0.0)
-        decay = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + c) * T + T - 1))
+        c = last - i
+        prev = tl.maximum(c - 1, 0)  # the first chunk reloads itself, unused
+        from_y_next = tl.load(DSTATES + ((b * n_chunks + prev) * H + h) * PN + offs, mask=ok, other=0.0)
+        start_next = tl.load(STATES + ((b * n_chunks + prev) * H + h) * PN + offs, mask=ok, other=0.0)
+        decay_next = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + prev) * T + T - 1))
+        tl.store(DSTATES + ((b * n_chunks + c) * H + h) * PN + offs, grad, mask=ok)
         tl.atomic_add(DCS_END + (b * H + h) * n_chunks + c, decay * tl.sum(grad * start, axis=0))
         grad = decay * grad + from_y
+        from_y, start, decay = from_y_next, start_next, decay_next
     if HAS_DINIT:
         tl.store(DINIT + (b * H + h) * PN + offs, grad, mask=ok)
 

@@ -102,12 +102,16 @@ def state_passing_kernel(STATES, CS, INIT, FINAL, T, n_chunks, H, PN,
         state = tl.load(INIT + (b * H + h) * PN + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
+    # each chunk's loads are issued one chunk ahead: the loop's only serial chain is the state
+    own = tl.load(STATES + (b * n_chunks * H + h) * PN + offs, mask=ok, other=0.0)
+    decay = tl.exp(tl.load(CS + (b * H + h) * n_chunks * T + T - 1))
     for c in range(n_chunks):
-        slot = STATES + ((b * n_chunks + c) * H + h) * PN + offs
-        own = tl.load(slot, mask=ok, other=0.0)
-        tl.store(slot, state, mask=ok)
-        decay = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + c) * T + T - 1))
+        nxt = tl.minimum(c + 1, n_chunks - 1)  # the last chunk reloads itself, unused
+        own_next = tl.load(STATES + ((b * n_chunks + nxt) * H + h) * PN + offs, mask=ok, other=0.0)
+        decay_next = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + nxt) * T + T - 1))
+        tl.store(STATES + ((b * n_chunks + c) * H + h) * PN + offs, state, mask=ok)
         state = decay * state + own
+        own, decay = own_next, decay_next
     tl.store(FINAL + (b * H + h) * PN + offs, state, mask=ok)
 
 

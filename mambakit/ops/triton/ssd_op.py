@@ -18,6 +18,7 @@ from torch import Tensor
 from ..varlen import split_varlen_ssd
 from .ssd_dt import StepCumsum
 from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
+from .. import knobs
 from .launch import launch
 from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
 
@@ -111,6 +112,7 @@ class _SSD(torch.autograd.Function):
         groups, d_state = B.shape[2], B.shape[3]
         _, _, n_chunks, T = cs.shape
         precision = _precision(x.dtype)
+        warps = knobs.current().ssd_fwd_warps
         CB = x.new_empty((batch, n_chunks, groups, T, T), dtype=torch.float32)
         states = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
         final = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32)
@@ -123,7 +125,8 @@ class _SSD(torch.autograd.Function):
             BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision)
         _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)), 
             x, B, step, cs, states, length, T, n_chunks, heads, groups, headdim, d_state,
-            *x.stride()[:3], *B.stride()[:3], FORWARD=True, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision)
+            *x.stride()[:3], *B.stride()[:3], FORWARD=True, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision,
+            num_warps=warps)
         init = initial_state.contiguous() if initial_state is not None else None
         pn = headdim * d_state
         _run(state_passing_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)), 
@@ -133,7 +136,7 @@ class _SSD(torch.autograd.Function):
             x, step, cs, CB, states, C, D if D is not None else x, y, length, T, n_chunks, heads, groups, headdim,
             d_state, *x.stride()[:3], *C.stride()[:3], *y.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
-            BLOCK_M=bt, BLOCK_P=bp, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision)
+            BLOCK_M=bt, BLOCK_P=bp, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision, num_warps=warps)
         ctx.save_for_backward(x, step, cs, B, C, D, CB, states)
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -164,8 +167,9 @@ class _SSD(torch.autograd.Function):
             BLOCK=_STATE_BLOCK)
 
         full_p, full_n = _blocks(headdim, 256), _blocks(d_state, 256)
-        bs = 64 if full_n * full_p <= 128 * 64 else 32
+        bs = knobs.current().ssd_bwd_block or (64 if full_n * full_p <= 128 * 64 else 32)
         bs = min(bs, bt)
+        warps = knobs.current().ssd_bwd_warps
         per_program = _heads_per_program(heads // groups, batch * n_chunks * groups * triton.cdiv(T, bs))
         splits = heads // groups // per_program
         dx = torch.empty_like(x)
@@ -182,11 +186,11 @@ class _SSD(torch.autograd.Function):
             dD if want_dD else dcs_end, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2, WANT_DD=want_dD,
-            BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision)
+            BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision, num_warps=warps)
         _run(dc_kernel, grid, 
             x, step, cs, CB, states, B, C, dy, dC, dcs, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
-            BLOCK_T=bs, BLOCK_S=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision)
+            BLOCK_T=bs, BLOCK_S=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision, num_warps=warps)
         dcs[..., T - 1] += dcs_end
         dB, dC = dB.sum(0) if splits > 1 else dB[0], dC.sum(0) if splits > 1 else dC[0]
         dD = dD.to(D.dtype) if dD is not None else None
