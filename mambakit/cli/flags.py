@@ -1,12 +1,57 @@
 """Flags made from dataclass fields: one --flag per field of a config, so that the command
 line follows the config without a list kept by hand. Every boolean option of the command line
-is a --name / --no-name pair (argparse.BooleanOptionalAction)."""
+is a --name / --no-name pair (argparse.BooleanOptionalAction). And --arch, the model family,
+which names the presets' sizes for `train --preset` and `generate --model`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
+
+from ..config import PRESETS
+
+ARCHS = {"mamba1": "", "mamba2": "mamba2-"}  # the model family -> the prefix of its preset names
+ARCH_HELP = ("the model family: mamba1 (the default) or mamba2 (SSD); the preset names its sizes: "
+             "--arch mamba2 --preset 130m is mamba2-130m")
+
+
+def arch_of(config) -> str:
+    """The family of a MambaConfig: mamba2 for layer='mamba2', else mamba1 (S4D layers included)."""
+    return "mamba2" if config.layer == "mamba2" else "mamba1"
+
+
+def presets_of(arch: str) -> list[str]:
+    """The preset names of a family, as --arch takes them (mamba2-130m is 130m)."""
+    return [name[len(ARCHS[arch]):] for name, cfg in PRESETS.items() if arch_of(cfg) == arch]
+
+
+def add_arch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=list(ARCHS), default=None, help=ARCH_HELP)
+
+
+def preset_for_arch(preset: str, arch: str | None, flag: str = "--preset") -> str:
+    """The preset that `flag` (--preset, or generate's --model) names under --arch: `preset`
+    itself without --arch or when it is already of that family, else the family's preset of that
+    size (--arch mamba2 --preset 130m: mamba2-130m). A name that is no preset is returned as it
+    is (a checkpoint, or a typo that the caller reports). A preset of the other family is a
+    ValueError naming both flags."""
+    if arch is None or preset not in PRESETS and ARCHS[arch] + preset not in PRESETS:
+        return preset
+    if preset in PRESETS and arch_of(PRESETS[preset]) == arch:
+        return preset
+    if ARCHS[arch] + preset in PRESETS and arch_of(PRESETS[ARCHS[arch] + preset]) == arch:
+        return ARCHS[arch] + preset
+    raise ValueError(f"--arch {arch} and {flag} {preset} disagree: {preset} is a {arch_of(PRESETS[preset])} preset; "
+                     f"with --arch {arch}, {flag} takes {', '.join(presets_of(arch))}")
+
+
+def check_arch_layer(arch: str | None, layer: str | None) -> None:
+    """--arch and --layer, when both are given, must name the same family (mamba2 is layer
+    mamba2; mamba1 is layer mamba or s4d): a ValueError naming both otherwise."""
+    if arch is not None and layer is not None and (layer == "mamba2") != (arch == "mamba2"):
+        raise ValueError(f"--arch {arch} and --layer {layer} disagree: --arch mamba2 is --layer mamba2, "
+                         f"--arch mamba1 is --layer mamba or s4d")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),

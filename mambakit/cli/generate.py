@@ -16,6 +16,7 @@ from ..generation.sampling import MIN_TEMPERATURE, SEED_RANGE
 from ..models.lm import MambaLM
 from ..tokenizer import ByteTokenizer, HFTokenizer, load_for_model, load_tokenizer
 from ..training.devices import DEVICE_HELP, resolve_device
+from .flags import add_arch_flag, arch_of, preset_for_arch
 
 HELP = "generate text from a preset (random weights) or a checkpoint"
 
@@ -24,7 +25,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny",
-                        help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory / cached hub id")
+                        help=f"a preset ({', '.join(PRESETS)}; with --arch, its family's sizes) or a checkpoint "
+                             f"directory / cached hub id")
+    add_arch_flag(parser)
     parser.add_argument("--prompt", default="The state space model ")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -120,11 +123,18 @@ def run(args: argparse.Namespace) -> int:
     """Generates from --model and --prompt; every bad flag is an `error:` line (SystemExit)."""
     device = _check_generate_args(args)
     try:
-        model, random_weights = load_model(args.model, device, DTYPES[args.dtype], args.seed)
+        spec = preset_for_arch(args.model, args.arch, "--model")
+    except ValueError as err:
+        raise _error(err) from None
+    try:
+        model, random_weights = load_model(spec, device, DTYPES[args.dtype], args.seed)
     except (FileNotFoundError, ValueError) as err:
         raise _error(f"--model {args.model!r}: {err}") from None
+    if args.arch is not None and arch_of(model.config) != args.arch:
+        raise _error(f"--arch {args.arch} and --model {args.model!r} disagree: the checkpoint is a "
+                     f"{arch_of(model.config)} model")
     try:
-        tokenizer = pick_tokenizer(args.model, args.tokenizer)
+        tokenizer = pick_tokenizer(spec, args.tokenizer)
     except (FileNotFoundError, ImportError, ValueError) as err:
         raise _error(f"--tokenizer {args.tokenizer or args.model!r}: {err}") from None
     model.eval()
@@ -140,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{model.config.padded_vocab_size} entries")
     eos = _eos_token_id(args, tokenizer, model.config.vocab_size)
     if random_weights:
-        print(f"[mambakit] preset {args.model!r} with RANDOM weights (seed {args.seed}): the text is noise, "
+        print(f"[mambakit] preset {spec!r} with RANDOM weights (seed {args.seed}): the text is noise, "
               f"this shows the machinery, not a trained model", file=sys.stderr)
     input_ids = torch.tensor([ids], device=device)
     out = sys.stdout

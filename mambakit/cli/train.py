@@ -13,13 +13,14 @@ from ..config import PRESETS, MambaConfig
 from ..tasks import TASKS
 from ..training import TrainConfig, train
 from ..training.devices import DEVICE_HELP
-from .flags import add_dataclass_flags
+from .flags import add_arch_flag, add_dataclass_flags, check_arch_layer, preset_for_arch
 
 HELP = "train a MambaLM (default: the tiny preset on the Python standard library)"
 DESCRIPTION = ("Every TrainConfig field and every model config field (--d-model, --n-layer, "
                "...) can be set; unset ones keep the preset's / the default.")
 TRAIN_HELP = {  # TrainConfig fields whose flag needs more than its default
-    "preset": f"the model's size: {', '.join(PRESETS)} (the table below)",
+    "preset": f"the model's size: {', '.join(PRESETS)} (the table below); with --arch, its family's sizes "
+              f"(--arch mamba2 --preset 130m: mamba2-130m)",
     "data": "a text file, a directory of text files, or a token file of `mambakit prepare` (.bin / .npy); "
             "None: the Python standard library",
     "device": DEVICE_HELP.replace(" (default: auto)", ""),
@@ -38,6 +39,7 @@ MODEL_HELP = {"vocab_size": "grown to the data's largest token id + 1 when that 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arch_flag(parser)
     add_dataclass_flags(parser, TrainConfig, help=TRAIN_HELP)
     preset = TrainConfig.preset  # the default preset: the model flags' defaults are its values
     add_dataclass_flags(parser, MambaConfig, dest_prefix="model_", help=MODEL_HELP, defaults=PRESETS[preset],
@@ -63,7 +65,12 @@ def preset_table() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Trains from the parsed flags; a bad setting is an `error:` line (SystemExit)."""
-    values = {k: v for k, v in vars(args).items() if v is not None and k != "task"}
+    values = {k: v for k, v in vars(args).items() if v is not None and k not in ("task", "arch")}
+    try:
+        check_arch_layer(args.arch, values.get("model_layer"))
+        values["preset"] = preset_for_arch(values.get("preset", TrainConfig.preset), args.arch)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     model_overrides = {k[len("model_"):]: v for k, v in values.items() if k.startswith("model_")}

@@ -19,6 +19,9 @@ are stale, since torch's fused optimizers update parameters without bumping it. 
 reason it keeps no transposed copy of the lm_head, though MKL streams the (d_model, V) layout
 faster at one token per step: the copy costs more (about 0.3 s for the 130m model) than it
 saves over a typical generation.
+
+Mamba-2 blocks get the same treatment from cpu_decode_mamba2.py's plan (a model's blocks may be
+of either kind); `CpuDecoder` is the same for both.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import LayerNorm, Mamba, RMSNorm, is_plain
+from .cpu_decode_mamba2 import Mamba2LayerPlan, supports_mamba2_block
 
 
 def _norm_fn(norm):
@@ -128,7 +132,7 @@ class CpuDecoder:
         backbone = model.backbone
         d_model = model.config.d_model
         self.embedding = backbone.embedding.weight
-        self.layers = [_LayerPlan(block, batch_size) for block in backbone.layers]
+        self.layers = [_layer_plan(block, batch_size) for block in backbone.layers]
         self.norm_f = _norm_fn(backbone.norm_f)
         self.lm_head_t = model.lm_head.weight.t()  # (d_model, V), a view
         self.lm_head_bias = model.lm_head.bias
@@ -156,16 +160,28 @@ class CpuDecoder:
         return torch.addmm(self.lm_head_bias, normed, self.lm_head_t, out=self.logits)
 
 
+def _layer_plan(block, batch: int):
+    if isinstance(block.mixer, Mamba):
+        return _LayerPlan(block, batch)
+    return Mamba2LayerPlan(block, batch, _norm_fn(block.norm))  # mamba2.py's mixer
+
+
 def supports_cpu_decoder(model) -> bool:
-    """The plan covers fp32 MambaLMs on CPU whose blocks are gated Mamba mixers with RMSNorm or
-    LayerNorm; anything else (S4D layers, other dtypes, and any wrapped submodule: a LoRA layer,
-    a quantized Linear, a hook, whose weights the plan must not read) decodes through model.step."""
+    """The plan covers fp32 MambaLMs on CPU whose blocks are gated Mamba mixers or Mamba-2 mixers
+    (cpu_decode_mamba2.py) with RMSNorm or LayerNorm and no MLP; anything else (S4D or attention
+    layers, a hybrid's MLPs, other dtypes, and any wrapped submodule: a LoRA layer, a quantized
+    Linear, a hook, whose weights the plan must not read) decodes through model.step."""
     params = list(model.parameters())
     if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return False
-    return (all(isinstance(b.mixer, Mamba) and b.mixer.gate and b.mixer.plain_submodules() and _plain_norm(b.norm)
-                for b in model.backbone.layers) and _plain_norm(model.backbone.norm_f)
+    return (all(getattr(b, "mlp", None) is None for b in model.backbone.layers)  # a hybrid's MLP: not planned
+            and all(_plain_mixer(b.mixer) or supports_mamba2_block(b) for b in model.backbone.layers)
+            and all(_plain_norm(b.norm) for b in model.backbone.layers) and _plain_norm(model.backbone.norm_f)
             and is_plain(model.lm_head, nn.Linear) and is_plain(model.backbone.embedding, nn.Embedding))
+
+
+def _plain_mixer(mixer) -> bool:
+    return isinstance(mixer, Mamba) and mixer.gate and mixer.plain_submodules()
 
 
 def _plain_norm(norm) -> bool:

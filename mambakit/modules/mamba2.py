@@ -20,7 +20,13 @@ from torch import nn
 
 from .. import ops
 from .norm import GatedRMSNorm
-from .state import MambaState, at_least_fp32, causal_conv, causal_conv_step, conv_state_dtype, one_token
+from .state import (MambaState, at_least_fp32, causal_conv, causal_conv_step, conv_state_dtype, is_plain,
+                    one_token)
+
+# the chunk length of the SSD's torch path off CUDA: the fastest for the official shapes on a CPU
+# (d_state 128, headdim 64: benchmarks/cpu.py); with 256, the official chunk_size, the 130m model's
+# prefill is about 10% slower
+CPU_CHUNK_SIZE = 64
 
 
 class Mamba2(nn.Module):
@@ -115,9 +121,14 @@ class Mamba2(nn.Module):
             C.reshape(batch, length, self.ngroups, self.d_state),
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             initial_state=None if state is None else state.ssm, return_final_state=True,
-            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+            cu_seqlens=cu_seqlens, chunk_size=self._ssd_chunk_size(hidden_states))
         y = self.norm(y.reshape(batch, length, self.d_inner), z)  # (B, L, d_inner)
         return self.out_proj(y), MambaState(conv=conv_final, ssm=ssm_final)
+
+    def _ssd_chunk_size(self, hidden_states: torch.Tensor) -> int:
+        """The SSD's chunk length: chunk_size on CUDA, at most CPU_CHUNK_SIZE elsewhere (the chunked
+        torch path, whose results do not depend on it, is fastest there with short chunks)."""
+        return self.chunk_size if hidden_states.is_cuda else min(self.chunk_size, CPU_CHUNK_SIZE)
 
     def step(self, hidden_states: torch.Tensor, cache: MambaState) -> torch.Tensor:
         """One token: hidden_states (B, d_model) or (B, 1, d_model) -> the same shape; updates
@@ -135,6 +146,12 @@ class Mamba2(nn.Module):
                                   dt_softplus=True, dt_limit=self.dt_limit)  # (B, H, P)
         out = self.out_proj(self.norm(y.reshape(batch, self.d_inner), z))
         return out[:, None] if squeeze else out
+
+    def plain_submodules(self) -> bool:
+        """Whether in_proj, conv1d, norm and out_proj are all plain (`is_plain`), so that a decoder
+        may read their weights (generation's planned CPU step does)."""
+        return all(is_plain(m, cls) for m, cls in ((self.in_proj, nn.Linear), (self.conv1d, nn.Conv1d),
+                                                   (self.norm, GatedRMSNorm), (self.out_proj, nn.Linear)))
 
     def _check_input(self, hidden_states: torch.Tensor, cu_seqlens) -> tuple[int, int]:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 \

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_conv_args
+from .recording import no_autograd
 from .varlen import split_varlen_conv
 
 
@@ -28,13 +29,13 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, a
             else initial_state.to(x.dtype).transpose(1, 2))  # (B, K-1, D)
     xx = torch.cat([past, x.transpose(1, 2)], dim=1)  # (B, K-1+L, D)
     w = weight.to(x.dtype)
-    y = xx[:, width - 1:] * w[:, width - 1]  # (B, L, D)
+    y = xx[:, width - 1:] * w[:, width - 1]  # (B, L, D), a fresh tensor: the rest updates it in place
     for k in range(width - 1):
-        y = y.addcmul(xx[:, k:k + length], w[:, k])
+        y.addcmul_(xx[:, k:k + length], w[:, k])
     if bias is not None:
-        y = y + bias.to(x.dtype)
+        y.add_(bias.to(x.dtype))
     if activation is not None:
-        y = F.silu(y)
+        y = F.silu(y, inplace=no_autograd(x, weight, bias, initial_state))  # the backward reads SiLU's input
     y = y.transpose(1, 2)  # (B, D, L)
     if not return_final_state:
         return y

@@ -60,7 +60,10 @@ def ssd_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
     """Mamba-2's step, in place on state (B, H, P, N): x, z (B, H, P); dt (B, H); A (H,); B, C
     (B, G, N), head h reading group h // (H // G); D (H,) or (H, P). The arithmetic runs in fp32
     (fp64 for a fp64 state) and y comes from the new state before it is stored in the state's
-    dtype. Returns y (B, H, P) in x's dtype. Arguments are not checked: see ops.ssd_state_update_."""
+    dtype. Returns y (B, H, P) in x's dtype. Arguments are not checked: see ops.ssd_state_update_.
+
+    A contiguous fp32 (fp64) state is updated where it lies, one pass for the decay and one for
+    the input: at decoding's one token per step the (H, P, N) state is the biggest thing it touches."""
     batch, heads, headdim, d_state = state.shape
     groups = B.shape[1]
     cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
@@ -71,14 +74,18 @@ def ssd_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
         dt = F.softplus(dt)
     if tuple(dt_limit) != (0.0, math.inf):
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])  # (B, H)
-    shape = (batch, groups, heads // groups, headdim, d_state)
     xc = _as(x, cdt)  # (B, H, P)
-    h = _as(state, cdt).view(shape) * torch.exp(dt * _as(A, cdt)).view(batch, groups, -1, 1, 1)  # decay
-    h = h + (dt[..., None] * xc).view(shape[:4] + (1,)) * _as(B, cdt)[:, :, None, None, :]  # + Δ x Bᵀ
-    y = torch.matmul(h, _as(C, cdt)[:, :, None, :, None]).view(batch, heads, headdim)  # h C
-    state.copy_(h.view(state.shape))
+    decay = torch.exp(dt * _as(A, cdt))[..., None, None]  # (B, H, 1, 1)
+    in_place = state.dtype == cdt and state.is_contiguous()
+    h = state.mul_(decay) if in_place else (_as(state, cdt) * decay).contiguous()  # (B, H, P, N)
+    per_group = (batch, groups, heads // groups * headdim, d_state)  # heads of a group side by side
+    dtx = (dt[..., None] * xc).view(per_group[:3] + (1,))  # (B, G, hg·P, 1)
+    h.view(per_group).addcmul_(dtx, _as(B, cdt)[:, :, None, :])  # + Δ x Bᵀ
+    y = torch.matmul(h.view(per_group), _as(C, cdt)[:, :, :, None]).view(batch, heads, headdim)  # h C
+    if not in_place:
+        state.copy_(h)
     if D is not None:
-        y = y + (D[:, None] if D.ndim == 1 else D).to(cdt) * xc
+        y = y.addcmul_(xc, (D[:, None] if D.ndim == 1 else D).to(cdt))
     if z is not None:
-        y = y * F.silu(_as(z, cdt))
+        y = y.mul_(F.silu(_as(z, cdt)))
     return _as(y, x.dtype)
