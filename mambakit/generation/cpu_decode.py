@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import LayerNorm, Mamba, RMSNorm, is_plain
+from .conv_ring import ConvRingState
 from .cpu_decode_mamba2 import Mamba2LayerPlan, supports_mamba2_block
 
 
@@ -41,7 +42,7 @@ def _norm_fn(norm):
     return lambda x: F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-class _LayerPlan:
+class _LayerPlan(ConvRingState):
     """One Block (norm + Mamba mixer) with its buffers, for batch size `batch`."""
 
     def __init__(self, block, batch: int):
@@ -78,18 +79,6 @@ class _LayerPlan:
         self.ssm = torch.zeros(batch, D, N, **f32)
         self.y = torch.empty(batch, D, **f32)
         self.y_col = self.y[:, :, None]  # (B, D, 1)
-
-    def load(self, state) -> None:
-        K = self.K
-        self.ring[:, :K - 1].copy_(state.conv.transpose(1, 2))  # oldest first
-        self.next_slot = K - 1
-        self.ssm.copy_(state.ssm)
-
-    def store(self, state) -> None:
-        K, p = self.K, self.next_slot
-        for j in range(K - 1):  # the state holds the last K-1 inputs, oldest first
-            state.conv[:, :, j].copy_(self.slots[(p + 1 + j) % K])
-        state.ssm.copy_(self.ssm)
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """residual += hidden; hidden = mixer(norm(residual)). Both (B, d_model), in place."""

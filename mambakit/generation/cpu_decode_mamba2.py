@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modules import GatedRMSNorm, Mamba2
+from .conv_ring import ConvRingState
 
 
 def supports_mamba2_block(block) -> bool:
@@ -32,7 +33,7 @@ def supports_mamba2_block(block) -> bool:
     return type(mixer) is Mamba2 and mixer.plain_submodules() and not mixer.norm.norm_before_gate
 
 
-class Mamba2LayerPlan:
+class Mamba2LayerPlan(ConvRingState):
     """One Block (norm + Mamba2 mixer) with its buffers, for batch size `batch` (fp32 models)."""
 
     def __init__(self, block, batch: int, norm: Callable[[torch.Tensor], torch.Tensor]):
@@ -74,18 +75,6 @@ class Mamba2LayerPlan:
         self.y = torch.empty(batch, d_inner, **f32)
         self.y_cols = self.y.view(batch, G, H // G * P, 1)
         self.y_heads = self.y.view(batch, H, P)
-
-    def load(self, state) -> None:
-        K = self.K
-        self.ring[:, :K - 1].copy_(state.conv.transpose(1, 2))  # oldest first
-        self.next_slot = K - 1
-        self.ssm.copy_(state.ssm)
-
-    def store(self, state) -> None:
-        K, p = self.K, self.next_slot
-        for j in range(K - 1):  # the state holds the last K-1 inputs, oldest first
-            state.conv[:, :, j].copy_(self.slots[(p + 1 + j) % K])
-        state.ssm.copy_(self.ssm)
 
     def step(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """residual += hidden; hidden = mixer(norm(residual)). Both (B, d_model), in place."""
