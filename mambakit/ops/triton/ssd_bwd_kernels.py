@@ -55,6 +55,15 @@ def state_passing_bwd_kernel(DSTATES, STATES, CS, DFINAL, DINIT, DCS_END, T, n_c
 
 
 @triton.jit
+def _group_program(n_chunks, H, G, heads_per_program):
+    """(batch, chunk, group, split) of a dx / dc program: axis 0 runs over batch x c x G x splits,
+    each split being heads_per_program consecutive heads of the group."""
+    pid = tl.program_id(0)
+    splits = (H // G) // heads_per_program
+    return pid // (splits * G * n_chunks), (pid // (splits * G)) % n_chunks, (pid // splits) % G, pid % splits
+
+
+@triton.jit
 def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END, DD,
               L, T, n_chunks, H, G, P, N, heads_per_program, s_dbsplit,
               s_xb, s_xl, s_xh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg, s_yb, s_yl, s_yh, s_dxb, s_dxl, s_dxh,
@@ -64,12 +73,8 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, C, D, DY, DX, DDT, DB, DCS, DCS_END, DD
     # grid (batch * c * G * splits, cdiv(T, BLOCK_S)); each program runs heads_per_program heads of
     # one group. DX (batch, L, H, P); DDT (batch, L, H) fp32; DB (splits, batch, L, G, N) fp32;
     # DCS (batch, H, c, T) fp32 (written here); DCS_END (batch, H, c) and DD (H,) or (H, P) fp32 (added to)
-    pid, pid_s = tl.program_id(0), tl.program_id(1)
-    splits = (H // G) // heads_per_program
-    split = pid % splits
-    g = (pid // splits) % G
-    c = (pid // (splits * G)) % n_chunks
-    b = pid // (splits * G * n_chunks)
+    pid_s = tl.program_id(1)
+    b, c, g, split = _group_program(n_chunks, H, G, heads_per_program)
     if c * T + pid_s * BLOCK_S >= L:
         return  # sources past L: nothing to write (DCS stays 0 there)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -152,12 +157,8 @@ def dc_kernel(X, DT, CS, CB, STATES, B, C, DY, DC, DCS,
               PRECISION: tl.constexpr):
     # grid (batch * c * G * splits, cdiv(T, BLOCK_T)); DC (splits, batch, L, G, N) fp32;
     # DCS (batch, H, c, T) fp32: the gradient of cs_t is added to what dx_kernel stored
-    pid, pid_t = tl.program_id(0), tl.program_id(1)
-    splits = (H // G) // heads_per_program
-    split = pid % splits
-    g = (pid // splits) % G
-    c = (pid // (splits * G)) % n_chunks
-    b = pid // (splits * G * n_chunks)
+    pid_t = tl.program_id(1)
+    b, c, g, split = _group_program(n_chunks, H, G, heads_per_program)
     if c * T + pid_t * BLOCK_T >= L:
         return  # targets past L: nothing to write
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -34,18 +34,26 @@ def _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi,
 
 
 @triton.jit
-def _dt_cumsum_fwd_kernel(DT, BIAS, A, STEP, CS, LENGTHS, L, T, n_chunks, H, s_db, s_dl, lo, hi,
-                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid (batch * c, cdiv(H, BLOCK_H)); STEP (batch, L, H) fp32; CS (batch, H, c, T) fp32
+def _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A program's (batch, chunk) and heads: grid (batch * c, cdiv(H, BLOCK_H)). ok: the steps
+    within the chunk and within the row's own length (a padded batch of packed sequences)."""
     pid, pid_h = tl.program_id(0), tl.program_id(1)
     c = pid % n_chunks
     b = (pid // n_chunks).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     pos = c * T + offs_t
-    end = tl.load(LENGTHS + b) if HAS_LENGTHS else L  # a row's own length (a padded batch of packed sequences)
+    end = tl.load(LENGTHS + b) if HAS_LENGTHS else L
     ok = ((offs_t < T) & (pos < end))[:, None] & (offs_h < H)[None, :]
+    return b, c, offs_t, offs_h, pos, ok
+
+
+@triton.jit
+def _dt_cumsum_fwd_kernel(DT, BIAS, A, STEP, CS, LENGTHS, L, T, n_chunks, H, s_db, s_dl, lo, hi,
+                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    # grid (batch * c, cdiv(H, BLOCK_H)); STEP (batch, L, H) fp32; CS (batch, H, c, T) fp32
+    b, c, offs_t, offs_h, pos, ok = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
     _, step = _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi, HAS_BIAS, SOFTPLUS, LIMIT)
     in_rows = ((offs_t < T) & (pos < L))[:, None] & (offs_h < H)[None, :]  # past a row's length: 0
     tl.store(STEP + (b * L + pos[:, None]) * H + offs_h[None, :], step, mask=in_rows)
@@ -60,15 +68,8 @@ def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     # grid as the forward; DDT like DT; DA, DBIAS (H,) fp32, added to
-    pid, pid_h = tl.program_id(0), tl.program_id(1)
-    c = pid % n_chunks
-    b = (pid // n_chunks).to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    pos = c * T + offs_t
+    b, c, offs_t, offs_h, pos, ok = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
     ok_h = offs_h < H
-    end = tl.load(LENGTHS + b) if HAS_LENGTHS else L
-    ok = ((offs_t < T) & (pos < end))[:, None] & ok_h[None, :]
     raw, step = _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi, HAS_BIAS, SOFTPLUS, LIMIT)
     in_chunk = (offs_t < T)[:, None] & ok_h[None, :]
     dcs = tl.load(DCS + ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None], mask=in_chunk, other=0.0)
