@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from scan import bench  # the do_bench medians of the Mamba-1 scan benchmark
 
 SHAPES = [(16, 512), (8, 2048), (2, 8192), (1, 32768), (1, 131072)]
 HEADS, HEADDIM, CHUNK = 32, 64, 256
@@ -34,21 +35,6 @@ def make_inputs(batch, length, d_state, seed=0):
         D=torch.ones(HEADS, device="cuda"),
         dt_bias=torch.randn(HEADS, generator=g, device="cuda") * 0.1,
     )
-
-
-def bench(fn, kw, backward):
-    from triton.testing import do_bench
-    if not backward:
-        with torch.no_grad():
-            return do_bench(lambda: fn(**kw), warmup=25, rep=100)
-    leaves = {k: v.detach().requires_grad_() for k, v in kw.items()}
-    grad = torch.randn_like(fn(**leaves))
-
-    def step():
-        for v in leaves.values():
-            v.grad = None
-        fn(**leaves).backward(grad)
-    return do_bench(step, warmup=25, rep=100)
 
 
 def sdpa_ms(batch, length, backward):

@@ -265,11 +265,7 @@ def _check_attention_state(i: int, have, want: AttentionState, device) -> None:
         if (got.shape[0], got.shape[1], got.shape[3]) != (need.shape[0], need.shape[1], need.shape[3]):
             raise ValueError(f"layer {i}'s {'keys' if part == 'k' else 'values'} have shape {tuple(got.shape)}, the "
                              f"model needs (batch {need.shape[0]}, {need.shape[1]} heads, T, head_dim {need.shape[3]})")
-        if got.dtype != need.dtype:
-            raise ValueError(f"layer {i}'s {part} cache is {got.dtype}, the model keeps it in {need.dtype} "
-                             f"(LMCache.load(path, model=model) converts a saved cache)")
-        if device is not None and got.device != device:
-            raise ValueError(f"layer {i}'s {part} cache is on {got.device}, the model is on {device}")
+        _check_dtype_and_device(f"layer {i}'s {part} cache", got, need.dtype, device)
     if (have.conv is None) != (want.conv is None):
         raise ValueError(f"layer {i}'s KV cache {'has' if have.conv is not None else 'lacks'} a conv state; the "
                          f"model's attention layer {'has none' if want.conv is None else 'has one'}")
@@ -307,8 +303,12 @@ def _check_state_tensor(name: str, have: torch.Tensor, want: torch.Tensor, devic
     if have.shape != want.shape:
         raise ValueError(f"{name} has shape {tuple(have.shape)}, the model needs {tuple(want.shape)} "
                          f"(batch {want.shape[0]}, {want.shape[1]} channels, {want.shape[2]} per channel)")
-    if have.dtype != want.dtype:
-        raise ValueError(f"{name} is {have.dtype}, the model keeps it in {want.dtype} "
+    _check_dtype_and_device(name, have, want.dtype, device)
+
+
+def _check_dtype_and_device(name: str, have: torch.Tensor, dtype: torch.dtype, device) -> None:
+    if have.dtype != dtype:
+        raise ValueError(f"{name} is {have.dtype}, the model keeps it in {dtype} "
                          f"(LMCache.load(path, model=model) converts a saved cache)")
     if device is not None and have.device != device:
         raise ValueError(f"{name} is on {have.device}, the model is on {device}")

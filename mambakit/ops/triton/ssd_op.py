@@ -15,11 +15,11 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from ..varlen import split_varlen_ssd
-from .ssd_dt import StepCumsum
-from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
 from .. import knobs
+from ..varlen import split_varlen_ssd
 from .launch import launch
+from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
+from .ssd_dt import StepCumsum
 from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
 
 _STATE_BLOCK = 512  # elements of a (P * N) state per state-passing program
@@ -117,26 +117,22 @@ class _SSD(torch.autograd.Function):
         states = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
         final = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32)
         y = x.new_empty((batch, length, heads, headdim), dtype=out_dtype)
-        bt, bk = _blocks(T, 64), _blocks(d_state, 64)
-        bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
+        bt, bp, bn = _blocks(T, 64), _blocks(headdim, 64), _blocks(d_state, 64)
 
-        _run(cb_kernel, (batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt)), 
+        _run(cb_kernel, (batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt)),
             C, B, CB, length, T, n_chunks, groups, d_state, *C.stride()[:3], *B.stride()[:3],
-            BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision)
-        _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)), 
-            x, B, step, cs, states, length, T, n_chunks, heads, groups, headdim, d_state,
-            *x.stride()[:3], *B.stride()[:3], FORWARD=True, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision,
-            num_warps=warps)
+            BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=bn, PRECISION=precision)
+        _chunk_states(x, B, step, cs, states, groups, forward=True, num_warps=warps)
         init = initial_state.contiguous() if initial_state is not None else None
         pn = headdim * d_state
-        _run(state_passing_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)), 
+        _run(state_passing_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)),
             states, cs, init if init is not None else states, final, T, n_chunks, heads, pn,
             HAS_INIT=init is not None, BLOCK=_STATE_BLOCK)
-        _run(chunk_output_kernel, (batch * n_chunks * heads, triton.cdiv(T, bt), triton.cdiv(headdim, bp)), 
+        _run(chunk_output_kernel, (batch * n_chunks * heads, triton.cdiv(T, bt), triton.cdiv(headdim, bp)),
             x, step, cs, CB, states, C, D if D is not None else x, y, length, T, n_chunks, heads, groups, headdim,
             d_state, *x.stride()[:3], *C.stride()[:3], *y.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
-            BLOCK_M=bt, BLOCK_P=bp, BLOCK_S=bt, BLOCK_K=bk, PRECISION=precision, num_warps=warps)
+            BLOCK_M=bt, BLOCK_P=bp, BLOCK_S=bt, BLOCK_K=bn, PRECISION=precision, num_warps=warps)
         ctx.save_for_backward(x, step, cs, B, C, D, CB, states)
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -151,17 +147,14 @@ class _SSD(torch.autograd.Function):
         precision = _precision(x.dtype)
         dy = _last_dim_contiguous(dy.to(x.dtype)) if dy is not None else torch.zeros_like(x)
         bt = _blocks(T, 64)
-        bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
         pn = headdim * d_state
 
         dstates = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
-        _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)), 
-            dy, C, step, cs, dstates, length, T, n_chunks, heads, groups, headdim, d_state,
-            *dy.stride()[:3], *C.stride()[:3], FORWARD=False, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bt, PRECISION=precision)
+        _chunk_states(dy, C, step, cs, dstates, groups, forward=False)
         dcs_end = x.new_zeros((batch, heads, n_chunks), dtype=torch.float32)
         dinit = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32) if ctx.has_init else None
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        _run(state_passing_bwd_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)), 
+        _run(state_passing_bwd_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)),
             dstates, states, cs, dfinal if dfinal is not None else dstates, dinit if dinit is not None else dstates,
             dcs_end, T, n_chunks, heads, pn, HAS_DFINAL=dfinal is not None, HAS_DINIT=dinit is not None,
             BLOCK=_STATE_BLOCK)
@@ -181,13 +174,13 @@ class _SSD(torch.autograd.Function):
         grid = (batch * n_chunks * groups * splits, triton.cdiv(T, bs))
         want_dD = D is not None and ctx.needs_input_grad[5]
         dD = torch.zeros(D.shape, device=x.device, dtype=torch.float32) if want_dD else None
-        _run(dx_kernel, grid, 
+        _run(dx_kernel, grid,
             x, step, cs, CB, dstates, B, C, D if D is not None else x, dy, dx, ddt, dB, dcs, dcs_end,
             dD if want_dD else dcs_end, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2, WANT_DD=want_dD,
             BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision, num_warps=warps)
-        _run(dc_kernel, grid, 
+        _run(dc_kernel, grid,
             x, step, cs, CB, states, B, C, dy, dC, dcs, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
             BLOCK_T=bs, BLOCK_S=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision, num_warps=warps)
@@ -196,6 +189,19 @@ class _SSD(torch.autograd.Function):
         dD = dD.to(D.dtype) if dD is not None else None
         dinit = dinit.to(ctx.init_dtype) if dinit is not None else None
         return dx, ddt, dcs, dB.to(ctx.b_dtype), dC.to(ctx.c_dtype), dD, dinit, None
+
+
+def _chunk_states(X, Y, step, cs, out, groups, forward, num_warps=4):
+    """chunk_state_kernel into out (batch, c, H, P, N): forward, each chunk's contribution to the
+    state at its end (X = x, Y = B); backward, the gradient of each chunk's start state (X = dy, Y = C)."""
+    batch, length, heads, headdim = X.shape
+    _, _, n_chunks, T = cs.shape
+    d_state = Y.shape[3]
+    bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
+    _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)),
+         X, Y, step, cs, out, length, T, n_chunks, heads, groups, headdim, d_state, *X.stride()[:3], *Y.stride()[:3],
+         FORWARD=forward, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=_blocks(T, 64), PRECISION=_precision(X.dtype),
+         num_warps=num_warps)
 
 
 def _heads_per_program(heads_per_group: int, programs_per_head: int) -> int:
