@@ -18,9 +18,7 @@ measured best on the H200 (BENCHMARKS.md); the knobs exist for A/B runs and swee
 | MAMBAKIT_REVERSE_WORDS       | reverse_words      | 1       | Vision's reversed scan loads B/C as bf16 pairs (0/1) |
 | MAMBAKIT_GLUON_SCAN          | gluon_scan         | 1       | Vision's padded path scans with the Gluon kernel     |
 | MAMBAKIT_COMPILE_GLUE        | compile_glue       | 0       | torch.compile the bidirectional layer's glue ops     |
-| MAMBAKIT_SSD_FWD_WARPS       | ssd_fwd_warps      | 4       | warps of the SSD's forward chunk kernels             |
-| MAMBAKIT_SSD_BWD_WARPS       | ssd_bwd_warps      | 4       | warps of the SSD's backward dx / dC kernels          |
-| MAMBAKIT_SSD_BWD_BLOCK       | ssd_bwd_block      | auto    | steps a backward dx / dC program owns (16/32/64)     |
+| MAMBAKIT_SSD_TILES           | ssd_tiles          | none    | SSD kernels' tiles, warps, stages: JSON or its file  |
 """
 
 from __future__ import annotations
@@ -46,16 +44,17 @@ class Knobs:
     reverse_words: bool = True
     gluon_scan: bool = True
     compile_glue: bool = False
-    ssd_fwd_warps: int = 4
-    ssd_bwd_warps: int = 4
-    ssd_bwd_block: int | None = None  # None: 64 while headdim x d_state <= 8192, else 32
+    ssd_tiles: str | None = None  # None: ops/triton/ssd_tiles.py's table; else a JSON object (or its file) overriding it
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value, name = getattr(self, f.name), _PREFIX + f.name.upper()
             if value is None:
                 continue
-            if f.name in _TEXT:
+            if f.name in _JSON:
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be JSON text or the path of a JSON file, got {value!r}")
+            elif f.name in _TEXT:
                 parts = value.split(":") if isinstance(value, str) else []
                 if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
                     raise ValueError(f"{name} must be 'C' or 'C_MANY:C_FEW' (positive ints), got {value!r}")
@@ -64,11 +63,6 @@ class Knobs:
                     raise ValueError(f"{name} must be a bool, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("ssd_fwd_warps", "ssd_bwd_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"{_PREFIX}{name.upper()} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}")
-        if self.ssd_bwd_block not in (None, 16, 32, 64):
-            raise ValueError(f"{_PREFIX}SSD_BWD_BLOCK must be 16, 32 or 64, got {self.ssd_bwd_block}")
         if self.scan_bwd_chunks not in (None, 1, 2):
             raise ValueError(f"{_PREFIX}SCAN_BWD_CHUNKS must be 1 or 2, got {self.scan_bwd_chunks}")
 
@@ -86,7 +80,7 @@ class Knobs:
 def _parse(name: str, field: str, text: str):
     """One variable's text as its field's type."""
     text = text.strip()
-    if field in _TEXT:
+    if field in _TEXT or field in _JSON:
         return text
     if field in _FLAGS:
         if text not in ("0", "1"):
@@ -100,6 +94,7 @@ def _parse(name: str, field: str, text: str):
 
 _FLAGS = frozenset({"scan_fwd_prefetch", "reverse_words", "gluon_scan", "compile_glue"})
 _TEXT = frozenset({"scan_bwd_block_d"})
+_JSON = frozenset({"ssd_tiles"})  # checked where it is read (ssd_tiles.py), with the kernels' names
 _active = Knobs.from_environ()
 _on_change: list[Callable[[], None]] = []
 

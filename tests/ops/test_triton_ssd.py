@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mambakit import ops  # noqa: E402
-from mambakit.ops import ssd_ref  # noqa: E402
+from mambakit.ops import knobs, ssd_ref  # noqa: E402
 from tests.ops.test_ssd import make_ssd_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,12 +83,38 @@ def test_largest_state_size():
     _assert_triton_matches_reference(kw, chunk_size=16)
 
 
-def test_backward_split_heads(monkeypatch):
+def test_backward_split_heads():
     """Many heads per group: the backward splits them over programs and sums dB, dC after."""
-    from mambakit.ops.triton import ssd_op
-    monkeypatch.setattr(ssd_op, "_MIN_PROGRAMS", 10**6)  # one head per program: the most splits
     kw = make_ssd_inputs(1, 21, 4, 8, 1, 8, D_shape=(4, 8), with_bias=True, seed=5)
-    _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
+    with knobs.override(ssd_tiles='{"dx": {"min_programs": 1000000}}'):  # one head per program: the most splits
+        _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
+
+
+@pytest.mark.parametrize("tiles", [
+    {"state_passing": {"group": 4, "block": 64}, "state_passing_bwd": {"group": 2, "block": 32}},
+    {"state_passing": {"group": 8}, "state_passing_bwd": {"group": 8},
+     "chunk_output": {"block_m": 32, "block_s": 16, "block_p": 16, "block_k": 16}, "cb": {"block_t": 16},
+     "chunk_state": {"block_k": 16, "block_p": 16}, "dx": {"block": 16}, "dc": {"block": 32}},
+], ids=["state-groups", "every-kernel-retiled"])
+def test_other_tiles_give_the_same_result(tiles):
+    """Every kernel's settings from ssd_tiles.py change how the work is cut, never the result: the
+    state passing in groups of chunks (11 chunks: a group runs past the last chunk, and past the
+    first going back), with an initial state and the final state's gradient, and narrower tiles."""
+    import json
+    kw = make_ssd_inputs(2, 85, 2, 24, 1, 32, D_shape=(2,), with_bias=True, with_init=True, seed=11)
+    with knobs.override(ssd_tiles=json.dumps(tiles)):
+        _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"no_kernel": {}}', "unknown kernel"), ('{"dx": {"block": 24}}', "power of two"),
+    ('{"dx": {"blocks": 16}}', "no setting 'blocks'"), ('{"dx": {"32": {"block": 16}}}', "width 32"),
+    ("[1]", "JSON object"), ("{bad", "not valid JSON"), ("no/such/file.json", "no file"),
+])
+def test_bad_tiles_name_the_knob(text, match):
+    kw = make_ssd_inputs(1, 8, 1, 4, 1, 4, seed=1)
+    with knobs.override(ssd_tiles=text), pytest.raises(ValueError, match=f"MAMBAKIT_SSD_TILES.*{match}"):
+        ops.ssd(**{k: v.to(DEVICE, torch.float32) for k, v in kw.items() if v is not None}, backend="triton")
 
 
 @pytest.mark.parametrize("lengths", [[5, 17, 1], [7, 9, 8]], ids=["uneven-one-at-a-time", "even-padded-batch"])

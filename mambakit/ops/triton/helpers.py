@@ -3,7 +3,8 @@
 Two groups:
 - element-wise math on the special-function unit and a few index helpers, used by the scan,
   the decoding step, the x_proj/Δ kernel and the bidirectional conv: `combine`, `fast_log2`,
-  `widen`, `silu`, `softplus`, `seq_bounds`, `chunk_row`;
+  `widen`, `silu`, `softplus`, `seq_bounds`, `chunk_row`; and `chunk_group`, the SSD state
+  passing's load of a group of chunks, forward and backward;
 - the building blocks of the "lanes" register tile of the selective scan, used by its main
   kernels (scan_kernels.py) and by its segment summaries (scan_segments.py): loads of a chunk,
   the chunk's math, its in-register scans, and what a program owns (`lanes_setup`).
@@ -102,6 +103,17 @@ def chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN: tl.constexpr):
     else:
         base = pid_s.to(tl.int64) * n_chunks_max
     return base + chunk
+
+
+# ---- the SSD's state passing (ssd_fwd_kernels.py, ssd_bwd_kernels.py) ----------------------
+
+@triton.jit
+def chunk_group(slots, totals, chunk, ok, n_chunks, chunk_stride, T):
+    """The (GROUP, BLOCK) tiles of the chunks `chunk` from `slots`, and their (GROUP,) log decays
+    from `totals`; chunks outside [0, n_chunks) load 0 (no contribution, and a decay of exp(0) = 1)."""
+    inside = (chunk >= 0) & (chunk < n_chunks)
+    tile = tl.load(slots + chunk[:, None] * chunk_stride, mask=inside[:, None] & ok[None, :], other=0.0)
+    return tile, tl.load(totals + chunk * T, mask=inside, other=0.0)
 
 
 # ---- the lanes tile of the selective scan ---------------------------------------------------

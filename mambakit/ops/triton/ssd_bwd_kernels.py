@@ -20,36 +20,48 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .helpers import chunk_group
+
 
 @triton.jit
 def state_passing_bwd_kernel(DSTATES, STATES, CS, DFINAL, DINIT, DCS_END, T, n_chunks, H, PN,
-                             HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, BLOCK: tl.constexpr,
+                             GROUP: tl.constexpr):
     # grid (batch * H, cdiv(P * N, BLOCK)); DSTATES: (batch, c, H, P * N) fp32, in: dh_c from y,
-    # out: the gradient of chunk c's contribution; STATES: each chunk's start state; DCS_END (batch, H, c)
+    # out: the gradient of chunk c's contribution; STATES: each chunk's start state; DCS_END (batch, H, c).
+    # The chunks go GROUP at a time from the last, their loads issued a group ahead (as the forward)
     pid, pid_e = tl.program_id(0), tl.program_id(1)
     h = pid % H
     b = pid // H
     offs = pid_e * BLOCK + tl.arange(0, BLOCK)
     ok = offs < PN
+    rows = tl.arange(0, GROUP)  # row r of a group is chunk c_hi - r
     if HAS_DFINAL:
         grad = tl.load(DFINAL + (b * H + h) * PN + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
-    # each chunk's loads are issued one chunk ahead: the loop's only serial chain is the gradient
+    grads = DSTATES + (b * n_chunks * H + h) * PN + offs[None, :]  # + chunk * H * PN
+    starts = STATES + (b * n_chunks * H + h) * PN + offs[None, :]
+    totals = CS + (b * H + h) * n_chunks * T + T - 1  # + chunk * T
     last = n_chunks - 1
-    from_y = tl.load(DSTATES + ((b * n_chunks + last) * H + h) * PN + offs, mask=ok, other=0.0)
-    start = tl.load(STATES + ((b * n_chunks + last) * H + h) * PN + offs, mask=ok, other=0.0)
-    decay = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + last) * T + T - 1))
-    for i in range(n_chunks):
-        c = last - i
-        prev = tl.maximum(c - 1, 0)  # the first chunk reloads itself, unused
-        from_y_next = tl.load(DSTATES + ((b * n_chunks + prev) * H + h) * PN + offs, mask=ok, other=0.0)
-        start_next = tl.load(STATES + ((b * n_chunks + prev) * H + h) * PN + offs, mask=ok, other=0.0)
-        decay_next = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + prev) * T + T - 1))
-        tl.store(DSTATES + ((b * n_chunks + c) * H + h) * PN + offs, grad, mask=ok)
-        tl.atomic_add(DCS_END + (b * H + h) * n_chunks + c, decay * tl.sum(grad * start, axis=0))
-        grad = decay * grad + from_y
-        from_y, start, decay = from_y_next, start_next, decay_next
+    from_y, log_decay = chunk_group(grads, totals, last - rows, ok, n_chunks, H * PN, T)
+    start, _ = chunk_group(starts, totals, last - rows, ok, n_chunks, H * PN, T)
+    for i0 in range(0, n_chunks, GROUP):
+        chunk = last - i0 - rows
+        from_y_next, log_decay_next = chunk_group(grads, totals, chunk - GROUP, ok, n_chunks, H * PN, T)
+        start_next, _ = chunk_group(starts, totals, chunk - GROUP, ok, n_chunks, H * PN, T)
+        slot = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
+        d_log_decay = tl.zeros((GROUP,), dtype=tl.float32)
+        for r in tl.static_range(GROUP):  # before the first chunk: nothing from y and decay 1
+            row = rows[:, None] == r
+            decay = tl.exp(tl.sum(tl.where(rows == r, log_decay, 0.0), axis=0))
+            slot = tl.where(row, grad[None, :], slot)
+            d_log_decay += tl.where(rows == r, decay * tl.sum(grad * tl.sum(tl.where(row, start, 0.0), axis=0)), 0.0)
+            grad = decay * grad + tl.sum(tl.where(row, from_y, 0.0), axis=0)
+        inside = chunk >= 0
+        tl.store(grads + chunk[:, None] * (H * PN), slot, mask=inside[:, None] & ok[None, :])
+        tl.atomic_add(DCS_END + (b * H + h) * n_chunks + chunk, d_log_decay, mask=inside)
+        from_y, log_decay, start = from_y_next, log_decay_next, start_next
     if HAS_DINIT:
         tl.store(DINIT + (b * H + h) * PN + offs, grad, mask=ok)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .helpers import chunk_group
+
 
 @triton.jit
 def cb_kernel(C, B, CB, L, T, n_chunks, G, N,
@@ -90,28 +92,34 @@ def chunk_state_kernel(X, Y, DT, CS, OUT, L, T, n_chunks, H, G, P, N,
 
 @triton.jit
 def state_passing_kernel(STATES, CS, INIT, FINAL, T, n_chunks, H, PN,
-                         HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_INIT: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     # grid (batch * H, cdiv(P * N, BLOCK)); STATES: (batch, c, H, P * N) fp32, in: each chunk's
-    # contribution, out: the state each chunk starts from; FINAL: (batch, H, P * N) fp32
+    # contribution, out: the state each chunk starts from; FINAL: (batch, H, P * N) fp32.
+    # The chunks go GROUP at a time: one (GROUP, BLOCK) load per group, issued a group ahead, so
+    # that GROUP chunks' loads are in flight while the serial chain runs through the previous ones
     pid, pid_e = tl.program_id(0), tl.program_id(1)
     h = pid % H
     b = pid // H
     offs = pid_e * BLOCK + tl.arange(0, BLOCK)
     ok = offs < PN
+    rows = tl.arange(0, GROUP)
     if HAS_INIT:
         state = tl.load(INIT + (b * H + h) * PN + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
-    # each chunk's loads are issued one chunk ahead: the loop's only serial chain is the state
-    own = tl.load(STATES + (b * n_chunks * H + h) * PN + offs, mask=ok, other=0.0)
-    decay = tl.exp(tl.load(CS + (b * H + h) * n_chunks * T + T - 1))
-    for c in range(n_chunks):
-        nxt = tl.minimum(c + 1, n_chunks - 1)  # the last chunk reloads itself, unused
-        own_next = tl.load(STATES + ((b * n_chunks + nxt) * H + h) * PN + offs, mask=ok, other=0.0)
-        decay_next = tl.exp(tl.load(CS + ((b * H + h) * n_chunks + nxt) * T + T - 1))
-        tl.store(STATES + ((b * n_chunks + c) * H + h) * PN + offs, state, mask=ok)
-        state = decay * state + own
-        own, decay = own_next, decay_next
+    slots = STATES + (b * n_chunks * H + h) * PN + offs[None, :]  # + chunk * H * PN
+    totals = CS + (b * H + h) * n_chunks * T + T - 1  # + chunk * T: each chunk's whole log decay
+    own, log_decay = chunk_group(slots, totals, rows, ok, n_chunks, H * PN, T)
+    for c0 in range(0, n_chunks, GROUP):
+        own_next, log_decay_next = chunk_group(slots, totals, c0 + GROUP + rows, ok, n_chunks, H * PN, T)
+        starts = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
+        for i in tl.static_range(GROUP):  # past the last chunk: no contribution and decay 1
+            starts = tl.where(rows[:, None] == i, state[None, :], starts)
+            decay = tl.exp(tl.sum(tl.where(rows == i, log_decay, 0.0), axis=0))
+            state = decay * state + tl.sum(tl.where(rows[:, None] == i, own, 0.0), axis=0)
+        chunk = c0 + rows
+        tl.store(slots + chunk[:, None] * (H * PN), starts, mask=(chunk < n_chunks)[:, None] & ok[None, :])
+        own, log_decay = own_next, log_decay_next
     tl.store(FINAL + (b * H + h) * PN + offs, state, mask=ok)
 
 

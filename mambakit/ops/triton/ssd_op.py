@@ -15,15 +15,13 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from .. import knobs
 from ..varlen import split_varlen_ssd
 from .launch import launch
 from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
 from .ssd_dt import StepCumsum
 from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
+from .ssd_tiles import tiles
 
-_STATE_BLOCK = 512  # elements of a (P * N) state per state-passing program
-_MIN_PROGRAMS = 512  # the backward keeps at least this many programs before it sums heads in one
 
 
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -112,27 +110,28 @@ class _SSD(torch.autograd.Function):
         groups, d_state = B.shape[2], B.shape[3]
         _, _, n_chunks, T = cs.shape
         precision = _precision(x.dtype)
-        warps = knobs.current().ssd_fwd_warps
         CB = x.new_empty((batch, n_chunks, groups, T, T), dtype=torch.float32)
         states = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
         final = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32)
         y = x.new_empty((batch, length, heads, headdim), dtype=out_dtype)
-        bt, bp, bn = _blocks(T, 64), _blocks(headdim, 64), _blocks(d_state, 64)
 
+        t = tiles("cb", d_state)
+        bt = _blocks(T, t["block_t"])
         _run(cb_kernel, (batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt)),
             C, B, CB, length, T, n_chunks, groups, d_state, *C.stride()[:3], *B.stride()[:3],
-            BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=bn, PRECISION=precision)
-        _chunk_states(x, B, step, cs, states, groups, forward=True, num_warps=warps)
+            BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=_blocks(d_state, t["block_k"]), PRECISION=precision,
+            num_warps=t["num_warps"], num_stages=t["num_stages"])
+        _chunk_states(x, B, step, cs, states, forward=True)
         init = initial_state.contiguous() if initial_state is not None else None
-        pn = headdim * d_state
-        _run(state_passing_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)),
-            states, cs, init if init is not None else states, final, T, n_chunks, heads, pn,
-            HAS_INIT=init is not None, BLOCK=_STATE_BLOCK)
-        _run(chunk_output_kernel, (batch * n_chunks * heads, triton.cdiv(T, bt), triton.cdiv(headdim, bp)),
+        _pass_states(states, cs, init, final)
+        t = tiles("chunk_output", d_state)
+        bm, bp = _blocks(T, t["block_m"]), _blocks(headdim, t["block_p"])
+        _run(chunk_output_kernel, (batch * n_chunks * heads, triton.cdiv(T, bm), triton.cdiv(headdim, bp)),
             x, step, cs, CB, states, C, D if D is not None else x, y, length, T, n_chunks, heads, groups, headdim,
             d_state, *x.stride()[:3], *C.stride()[:3], *y.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
-            BLOCK_M=bt, BLOCK_P=bp, BLOCK_S=bt, BLOCK_K=bn, PRECISION=precision, num_warps=warps)
+            BLOCK_M=bm, BLOCK_P=bp, BLOCK_S=_blocks(T, t["block_s"]), BLOCK_K=_blocks(d_state, t["block_k"]),
+            PRECISION=precision, num_warps=t["num_warps"], num_stages=t["num_stages"])
         ctx.save_for_backward(x, step, cs, B, C, D, CB, states)
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -146,24 +145,25 @@ class _SSD(torch.autograd.Function):
         _, _, n_chunks, T = cs.shape
         precision = _precision(x.dtype)
         dy = _last_dim_contiguous(dy.to(x.dtype)) if dy is not None else torch.zeros_like(x)
-        bt = _blocks(T, 64)
-        pn = headdim * d_state
 
         dstates = x.new_empty((batch, n_chunks, heads, headdim, d_state), dtype=torch.float32)
-        _chunk_states(dy, C, step, cs, dstates, groups, forward=False)
+        _chunk_states(dy, C, step, cs, dstates, forward=False)
         dcs_end = x.new_zeros((batch, heads, n_chunks), dtype=torch.float32)
         dinit = x.new_empty((batch, heads, headdim, d_state), dtype=torch.float32) if ctx.has_init else None
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        _run(state_passing_bwd_kernel, (batch * heads, triton.cdiv(pn, _STATE_BLOCK)),
+        pn = headdim * d_state
+        t = tiles("state_passing_bwd", d_state)
+        _run(state_passing_bwd_kernel, (batch * heads, triton.cdiv(pn, t["block"])),
             dstates, states, cs, dfinal if dfinal is not None else dstates, dinit if dinit is not None else dstates,
             dcs_end, T, n_chunks, heads, pn, HAS_DFINAL=dfinal is not None, HAS_DINIT=dinit is not None,
-            BLOCK=_STATE_BLOCK)
+            BLOCK=t["block"], GROUP=t["group"], num_warps=t["num_warps"])
 
         full_p, full_n = _blocks(headdim, 256), _blocks(d_state, 256)
-        bs = knobs.current().ssd_bwd_block or (64 if full_n * full_p <= 128 * 64 else 32)
-        bs = min(bs, bt)
-        warps = knobs.current().ssd_bwd_warps
-        per_program = _heads_per_program(heads // groups, batch * n_chunks * groups * triton.cdiv(T, bs))
+        t_dx, t_dc = tiles("dx", d_state), tiles("dc", d_state)
+        bs = min(t_dx["block"], _blocks(T, 64))
+        bs_dc = min(t_dc["block"], _blocks(T, 64))
+        per_program = _heads_per_program(heads // groups, batch * n_chunks * groups * triton.cdiv(T, bs),
+                                         t_dx["min_programs"])
         splits = heads // groups // per_program
         dx = torch.empty_like(x)
         ddt = x.new_empty((batch, length, heads), dtype=torch.float32)
@@ -171,19 +171,20 @@ class _SSD(torch.autograd.Function):
         dB = x.new_empty((splits, batch, length, groups, d_state), dtype=torch.float32)
         dC = torch.empty_like(dB)
         common = (length, T, n_chunks, heads, groups, headdim, d_state, per_program, batch * length * groups * d_state)
-        grid = (batch * n_chunks * groups * splits, triton.cdiv(T, bs))
         want_dD = D is not None and ctx.needs_input_grad[5]
         dD = torch.zeros(D.shape, device=x.device, dtype=torch.float32) if want_dD else None
-        _run(dx_kernel, grid,
+        _run(dx_kernel, (batch * n_chunks * groups * splits, triton.cdiv(T, bs)),
             x, step, cs, CB, dstates, B, C, D if D is not None else x, dy, dx, ddt, dB, dcs, dcs_end,
             dD if want_dD else dcs_end, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2, WANT_DD=want_dD,
-            BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision, num_warps=warps)
-        _run(dc_kernel, grid,
+            BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision,
+            num_warps=t_dx["num_warps"], num_stages=t_dx["num_stages"])
+        _run(dc_kernel, (batch * n_chunks * groups * splits, triton.cdiv(T, bs_dc)),
             x, step, cs, CB, states, B, C, dy, dC, dcs, *common,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
-            BLOCK_T=bs, BLOCK_S=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision, num_warps=warps)
+            BLOCK_T=bs_dc, BLOCK_S=bs_dc, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision,
+            num_warps=t_dc["num_warps"], num_stages=t_dc["num_stages"])
         dcs[..., T - 1] += dcs_end
         dB, dC = dB.sum(0) if splits > 1 else dB[0], dC.sum(0) if splits > 1 else dC[0]
         dD = dD.to(D.dtype) if dD is not None else None
@@ -191,23 +192,36 @@ class _SSD(torch.autograd.Function):
         return dx, ddt, dcs, dB.to(ctx.b_dtype), dC.to(ctx.c_dtype), dD, dinit, None
 
 
-def _chunk_states(X, Y, step, cs, out, groups, forward, num_warps=4):
+def _chunk_states(X, Y, step, cs, out, forward):
     """chunk_state_kernel into out (batch, c, H, P, N): forward, each chunk's contribution to the
     state at its end (X = x, Y = B); backward, the gradient of each chunk's start state (X = dy, Y = C)."""
     batch, length, heads, headdim = X.shape
     _, _, n_chunks, T = cs.shape
-    d_state = Y.shape[3]
-    bp, bn = _blocks(headdim, 64), _blocks(d_state, 64)
+    groups, d_state = Y.shape[2], Y.shape[3]
+    t = tiles("chunk_state" if forward else "chunk_state_bwd", d_state)
+    bp, bn = _blocks(headdim, t["block_p"]), _blocks(d_state, t["block_n"])
     _run(chunk_state_kernel, (batch * n_chunks * heads, triton.cdiv(headdim, bp), triton.cdiv(d_state, bn)),
          X, Y, step, cs, out, length, T, n_chunks, heads, groups, headdim, d_state, *X.stride()[:3], *Y.stride()[:3],
-         FORWARD=forward, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=_blocks(T, 64), PRECISION=_precision(X.dtype),
-         num_warps=num_warps)
+         FORWARD=forward, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=_blocks(T, t["block_k"]), PRECISION=_precision(X.dtype),
+         num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 
-def _heads_per_program(heads_per_group: int, programs_per_head: int) -> int:
+def _pass_states(states, cs, init, final):
+    """state_passing_kernel: states (batch, c, H, P, N) from each chunk's contribution to the state
+    each chunk starts from, in place; the last state into final (batch, H, P, N)."""
+    batch, n_chunks, heads, headdim, d_state = states.shape
+    T = cs.shape[3]
+    pn = headdim * d_state
+    t = tiles("state_passing", d_state)
+    _run(state_passing_kernel, (batch * heads, triton.cdiv(pn, t["block"])),
+         states, cs, init if init is not None else states, final, T, n_chunks, heads, pn,
+         HAS_INIT=init is not None, BLOCK=t["block"], GROUP=t["group"], num_warps=t["num_warps"])
+
+
+def _heads_per_program(heads_per_group: int, programs_per_head: int, min_programs: int) -> int:
     """How many of a group's heads one backward program runs (summing their dB, dC in registers):
-    the most that still leaves at least _MIN_PROGRAMS programs, and a divisor of heads_per_group."""
+    the most that still leaves at least min_programs programs, and a divisor of heads_per_group."""
     for per_program in range(heads_per_group, 0, -1):
-        if heads_per_group % per_program == 0 and programs_per_head * (heads_per_group // per_program) >= _MIN_PROGRAMS:
+        if heads_per_group % per_program == 0 and programs_per_head * (heads_per_group // per_program) >= min_programs:
             return per_program
     return 1
