@@ -181,3 +181,27 @@ def test_compiled_kernels_at_model_shapes(shape):
     for name, got, want in [("y", y, y_ref), ("final", h, h_ref)] + [(f"d{k}", g[k], g_ref[k]) for k in g_ref]:
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * max(1.0, want.abs().max().item()),
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_inputs_that_are_views_into_one_projection():
+    """The Mamba-2 mixer hands the scan x, B, C and dt as views into one projection (b, L, width),
+    strided by the width: the gradient of that projection is the reference's (a kernel that wrote
+    dt's gradient with dt's strides into a dense buffer wrote past its end on the GPU)."""
+    heads, headdim, d_state, length = 2, 8, 16, 37
+    widths = [heads * headdim, d_state, d_state, heads]  # x, B, C, dt
+    g = torch.Generator().manual_seed(13)
+    proj = torch.randn(2, length, sum(widths) + 3, generator=g, dtype=torch.float64)  # 3 unused columns
+    A = -(torch.rand(heads, generator=g, dtype=torch.float64) + 0.2)
+    gy = torch.randn(2, length, heads, headdim, generator=g, dtype=torch.float64)
+
+    def grad_of_projection(fn, dtype, device, **opts):
+        leaf = proj.to(device, dtype, copy=True).requires_grad_()
+        x, B, C, dt = leaf[..., :sum(widths)].split(widths, dim=-1)
+        y = fn(x=x.unflatten(-1, (heads, headdim)), dt=dt, A=A.to(device, dtype), B=B.unsqueeze(2),
+               C=C.unsqueeze(2), dt_softplus=True, **opts)
+        (y.double() * gy.to(device)).sum().backward()
+        return leaf.grad.double().cpu()
+
+    want = grad_of_projection(ssd_ref, torch.float64, "cpu")
+    got = grad_of_projection(ops.ssd, torch.float32, DEVICE, backend="triton", chunk_size=16)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3 * want.abs().max().item())

@@ -64,10 +64,12 @@ def _dt_cumsum_fwd_kernel(DT, BIAS, A, STEP, CS, LENGTHS, L, T, n_chunks, H, s_d
 
 
 @triton.jit
-def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T, n_chunks, H, s_db, s_dl, lo, hi,
+def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T, n_chunks, H, s_db, s_dl,
+                          s_ddb, s_ddl, lo, hi,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid as the forward; DDT like DT; DA, DBIAS (H,) fp32, added to
+    # grid as the forward; DDT (batch, L, H) with its own strides (DT may be a view into a wider
+    # projection, DDT is dense); DA, DBIAS (H,) fp32, added to
     b, c, offs_t, offs_h, pos, ok = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
     ok_h = offs_h < H
     raw, step = _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi, HAS_BIAS, SOFTPLUS, LIMIT)
@@ -85,7 +87,7 @@ def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T
         grad = tl.where(raw > 20.0, grad, grad * tl.sigmoid(raw))  # torch's softplus is x itself above 20
     grad = tl.where(ok, grad, 0.0)
     in_rows = ((offs_t < T) & (pos < L))[:, None] & ok_h[None, :]  # past a row's length: 0
-    tl.store(DDT + b * s_db + pos[:, None] * s_dl + offs_h[None, :], grad.to(DDT.dtype.element_ty), mask=in_rows)
+    tl.store(DDT + b * s_ddb + pos[:, None] * s_ddl + offs_h[None, :], grad.to(DDT.dtype.element_ty), mask=in_rows)
     if HAS_BIAS:
         tl.atomic_add(DBIAS + offs_h, tl.sum(grad, axis=0), mask=ok_h)
 
@@ -119,10 +121,11 @@ class StepCumsum(torch.autograd.Function):
         batch, length, heads = dt.shape
         dstep = torch.zeros_like(dt, dtype=torch.float32) if dstep is None else dstep.contiguous()
         dcs = dt.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32) if dcs is None else dcs.contiguous()
-        ddt = torch.empty_like(dt)  # every element is written
+        ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)  # every element is written
         dA = torch.zeros(heads, device=dt.device, dtype=torch.float32)
         dbias = torch.zeros(heads, device=dt.device, dtype=torch.float32) if dt_bias is not None else None
         _dt_cumsum_bwd_kernel[(batch * n_chunks, triton.cdiv(heads, _BLOCK_H))](
             dt, dt_bias if dt_bias is not None else A, A, dstep, dcs, ddt, dA, dbias if dbias is not None else dA,
-            lengths if lengths is not None else A, length, T, n_chunks, heads, dt.stride(0), dt.stride(1), lo, hi, **meta)
+            lengths if lengths is not None else A, length, T, n_chunks, heads, dt.stride(0), dt.stride(1),
+            ddt.stride(0), ddt.stride(1), lo, hi, **meta)
         return (ddt, dA.to(A.dtype), dbias.to(dt_bias.dtype) if dbias is not None else None, None, None, None, None)
