@@ -50,6 +50,7 @@ def build(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
                          "and load a checkpoint with load_state_dict")
     preset, size = TIMM_NAMES[name]
     kwargs.pop("pretrained_strict", None)
+    kwargs.pop("cache_dir", None)  # timm's download folder (newer timm passes it); nothing is downloaded
     if kwargs.pop("drop_rate", 0.0):
         raise ValueError(f"{name} has no dropout before the head; drop_rate must be 0")
     global_pool = kwargs.pop("global_pool", None)

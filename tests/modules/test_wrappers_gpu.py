@@ -62,7 +62,10 @@ def test_torchao_weight_only_quantization_runs_and_stays_close(bits):
         config = torchao.quantization.Int8WeightOnlyConfig()
     else:
         config = torchao.quantization.Int4WeightOnlyConfig(group_size=64)
-    quantize_(model, config)
+    try:
+        quantize_(model, config)
+    except ImportError as err:  # torchao's int4 layout needs a separate kernel package (mslk) on some builds
+        pytest.skip(f"torchao int{bits} weight-only needs a kernel package that is not installed: {err}")
     ids = _batch(model.config.vocab_size, batch=2, length=64)
     with torch.no_grad():
         want = reference(ids).float()
