@@ -11,11 +11,17 @@ official `MambaLMHeadModel.generate(cg=True)`, in one run, with the same random 
     python benchmarks/generate.py --decode-only --out OUT.json   # part 1 only
     python benchmarks/generate.py --smoke        # CPU, tiny sizes: checks that the script runs
     python benchmarks/generate.py --preset mamba2-130m --decode-only --out benchmarks/results/generate_mamba2_h200.json
+    python benchmarks/generate.py --preset hybrid-130m --decode-only --out benchmarks/results/generate_hybrid_h200.json
+
+The official model is built from the preset's `MambaConfig.to_official()` with mambakit's weights
+(the same names): Mamba-1, Mamba-2, or a hybrid's MHA layers (which need flash_attn). --smoke
+takes the tiny preset of --preset's family (tiny, mamba2-tiny, hybrid-tiny).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 
@@ -58,7 +64,9 @@ def official_model(ours, device, dtype):
     from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     c = ours.config
-    cfg = OfficialConfig(**c.to_official())  # Mamba-1 or Mamba-2 layers, as the preset's
+    if c.attn_layer_idx:  # the official MHA's rotary embedding and KV-cache attention
+        importlib.import_module("flash_attn")
+    cfg = OfficialConfig(**c.to_official())  # Mamba-1 or Mamba-2 layers, and attention, as the preset's
     model = MambaLMHeadModel(cfg, device=device, dtype=dtype)
     model.load_state_dict(ours.state_dict())  # the same weights: the names follow the official ones
     return model.eval()
@@ -152,19 +160,25 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def tiny_of(preset: str) -> str:
+    """The tiny preset of a preset's family: mamba2-130m -> mamba2-tiny, hybrid-130m -> hybrid-tiny, 130m -> tiny."""
+    family = preset.rsplit("-", 1)[0] + "-" if "-" in preset else ""
+    return family + "tiny"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/generate_h200.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
-    ap.add_argument("--preset", default="130m", help="the model's preset (mamba2-130m for Mamba-2)")
+    ap.add_argument("--preset", default="130m",
+                    help="the model's preset (mamba2-130m for Mamba-2, hybrid-130m for the hybrid)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only part 1 (ms/step against the official generate); no plot")
     args = ap.parse_args()
     from mambakit import MambaLM
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    preset, prompt_len, new = ("mamba2-tiny" if "mamba2" in args.preset else "tiny", 16, 8) if args.smoke \
-        else (args.preset, 128, 512)
+    preset, prompt_len, new = (tiny_of(args.preset), 16, 8) if args.smoke else (args.preset, 128, 512)
     batches = (1, 4) if args.smoke else (1, 64)
     contexts = (64, 256) if args.smoke else tuple(2**k for k in range(10, 18))
     long_prompt = 256 if args.smoke else 8192

@@ -6,15 +6,20 @@ are windows of the embedded standard-library corpus (byte tokens), the same for 
     python benchmarks/train.py --device cpu --preset tiny --shapes 2x64 --steps 2   # a smoke run
     python benchmarks/train.py --compile    # also mambakit under torch.compile(fullgraph=True), beside eager
     python benchmarks/train.py --preset mamba2-130m --out benchmarks/results/train_mamba2_h200.json
+    python benchmarks/train.py --preset hybrid-130m --out benchmarks/results/train_hybrid_h200.json
+    python benchmarks/train.py --device cpu --preset hybrid-tiny --shapes 2x64 --steps 2  # the hybrid's smoke run
     python benchmarks/train.py --plot benchmarks/results/train_h200.json             # redraw the PNG
 
-Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape.
+Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape. The official model
+is built from the preset's `MambaConfig.to_official()`: Mamba-1, Mamba-2, or a hybrid's MHA
+layers at attn_layer_idx (which need flash_attn, for their rotary embedding).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import time
 
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 def official_model(config, device):
     from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    cfg = OfficialConfig(**config.to_official())  # Mamba-1 or Mamba-2 layers, as the preset's
+    cfg = OfficialConfig(**config.to_official())  # Mamba-1 or Mamba-2 layers, and attention, as the preset's
     model = MambaLMHeadModel(cfg, device=device)
     return lambda ids: model(ids).logits, model
 
@@ -112,10 +117,12 @@ def main():
         builders.append(("mambakit_compiled", ours_compiled_model))
     if args.device == "cuda":
         try:
-            import mamba_ssm  # noqa: F401
+            importlib.import_module("mamba_ssm")
+            if config.attn_layer_idx:  # the official MHA's rotary embedding and KV-cache attention
+                importlib.import_module("flash_attn")
             builders.append(("official", official_model))
         except ImportError as err:
-            print("official mamba_ssm not importable:", err)
+            print("official mamba_ssm (with flash_attn for a hybrid) not importable:", err)
     rows = []
     for shape in args.shapes.split(","):
         batch, length = map(int, shape.split("x"))

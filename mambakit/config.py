@@ -988,6 +988,14 @@ def _from_hf_bamba(cls: type, read: _Fields) -> "MambaConfig":
     )
 
 
+def _mamba2attn_heads(num_heads: int, head_dim: int) -> dict[str, Any]:
+    """attn_cfg in the manner of the official mamba2attn models' attention (their 2.7b: 30 heads
+    of 128), at another head count: the rotary embedding on half of each head, a causal conv of
+    width 4 over q, k and v, no biases."""
+    return {"num_heads": num_heads, "head_dim": head_dim, "rotary_emb_dim": head_dim // 2, "d_conv": 4,
+            "qkv_proj_bias": False, "out_proj_bias": False, "causal": True}
+
+
 # the language-model presets (`mambakit.PRESETS`, `mambakit train --preset`); models/lm.py registers
 # each of them in the model registry, so that `mambakit.create_model(name)` builds it
 PRESETS: dict[str, MambaConfig] = {
@@ -1005,4 +1013,10 @@ PRESETS: dict[str, MambaConfig] = {
     "mamba2-780m": MambaConfig(d_model=1536, n_layer=48, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
     "mamba2-1.3b": MambaConfig(d_model=2048, n_layer=48, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
     "mamba2-2.7b": MambaConfig(d_model=2560, n_layer=64, layer="mamba2", d_state=128, pad_vocab_size_multiple=16),
+    # hybrids: Mamba-2 layers with a few attention layers (heads of 64 channels, 32 in tiny) and
+    # no MLP, as the official mamba2attn models (whose 2.7b has 6 attention layers of 64)
+    "hybrid-tiny": MambaConfig(d_model=128, n_layer=4, vocab_size=256, layer="mamba2", d_state=16, headdim=32,
+                               attn_layer_idx=[2], attn_cfg=_mamba2attn_heads(4, 32)),
+    "hybrid-130m": MambaConfig(d_model=768, n_layer=24, layer="mamba2", d_state=128, pad_vocab_size_multiple=16,
+                               attn_layer_idx=[6, 12, 18], attn_cfg=_mamba2attn_heads(12, 64)),
 }

@@ -63,7 +63,7 @@ def test_help_mentions_arch(capsys, monkeypatch):
             main([command, "--help"])
         assert exc.value.code == 0
         text = capsys.readouterr().out
-        assert "--arch {mamba1,mamba2}" in text and "mamba2-130m" in text, command
+        assert "--arch {mamba1,mamba2,hybrid}" in text and "mamba2-130m" in text and "hybrid-130m" in text, command
 
 
 def test_generate_maps_the_preset_and_refuses_a_checkpoint_of_the_other_family(tmp_path, capsys):

@@ -13,6 +13,20 @@ from mambakit.models import registry, vision
 TINY = dict(d_model=16, n_layer=1, d_state=4)  # fields that every family's config has
 
 
+def tiny_overrides(name: str) -> dict:
+    """TINY, and what a language-model preset needs on top of it: Mamba-2 heads that divide
+    d_inner 32; a hybrid keeps both its kinds of layer, a Mamba layer then an attention layer
+    (its preset's attention settings, whose head_dim is explicit), as its preset's attention
+    layers would fall outside one layer."""
+    preset = mambakit.PRESETS.get(name)
+    overrides = dict(TINY)
+    if preset is not None and preset.layer == "mamba2":
+        overrides["headdim"] = 8
+    if preset is not None and preset.attn_layer_idx:
+        overrides.update(n_layer=2, attn_layer_idx=[1])
+    return overrides
+
+
 def test_every_preset_is_registered():
     names = list_models()
     assert names == sorted(names) and len(set(names)) == len(names)
@@ -21,8 +35,7 @@ def test_every_preset_is_registered():
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_and_runs_forward(name):
-    overrides = {**TINY, "headdim": 8} if name.startswith("mamba2-") else TINY  # heads must divide d_inner 32
-    model = create_model(name, **overrides).eval()
+    model = create_model(name, **tiny_overrides(name)).eval()
     with torch.no_grad():
         if isinstance(model, MambaLM):
             ids = torch.randint(0, model.config.vocab_size, (2, 5))  # (B, L)
