@@ -6,16 +6,23 @@
 (b) Induction heads: a 2-layer, d_model 64 Mamba (~74K parameters) trained at length 256 and
     evaluated at every power of two 2^6..2^20 (each sequence chunk by chunk with the recurrent
     state carried, so memory stays flat), beside the same model with S4D.
+(c) The hybrid row in both: the same 2-layer, d_model 64 model with layer 1 causal attention
+    (2 heads, rotary on half of each head's channels: synthetic.hybrid_attn_cfg) after a gated
+    Mamba layer. Its KV cache grows with the length and every token attends to all of it, so its
+    long-length evaluation runs in shorter chunks to fit a memory budget, and records a length
+    that cannot fit (or would overrun a time budget) as "not run: memory" ("not run: time")
+    with accuracy null (induction_heads.evaluate_lengths).
 
-The full run is sized for one 10-minute device call with --jobs 6 (the six trainings at once,
+The full run is sized for one 10-minute device call with --jobs 8 (the eight trainings at once,
 one process each; every training also has a time limit, so a slower device stops early rather
 than overrunning, and "steps_run" says what was done).
 
-    python benchmarks/paper_tasks.py --jobs 6             # writes benchmarks/results/paper_tasks_h200.json + .png
+    python benchmarks/paper_tasks.py --jobs 8             # writes benchmarks/results/paper_tasks_h200.json + .png
     python benchmarks/paper_tasks.py --only copying       # ... paper_tasks_copying_h200.json + .png
     python benchmarks/paper_tasks.py --only induction     # ... paper_tasks_induction_h200.json + .png
     python benchmarks/paper_tasks.py --steps-scale 0.1    # a shorter run
     python benchmarks/paper_tasks.py --only induction --layer mamba --set induction.lr=5e-4   # one setting changed
+    python benchmarks/paper_tasks.py --layer hybrid --jobs 2    # the hybrid rows only: ... paper_tasks_hybrid_h200.json
     python benchmarks/paper_tasks.py --only induction --layer mamba --state-dir runs/ind \
         --set induction.steps=204800     # longer than one call: run again to continue where it stopped
     python benchmarks/paper_tasks.py --smoke              # CPU, tiny steps and lengths, ~1 minute
@@ -40,15 +47,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mambakit.tasks import induction_heads as ih  # noqa: E402
 from mambakit.tasks import selective_copying as sc  # noqa: E402
-from mambakit.tasks.synthetic import autocast_for, resolve_device  # noqa: E402
+from mambakit.tasks.synthetic import autocast_for, hybrid_attn_cfg, resolve_device  # noqa: E402
 
-VARIANTS = [  # (name, layer, gate): the paper's Table 1 rows
+HYBRID = "Hybrid (Mamba + 1 attention layer)"
+VARIANTS = [  # (name, kind, gate): the paper's Table 1 rows, and the hybrid
     ("S4 (no gate)", "s4d", False),
     ("S6 (no gate)", "mamba", False),
     ("Mamba with S4 (gated S4D)", "s4d", True),
     ("Mamba (gated S6)", "mamba", True),
+    (HYBRID, "hybrid", True),
 ]
-INDUCTION_VARIANTS = [("Mamba", "mamba"), ("S4D (gated)", "s4d")]
+INDUCTION_VARIANTS = [("Mamba", "mamba"), ("S4D (gated)", "s4d"), (HYBRID, "hybrid")]
+KINDS = ("mamba", "s4d", "hybrid")  # --layer: a mixer, or the hybrid (a gated Mamba layer, then attention)
+D_MODEL, N_LAYER = 64, 2  # every variant's size
+HYBRID_ATTN_LAYER = 1  # of the 2 layers: attention after the Mamba layer (which can mark the token after a trigger)
+
+
+def model_flags(kind: str, gate: bool) -> list[str]:
+    """The task flags of a variant: its mixer and gate, and a hybrid's attention layer (its
+    settings: synthetic.hybrid_attn_cfg, written out)."""
+    flags = ["--layer", "mamba" if kind == "hybrid" else kind, "--gate" if gate else "--no-gate"]
+    if kind == "hybrid":
+        flags += ["--attn-layer-idx", str(HYBRID_ATTN_LAYER), "--attn-cfg", json.dumps(hybrid_attn_cfg(D_MODEL))]
+    return flags
+
 
 # The full run: (steps, batch, lr, time limit in s) per training, as measured on one H200 (about
 # 15 ms a copying step at L=4096 x 32, evaluations included; 1-2 s per model for the 1M-token
@@ -60,19 +82,28 @@ INDUCTION_VARIANTS = [("Mamba", "mamba"), ("S4D (gated)", "s4d")]
 # the tokens to hold stay large): with none and a constant lr of 1e-3 after warmup, ~26K steps
 # held 0.97 at 64K tokens and 0.56-0.66 at 1M, against 0.03 at 1M with decay 0.1. So induction
 # trains that way until its time limit (60K steps is the schedule's length, not a target).
+# The hybrid trains with the same settings. Its evaluation at long lengths costs memory and time
+# that grow with the square of the length (every token attends to the whole KV cache), so it
+# has budgets of its own: hybrid_memory_gib (the chunks shrink to fit, and a length that cannot
+# fit is "not run: memory") and hybrid_eval_seconds per precision (a length whose time,
+# extrapolated quadratically, would overrun it is "not run: time"), so that training + both
+# evaluations stay within the call.
 FULL = {
     "copy": dict(seq_len=4096, n_memorize=16, steps=16000, batch=32, lr=3e-3, weight_decay=0.1, min_lr_ratio=0.1,
                  limit=440, eval_batches=8, curriculum_from=256),
     "induction": dict(seq_len=256, steps=60000, batch=64, lr=1e-3, weight_decay=0.0, min_lr_ratio=1.0,
                       limit=440, eval_batches=8,
-                      lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384),
+                      lengths="64..1048576", eval_batch=16, eval_rounds=2, chunk_len=16384,
+                      hybrid_memory_gib=24.0, hybrid_eval_seconds=30.0),
 }
 SMOKE = {
     "copy": dict(seq_len=128, n_memorize=8, steps=20, batch=8, lr=2e-3, weight_decay=0.1, min_lr_ratio=0.1,
                  limit=60, eval_batches=2),
     "induction": dict(seq_len=32, steps=20, batch=8, lr=2e-3, weight_decay=0.1, min_lr_ratio=0.1, limit=60,
                       eval_batches=2,
-                      lengths="16..1024", eval_batch=4, eval_rounds=1, chunk_len=256),
+                      lengths="16..1024", eval_batch=4, eval_rounds=1, chunk_len=256,
+                      # small enough that the smoke run shows the longest lengths "not run: memory"
+                      hybrid_memory_gib=0.01, hybrid_eval_seconds=30.0),
 }
 
 
@@ -96,11 +127,11 @@ def task_argv(common: list[str], c: dict, steps_scale: float) -> list[str]:
 
 
 def train_copying_variant(c: dict, common: list[str], steps_scale: float, progress: bool,
-                          name: str, layer: str, gate: bool, state_dir: str | None = None) -> dict:
-    """One Table 1 row: trains the variant, returns its summary (with the accuracy curve)."""
-    argv = task_argv(common, c, steps_scale) + state_argv(state_dir, "copy", name) + [
-        "--layer", layer, "--gate" if gate else "--no-gate",
-                                                "--n-memorize", str(c["n_memorize"])]
+                          name: str, kind: str, gate: bool, state_dir: str | None = None) -> dict:
+    """One Table 1 row (or the hybrid's): trains the variant, returns its summary (with the
+    accuracy curve). Evaluated at the training length."""
+    argv = task_argv(common, c, steps_scale) + state_argv(state_dir, "copy", name) + model_flags(kind, gate) + [
+        "--n-memorize", str(c["n_memorize"])]
     if c.get("curriculum_from"):
         argv += ["--curriculum-from", str(c["curriculum_from"])]
     _, summary, rows = sc.run(sc.build_parser().parse_args(argv), progress=progress)
@@ -112,10 +143,12 @@ def train_copying_variant(c: dict, common: list[str], steps_scale: float, progre
 
 
 def train_induction_variant(c: dict, common: list[str], steps_scale: float, progress: bool,
-                            name: str, layer: str, state_dir: str | None = None) -> dict:
+                            name: str, kind: str, state_dir: str | None = None) -> dict:
     """Trains one induction model at c["seq_len"], then evaluates it at every length, with bf16
-    autocast (as trained) and in fp32 (to tell numerics from the model's own retention)."""
-    argv = task_argv(common, c, steps_scale) + state_argv(state_dir, "induction", name) + ["--layer", layer, "--gate"]
+    autocast (as trained) and in fp32 (to tell numerics from the model's own retention). The
+    hybrid's evaluation has its memory and time budgets (c["hybrid_memory_gib"],
+    c["hybrid_eval_seconds"] per precision): the lengths beyond them are "not run"."""
+    argv = task_argv(common, c, steps_scale) + state_argv(state_dir, "induction", name) + model_flags(kind, True)
     args = ih.build_train_parser().parse_args(argv)
     device = resolve_device(args.device)
     model, summary, rows = ih.run(args, progress=progress)
@@ -123,11 +156,15 @@ def train_induction_variant(c: dict, common: list[str], steps_scale: float, prog
     print(f"induction heads    {name:<12} train-length accuracy {summary['accuracy']:.3f} "
           f"({summary['steps_run']} steps, {summary['seconds']:.0f} s, {summary['n_params']} params)", flush=True)
     lengths = ih.parse_lengths(c["lengths"])
+    budgets = {}
+    if kind == "hybrid":
+        budgets = dict(memory_budget=int(c["hybrid_memory_gib"] * 2**30), time_budget=c["hybrid_eval_seconds"])
+        summary.update(hybrid_memory_gib=c["hybrid_memory_gib"], hybrid_eval_seconds=c["hybrid_eval_seconds"])
     for key, autocast in (("lengths", autocast_for(device)), ("lengths_fp32", None)):
         start = time.perf_counter()
         summary[key] = ih.evaluate_lengths(
             model, lengths, c["eval_batch"], c["eval_rounds"], args.seed, device, chunk_len=c["chunk_len"],
-            autocast=autocast, log=lambda line, tag=key: print(f"  {name} {tag}: {line}", flush=True))
+            autocast=autocast, log=lambda line, tag=key: print(f"  {name} {tag}: {line}", flush=True), **budgets)
         summary[key.replace("lengths", "eval_seconds")] = round(time.perf_counter() - start, 1)
         if autocast is None:  # on CPU the two evaluations are the same
             break
@@ -210,10 +247,15 @@ def plot(result: dict, path: Path) -> None:
         ax[0].invert_yaxis()
     ind = [r for r in result.get("induction_heads", []) if "error" not in r]
     for r in ind:
-        line, = ax[1].plot([x["length"] for x in r["lengths"]], [x["accuracy"] for x in r["lengths"]], marker="o",
+        ran, not_run = _ran(r["lengths"]), [x for x in r["lengths"] if x.get("accuracy") is None]
+        line, = ax[1].plot([x["length"] for x in ran], [x["accuracy"] for x in ran], marker="o",
                            label=f"{r['name']} ({r['n_params'] / 1e3:.0f}K)")
+        if not_run:  # a hybrid's lengths beyond its memory or time budget: crosses on the axis
+            why = ", ".join(sorted({x["status"].removeprefix("not run: ") for x in not_run}))
+            ax[1].plot([x["length"] for x in not_run], [0.0] * len(not_run), ls="none", marker="x", ms=8,
+                       clip_on=False, color=line.get_color(), label=f"{r['name']}: not run ({why})")
         if "lengths_fp32" in r:
-            ax[1].plot([x["length"] for x in r["lengths_fp32"]], [x["accuracy"] for x in r["lengths_fp32"]],
+            ax[1].plot([x["length"] for x in _ran(r["lengths_fp32"])], [x["accuracy"] for x in _ran(r["lengths_fp32"])],
                        ls="--", marker=".", color=line.get_color(), label=f"{r['name']}, fp32 evaluation")
     if ind:
         ax[1].axvline(ind[0]["seq_len"], color="gray", ls="--", lw=0.8, label="train length")
@@ -226,6 +268,11 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _ran(rows: list[dict]) -> list[dict]:
+    """The length rows that were run (a hybrid's "not run" rows have accuracy None)."""
+    return [x for x in rows if x.get("accuracy") is not None]
 
 
 def apply_overrides(sizes: dict, settings: list[str]) -> dict:
@@ -263,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: benchmarks/results/paper_tasks[_ONLY]_h200.json "
                                                "(runs/paper_tasks_smoke.json with --smoke)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
-    p.add_argument("--layer", choices=["mamba", "s4d"], default=None,
-                   help="train only the variants with this mixer (default: all)")
+    p.add_argument("--layer", choices=KINDS, default=None,
+                   help="train only the variants with this mixer, or the hybrid rows (default: all)")
     p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
                    help="override one setting of the run, e.g. induction.lr=5e-4 or copy.steps=20000 "
                         "(PART is copy or induction; repeatable)")
@@ -290,18 +337,18 @@ def main(argv: list[str] | None = None) -> int:
                f"paper_tasks{'_' + args.only if args.only else ''}{'_' + args.layer if args.layer else ''}"
                f"{'_custom' if args.set else ''}_h200.json")
     out = Path(args.out) if args.out else default
-    common = ["--d-model", "64", "--n-layer", "2", "--device", str(device), "--seed", str(args.seed)]
+    common = ["--d-model", str(D_MODEL), "--n-layer", str(N_LAYER), "--device", str(device), "--seed", str(args.seed)]
     result = {"benchmark": "paper_tasks", "smoke": args.smoke, "steps_scale": args.steps_scale,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "sizes": sizes}
     start = time.perf_counter()
     calls = []
     if args.only in (None, "copying"):
-        calls += [(train_copying_variant, sizes["copy"], common, args.steps_scale, args.progress, name, layer, gate,
-                   args.state_dir) for name, layer, gate in VARIANTS if args.layer in (None, layer)]
+        calls += [(train_copying_variant, sizes["copy"], common, args.steps_scale, args.progress, name, kind, gate,
+                   args.state_dir) for name, kind, gate in VARIANTS if args.layer in (None, kind)]
     if args.only in (None, "induction"):
-        calls += [(train_induction_variant, sizes["induction"], common, args.steps_scale, args.progress, name, layer,
-                   args.state_dir) for name, layer in INDUCTION_VARIANTS if args.layer in (None, layer)]
+        calls += [(train_induction_variant, sizes["induction"], common, args.steps_scale, args.progress, name, kind,
+                   args.state_dir) for name, kind in INDUCTION_VARIANTS if args.layer in (None, kind)]
     for summary in run_jobs(calls, args.jobs):
         key = "selective_copying" if summary["task"] == "selective-copying" else "induction_heads"
         result.setdefault(key, []).append(summary)

@@ -10,12 +10,21 @@ the accuracy count that position only.
 The paper trains at length 256 and tests at every power of two from 2^6 to 2^20.
 `mambakit eval --task induction-heads --model DIR --lengths 64..1048576` does that: each
 sequence runs chunk by chunk through the model with its constant-size recurrent state carried
-(no gradients), so memory does not grow with the length."""
+(no gradients), so memory does not grow with the length.
+
+A hybrid's attention layers (--attn-layer-idx) carry a KV cache instead, which grows with the
+length, and attend over all of it: its evaluation estimates the memory each length needs
+(`evaluation_memory`), cuts the sequence into shorter chunks to fit a budget, and records a
+length that does not fit as {"accuracy": null, "status": "not run: memory"} rather than
+running out of memory (a length that runs out all the same: "not run: oom"; one predicted to
+overrun a time budget: "not run: time")."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +38,7 @@ from .synthetic import check_positive_int, rng_for, to_device
 VOCAB_SIZE = 16
 TRIGGER = 15
 N_CONTENT_TOKENS = 15  # the tokens 0..14
+MIN_ATTENTION_CHUNK = 64  # the shortest chunk a hybrid's evaluation is cut into to fit its memory budget
 
 
 @dataclass
@@ -67,9 +77,10 @@ def loss_fn(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def last_logits_chunked(model, inputs: np.ndarray, chunk_len: int, device, autocast=None) -> torch.Tensor:
     """inputs (B, L) uint8 -> the logits at the last position (B, 16), running chunk_len tokens at a
-    time with the recurrent state (a constant-size LMCache) carried across chunks."""
+    time with the recurrent state (a constant-size LMCache) carried across chunks. A hybrid's KV
+    caches are allocated for all L positions at once (no growing copies)."""
     batch, length = inputs.shape
-    cache = model.allocate_cache(batch, device=device)
+    cache = model.allocate_cache(batch, device=device, max_seqlen=length)
     logits = None
     for start in range(0, length, chunk_len):
         ids = torch.from_numpy(inputs[:, start:start + chunk_len]).long().to(device)  # (B, chunk)
@@ -88,26 +99,164 @@ def evaluate_length(model, seq_len: int, batch_size: int, n_batches: int, seed: 
     was_training = model.training
     model.eval()
     task, correct, total = InductionHeads(seq_len), 0, 0
-    for i in range(n_batches):
-        inputs, targets = task.batch_np(batch_size, seed, i, "eval")
-        pred = last_logits_chunked(model, inputs, chunk_len, device, autocast).argmax(-1).cpu()
-        correct += int((pred == torch.from_numpy(targets).long()).sum())
-        total += batch_size
-    model.train(was_training)
+    try:
+        for i in range(n_batches):
+            inputs, targets = task.batch_np(batch_size, seed, i, "eval")
+            pred = last_logits_chunked(model, inputs, chunk_len, device, autocast).argmax(-1).cpu()
+            correct += int((pred == torch.from_numpy(targets).long()).sum())
+            total += batch_size
+    finally:
+        model.train(was_training)
     return correct / total
 
 
 def evaluate_lengths(model, lengths: list[int], batch_size: int, n_batches: int, seed: int, device,
-                     chunk_len: int = 8192, autocast=None, log=print) -> list[dict]:
-    """One row per length: length, accuracy, seconds."""
+                     chunk_len: int = 8192, autocast=None, log=print, memory_budget: int | None = None,
+                     time_budget: float | None = None) -> list[dict]:
+    """One row per length: length, accuracy, seconds. A hybrid's rows also say the chunk length
+    it ran with and the memory estimated for it (evaluation_memory); a length that does not fit
+    memory_budget bytes (default: default_memory_budget) even in chunks of MIN_ATTENTION_CHUNK
+    is not run: {"accuracy": None, "status": "not run: memory"}; one that runs out of memory all
+    the same: "not run: oom", and the longer ones are not tried. With time_budget (seconds for
+    the whole sweep), a length whose time, extrapolated from the last one run (quadratic with
+    attention, linear without), would overrun it: "not run: time"."""
     rows = []
+    attention = bool(attention_mixers(model))
+    if attention and memory_budget is None:
+        memory_budget = default_memory_budget(device)
+    sweep_start, out_of_memory_at = time.perf_counter(), None
     for length in lengths:
+        row, chunk = {"length": length}, chunk_len
+        if out_of_memory_at is not None:
+            rows.append({**row, "accuracy": None, "status": "not run: memory",
+                         "detail": f"ran out of memory at length {out_of_memory_at}"})
+            _log(log, f"length {length:>8}: not run: memory (ran out at length {out_of_memory_at})")
+            continue
+        if attention:
+            chunk, estimate = fitting_chunk_len(model, length, batch_size, chunk_len, memory_budget, device, autocast)
+            row.update(chunk_len=chunk, estimated_gib=round(estimate / 2**30, 3))
+            if chunk is None:
+                rows.append({**row, "accuracy": None, "status": "not run: memory",
+                             "budget_gib": round(memory_budget / 2**30, 3)})
+                _log(log, f"length {length:>8}: not run: memory (needs ~{_size(estimate)}, budget "
+                          f"{_size(memory_budget)})")
+                continue
+        if time_budget is not None:
+            spent = time.perf_counter() - sweep_start
+            predicted = _predicted_seconds(rows, length, 2 if attention else 1)
+            if spent + predicted > time_budget:
+                rows.append({**row, "accuracy": None, "status": "not run: time",
+                             "predicted_seconds": round(predicted, 1)})
+                _log(log, f"length {length:>8}: not run: time (~{predicted:.0f} s predicted, "
+                          f"{time_budget - spent:.0f} s of the budget left)")
+                continue
         start = time.perf_counter()
-        acc = evaluate_length(model, length, batch_size, n_batches, seed, device, chunk_len, autocast)
-        rows.append({"length": length, "accuracy": acc, "seconds": round(time.perf_counter() - start, 3)})
-        if log is not None:
-            log(f"length {length:>8}: accuracy {acc:.3f} ({rows[-1]['seconds']:.1f} s)")
+        try:
+            acc = evaluate_length(model, length, batch_size, n_batches, seed, device, chunk, autocast)
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not _is_out_of_memory(err):
+                raise
+            _free_memory(device)
+            out_of_memory_at = length
+            rows.append({**row, "accuracy": None, "status": "not run: oom"})
+            _log(log, f"length {length:>8}: not run: oom ({str(err).splitlines()[0][:120]})")
+            continue
+        rows.append({**row, "accuracy": acc, "seconds": round(time.perf_counter() - start, 3)})
+        _log(log, f"length {length:>8}: accuracy {acc:.3f} ({rows[-1]['seconds']:.1f} s)")
     return rows
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _log(log, line: str) -> None:
+    if log is not None:
+        log(line)
+
+
+def _predicted_seconds(rows: list[dict], length: int, exponent: int) -> float:
+    """The seconds `length` should take, from the last length that ran (0 before any)."""
+    done = [r for r in rows if r.get("accuracy") is not None]
+    if not done:
+        return 0.0
+    return done[-1]["seconds"] * (length / done[-1]["length"]) ** exponent
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(err)
+    return isinstance(err, oom) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _free_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- a hybrid's memory at long lengths -------------------------------------------------------
+
+def attention_mixers(model) -> list:
+    """The model's attention mixers (a hybrid's; none in a pure Mamba or S4D model)."""
+    from ..modules.attention import Attention
+    return [layer.mixer for layer in model.backbone.layers if isinstance(layer.mixer, Attention)]
+
+
+def evaluation_memory(model, length: int, batch_size: int, chunk_len: int, device, autocast=None) -> int:
+    """An upper estimate of the bytes that last_logits_chunked takes beyond the weights for a
+    batch of `length` tokens, chunk_len at a time: the cache (every Mamba layer's state and every
+    attention layer's keys and values for all `length` positions: model.allocate_cache on the
+    meta device, so the sizes are the cache's own), and, at the last chunk, where it is largest,
+    one attention layer's working set:
+      - the cache's keys and values joined to the chunk's, and cast to the activations' dtype:
+        2 · B · Hkv · L · head_dim · (cache bytes + activation bytes);
+      - the visibility masks (bool) and the float bias SDPA makes of them, with a padded copy:
+        B · chunk · L · (2 + 2 · activation bytes);
+      - outside CUDA (whose fused kernels never hold them), the attention weights and their
+        softmax in fp32: 2 · B · H · chunk · L · 4;
+    and one chunk's activations through a Mamba layer (16 tensors of B · chunk · d_inner fp32)."""
+    from ..modules.attention import AttentionState
+    cache = model.allocate_cache(batch_size, device="meta", max_seqlen=length)
+    chunk = min(chunk_len, length)
+    activation_bytes = 2 if autocast is not None else 4
+    fused = torch.device(device).type == "cuda"
+    largest = 0
+    kv_states = [state for state in cache.layers if isinstance(state, AttentionState)]
+    for mixer, state in zip(attention_mixers(model), kv_states):
+        kv_bytes = state.k.element_size()
+        joined = 2 * batch_size * mixer.num_heads_kv * length * mixer.head_dim * (kv_bytes + activation_bytes)
+        masks = batch_size * chunk * length * (2 + 2 * activation_bytes)
+        weights = 0 if fused else 2 * batch_size * mixer.num_heads * chunk * length * 4
+        largest = max(largest, joined + masks + weights)
+    activations = 16 * batch_size * chunk * model.config.d_inner * 4
+    return cache.nbytes() + largest + activations
+
+
+def fitting_chunk_len(model, length: int, batch_size: int, chunk_len: int, budget: int, device, autocast=None
+                      ) -> tuple[int | None, int]:
+    """(the longest chunk, chunk_len halved until MIN_ATTENTION_CHUNK, whose evaluation_memory
+    fits `budget` bytes, or None; that chunk's estimate, or the shortest's when none fits)."""
+    chunk = min(chunk_len, length)
+    while True:
+        estimate = evaluation_memory(model, length, batch_size, chunk, device, autocast)
+        if estimate <= budget:
+            return chunk, estimate
+        if chunk <= MIN_ATTENTION_CHUNK:
+            return None, estimate
+        chunk = max(MIN_ATTENTION_CHUNK, chunk // 2)
+
+
+def default_memory_budget(device) -> int:
+    """Bytes an evaluation may take: 80% of the GPU's free memory on CUDA, elsewhere half of
+    the machine's memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): 8 GiB
+        return 8 * 2**30
 
 
 @torch.no_grad()
@@ -187,7 +336,8 @@ def plot_lengths(rows: list[dict], path: Path, train_len: int | None, title: str
     fig = Figure(figsize=(6, 3.8))
     ax = fig.subplots()
     for name, rs in (series or {title: rows}).items():
-        ax.plot([r["length"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
+        ran = [r for r in rs if r.get("accuracy") is not None]  # a hybrid's lengths "not run" are left out
+        ax.plot([r["length"] for r in ran], [r["accuracy"] for r in ran], marker="o", label=name)
     if train_len:
         ax.axvline(train_len, color="gray", ls="--", lw=0.8, label=f"train length {train_len}")
     ax.axhline(1 / N_CONTENT_TOKENS, color="gray", ls=":", lw=0.8, label="chance")
@@ -237,7 +387,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     from .report import print_summary, save_run
-    from .synthetic import autocast_for, resolve_device
+    from .synthetic import autocast_for, describe_model, model_args, resolve_device
     args = build_train_parser().parse_args(argv)
     try:
         lengths = parse_lengths(args.eval_lengths) if args.eval_lengths else []
@@ -250,7 +400,7 @@ def train_main(argv: list[str]) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.out_dir:
-        title = f"induction heads: {args.layer}{'' if args.gate else ' (no gate)'}"
+        title = f"induction heads: {describe_model(model_args(args))}"
         save_run(args.out_dir, model, summary, rows, "accuracy", title)
         if lengths:
             plot_lengths(summary["lengths"], Path(args.out_dir) / "lengths.png", args.seq_len, title)
@@ -270,6 +420,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-len", type=int, default=8192, help="tokens per forward; the state carries over")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="a hybrid (attention layers): the memory its evaluation may take; longer lengths are "
+                             "run in shorter chunks, and not at all ('not run: memory') when they cannot fit "
+                             "(default: 80%% of the GPU's free memory, half of the machine's on CPU)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="skip ('not run: time') the lengths predicted to overrun this many seconds in all")
     parser.add_argument("--out", default=None, help="the JSON to write (default: MODEL/length_eval.json; "
                                                     "the plot goes beside it as .png)")
     return parser
@@ -284,13 +440,18 @@ def eval_main(argv: list[str]) -> int:
         lengths = parse_lengths(args.lengths)
         for name in ("batch_size", "eval_batches", "chunk_len"):
             check_positive_int("--" + name.replace("_", "-"), getattr(args, name))
+        for name in ("memory_budget_gib", "time_budget"):
+            value = getattr(args, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         device = resolve_device(args.device)
         model = MambaLM.from_pretrained(args.model, device=device).eval()
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     train_len = _train_len(Path(args.model))
+    budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30)
     rows = evaluate_lengths(model, lengths, args.batch_size, args.eval_batches, args.seed, device,
-                            args.chunk_len, autocast_for(device))
+                            args.chunk_len, autocast_for(device), memory_budget=budget, time_budget=args.time_budget)
     out = Path(args.out) if args.out else Path(args.model) / "length_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"task": "induction-heads", "model": str(args.model), "config": model.config.to_dict(),
@@ -301,7 +462,10 @@ def eval_main(argv: list[str]) -> int:
                                               device=device)}
     atomic_write_json(out, result)
     cfg = model.config
-    plot_lengths(rows, out.with_suffix(".png"), train_len, f"{cfg.layer}{'' if cfg.gate else ' (no gate)'}")
+    title = f"{cfg.layer}{'' if cfg.gate else ' (no gate)'}"
+    if cfg.attn_layer_idx:
+        title += f" + attention at {', '.join(map(str, cfg.attn_layer_idx))}"
+    plot_lengths(rows, out.with_suffix(".png"), train_len, title)
     print(json.dumps({"accuracy": {r["length"]: r["accuracy"] for r in rows}, "json": str(out)}))
     return 0
 

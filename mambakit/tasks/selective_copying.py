@@ -13,7 +13,8 @@ MARKER the model must predict the i-th data token of the context. The loss and t
 (per token) count the answer positions only.
 
 `mambakit train --task selective-copying --layer s4d --no-gate ...` trains one of the paper's
-Table 1 variants; --help lists the flags."""
+Table 1 variants, and `--attn-layer-idx 1` a hybrid (layer 1 causal attention); --help lists the
+flags."""
 
 from __future__ import annotations
 
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     from .report import print_summary, save_run
+    from .synthetic import describe_model, model_args
     args = build_parser().parse_args(argv)
     try:
         SelectiveCopying(args.seq_len, args.n_memorize)
@@ -180,7 +182,7 @@ def train_main(argv: list[str]) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.out_dir:
-        title = f"selective copying: {args.layer}{'' if args.gate else ' (no gate)'}"
+        title = f"selective copying: {describe_model(model_args(args))}"
         save_run(args.out_dir, model, summary, rows, "accuracy", title)
     print_summary(summary)
     return 0

@@ -3,13 +3,18 @@ batch streams, the small MambaLM they train, the common flags, and their summary
 printed as every task's: report.py).
 
 A batch is a pure function of (seed, split, step): nothing is stored, and a run (or a test)
-can regenerate any batch exactly."""
+can regenerate any batch exactly.
+
+A hybrid (--attn-layer-idx 1: that layer is causal attention, the others the --layer mixer) is
+the same model with the config's attention fields set (MambaConfig.attn_layer_idx, attn_cfg);
+without --attn-cfg its attention is hybrid_attn_cfg(d_model)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +24,9 @@ from ..training.devices import DEVICE_HELP
 from ..training.devices import resolve_device as _resolve_device
 from .report import announce, plot_curves, print_summary, save_run, task_summary
 
-__all__ = ["ModelArgs", "add_common_flags", "autocast_for", "build_model", "fit_config", "model_args",
-           "plot_curves", "print_summary", "resolve_device", "rng_for", "save_run", "start", "summary_base"]
+__all__ = ["ModelArgs", "add_common_flags", "autocast_for", "build_model", "describe_model", "fit_config",
+           "hybrid_attn_cfg", "model_args", "plot_curves", "print_summary", "resolve_device", "rng_for", "save_run",
+           "start", "summary_base"]
 
 SPLITS = {"train": 0, "eval": 1}
 STATE_FILE = "fit_state.pt"  # the resumable training state in --out-dir (--save-every, --resume)
@@ -56,22 +62,44 @@ def to_device(*arrays: np.ndarray, device=None) -> tuple[torch.Tensor, ...]:
 
 # ---- the model ---------------------------------------------------------------------------
 
+def hybrid_attn_cfg(d_model: int) -> dict:
+    """A hybrid's attention when --attn-cfg is not given: 2 heads (of 32 channels at d_model 64),
+    the rotary embedding on half of each head's channels (the official hybrids' ratio): the other
+    half compares content whatever the distance, which a lookup far beyond the training length
+    needs. {"num_heads": 2, "rotary_emb_dim": 16} at d_model 64."""
+    return {"num_heads": 2, "rotary_emb_dim": d_model // 4 // 2 * 2}
+
+
 @dataclass
 class ModelArgs:
-    layer: str = "mamba"  # "mamba" (S6) | "s4d"
+    layer: str = "mamba"  # "mamba" (S6) | "s4d": the mixer of every layer that is not attention
     gate: bool = True
     d_model: int = 64
     n_layer: int = 2
     d_state: int = 16
+    attn_layer_idx: list[int] = field(default_factory=list)  # a hybrid's attention layers (MambaConfig's)
+    attn_cfg: dict = field(default_factory=dict)  # their settings (MambaConfig.attn_cfg), {} without any
 
 
 def build_model(args: ModelArgs, vocab_size: int, device: torch.device, seed: int):
     """A small MambaLM (the registry's "mamba_synthetic": RMSNorm, tied embeddings) with the
-    chosen mixer and sizes, seeded."""
+    chosen mixer and sizes, and attention at args.attn_layer_idx for a hybrid, seeded."""
     from ..models.registry import create_model
     torch.manual_seed(seed)
+    hybrid = {"attn_layer_idx": list(args.attn_layer_idx), "attn_cfg": dict(args.attn_cfg)} if args.attn_layer_idx \
+        else {}
     return create_model("mamba_synthetic", d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size,
-                        d_state=args.d_state, layer=args.layer, gate=args.gate, pad_vocab_size_multiple=8).to(device)
+                        d_state=args.d_state, layer=args.layer, gate=args.gate, pad_vocab_size_multiple=8,
+                        **hybrid).to(device)
+
+
+def describe_model(args: ModelArgs) -> str:
+    """"mamba", "s4d (no gate)", "mamba + attention at layer 1": for titles."""
+    text = args.layer + ("" if args.gate else " (no gate)")
+    if args.attn_layer_idx:
+        layers = ", ".join(map(str, args.attn_layer_idx))
+        text += f" + attention at layer{'s' if len(args.attn_layer_idx) > 1 else ''} {layers}"
+    return text
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -105,6 +133,13 @@ def add_common_flags(parser: argparse.ArgumentParser, *, seq_len: int, max_steps
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--attn-layer-idx", default="", metavar="LAYERS",
+                        help="a hybrid: these layers are causal attention, indices such as '1' or '0,3' or a pattern "
+                             "such as 'ma' (a = attention, m = the --layer mixer); default: none")
+    parser.add_argument("--attn-cfg", default="", metavar="JSON",
+                        help="the attention layers' settings (the official attn_cfg: num_heads, num_heads_kv, "
+                             f"head_dim, rotary_emb_dim, ...; default {json.dumps(hybrid_attn_cfg(64))} at d_model "
+                             f"64: 2 heads, rotary on half of each head's channels)")
     parser.add_argument("--seq-len", type=int, default=seq_len)
     parser.add_argument("--max-steps", type=int, default=max_steps)
     parser.add_argument("--batch-size", type=int, default=batch_size)
@@ -134,8 +169,31 @@ def model_args(args) -> ModelArgs:
         check_positive_int("--" + name.replace("_", "-"), getattr(args, name))
     if args.layer == "s4d" and args.d_state % 2:
         raise ValueError(f"--d-state must be even for --layer s4d, got {args.d_state}")
+    attn_layer_idx, attn_cfg = hybrid_fields(getattr(args, "attn_layer_idx", ""), getattr(args, "attn_cfg", ""),
+                                             args.d_model, args.n_layer)
     return ModelArgs(layer=args.layer, gate=args.gate, d_model=args.d_model, n_layer=args.n_layer,
-                     d_state=args.d_state)
+                     d_state=args.d_state, attn_layer_idx=attn_layer_idx, attn_cfg=attn_cfg)
+
+
+def hybrid_fields(layers_text: str, cfg_text: str, d_model: int, n_layer: int) -> tuple[list[int], dict]:
+    """--attn-layer-idx and --attn-cfg as the config's attn_layer_idx and attn_cfg, checked by
+    MambaConfig (a ValueError naming the flag and the field): ([], {}) without attention layers."""
+    from ..config import MambaConfig
+    if not layers_text.strip():
+        if cfg_text.strip():
+            raise ValueError("--attn-cfg needs --attn-layer-idx (the layers that are attention)")
+        return [], {}
+    try:
+        cfg = json.loads(cfg_text) if cfg_text.strip() else hybrid_attn_cfg(d_model)
+    except ValueError:
+        raise ValueError(f"--attn-cfg must be a JSON object such as {json.dumps(hybrid_attn_cfg(d_model))}, "
+                         f"got {cfg_text!r}") from None
+    try:
+        config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=16, attn_layer_idx=layers_text,
+                             attn_cfg=cfg)
+    except ValueError as err:
+        raise ValueError(f"--attn-layer-idx / --attn-cfg: {err}") from None
+    return list(config.attn_layer_idx), dict(cfg)
 
 
 def fit_config(args):
