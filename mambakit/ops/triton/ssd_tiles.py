@@ -32,21 +32,30 @@ SETTINGS = {
     "dc": ("block", "num_warps", "num_stages"),  # with dx's split of the heads
 }
 
-_CHUNK_TILES = dict(block_p=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
-_DX_64 = dict(block=64, num_warps=4, num_stages=3, min_programs=512)  # min_programs: see ssd_op._heads_per_program
-_DX_WIDE = dict(block=32, num_warps=4, num_stages=3, min_programs=512)
+# picked on an H100 (benchmarks/tuning/results/ssd_tiles_h100.json: 1 x 131072 at N = 64 and
+# 2 x 8192 at N = 128, 32 heads of 64); states wider than 128 take the N = 128 column
+_CHUNK_STATE = dict(block_p=64, block_n=128, block_k=32, num_warps=4, num_stages=3)
+_OUTPUT = dict(block_m=64, block_p=64, block_s=32, block_k=64, num_warps=4, num_stages=3)
 
 TABLE: dict[str, dict[int, dict[str, int]]] = {
-    "cb": {w: dict(block_t=64, block_k=64, num_warps=4, num_stages=3) for w in WIDTHS},
-    "chunk_state": {w: dict(_CHUNK_TILES) for w in WIDTHS},
-    "state_passing": {w: dict(block=512, group=1, num_warps=4) for w in WIDTHS},
-    "chunk_output": {w: dict(block_m=64, block_p=64, block_s=64, block_k=64, num_warps=4, num_stages=3)
-                     for w in WIDTHS},
-    "chunk_state_bwd": {w: dict(_CHUNK_TILES) for w in WIDTHS},
-    "state_passing_bwd": {w: dict(block=512, group=1, num_warps=4) for w in WIDTHS},
-    "dx": {64: dict(_DX_64), 128: dict(_DX_WIDE), 256: dict(_DX_WIDE)},
-    "dc": {64: dict(block=64, num_warps=4, num_stages=3), 128: dict(block=32, num_warps=4, num_stages=3),
-           256: dict(block=32, num_warps=4, num_stages=3)},
+    "cb": {64: dict(block_t=64, block_k=64, num_warps=4, num_stages=3),
+           128: dict(block_t=64, block_k=64, num_warps=4, num_stages=2),
+           256: dict(block_t=64, block_k=64, num_warps=4, num_stages=2)},
+    "chunk_state": {w: dict(_CHUNK_STATE) for w in WIDTHS},
+    "state_passing": {64: dict(block=1024, group=8, num_warps=4), 128: dict(block=1024, group=8, num_warps=8),
+                      256: dict(block=1024, group=8, num_warps=8)},
+    "chunk_output": {w: dict(_OUTPUT) for w in WIDTHS},
+    "chunk_state_bwd": {64: dict(block_p=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
+                        128: dict(block_p=64, block_n=128, block_k=32, num_warps=4, num_stages=4),
+                        256: dict(block_p=64, block_n=128, block_k=32, num_warps=4, num_stages=4)},
+    "state_passing_bwd": {64: dict(block=1024, group=8, num_warps=8), 128: dict(block=512, group=4, num_warps=4),
+                          256: dict(block=512, group=4, num_warps=4)},
+    # min_programs: the backward sums a group's heads in one program while at least this many remain
+    "dx": {64: dict(block=32, num_warps=4, num_stages=1, min_programs=512),
+           128: dict(block=32, num_warps=4, num_stages=1, min_programs=2048),
+           256: dict(block=32, num_warps=4, num_stages=1, min_programs=2048)},
+    "dc": {64: dict(block=64, num_warps=4, num_stages=1), 128: dict(block=64, num_warps=4, num_stages=1),
+           256: dict(block=32, num_warps=4, num_stages=1)},
 }
 
 _POWERS_OF_TWO = ("block_t", "block_k", "block_p", "block_n", "block_m", "block_s", "block", "group", "num_warps")
