@@ -53,3 +53,29 @@ def test_half_state_output_comes_from_the_fp32_state():
     assert got_state.dtype == dtype
     torch.testing.assert_close(got_y.double().cpu(), want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_state.double().cpu(), want_state, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("where", ["step", "scan"])
+def test_a_per_channel_D_broadcast_with_stride_zero(where):
+    """Mamba-2 callers (and the official tie_hdim convention) pass D per channel as a per-head value
+    expanded over P, stride 0: the kernels read it as the values it holds, not as dense memory."""
+    heads, headdim, d_state = 3, 8, 16
+    g = torch.Generator().manual_seed(4)
+    D_expanded = torch.randn(heads, 1, generator=g).expand(-1, headdim)  # (H, P), strides (1, 0)
+    if where == "step":
+        a = {k: v.float() if v is not None else None for k, v in _inputs(2, heads, 1, headdim, d_state).items()}
+        state = a.pop("state")
+        a.pop("D", None)
+        outs = []
+        for D in (D_expanded, D_expanded.contiguous()):
+            s = state.clone().to(DEVICE)
+            outs.append(ops.ssd_state_update_(s, **{k: v.to(DEVICE) for k, v in a.items() if v is not None},
+                                              D=D.to(DEVICE), backend="triton").cpu())
+    else:
+        x = torch.randn(1, 20, heads, headdim, generator=g)
+        dt = torch.rand(1, 20, heads, generator=g) * 0.5
+        B, C = torch.randn(2, 1, 20, 1, d_state, generator=g)
+        A = -torch.rand(heads, generator=g) - 0.5
+        outs = [ops.ssd(x.to(DEVICE), dt.to(DEVICE), A.to(DEVICE), B.to(DEVICE), C.to(DEVICE), D=D.to(DEVICE),
+                        chunk_size=8, backend="triton").cpu() for D in (D_expanded, D_expanded.contiguous())]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

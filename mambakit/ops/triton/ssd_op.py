@@ -32,6 +32,7 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
     """As ops.ssd (arguments checked there). x, z: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H,);
     B, C: (batch, L, G, N); D: (H,) or (H, P). Returns y (batch, L, H, P) [, final (batch or S, H, P, N) fp32]."""
     out_dtype = torch.float32 if z is not None else x.dtype
+    D = D.contiguous() if D is not None else None  # a per-head D expanded over P (stride 0) is read as dense
     if cu_seqlens is None:
         step, cs = StepCumsum.apply(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)  # one kernel each way
         y, final = _SSD.apply(x, step, cs, B, C, D, initial_state, out_dtype)

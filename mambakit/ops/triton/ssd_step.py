@@ -63,6 +63,7 @@ def ssd_state_update_triton_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None
         raise ValueError("ssd_state_update_: the Triton step needs the state's last dim (N) contiguous")
     x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
     z = z if z is None or z.stride(-1) == 1 else z.contiguous()
+    D = D.contiguous() if D is not None else None  # read as dense (H,) or (H, P): an expanded D is copied
     y = x.new_empty((batch, heads, headdim))
     block_n = max(16, triton.next_power_of_2(d_state))
     block_p = max(1, min(triton.next_power_of_2(headdim), 4096 // block_n))  # at most 4096 state elements a program
