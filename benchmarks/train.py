@@ -8,7 +8,7 @@ are windows of the embedded standard-library corpus (byte tokens), the same for 
     python benchmarks/train.py --preset mamba2-130m --out benchmarks/results/train_mamba2_h200.json
     python benchmarks/train.py --preset hybrid-130m --out benchmarks/results/train_hybrid_h200.json
     python benchmarks/train.py --device cpu --preset hybrid-tiny --shapes 2x64 --steps 2  # the hybrid's smoke run
-    python benchmarks/train.py --plot benchmarks/results/train_h200.json             # redraw the PNG
+    python benchmarks/train.py --plot benchmarks/results/train_h100.json             # redraw the PNG
 
 Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape. The official model
 is built from the preset's `MambaConfig.to_official()`: Mamba-1, Mamba-2, or a hybrid's MHA

@@ -6,7 +6,7 @@
     python benchmarks/vision.py --max-batch 1 --sizes 1024 2048 --iters 10 \
         --out benchmarks/results/vision_batch1_h200.json               # batch 1
     python benchmarks/vision.py --smoke    # CPU, tiny sizes: checks that everything runs (runs/)
-    python benchmarks/vision.py --plot benchmarks/results/vision_h200.json   # redraw a result's PNG
+    python benchmarks/vision.py --plot benchmarks/results/vision_h100.json   # redraw a result's PNG
 
 DeiT-Ti is timm's `deit_tiny_patch16_224` (pretrained=False, img_size=S; its attention is
 F.scaled_dot_product_attention, i.e. flash attention on the GPU) when timm is installed, else

@@ -20,6 +20,12 @@ OFFICIAL_EXPORTS = {
     "tiny-layernorm-no-conv-bias-dt-rank": ("tiny", {"rms_norm": False, "residual_in_fp32": False,
                                                      "conv_bias": False, "dt_rank": 5}),
     "130m": ("130m", {}),
+    "mamba2-tiny": ("mamba2-tiny", {}),
+    "mamba2-130m": ("mamba2-130m", {}),
+    # the official MHA needs flash_attn for rotary embeddings; without rotary it runs on SDPA
+    "hybrid-tiny-no-rotary": ("hybrid-tiny", {"attn_cfg": {"num_heads": 4, "head_dim": 32, "rotary_emb_dim": 0,
+                                                           "d_conv": 4, "qkv_proj_bias": False,
+                                                           "out_proj_bias": False, "causal": True}}),
 }
 
 
