@@ -48,10 +48,16 @@ def candidates(kernel: str) -> list[dict]:
         return [dict(block_m=m, block_p=p, block_s=s_, block_k=k, num_warps=w, num_stages=s)
                 for (m, p, s_, k), (w, s) in itertools.product(tiles, STAGES)]
     if kernel == "dx":
-        return [dict(block=b, num_warps=w, num_stages=s, min_programs=mp)
-                for b, w, s, mp in itertools.product((32, 64), (4, 8), (1, 2), (512, 2048))]
-    if kernel == "dc":
-        return [dict(block=b, num_warps=w, num_stages=s) for b, w, s in itertools.product((32, 64), (4, 8), (1, 2, 3))]
+        tiles = [(64, 64, 64), (64, 32, 64), (32, 64, 64), (128, 64, 32), (64, 64, 32)]
+        return [dict(block_s=s_, block_t=t, block_k=k, num_warps=w, num_stages=s)
+                for (s_, t, k), (w, s) in itertools.product(tiles, STAGES)]
+    if kernel == "dcb":
+        tiles = [(64, 64, 64), (64, 64, 32), (128, 64, 64), (64, 32, 64)]
+        return [dict(block_t=t, block_s=s_, block_k=k, num_warps=w, num_stages=s, min_programs=mp)
+                for (t, s_, k), (w, s), mp in itertools.product(tiles, STAGES, (1024, 4096))]
+    if kernel == "dbc":
+        return [dict(block=b, block_n=n, num_warps=w, num_stages=s, min_programs=mp)
+                for b, n, (w, s), mp in itertools.product((32, 64), (64, 128), STAGES, (1024, 4096))]
     raise ValueError(kernel)
 
 

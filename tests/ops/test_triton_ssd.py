@@ -86,7 +86,7 @@ def test_largest_state_size():
 def test_backward_split_heads():
     """Many heads per group: the backward splits them over programs and sums dB, dC after."""
     kw = make_ssd_inputs(1, 21, 4, 8, 1, 8, D_shape=(4, 8), with_bias=True, seed=5)
-    with knobs.override(ssd_tiles='{"dx": {"min_programs": 1000000}}'):  # one head per program: the most splits
+    with knobs.override(ssd_tiles='{"dcb": {"min_programs": 1000000}, "dbc": {"min_programs": 1000000}}'):  # one head per program: the most splits
         _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
 
 
@@ -94,7 +94,8 @@ def test_backward_split_heads():
     {"state_passing": {"group": 4, "block": 64}, "state_passing_bwd": {"group": 2, "block": 32}},
     {"state_passing": {"group": 8}, "state_passing_bwd": {"group": 8},
      "chunk_output": {"block_m": 32, "block_s": 16, "block_p": 16, "block_k": 16}, "cb": {"block_t": 16},
-     "chunk_state": {"block_k": 16, "block_p": 16}, "dx": {"block": 16}, "dc": {"block": 32}},
+     "chunk_state": {"block_k": 16, "block_p": 16}, "dx": {"block_s": 16, "block_t": 32, "block_k": 16},
+     "dcb": {"block_t": 32, "block_s": 16, "block_k": 16}, "dbc": {"block": 16, "block_n": 16}},
 ], ids=["state-groups", "every-kernel-retiled"])
 def test_other_tiles_give_the_same_result(tiles):
     """Every kernel's settings from ssd_tiles.py change how the work is cut, never the result: the
@@ -107,8 +108,8 @@ def test_other_tiles_give_the_same_result(tiles):
 
 
 @pytest.mark.parametrize("text,match", [
-    ('{"no_kernel": {}}', "unknown kernel"), ('{"dx": {"block": 24}}', "power of two"),
-    ('{"dx": {"blocks": 16}}', "no setting 'blocks'"), ('{"dx": {"32": {"block": 16}}}', "width 32"),
+    ('{"no_kernel": {}}', "unknown kernel"), ('{"dx": {"block_s": 24}}', "power of two"),
+    ('{"dx": {"blocks": 16}}', "no setting 'blocks'"), ('{"dx": {"32": {"block_s": 16}}}', "width 32"),
     ("[1]", "JSON object"), ("{bad", "not valid JSON"), ("no/such/file.json", "no file"),
 ])
 def test_bad_tiles_name_the_knob(text, match):

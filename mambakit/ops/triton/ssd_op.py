@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..varlen import split_varlen_ssd
 from .launch import launch
-from .ssd_bwd_kernels import dc_kernel, dx_kernel, state_passing_bwd_kernel
+from .ssd_bwd_kernels import dbc_kernel, dcb_kernel, dx_kernel, state_passing_bwd_kernel
 from .ssd_dt import StepCumsum
 from .ssd_fwd_kernels import cb_kernel, chunk_output_kernel, chunk_state_kernel, state_passing_kernel
 from .ssd_tiles import tiles
@@ -133,14 +133,14 @@ class _SSD(torch.autograd.Function):
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
             BLOCK_M=bm, BLOCK_P=bp, BLOCK_S=_blocks(T, t["block_s"]), BLOCK_K=_blocks(d_state, t["block_k"]),
             PRECISION=precision, num_warps=t["num_warps"], num_stages=t["num_stages"])
-        ctx.save_for_backward(x, step, cs, B, C, D, CB, states)
+        ctx.save_for_backward(x, step, cs, B, C, D, CB, states, y)  # y: the decays' gradient (ssd_bwd_kernels.py)
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, step, cs, B, C, D, CB, states = ctx.saved_tensors
+        x, step, cs, B, C, D, CB, states, y = ctx.saved_tensors
         batch, length, heads, headdim = x.shape
         groups, d_state = B.shape[2], B.shape[3]
         _, _, n_chunks, T = cs.shape
@@ -159,33 +159,49 @@ class _SSD(torch.autograd.Function):
             dcs_end, T, n_chunks, heads, pn, HAS_DFINAL=dfinal is not None, HAS_DINIT=dinit is not None,
             BLOCK=t["block"], GROUP=t["group"], num_warps=t["num_warps"])
 
-        full_p, full_n = _blocks(headdim, 256), _blocks(d_state, 256)
-        t_dx, t_dc = tiles("dx", d_state), tiles("dc", d_state)
-        bs = min(t_dx["block"], _blocks(T, 64))
-        bs_dc = min(t_dc["block"], _blocks(T, 64))
-        per_program = _heads_per_program(heads // groups, batch * n_chunks * groups * triton.cdiv(T, bs),
-                                         t_dx["min_programs"])
-        splits = heads // groups // per_program
+        full_p = _blocks(headdim, 256)
+        want_dD = D is not None and ctx.needs_input_grad[5]
+        dD = torch.zeros(D.shape, device=x.device, dtype=torch.float32) if want_dD else None
         dx = torch.empty_like(x)
         ddt = x.new_empty((batch, length, heads), dtype=torch.float32)
         dcs = x.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32)
+        t = tiles("dx", d_state)
+        bs = _blocks(T, t["block_s"])
+        _run(dx_kernel, (batch * n_chunks * heads, triton.cdiv(T, bs)),
+            x, step, cs, CB, dstates, B, D if D is not None else x, dy, y, dx, ddt, dcs, dcs_end,
+            dD if want_dD else dcs_end, length, T, n_chunks, heads, groups, headdim, d_state,
+            *x.stride()[:3], *B.stride()[:3], *dy.stride()[:3], *y.stride()[:3], *dx.stride()[:3],
+            HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2, WANT_DD=want_dD,
+            BLOCK_S=bs, BLOCK_T=_blocks(T, t["block_t"]), BLOCK_P=full_p, BLOCK_K=_blocks(d_state, t["block_k"]),
+            PRECISION=precision, num_warps=t["num_warps"], num_stages=t["num_stages"])
+
+        per_group = heads // groups
+        t = tiles("dcb", d_state)
+        bt, bs = _blocks(T, t["block_t"]), _blocks(T, t["block_s"])
+        per_program = _heads_per_program(per_group, batch * n_chunks * groups * triton.cdiv(T, bt) * triton.cdiv(T, bs)
+                                         // 2, t["min_programs"])
+        dcb_splits = per_group // per_program
+        dCB = x.new_empty((dcb_splits, batch, n_chunks, groups, T, T), dtype=torch.float32)
+        _run(dcb_kernel, (batch * n_chunks * groups * dcb_splits, triton.cdiv(T, bt), triton.cdiv(T, bs)),
+            x, step, cs, dy, dCB, length, T, n_chunks, heads, groups, headdim, per_program, dCB[0].numel(),
+            *x.stride()[:3], *dy.stride()[:3],
+            BLOCK_T=bt, BLOCK_S=bs, BLOCK_K=_blocks(headdim, t["block_k"]), PRECISION=precision,
+            num_warps=t["num_warps"], num_stages=t["num_stages"])
+
+        t = tiles("dbc", d_state)
+        block, block_n = _blocks(T, t["block"]), _blocks(d_state, t["block_n"])
+        n_blocks = triton.cdiv(d_state, block_n)
+        per_program = _heads_per_program(per_group, batch * n_chunks * groups * triton.cdiv(T, block) * n_blocks,
+                                         t["min_programs"])
+        splits = per_group // per_program
         dB = x.new_empty((splits, batch, length, groups, d_state), dtype=torch.float32)
         dC = torch.empty_like(dB)
-        common = (length, T, n_chunks, heads, groups, headdim, d_state, per_program, batch * length * groups * d_state)
-        want_dD = D is not None and ctx.needs_input_grad[5]
-        dD = torch.zeros(D.shape, device=x.device, dtype=torch.float32) if want_dD else None
-        _run(dx_kernel, (batch * n_chunks * groups * splits, triton.cdiv(T, bs)),
-            x, step, cs, CB, dstates, B, C, D if D is not None else x, dy, dx, ddt, dB, dcs, dcs_end,
-            dD if want_dD else dcs_end, *common,
-            *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
-            HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2, WANT_DD=want_dD,
-            BLOCK_S=bs, BLOCK_T=bs, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision,
-            num_warps=t_dx["num_warps"], num_stages=t_dx["num_stages"])
-        _run(dc_kernel, (batch * n_chunks * groups * splits, triton.cdiv(T, bs_dc)),
-            x, step, cs, CB, states, B, C, dy, dC, dcs, *common,
-            *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
-            BLOCK_T=bs_dc, BLOCK_S=bs_dc, BLOCK_P=full_p, BLOCK_N=full_n, PRECISION=precision,
-            num_warps=t_dc["num_warps"], num_stages=t_dc["num_stages"])
+        _run(dbc_kernel, (batch * n_chunks * groups * splits, triton.cdiv(T, block), n_blocks),
+            x, step, cs, dCB, states, dstates, B, C, dy, dB, dC,
+            length, T, n_chunks, heads, groups, headdim, d_state, per_program, dB[0].numel(), dCB[0].numel(),
+            dcb_splits, *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
+            BLOCK=block, BLOCK_N=block_n, BLOCK_P=full_p, PRECISION=precision,
+            num_warps=t["num_warps"], num_stages=t["num_stages"])
         dcs[..., T - 1] += dcs_end
         dB, dC = dB.sum(0) if splits > 1 else dB[0], dC.sum(0) if splits > 1 else dC[0]
         dD = dD.to(D.dtype) if dD is not None else None

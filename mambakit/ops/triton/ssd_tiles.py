@@ -28,8 +28,9 @@ SETTINGS = {
     "chunk_output": ("block_m", "block_p", "block_s", "block_k", "num_warps", "num_stages"),
     "chunk_state_bwd": ("block_p", "block_n", "block_k", "num_warps", "num_stages"),
     "state_passing_bwd": ("block", "group", "num_warps"),
-    "dx": ("block", "num_warps", "num_stages", "min_programs"),
-    "dc": ("block", "num_warps", "num_stages"),  # with dx's split of the heads
+    "dx": ("block_s", "block_t", "block_k", "num_warps", "num_stages"),
+    "dcb": ("block_t", "block_s", "block_k", "num_warps", "num_stages", "min_programs"),
+    "dbc": ("block", "block_n", "num_warps", "num_stages", "min_programs"),
 }
 
 # picked on an H100 (benchmarks/tuning/results/ssd_tiles_h100.json: 1 x 131072 at N = 64 and
@@ -50,12 +51,12 @@ TABLE: dict[str, dict[int, dict[str, int]]] = {
                         256: dict(block_p=64, block_n=128, block_k=32, num_warps=4, num_stages=4)},
     "state_passing_bwd": {64: dict(block=1024, group=8, num_warps=8), 128: dict(block=512, group=4, num_warps=4),
                           256: dict(block=512, group=4, num_warps=4)},
-    # min_programs: the backward sums a group's heads in one program while at least this many remain
-    "dx": {64: dict(block=32, num_warps=4, num_stages=1, min_programs=512),
-           128: dict(block=32, num_warps=4, num_stages=1, min_programs=2048),
-           256: dict(block=32, num_warps=4, num_stages=1, min_programs=2048)},
-    "dc": {64: dict(block=64, num_warps=4, num_stages=1), 128: dict(block=64, num_warps=4, num_stages=1),
-           256: dict(block=32, num_warps=4, num_stages=1)},
+    # the split backward's kernels, not yet swept on a GPU (64-step tiles, 4 warps, 2 stages).
+    # min_programs: dcb and dbc sum a group's heads in one program while at least this many remain
+    "dx": {w: dict(block_s=64, block_t=64, block_k=64, num_warps=4, num_stages=2) for w in WIDTHS},
+    "dcb": {w: dict(block_t=64, block_s=64, block_k=64, num_warps=4, num_stages=2, min_programs=1024)
+            for w in WIDTHS},
+    "dbc": {w: dict(block=64, block_n=64, num_warps=4, num_stages=2, min_programs=1024) for w in WIDTHS},
 }
 
 _POWERS_OF_TWO = ("block_t", "block_k", "block_p", "block_n", "block_m", "block_s", "block", "group", "num_warps")
