@@ -29,7 +29,7 @@ import torch
 
 
 def _sync(device):
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 

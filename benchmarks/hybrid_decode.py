@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from generate import _sync, _timed  # noqa: E402  (the decoding benchmark's timing, best of N)
 from mambakit import MambaLM  # noqa: E402
 from mambakit.config import OFFICIAL_MLP_MULTIPLE, MambaConfig  # noqa: E402
 
@@ -132,22 +134,6 @@ def prefilled_cache(model: MambaLM, context: int, batch: int, chunk: int, slots:
 
 # ---- timing ----------------------------------------------------------------------------------
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _best_seconds(fn, device, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def decode_ms_per_token(model: MambaLM, cache, steps: int, repeats: int, device) -> float:
     """ms per decoded token from `cache` through model.generate (greedy; the CUDA-graph step on
     the GPU): (time of steps + 1 new tokens - time of 1) / steps, the best of `repeats` each.
@@ -155,8 +141,8 @@ def decode_ms_per_token(model: MambaLM, cache, steps: int, repeats: int, device)
     def run(n: int) -> None:
         model.generate(cache=cache, max_new_tokens=n)
     run(2)  # warm-up: the kernels, and on the GPU the graph's capture for this batch and these KV slots
-    one = _best_seconds(lambda: run(1), device, repeats)
-    many = _best_seconds(lambda: run(steps + 1), device, repeats)
+    one = _timed(lambda: run(1), device, repeats)
+    many = _timed(lambda: run(steps + 1), device, repeats)
     return max(many - one, 0.0) / steps * 1e3
 
 
