@@ -7,12 +7,14 @@ are windows of the embedded standard-library corpus (byte tokens), the same for 
     python benchmarks/train.py --compile    # also mambakit under torch.compile(fullgraph=True), beside eager
     python benchmarks/train.py --preset mamba2-130m --out benchmarks/results/train_mamba2_h200.json
     python benchmarks/train.py --preset hybrid-130m --out benchmarks/results/train_hybrid_h200.json
+    python benchmarks/train.py --preset hybrid-130m --no-rotary     # where flash_attn is not installed
     python benchmarks/train.py --device cpu --preset hybrid-tiny --shapes 2x64 --steps 2  # the hybrid's smoke run
     python benchmarks/train.py --plot benchmarks/results/train_h100.json             # redraw the PNG
 
 Writes the JSON and, beside it, a PNG of tokens/s and peak memory per shape. The official model
 is built from the preset's `MambaConfig.to_official()`: Mamba-1, Mamba-2, or a hybrid's MHA
-layers at attn_layer_idx (which need flash_attn, for their rotary embedding).
+layers at attn_layer_idx (which need flash_attn for their rotary embedding; --no-rotary drops it
+on both sides).
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def main():
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="also measure mambakit's training step under torch.compile(fullgraph=True)")
+    ap.add_argument("--no-rotary", action="store_true",
+                    help="a hybrid's attention without rotary embeddings (both models): the official MHA then "
+                         "trains on SDPA and needs no flash_attn")
     args = ap.parse_args()
     if args.plot:
         with open(args.plot) as f:
@@ -109,6 +114,8 @@ def main():
     from mambakit import MambaConfig
     from mambakit.training.data import load_corpus
     config = MambaConfig.from_name(args.preset)
+    if args.no_rotary and config.attn_layer_idx:
+        config = dataclasses.replace(config, attn_cfg={**config.attn_cfg, "rotary_emb_dim": 0})
     corpus = load_corpus(None, max_bytes=args.max_corpus_bytes)
     if config.vocab_size < corpus.vocab_size:  # the tiny preset: bytes, and the corpus adds EOS
         config = dataclasses.replace(config, vocab_size=corpus.vocab_size)
@@ -118,7 +125,7 @@ def main():
     if args.device == "cuda":
         try:
             importlib.import_module("mamba_ssm")
-            if config.attn_layer_idx:  # the official MHA's rotary embedding and KV-cache attention
+            if config.attn_layer_idx and config.attn_cfg.get("rotary_emb_dim", 0):  # the official MHA's rotary
                 importlib.import_module("flash_attn")
             builders.append(("official", official_model))
         except ImportError as err:
