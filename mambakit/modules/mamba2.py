@@ -80,12 +80,18 @@ class Mamba2(nn.Module):
         return -torch.exp(at_least_fp32(self.A_log))
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        """The decoding state at batch_size: the conv's last inputs in `dtype` (default: the conv's),
+        and the (H, P, N) SSM state in the model's precision, as the official Mamba2 and
+        transformers keep it: a bf16 / fp16 model's in its half dtype (8x Mamba-1's state per
+        layer, it is what a decoding step reads and writes; each step computes in fp32 and its
+        output comes from the fp32 state before it is rounded), else fp32 (fp64 for fp64)."""
         device = device or self.A_log.device
+        conv_dtype = dtype or conv_state_dtype(self.conv1d)
+        half = conv_dtype if conv_dtype in (torch.float16, torch.bfloat16) else None
         return MambaState(
-            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device,
-                             dtype=dtype or conv_state_dtype(self.conv1d)),
+            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=conv_dtype),
             ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                            dtype=at_least_fp32(self.A_log).dtype),  # fp32 (fp64 for a fp64 model)
+                            dtype=half or at_least_fp32(self.A_log).dtype),
         )
 
     def forward(self, hidden_states: torch.Tensor, cache: MambaState | None = None,

@@ -88,3 +88,21 @@ def test_chunked_loss_carries_the_state_with_the_exact_gradient():
     params = [model.backbone.layers[0].mixer.A_log, model.backbone.layers[1].mixer.in_proj.weight]
     for a, b in zip(torch.autograd.grad(chunked, params), torch.autograd.grad(whole, params)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_half_precision_model_keeps_its_ssm_state_in_its_dtype(model):
+    """As the official Mamba2 and transformers: a bf16 model's (H, P, N) states are bf16 (its
+    decoding step is bound by reading and writing them), a fp32 model's fp32; a dtype given to
+    allocate_cache wins. Decoding from the bf16 states stays with the full forward's logits."""
+    assert {s.ssm.dtype for s in model.allocate_cache(2).layers} == {torch.float32}
+    half = create_model("mamba2-tiny", n_layer=2).to(torch.bfloat16).eval()
+    assert {(s.conv.dtype, s.ssm.dtype) for s in half.allocate_cache(2).layers} == {(torch.bfloat16, torch.bfloat16)}
+    assert {s.ssm.dtype for s in half.allocate_cache(2, dtype=torch.float32).layers} == {torch.float32}
+    ids = torch.randint(0, half.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = half(ids).float()  # (2, 24, V)
+        _, cache = half.prefill(ids[:, :16])
+        assert {s.ssm.dtype for s in cache.layers} == {torch.bfloat16}
+        stepped = torch.stack([half.step(ids[:, t], cache).float() for t in range(16, 24)], dim=1)
+    scale = full.abs().max().item()
+    torch.testing.assert_close(stepped, full[:, 16:], rtol=0, atol=0.03 * scale)
