@@ -90,7 +90,7 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
     # du_s = exp(cs_end - cs_s) B_s · g_c  +  sum_{t >= s} CB_ts exp(cs_t - cs_s) dy_t; then
     # dx = dt du + D dy, ddt = <x, du>, and the whole gradient of cs_s (see the module's docstring):
     # dcs_s = <dy_s, y_s - D x_s> - dt_s <x_s, du_s>, with the state's part of the second term also
-    # added to cs_end. DX (batch, L, H, P); DDT (batch, L, H) fp32; DCS (batch, H, c, T) fp32;
+    # added to cs_end. DX (batch, L, H, P); DDT and DCS (batch, H, c, T) fp32;
     # DCS_END (batch, H, c) and DD (H,) or (H, P) fp32, added to. DY: dy; Y: the forward's y
     pid, pid_s = tl.program_id(0), tl.program_id(1)
     h = pid % H
@@ -107,7 +107,7 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
     cs_row = CS + ((b * H + h) * n_chunks + c) * T
     cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
     cs_end = tl.load(cs_row + T - 1)
-    dt_s = tl.load(DT + (b * L + pos_s) * H + h, mask=ok_s, other=0.0)
+    dt_s = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_s, mask=ok_s, other=0.0)
 
     # through the chunk's contribution to the state at its end: B_s · g_c, g_c (P, N)
     grad_state = DSTATES + ((b * n_chunks + c) * H + h) * P * N
@@ -161,7 +161,7 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
                 tl.atomic_add(DD + h, tl.sum(dy_x, axis=0))
     tl.store(DX + b * s_dxb + h * s_dxh + pos_s[:, None] * s_dxl + offs_p[None, :], dx.to(DX.dtype.element_ty),
              mask=ok_s[:, None] & ok_p[None, :])
-    tl.store(DDT + (b * L + pos_s) * H + h, ddt, mask=ok_s)
+    tl.store(DDT + ((b * H + h) * n_chunks + c) * T + offs_s, ddt, mask=ok_s)
     tl.store(DCS + ((b * H + h) * n_chunks + c) * T + offs_s, tl.sum(dy_s * y_s, axis=1) - dt_s * ddt, mask=ok_s)
 
 
@@ -197,7 +197,7 @@ def dcb_kernel(X, DT, CS, DY, DCB, L, T, n_chunks, H, G, P, heads_per_program, s
         cs_row = CS + ((b * H + h) * n_chunks + c) * T
         cs_t = tl.load(cs_row + offs_t, mask=ok_t, other=0.0)
         cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
-        dt_s = tl.load(DT + (b * L + pos_s) * H + h, mask=ok_s, other=0.0)
+        dt_s = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_s, mask=ok_s, other=0.0)
         acc += dots * tl.exp(tl.where(inside, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
     out = DCB + split * s_split + (((b * n_chunks + c) * G + g) * T + offs_t[:, None]) * T + offs_s[None, :]
     tl.store(out, acc, mask=(offs_t[:, None] < T) & (offs_s[None, :] < T))
@@ -254,7 +254,7 @@ def dbc_kernel(X, DT, CS, DCB, STATES, DSTATES, B, C, DY, DB, DC,
         cs_row = CS + ((b * H + h) * n_chunks + c) * T
         cs_j = tl.load(cs_row + offs_j, mask=ok_j, other=0.0)
         cs_end = tl.load(cs_row + T - 1)
-        dt_j = tl.load(DT + (b * L + pos_j) * H + h, mask=ok_j, other=0.0)
+        dt_j = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_j, mask=ok_j, other=0.0)
         slot = ((b * n_chunks + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
         ok_pn = ok_p[:, None] & ok_n[None, :]
         x_j = tl.load(X + b * s_xb + h * s_xh + pos_j[:, None] * s_xl + offs_p[None, :],

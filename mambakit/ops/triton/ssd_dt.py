@@ -1,8 +1,10 @@
 """The SSD's step sizes and their in-chunk cumulative sum, one Triton kernel each way (in torch it
 is about seven element-wise kernels forward and as many backward, which short sequences notice):
 
-    step = clamp(softplus(dt + dt_bias), lo, hi)      (batch, L, H), 0 past L
+    step = clamp(softplus(dt + dt_bias), lo, hi)      (batch, H, c, T), 0 past L
     cs   = in-chunk cumsum of step · A               (batch, H, c, T)
+
+from dt (batch, L, H): both in the chunked layout the kernels read, a head's chunk contiguous.
 
 The backward takes the gradients of step and cs: a reverse in-chunk cumsum gives the gradient of
 step · A, then the chain through the limit, softplus and bias; dA and d(dt_bias) are summed with
@@ -52,14 +54,14 @@ def _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS: tl.constexpr, BLOCK_T: tl.con
 def _dt_cumsum_fwd_kernel(DT, BIAS, A, STEP, CS, LENGTHS, L, T, n_chunks, H, s_db, s_dl, lo, hi,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid (batch * c, cdiv(H, BLOCK_H)); STEP (batch, L, H) fp32; CS (batch, H, c, T) fp32
+    # grid (batch * c, cdiv(H, BLOCK_H)); STEP and CS (batch, H, c, T) fp32 (0 steps past L)
     b, c, offs_t, offs_h, pos, ok = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
     _, step = _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi, HAS_BIAS, SOFTPLUS, LIMIT)
-    in_rows = ((offs_t < T) & (pos < L))[:, None] & (offs_h < H)[None, :]  # past a row's length: 0
-    tl.store(STEP + (b * L + pos[:, None]) * H + offs_h[None, :], step, mask=in_rows)
+    in_chunk = (offs_t < T)[:, None] & (offs_h < H)[None, :]
+    slots = ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None]  # (BLOCK_T, BLOCK_H) in (batch, H, c, T)
+    tl.store(STEP + slots, step, mask=in_chunk)  # step is 0 past a row's length
     a = tl.load(A + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
     cs = tl.cumsum(step * a[None, :], axis=0)  # (BLOCK_T, BLOCK_H)
-    in_chunk = (offs_t < T)[:, None] & (offs_h < H)[None, :]
     tl.store(CS + ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None], cs, mask=in_chunk)
 
 
@@ -79,7 +81,8 @@ def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T
     d_da = tl.sum(dcs, axis=0)[None, :] - tl.cumsum(dcs, axis=0) + dcs
     a = tl.load(A + offs_h, mask=ok_h, other=0.0).to(tl.float32)
     tl.atomic_add(DA + offs_h, tl.sum(tl.where(ok, step * d_da, 0.0), axis=0), mask=ok_h)
-    grad = tl.load(DSTEP + (b * L + pos[:, None]) * H + offs_h[None, :], mask=ok, other=0.0) + a[None, :] * d_da
+    grad = tl.load(DSTEP + ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None], mask=ok, other=0.0)
+    grad += a[None, :] * d_da
     if LIMIT:
         unclamped = softplus(raw, False) if SOFTPLUS else raw
         grad = tl.where((unclamped >= lo) & (unclamped <= hi), grad, 0.0)
@@ -93,8 +96,9 @@ def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T
 
 
 class StepCumsum(torch.autograd.Function):
-    """(dt, A, dt_bias) -> (step (batch, L, H) fp32, cs (batch, H, c, T) fp32); with lengths
-    (batch,) int, the steps of row b past lengths[b] are 0."""
+    """(dt, A, dt_bias) -> (step, cs), both (batch, H, c, T) fp32: each head's chunk of steps
+    contiguous, as the kernels read them; with lengths (batch,) int, the steps of row b past
+    lengths[b] are 0 (and so are the last chunk's past L)."""
 
     @staticmethod
     def forward(ctx, dt, A, dt_bias, softplus_, dt_limit, chunk_size, lengths=None):
@@ -102,7 +106,7 @@ class StepCumsum(torch.autograd.Function):
         batch, length, heads = dt.shape
         T = chunk_size
         n_chunks = -(-length // T)
-        step = dt.new_empty((batch, length, heads), dtype=torch.float32)
+        step = dt.new_empty((batch, heads, n_chunks, T), dtype=torch.float32)  # cs's layout: a head's chunk contiguous
         cs = dt.new_empty((batch, heads, n_chunks, T), dtype=torch.float32)
         lo, hi = float(dt_limit[0]), float(dt_limit[1])
         meta = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus_), LIMIT=(lo, hi) != (0.0, math.inf),
@@ -119,7 +123,7 @@ class StepCumsum(torch.autograd.Function):
         dt, A, dt_bias, lengths = ctx.saved_tensors
         T, n_chunks, lo, hi, meta = ctx.args
         batch, length, heads = dt.shape
-        dstep = torch.zeros_like(dt, dtype=torch.float32) if dstep is None else dstep.contiguous()
+        dstep = dt.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32) if dstep is None else dstep.contiguous()
         dcs = dt.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32) if dcs is None else dcs.contiguous()
         ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)  # every element is written
         dA = torch.zeros(heads, device=dt.device, dtype=torch.float32)

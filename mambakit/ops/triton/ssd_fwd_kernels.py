@@ -1,8 +1,8 @@
 """The forward kernels of the chunked Mamba-2 (SSD) scan; ssd_op.py launches them.
 
 Per batch b, head h (of group g = h // (H / G)) and chunk c of T steps, with the step sizes
-dt (batch, L, H) and cs (batch, H, c, T), the in-chunk cumulative sum of dt·A (computed in torch
-by the caller, so that autograd carries its gradient to dt and A):
+dt and cs, the in-chunk cumulative sum of dt·A, both (batch, H, c, T) (ssd_dt.py computes them
+in an autograd Function, which carries their gradients to dt and A):
   1. `cb_kernel`: CB[b, c, g] = C_t · B_s for s <= t, a (T, T) tile per group, shared by its heads;
   2. `chunk_state_kernel`: each chunk's own contribution to the state at its end,
      sum_s dt_s exp(cs_end - cs_s) x_s ⊗ B_s, a (P, N) tile (also used by the backward with
@@ -76,7 +76,7 @@ def chunk_state_kernel(X, Y, DT, CS, OUT, L, T, n_chunks, H, G, P, N,
         ok = (offs_k < T) & (pos < L)
         cs = tl.load(cs_row + offs_k, mask=ok, other=0.0)
         if FORWARD:
-            dt = tl.load(DT + (b * L + pos) * H + h, mask=ok, other=0.0)
+            dt = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_k, mask=ok, other=0.0)
             w = tl.where(ok, dt * tl.exp(cs_end - cs), 0.0)
         else:
             w = tl.where(ok, tl.exp(cs), 0.0)
@@ -166,7 +166,7 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
         pos_s = c * T + offs_s
         ok_s = (offs_s < T) & (pos_s < L)
         cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
-        dt_s = tl.load(DT + (b * L + pos_s) * H + h, mask=ok_s, other=0.0)
+        dt_s = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_s, mask=ok_s, other=0.0)
         inside = (offs_t[:, None] >= offs_s[None, :]) & ok_t[:, None] & ok_s[None, :]
         decay = tl.exp(tl.where(inside, cs_t[:, None] - cs_s[None, :], float("-inf")))
         cb = tl.load(cb_rows + offs_s[None, :], mask=inside, other=0.0)  # (BLOCK_M, BLOCK_S)

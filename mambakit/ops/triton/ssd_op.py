@@ -163,7 +163,7 @@ class _SSD(torch.autograd.Function):
         want_dD = D is not None and ctx.needs_input_grad[5]
         dD = torch.zeros(D.shape, device=x.device, dtype=torch.float32) if want_dD else None
         dx = torch.empty_like(x)
-        ddt = x.new_empty((batch, length, heads), dtype=torch.float32)
+        ddt = x.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32)  # step's layout
         dcs = x.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32)
         t = tiles("dx", d_state)
         bs = _blocks(T, t["block_s"])
