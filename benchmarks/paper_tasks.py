@@ -68,7 +68,7 @@ def model_flags(kind: str, gate: bool) -> list[str]:
     settings: synthetic.hybrid_attn_cfg, written out)."""
     flags = ["--layer", "mamba" if kind == "hybrid" else kind, "--gate" if gate else "--no-gate"]
     if kind == "hybrid":
-        flags += ["--attn-layer-idx", str(HYBRID_ATTN_LAYER), "--attn-cfg", json.dumps(hybrid_attn_cfg(D_MODEL))]
+        flags += ["--attn-layers", str(HYBRID_ATTN_LAYER), "--attn-cfg", json.dumps(hybrid_attn_cfg(D_MODEL))]
     return flags
 
 

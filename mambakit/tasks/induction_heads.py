@@ -12,7 +12,7 @@ The paper trains at length 256 and tests at every power of two from 2^6 to 2^20.
 sequence runs chunk by chunk through the model with its constant-size recurrent state carried
 (no gradients), so memory does not grow with the length.
 
-A hybrid's attention layers (--attn-layer-idx) carry a KV cache instead, which grows with the
+A hybrid's attention layers (--attn-layers) carry a KV cache instead, which grows with the
 length, and attend over all of it: its evaluation estimates the memory each length needs
 (`evaluation_memory`), cuts the sequence into shorter chunks to fit a budget, and records a
 length that does not fit as {"accuracy": null, "status": "not run: memory"} rather than

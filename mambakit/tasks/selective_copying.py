@@ -13,7 +13,7 @@ MARKER the model must predict the i-th data token of the context. The loss and t
 (per token) count the answer positions only.
 
 `mambakit train --task selective-copying --layer s4d --no-gate ...` trains one of the paper's
-Table 1 variants, and `--attn-layer-idx 1` a hybrid (layer 1 causal attention); --help lists the
+Table 1 variants, and `--attn-layers 1` a hybrid (layer 1 causal attention); --help lists the
 flags."""
 
 from __future__ import annotations

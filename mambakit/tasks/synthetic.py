@@ -5,7 +5,7 @@ printed as every task's: report.py).
 A batch is a pure function of (seed, split, step): nothing is stored, and a run (or a test)
 can regenerate any batch exactly.
 
-A hybrid (--attn-layer-idx 1: that layer is causal attention, the others the --layer mixer) is
+A hybrid (--attn-layers 1: that layer is causal attention, the others the --layer mixer) is
 the same model with the config's attention fields set (MambaConfig.attn_layer_idx, attn_cfg);
 without --attn-cfg its attention is hybrid_attn_cfg(d_model)."""
 
@@ -133,7 +133,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, seq_len: int, max_steps
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--attn-layer-idx", default="", metavar="LAYERS",
+    parser.add_argument("--attn-layers", "--attn-layer-idx", dest="attn_layer_idx", default="", metavar="LAYERS",
                         help="a hybrid: these layers are causal attention, indices such as '1' or '0,3' or a pattern "
                              "such as 'ma' (a = attention, m = the --layer mixer); default: none")
     parser.add_argument("--attn-cfg", default="", metavar="JSON",
@@ -176,12 +176,12 @@ def model_args(args) -> ModelArgs:
 
 
 def hybrid_fields(layers_text: str, cfg_text: str, d_model: int, n_layer: int) -> tuple[list[int], dict]:
-    """--attn-layer-idx and --attn-cfg as the config's attn_layer_idx and attn_cfg, checked by
+    """--attn-layers and --attn-cfg as the config's attn_layer_idx and attn_cfg, checked by
     MambaConfig (a ValueError naming the flag and the field): ([], {}) without attention layers."""
     from ..config import MambaConfig
     if not layers_text.strip():
         if cfg_text.strip():
-            raise ValueError("--attn-cfg needs --attn-layer-idx (the layers that are attention)")
+            raise ValueError("--attn-cfg needs --attn-layers (the layers that are attention)")
         return [], {}
     try:
         cfg = json.loads(cfg_text) if cfg_text.strip() else hybrid_attn_cfg(d_model)
@@ -192,7 +192,7 @@ def hybrid_fields(layers_text: str, cfg_text: str, d_model: int, n_layer: int) -
         config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=16, attn_layer_idx=layers_text,
                              attn_cfg=cfg)
     except ValueError as err:
-        raise ValueError(f"--attn-layer-idx / --attn-cfg: {err}") from None
+        raise ValueError(f"--attn-layers / --attn-cfg: {err}") from None
     return list(config.attn_layer_idx), dict(cfg)
 
 
