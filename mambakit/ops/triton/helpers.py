@@ -3,8 +3,9 @@
 Two groups:
 - element-wise math on the special-function unit and a few index helpers, used by the scan,
   the decoding step, the x_proj/Δ kernel and the bidirectional conv: `combine`, `fast_log2`,
-  `widen`, `silu`, `softplus`, `seq_bounds`, `chunk_row`; and `chunk_group`, the SSD state
-  passing's load of a group of chunks, forward and backward;
+  `widen`, `silu`, `softplus`, `seq_bounds`, `chunk_row`; and for the SSD's kernels
+  `tiles_last` (a 1-D grid's item and tile) and `chunk_group` (the state passing's load of a
+  group of chunks, forward and backward);
 - the building blocks of the "lanes" register tile of the selective scan, used by its main
   kernels (scan_kernels.py) and by its segment summaries (scan_segments.py): loads of a chunk,
   the chunk's math, its in-register scans, and what a program owns (`lanes_setup`).
@@ -106,6 +107,15 @@ def chunk_row(chunk_base_ptr, pid_s, n_chunks_max, chunk, VARLEN: tl.constexpr):
 
 
 # ---- the SSD's state passing (ssd_fwd_kernels.py, ssd_bwd_kernels.py) ----------------------
+
+@triton.jit
+def tiles_last(n_a, n_b):
+    """(item, a, b) of a program of a 1-D grid laid out as items x n_a x n_b, b fastest: the
+    programs launched next to one another are the tiles of one item (a chunk of one head or
+    group), which then find each other's loads in L2 (the SSD's chunk kernels)."""
+    pid = tl.program_id(0)
+    return pid // (n_a * n_b), (pid // n_b) % n_a, pid % n_b
+
 
 @triton.jit
 def chunk_group(slots, totals, chunk, ok, n_chunks, chunk_stride, T):

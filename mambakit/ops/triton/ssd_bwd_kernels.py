@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .helpers import chunk_group
+from .helpers import chunk_group, tiles_last
 
 
 @triton.jit
@@ -71,10 +71,9 @@ def state_passing_bwd_kernel(DSTATES, STATES, CS, DFINAL, DINIT, DCS_END, T, n_c
 
 
 @triton.jit
-def _group_program(n_chunks, H, G, heads_per_program):
-    """(batch, chunk, group, split) of a dx / dc program: axis 0 runs over batch x c x G x splits,
-    each split being heads_per_program consecutive heads of the group."""
-    pid = tl.program_id(0)
+def _group_program(pid, n_chunks, H, G, heads_per_program):
+    """(batch, chunk, group, split) of item `pid` of the dcb / dbc grids, which run over batch x c
+    x G x splits, each split being heads_per_program consecutive heads of the group."""
     splits = (H // G) // heads_per_program
     return pid // (splits * G * n_chunks), (pid // (splits * G)) % n_chunks, (pid // splits) % G, pid % splits
 
@@ -86,13 +85,14 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
               HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, WANT_DD: tl.constexpr,
               BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
               PRECISION: tl.constexpr):
-    # grid (batch * c * H, cdiv(T, BLOCK_S)): one head's block of source steps s, all P channels.
+    # grid (batch * c * H * cdiv(T, BLOCK_S),), a chunk's blocks together: one head's block of
+    # source steps s, all P channels.
     # du_s = exp(cs_end - cs_s) B_s · g_c  +  sum_{t >= s} CB_ts exp(cs_t - cs_s) dy_t; then
     # dx = dt du + D dy, ddt = <x, du>, and the whole gradient of cs_s (see the module's docstring):
     # dcs_s = <dy_s, y_s - D x_s> - dt_s <x_s, du_s>, with the state's part of the second term also
     # added to cs_end. DX (batch, L, H, P); DDT and DCS (batch, H, c, T) fp32;
     # DCS_END (batch, H, c) and DD (H,) or (H, P) fp32, added to. DY: dy; Y: the forward's y
-    pid, pid_s = tl.program_id(0), tl.program_id(1)
+    pid, _, pid_s = tiles_last(1, tl.cdiv(T, BLOCK_S))
     h = pid % H
     c = (pid // H) % n_chunks
     b = pid // (H * n_chunks)
@@ -169,11 +169,11 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
 def dcb_kernel(X, DT, CS, DY, DCB, L, T, n_chunks, H, G, P, heads_per_program, s_split,
                s_xb, s_xl, s_xh, s_yb, s_yl, s_yh,
                BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # grid (batch * c * G * splits, cdiv(T, BLOCK_T), cdiv(T, BLOCK_S)): the gradient of CB_ts = C_t · B_s,
+    # grid (batch * c * G * splits * cdiv(T, BLOCK_T) * cdiv(T, BLOCK_S),): the gradient of CB_ts = C_t · B_s,
     # dCB_ts = sum over the split's heads of exp(cs_t - cs_s) dt_s <dy_t, x_s>, t >= s (the rest is
     # never read). DCB (splits, batch, c, G, T, T) fp32
-    pid_t, pid_s = tl.program_id(1), tl.program_id(2)
-    b, c, g, split = _group_program(n_chunks, H, G, heads_per_program)
+    pid, pid_t, pid_s = tiles_last(tl.cdiv(T, BLOCK_T), tl.cdiv(T, BLOCK_S))
+    b, c, g, split = _group_program(pid, n_chunks, H, G, heads_per_program)
     if (pid_s * BLOCK_S > pid_t * BLOCK_T + BLOCK_T - 1) | (c * T + pid_t * BLOCK_T >= L):
         return
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -208,13 +208,13 @@ def dbc_kernel(X, DT, CS, DCB, STATES, DSTATES, B, C, DY, DB, DC,
                L, T, n_chunks, H, G, P, N, heads_per_program, s_split, s_dcb_split, n_dcb_splits,
                s_xb, s_xl, s_xh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg, s_yb, s_yl, s_yh,
                BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr):
-    # grid (batch * c * G * splits, cdiv(T, BLOCK), cdiv(N, BLOCK_N)): for the steps j of a block,
+    # grid (batch * c * G * splits * cdiv(T, BLOCK) * cdiv(N, BLOCK_N),): for the steps j of a block,
     #   dB_j = sum_{t >= j} dCB_tj C_t + sum_h dt_j exp(cs_end - cs_j) x_j · g_c      (g_c: DSTATES)
     #   dC_j = sum_{s <= j} dCB_js B_s + sum_h exp(cs_j) dy_j · h_c                   (h_c: STATES)
     # over this split's heads (the dCB terms in split 0, dCB summed over its n_dcb_splits).
     # DB, DC (splits, batch, L, G, N) fp32
-    pid_j, pid_n = tl.program_id(1), tl.program_id(2)
-    b, c, g, split = _group_program(n_chunks, H, G, heads_per_program)
+    pid, pid_j, pid_n = tiles_last(tl.cdiv(T, BLOCK), tl.cdiv(N, BLOCK_N))
+    b, c, g, split = _group_program(pid, n_chunks, H, G, heads_per_program)
     if c * T + pid_j * BLOCK >= L:
         return
     offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)

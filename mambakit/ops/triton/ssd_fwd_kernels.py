@@ -20,15 +20,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .helpers import chunk_group
+from .helpers import chunk_group, tiles_last
 
 
 @triton.jit
 def cb_kernel(C, B, CB, L, T, n_chunks, G, N,
               s_cb, s_cl, s_cg, s_bb, s_bl, s_bg,
               BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # grid (batch * c * G, cdiv(T, BLOCK_M), cdiv(T, BLOCK_S)); CB: (batch, c, G, T, T) fp32
-    pid, pid_t, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # grid (batch * c * G * cdiv(T, BLOCK_M) * cdiv(T, BLOCK_S),), a chunk's tiles together; CB: (batch, c, G, T, T) fp32
+    pid, pid_t, pid_s = tiles_last(tl.cdiv(T, BLOCK_M), tl.cdiv(T, BLOCK_S))
     g = pid % G
     c = (pid // G) % n_chunks
     b = pid // (G * n_chunks)
@@ -129,8 +129,8 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
                         HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr):
-    # grid (batch * c * H, cdiv(T, BLOCK_M), cdiv(P, BLOCK_P)); Y: (batch, L, H, P)
-    pid, pid_t, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # grid (batch * c * H * cdiv(T, BLOCK_M) * cdiv(P, BLOCK_P),), a chunk's tiles together; Y: (batch, L, H, P)
+    pid, pid_t, pid_p = tiles_last(tl.cdiv(T, BLOCK_M), tl.cdiv(P, BLOCK_P))
     h = pid % H
     c = (pid // H) % n_chunks
     b = pid // (H * n_chunks)

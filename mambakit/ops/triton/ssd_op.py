@@ -118,7 +118,7 @@ class _SSD(torch.autograd.Function):
 
         t = tiles("cb", d_state)
         bt = _blocks(T, t["block_t"])
-        _run(cb_kernel, (batch * n_chunks * groups, triton.cdiv(T, bt), triton.cdiv(T, bt)),
+        _run(cb_kernel, (batch * n_chunks * groups * triton.cdiv(T, bt) ** 2,),
             C, B, CB, length, T, n_chunks, groups, d_state, *C.stride()[:3], *B.stride()[:3],
             BLOCK_M=bt, BLOCK_S=bt, BLOCK_K=_blocks(d_state, t["block_k"]), PRECISION=precision,
             num_warps=t["num_warps"], num_stages=t["num_stages"])
@@ -127,7 +127,7 @@ class _SSD(torch.autograd.Function):
         _pass_states(states, cs, init, final)
         t = tiles("chunk_output", d_state)
         bm, bp = _blocks(T, t["block_m"]), _blocks(headdim, t["block_p"])
-        _run(chunk_output_kernel, (batch * n_chunks * heads, triton.cdiv(T, bm), triton.cdiv(headdim, bp)),
+        _run(chunk_output_kernel, (batch * n_chunks * heads * triton.cdiv(T, bm) * triton.cdiv(headdim, bp),),
             x, step, cs, CB, states, C, D if D is not None else x, y, length, T, n_chunks, heads, groups, headdim,
             d_state, *x.stride()[:3], *C.stride()[:3], *y.stride()[:3],
             HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.ndim == 2,
@@ -167,7 +167,7 @@ class _SSD(torch.autograd.Function):
         dcs = x.new_zeros((batch, heads, n_chunks, T), dtype=torch.float32)
         t = tiles("dx", d_state)
         bs = _blocks(T, t["block_s"])
-        _run(dx_kernel, (batch * n_chunks * heads, triton.cdiv(T, bs)),
+        _run(dx_kernel, (batch * n_chunks * heads * triton.cdiv(T, bs),),
             x, step, cs, CB, dstates, B, D if D is not None else x, dy, y, dx, ddt, dcs, dcs_end,
             dD if want_dD else dcs_end, length, T, n_chunks, heads, groups, headdim, d_state,
             *x.stride()[:3], *B.stride()[:3], *dy.stride()[:3], *y.stride()[:3], *dx.stride()[:3],
@@ -182,7 +182,7 @@ class _SSD(torch.autograd.Function):
                                          // 2, t["min_programs"])
         dcb_splits = per_group // per_program
         dCB = x.new_empty((dcb_splits, batch, n_chunks, groups, T, T), dtype=torch.float32)
-        _run(dcb_kernel, (batch * n_chunks * groups * dcb_splits, triton.cdiv(T, bt), triton.cdiv(T, bs)),
+        _run(dcb_kernel, (batch * n_chunks * groups * dcb_splits * triton.cdiv(T, bt) * triton.cdiv(T, bs),),
             x, step, cs, dy, dCB, length, T, n_chunks, heads, groups, headdim, per_program, dCB[0].numel(),
             *x.stride()[:3], *dy.stride()[:3],
             BLOCK_T=bt, BLOCK_S=bs, BLOCK_K=_blocks(headdim, t["block_k"]), PRECISION=precision,
@@ -196,7 +196,7 @@ class _SSD(torch.autograd.Function):
         splits = per_group // per_program
         dB = x.new_empty((splits, batch, length, groups, d_state), dtype=torch.float32)
         dC = torch.empty_like(dB)
-        _run(dbc_kernel, (batch * n_chunks * groups * splits, triton.cdiv(T, block), n_blocks),
+        _run(dbc_kernel, (batch * n_chunks * groups * splits * triton.cdiv(T, block) * n_blocks,),
             x, step, cs, dCB, states, dstates, B, C, dy, dB, dC,
             length, T, n_chunks, heads, groups, headdim, d_state, per_program, dB[0].numel(), dCB[0].numel(),
             dcb_splits, *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
