@@ -12,7 +12,7 @@ Compiling ~250 kernel variants one by one takes minutes, so --workers processes 
 first (Triton's on-disk cache) at a short length with the same specialisation.
 
     python benchmarks/tuning/ssd_tiles.py [--shapes 1x131072x64 2x8192x128] [--workers 12] \\
-        [--out benchmarks/tuning/results/ssd_tiles.json] [--pick ssd_tiles_picked.json]
+        [--kernels chunk_output dx dcb dbc] [--out benchmarks/tuning/results/ssd_tiles.json] [--pick FILE]
 """
 
 from __future__ import annotations
@@ -71,9 +71,8 @@ def width_of(d_state):
     return next((w for w in WIDTHS if d_state <= w), WIDTHS[-1])
 
 
-def jobs(shapes):
-    from mambakit.ops.triton.ssd_tiles import SETTINGS
-    return [(shape, kernel, cand) for shape in shapes for kernel in SETTINGS for cand in candidates(kernel)]
+def jobs(shapes, kernels):
+    return [(shape, kernel, cand) for shape in shapes for kernel in kernels for cand in candidates(kernel)]
 
 
 def run_once(fn, kw):
@@ -97,7 +96,7 @@ def compile_part(args):
     from mambakit.ops import knobs, ssd
     fn = lambda **kw: ssd(**kw, dt_softplus=True, chunk_size=CHUNK, backend="triton")  # noqa: E731
     shapes = [parse_shape(s) for s in args.shapes]
-    mine = jobs(shapes)[args.part::args.parts]
+    mine = jobs(shapes, args.kernels)[args.part::args.parts]
     inputs = {}
     for (batch, _, d_state), kernel, cand in mine:
         key = (batch, d_state)
@@ -130,18 +129,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["1x131072x64", "2x8192x128"], help="B x L x N")
     ap.add_argument("--workers", type=int, default=12, help="processes that compile the variants first (0: none)")
+    ap.add_argument("--kernels", nargs="+", default=None, help="sweep only these kernels (default: all of ssd_tiles.SETTINGS)")
     ap.add_argument("--out", default="benchmarks/tuning/results/ssd_tiles.json")
     ap.add_argument("--pick", default=None, help="write the best settings here, as the MAMBAKIT_SSD_TILES JSON")
     ap.add_argument("--part", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--parts", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from mambakit.ops.triton.ssd_tiles import SETTINGS
+    args.kernels = args.kernels or list(SETTINGS)
+    unknown = set(args.kernels) - set(SETTINGS)
+    if unknown:
+        ap.error(f"--kernels: unknown {sorted(unknown)}; the kernels are {list(SETTINGS)}")
     if args.part is not None:
         compile_part(args)
         return
     t0 = time.time()
     if args.workers:
-        procs = [subprocess.Popen([sys.executable, __file__, "--shapes", *args.shapes, "--part", str(i),
-                                   "--parts", str(args.workers)]) for i in range(args.workers)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--shapes", *args.shapes, "--kernels", *args.kernels,
+                                   "--part", str(i), "--parts", str(args.workers)]) for i in range(args.workers)]
         for p in procs:
             p.wait()
         print(f"compiled in {time.time() - t0:.0f} s", flush=True)
@@ -150,7 +155,7 @@ def main():
     from ssd import CHUNK, bench, make_inputs
 
     from mambakit.ops import knobs, ssd
-    from mambakit.ops.triton.ssd_tiles import SETTINGS, tiles
+    from mambakit.ops.triton.ssd_tiles import tiles
     fn = lambda **kw: ssd(**kw, dt_softplus=True, chunk_size=CHUNK, backend="triton")  # noqa: E731
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -170,7 +175,7 @@ def main():
             base["official_fwd"] = bench(official, kw, backward=False)
             base["official_fwdbwd"] = bench(official, kw, backward=True)
         best = {}
-        for kernel in SETTINGS:
+        for kernel in args.kernels:
             metric = "fwd" if kernel in FORWARD_KERNELS else "fwdbwd"
             default = tiles(kernel, d_state)
             best[kernel] = (base[metric], default)
