@@ -451,12 +451,7 @@ class MambaConfig:
         absent fields take transformers' Mamba2Config defaults. A field that would make
         transformers compute something mambakit cannot (a clamp of Δ, another activation, an
         unknown field) is a ValueError naming it."""
-        unknown = sorted(set(read.d) - HF2_READ - HF2_IGNORED - HF_GENERIC_FIELDS)
-        if unknown:
-            raise ValueError(f"Hugging Face config has fields that mambakit's Mamba-2 cannot represent: {unknown}")
-        act = read.get("hidden_act", str, default="silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"Hugging Face config: hidden_act={act!r} is not supported (only silu)")
+        _check_hf_fields(read, HF2_READ | HF2_IGNORED, "Mamba-2")
         limit = _special_floats(read.get("time_step_limit", list, default=[0.0, math.inf]))
         if not _same_value(limit, [0.0, math.inf]):
             raise ValueError(f"Hugging Face config: time_step_limit={_show(limit)} is not supported; mambakit's "
@@ -788,11 +783,12 @@ HYBRID_HF_IGNORED = {"use_mamba_kernels", "use_mambapy", "use_associative_scan",
                      "time_step_min", "time_step_max", "time_step_floor"}
 
 
-def _hf_hybrid_read(read: _Fields, known: set[str]) -> None:
-    """No field mambakit cannot represent, and the SiLU activation."""
-    unknown = sorted(set(read.d) - known - HYBRID_HF_IGNORED - HF_GENERIC_FIELDS)
+def _check_hf_fields(read: _Fields, known: set[str], what: str) -> None:
+    """No field mambakit's `what` cannot represent (beyond `known` and transformers' generic
+    ones), and the SiLU activation."""
+    unknown = sorted(set(read.d) - known - HF_GENERIC_FIELDS)
     if unknown:
-        raise ValueError(f"Hugging Face config has fields that mambakit's hybrids cannot represent: {unknown}")
+        raise ValueError(f"Hugging Face config has fields that mambakit's {what} cannot represent: {unknown}")
     act = read.get("hidden_act", str, default="silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"Hugging Face config: hidden_act={act!r} is not supported (only silu)")
@@ -915,7 +911,7 @@ def _to_hf_bamba(config: "MambaConfig") -> dict[str, Any]:
 
 def _from_hf_jamba(cls: type, read: _Fields) -> "MambaConfig":
     """A transformers JambaForCausalLM's config.json (absent fields take JambaConfig's defaults)."""
-    _hf_hybrid_read(read, JAMBA_READ)
+    _check_hf_fields(read, JAMBA_READ | HYBRID_HF_IGNORED, "hybrids")
     if read.d.get("sliding_window") is not None:
         raise ValueError(f"Hugging Face config: sliding_window={_show(read.d['sliding_window'])} is not supported "
                          f"(transformers' Jamba attends to every earlier token)")
@@ -943,7 +939,7 @@ def _from_hf_jamba(cls: type, read: _Fields) -> "MambaConfig":
 
 def _from_hf_bamba(cls: type, read: _Fields) -> "MambaConfig":
     """A transformers BambaForCausalLM's config.json (absent fields take BambaConfig's defaults)."""
-    _hf_hybrid_read(read, BAMBA_READ)
+    _check_hf_fields(read, BAMBA_READ | HYBRID_HF_IGNORED, "hybrids")
     limit = _special_floats(read.get("time_step_limit", list, default=[0.0, math.inf]))
     if not _same_value(limit, [0.0, math.inf]):
         raise ValueError(f"Hugging Face config: time_step_limit={_show(limit)} is not supported; mambakit's "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .state import is_plain, one_token
+from .state import is_plain, one_token, sequence_input
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Attention(nn.Module):
         positions, and the new keys and values are written into it. With cu_seqlens (S + 1,),
         the batch is one row of S packed sequences, each attending within itself only (and to
         its own row of a cache of batch S)."""
-        batch, length = self._check_input(hidden_states, cu_seqlens)
+        batch, length = sequence_input("Attention", hidden_states, self.d_model, cu_seqlens)
         if cache is not None:
             self.check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1)
         qkv = self.in_proj(hidden_states)  # (B, L, qkv_dim)
@@ -207,7 +207,7 @@ class Attention(nn.Module):
         """hidden_states: (B, L, d_model) at positions offset.. -> (out, the history the next
         chunk needs), attending to `state` (the earlier positions' keys and values). Nothing is
         updated in place, so a long sequence runs chunk by chunk with the exact gradient."""
-        batch, length = self._check_input(hidden_states, None)
+        batch, length = sequence_input("Attention", hidden_states, self.d_model)
         qkv = self.in_proj(hidden_states)  # (B, L, qkv_dim)
         conv = None
         if self.d_conv > 0:
@@ -227,15 +227,6 @@ class Attention(nn.Module):
         return self.out_proj(_merge_heads(out)), history
 
     # ---- the pieces --------------------------------------------------------------------------
-    def _check_input(self, hidden_states: torch.Tensor, cu_seqlens) -> tuple[int, int]:
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"Attention expects hidden_states of shape (B, L, {self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
-        batch, length, _ = hidden_states.shape
-        if cu_seqlens is not None and batch != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
-        return batch, length
-
     def _heads(self, qkv: torch.Tensor, positions: torch.Tensor):
         """qkv (B, L, qkv_dim) at positions (B or 1, L) -> q (B, H, L, hd), k and v (B, Hkv, L, hd),
         q and k turned by the rotary embedding."""

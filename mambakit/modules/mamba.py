@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import ops
 from .state import (MambaState, at_least_fp32, causal_conv, causal_conv_step, check_state, conv_state_dtype, is_plain,
-                    linear, linear_on_channels, one_token)
+                    linear, linear_on_channels, one_token, sequence_input)
 
 
 class Mamba(nn.Module):
@@ -105,12 +105,7 @@ class Mamba(nn.Module):
         and leave the final state in it. With cu_seqlens (S + 1,), the batch is one row of S
         packed sequences: the conv and the scan restart at each boundary, and the cache holds
         one state per sequence (batch S)."""
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba expects hidden_states of shape (B, L, {self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
-        batch, length, _ = hidden_states.shape
-        if cu_seqlens is not None and batch != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
+        batch, _ = sequence_input("Mamba", hidden_states, self.d_model, cu_seqlens)
         if cache is not None:
             check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1, self)
         out, final = self._run(hidden_states, cache, cu_seqlens)
@@ -125,11 +120,9 @@ class Mamba(nn.Module):
         from `state` (or zeros). Nothing is updated in place: gradients flow from the final
         state back into `state`, so a long sequence can be run chunk by chunk with the exact
         gradient (see MambaLM.chunked_loss)."""
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba expects hidden_states of shape (B, L, {self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
+        batch, _ = sequence_input("Mamba", hidden_states, self.d_model)
         if state is not None:
-            check_state(state, hidden_states.shape[0], self)
+            check_state(state, batch, self)
         out, final = self._run(hidden_states, state, None, always_states=True)
         return out, final
 

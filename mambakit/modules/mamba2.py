@@ -21,7 +21,7 @@ from torch import nn
 from .. import ops
 from .norm import GatedRMSNorm
 from .state import (MambaState, at_least_fp32, causal_conv, causal_conv_step, conv_state_dtype, is_plain,
-                    one_token)
+                    one_token, sequence_input)
 
 # the chunk length of the SSD's torch path off CUDA: the fastest for the official shapes on a CPU
 # (d_state 128, headdim 64: benchmarks/cpu.py); with 256, the official chunk_size, the 130m model's
@@ -110,7 +110,7 @@ class Mamba2(nn.Module):
                             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState]:
         """(out (B, L, d_model), the final state), starting from `state` (or zeros); nothing is
         updated in place, so gradients flow through the states (chunked training)."""
-        batch, length = self._check_input(hidden_states, cu_seqlens)
+        batch, length = sequence_input("Mamba2", hidden_states, self.d_model, cu_seqlens)
         if state is not None:
             self._check_state(state, batch if cu_seqlens is None else cu_seqlens.numel() - 1)
         zxbcdt = self.in_proj(hidden_states)  # (B, L, 2·d_inner + 2·G·N + H)
@@ -158,16 +158,6 @@ class Mamba2(nn.Module):
         may read their weights (generation's planned CPU step does)."""
         return all(is_plain(m, cls) for m, cls in ((self.in_proj, nn.Linear), (self.conv1d, nn.Conv1d),
                                                    (self.norm, GatedRMSNorm), (self.out_proj, nn.Linear)))
-
-    def _check_input(self, hidden_states: torch.Tensor, cu_seqlens) -> tuple[int, int]:
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 \
-                or hidden_states.shape[-1] != self.d_model:
-            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
-            raise ValueError(f"Mamba2 expects hidden_states of shape (B, L, {self.d_model}), got {shape}")
-        batch, length, _ = hidden_states.shape
-        if cu_seqlens is not None and batch != 1:
-            raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
-        return batch, length
 
     def _check_state(self, state: MambaState, batch: int) -> None:
         want_conv = (batch, self.conv_dim, self.d_conv - 1)

@@ -35,6 +35,18 @@ class _MixerShape(Protocol):
     d_state: int
 
 
+def sequence_input(mixer: str, hidden_states, d_model: int, cu_seqlens=None) -> tuple[int, int]:
+    """A mixer's sequence input, (B, L, d_model), batch 1 with cu_seqlens -> (B, L), with a
+    ValueError naming the mixer and the shape otherwise."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 or hidden_states.shape[-1] != d_model:
+        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+        raise ValueError(f"{mixer} expects hidden_states of shape (B, L, {d_model}), got {shape}")
+    batch, length, _ = hidden_states.shape
+    if cu_seqlens is not None and batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need hidden_states of batch 1, got batch {batch}")
+    return batch, length
+
+
 def one_token(hidden_states: torch.Tensor, d_model: int) -> tuple[torch.Tensor, bool]:
     """A mixer step's input, (B, d_model) or (B, 1, d_model) -> ((B, d_model), whether it had
     the length axis), with a ValueError naming the shape otherwise."""

@@ -6,22 +6,15 @@ greedy tokens of the step loop; a wrapped submodule falls back to model.step."""
 import pytest
 import torch
 
-from mambakit import MambaConfig, MambaLM
 from mambakit.generation.cpu_decode import CpuDecoder, cpu_decoder, supports_cpu_decoder
+from tests.generation.test_cpu_decode import make_model as mamba1_model
 
 VOCAB = 61
 
 
 def make_model(**overrides):
-    torch.manual_seed(0)
-    config = dict(d_model=32, n_layer=2, vocab_size=VOCAB, layer="mamba2", d_state=8, headdim=8)
-    config.update(overrides)
-    model = MambaLM(MambaConfig(**config)).eval()
-    with torch.no_grad():  # random biases and norm weights, so that every term is exercised
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    """The Mamba-1 tests' model (random biases and norm weights) with Mamba-2 mixers."""
+    return mamba1_model(**{"n_layer": 2, "vocab_size": VOCAB, "layer": "mamba2", "headdim": 8, **overrides})
 
 
 @pytest.mark.parametrize("overrides", [
