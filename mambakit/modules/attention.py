@@ -348,15 +348,16 @@ class Attention(nn.Module):
         if is_plain(self.conv1d, nn.Conv1d):
             y, final = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, None, initial_state=initial,
                                          return_final_state=True, cu_seqlens=cu_seqlens)
-            return y.transpose(1, 2), final
-        if cu_seqlens is None:
+        elif cu_seqlens is None:
             y, final = self._conv_by_call(x, initial)
         else:
             bounds = cu_seqlens.tolist()
             parts = [self._conv_by_call(x[:, :, a:b], None if initial is None else initial[s:s + 1])
                      for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
             y, final = torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=0)
-        return y.transpose(1, 2), final
+        # (B, L, C) with the channels contiguous: SDPA's flash and memory-efficient kernels need the
+        # heads' last dimension at stride 1, and fall back to the quadratic-memory math kernel without
+        return y.transpose(1, 2).contiguous(), final
 
     def _conv_by_call(self, x: torch.Tensor, initial: torch.Tensor | None):
         """x (B, C, L) after the d_conv - 1 state inputs (zeros without), through the module ->

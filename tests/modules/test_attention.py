@@ -213,3 +213,29 @@ def test_state_reserve_keeps_what_it_holds():
     state.reserve(5)
     assert isinstance(state, AttentionState) and state.capacity == 5
     assert torch.equal(state.k[:, :, :2], k) and not state.k[:, :, 2:].any()
+
+
+@pytest.mark.parametrize("wrapped_conv", [False, True], ids=["fused_conv", "called_conv"])
+def test_sdpa_gets_heads_with_unit_channel_stride(monkeypatch, wrapped_conv):
+    """SDPA's flash and memory-efficient kernels need q, k and v at stride 1 in their last
+    dimension; with any other stride it falls back to the math kernel, whose memory grows with
+    the square of the length (a hybrid's training at 2 x 8192 took 46 GiB instead of 26). The conv
+    writes its output (B, C, L), so the heads cut from it must be made contiguous."""
+    import torch.nn.functional as F
+    module = make(**CASES["conv_scale_base"])
+    if wrapped_conv:  # a hook: the module is called rather than fused (as under a LoRA wrapper)
+        module.conv1d.register_forward_hook(lambda m, i, o: None)
+    strides = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        strides.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    x = inputs(length=9)
+    module(x)
+    state = module.allocate_state(2, max_seqlen=10)
+    module(x, cache=state)
+    module.step(x[:, 0], state)
+    assert strides and all(s == (1, 1, 1) for s in strides), strides
