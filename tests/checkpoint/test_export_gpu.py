@@ -1,6 +1,6 @@
 """format="official" read by mamba_ssm's own loader (`MambaLMHeadModel.from_pretrained`), and
-mamba_ssm's own `save_pretrained` read by mambakit: the same logits (fp32, on the GPU, where
-mamba_ssm runs). Skipped without a CUDA device or without mamba_ssm installed."""
+mamba_ssm's own `save_pretrained` read by mambakit: the same logits to 1e-4 (fp32, on the GPU,
+where mamba_ssm runs). Skipped without a CUDA device or without mamba_ssm installed."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_official_export_loads_in_mamba_ssm_with_equal_logits(tmp_path, monkeypa
     ids = ids_for(model.config).to("cuda")
     with torch.no_grad():
         expected = official(ids).logits
-    torch.testing.assert_close(logits_of(model, ids), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(logits_of(model, ids), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "130m"])
@@ -67,4 +67,4 @@ def test_mamba_ssm_save_loads_in_mambakit_with_equal_logits(tmp_path, preset, ti
     ids = ids_for(ours.config).to("cuda")
     with torch.no_grad():
         expected = official(ids).logits
-    torch.testing.assert_close(logits_of(ours, ids), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(logits_of(ours, ids), expected, atol=1e-4, rtol=0)
