@@ -107,6 +107,27 @@ def test_other_tiles_give_the_same_result(tiles):
         _assert_triton_matches_reference(kw, chunk_size=8, dt_softplus=True)
 
 
+def test_never_written_triangles_are_never_used(monkeypatch):
+    """CB and dCB are written only on and below the diagonal (by tiles). The output, dx and dB/dC
+    kernels load whole tiles under a mask that is constant along the contiguous axis (so that
+    the loads are vector loads) and select the triangle after. With every new buffer filled with
+    NaN and tiles that reach past the written ones, a product with a mask instead of a select
+    would turn the outputs and gradients into NaN."""
+    import json
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    tiles = {"cb": {"block_t": 16}, "chunk_output": {"block_m": 32, "block_s": 16},
+             "dx": {"block_s": 32, "block_t": 16}, "dcb": {"block_t": 16, "block_s": 16}, "dbc": {"block": 32}}
+    kw = make_ssd_inputs(1, 70, 2, 16, 1, 16, D_shape=(2,), with_bias=True, seed=4)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert torch.empty(4).isnan().all()  # the fill is on: never-written memory reads as NaN
+        with knobs.override(ssd_tiles=json.dumps(tiles)):
+            _assert_triton_matches_reference(kw, chunk_size=32, dt_softplus=True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 @pytest.mark.parametrize("text,match", [
     ('{"no_kernel": {}}', "unknown kernel"), ('{"dx": {"block_s": 24}}', "power of two"),
     ('{"dx": {"blocks": 16}}', "no setting 'blocks'"), ('{"dx": {"32": {"block_s": 16}}}', "width 32"),

@@ -135,10 +135,12 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
         cs_t = tl.load(cs_row + offs_t, mask=ok_t, other=0.0)
         inside = (offs_t[None, :] >= offs_s[:, None]) & ok_s[:, None] & ok_t[None, :]  # (BLOCK_S, BLOCK_T)
         decay = tl.exp(tl.where(inside, cs_t[None, :] - cs_s[:, None], float("-inf")))
-        cb = tl.load(cb_cols + offs_t[None, :] * T, mask=inside, other=0.0)
+        # a mask constant along s, CB's contiguous axis here (vector loads); the triangle selected
+        # after, since CB above the diagonal may be unwritten memory
+        cb = tl.load(cb_cols + offs_t[None, :] * T, mask=(offs_s < T)[:, None] & ok_t[None, :], other=0.0)
         dy_t = tl.load(DY + b * s_yb + h * s_yh + pos_t[:, None] * s_yl + offs_p[None, :],
                        mask=ok_t[:, None] & ok_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
-        du += tl.dot((cb * decay).to(dy_t.dtype), dy_t, input_precision=PRECISION)
+        du += tl.dot(tl.where(inside, cb * decay, 0.0).to(dy_t.dtype), dy_t, input_precision=PRECISION)
 
     dy_s = tl.load(DY + b * s_yb + h * s_yh + pos_s[:, None] * s_yl + offs_p[None, :],
                    mask=ok_s[:, None] & ok_p[None, :], other=0.0).to(tl.float32)
@@ -233,8 +235,10 @@ def dbc_kernel(X, DT, CS, DCB, STATES, DSTATES, B, C, DY, DB, DC,
             ok_t = (offs_t < T) & (pos_t < L)
             inside = (offs_t[None, :] >= offs_j[:, None]) & ok_j[:, None] & ok_t[None, :]  # (BLOCK j, BLOCK t)
             w = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-            for k in range(n_dcb_splits):
-                w += tl.load(dcb + k * s_dcb_split + offs_t[None, :] * T + offs_j[:, None], mask=inside, other=0.0)
+            for k in range(n_dcb_splits):  # masks constant along dCB's contiguous axis (vector loads),
+                w += tl.load(dcb + k * s_dcb_split + offs_t[None, :] * T + offs_j[:, None],  # the triangle after
+                             mask=(offs_j < T)[:, None] & ok_t[None, :], other=0.0)
+            w = tl.where(inside, w, 0.0)  # (dCB above the diagonal is never written)
             c_t = tl.load(C + b * s_cb + g * s_cg + pos_t[:, None] * s_cl + offs_n[None, :],
                           mask=ok_t[:, None] & ok_n[None, :], other=0.0)  # (BLOCK, BLOCK_N)
             db += tl.dot(w.to(c_t.dtype), c_t, input_precision=PRECISION)
@@ -245,7 +249,9 @@ def dbc_kernel(X, DT, CS, DCB, STATES, DSTATES, B, C, DY, DB, DC,
             inside = (offs_j[:, None] >= offs_s[None, :]) & ok_j[:, None] & ok_s[None, :]  # (BLOCK j, BLOCK s)
             w = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
             for k in range(n_dcb_splits):
-                w += tl.load(dcb + k * s_dcb_split + offs_j[:, None] * T + offs_s[None, :], mask=inside, other=0.0)
+                w += tl.load(dcb + k * s_dcb_split + offs_j[:, None] * T + offs_s[None, :],
+                             mask=ok_j[:, None] & (offs_s < T)[None, :], other=0.0)
+            w = tl.where(inside, w, 0.0)
             b_s = tl.load(B + b * s_bb + g * s_bg + pos_s[:, None] * s_bl + offs_n[None, :],
                           mask=ok_s[:, None] & ok_n[None, :], other=0.0)
             dc += tl.dot(w.to(b_s.dtype), b_s, input_precision=PRECISION)
