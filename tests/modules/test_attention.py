@@ -234,7 +234,9 @@ def test_sdpa_gets_heads_with_unit_channel_stride(monkeypatch, wrapped_conv):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     x = inputs(length=9)
-    module(x)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # "No available kernel" for heads at another stride
+        module(x)
     state = module.allocate_state(2, max_seqlen=10)
     module(x, cache=state)
     module.step(x[:, 0], state)
