@@ -123,3 +123,23 @@ def test_dna_classify(strains, tmp_path, capsys, backbone):
     if backbone == "rc":
         assert summary["rc_agreement"] == 1.0  # invariant by construction
     assert {"model.safetensors", "config.json", "metrics.json"} <= {p.name for p in out_dir.iterdir()}
+
+
+def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path):
+    """benchmarks/dna_classify.py --smoke: a row per window length and backbone with the held-out
+    accuracy, and the RC-equivariant classifier labels every held-out window as its reverse
+    complement (at any weights), which the other two need not."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dna_classify.py"
+    spec = importlib.util.spec_from_file_location("benchmark_dna_classify", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "classify.json"
+    assert bench.main(["--data", str(strains), "--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["backbone"], r["length"]): r for r in result["rows"]}
+    assert set(rows) == {(b, n) for b in ("causal", "bidirectional", "rc") for n in (64, 256)}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["bases"] == r["batch"] * r["length"] * r["steps"] for r in rows.values())
+    assert rows[("rc", 64)]["rc_agreement"] == 1.0 and rows[("rc", 256)]["rc_agreement"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
