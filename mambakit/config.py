@@ -116,8 +116,8 @@ class MambaConfig:
         """The hybrid fields: layer indices in range and distinct (kept sorted), attn_cfg that
         AttentionConfig resolves (kept resolved, every key written), the experts' counts, and
         the fields that need an MLP."""
-        self.attn_layer_idx = _layer_indices("attn_layer_idx", self.attn_layer_idx, self.n_layer)
-        self.moe_layer_idx = _layer_indices("moe_layer_idx", self.moe_layer_idx, self.n_layer)
+        self.attn_layer_idx = layer_indices("MambaConfig.attn_layer_idx", self.attn_layer_idx, self.n_layer)
+        self.moe_layer_idx = layer_indices("MambaConfig.moe_layer_idx", self.moe_layer_idx, self.n_layer)
         if isinstance(self.attn_cfg, str):  # the command line's JSON text
             try:
                 self.attn_cfg = json.loads(self.attn_cfg)
@@ -702,22 +702,23 @@ class AttentionConfig:
         return cfg
 
 
-def _layer_indices(name: str, value: Any, n_layer: int) -> list[int]:
+def layer_indices(label: str, value: Any, n_layer: int) -> list[int]:
     """A list (or tuple) of distinct layer indices in [0, n_layer), sorted; or its text
-    (parse_attn_layers: "3,7" or a pattern such as "mmam")."""
+    (parse_attn_layers: "3,7" or a pattern such as "mmam"). A ValueError starting with `label`
+    (the field, "MambaConfig.attn_layer_idx", or the flag) otherwise."""
     if isinstance(value, str):
         try:
             value = parse_attn_layers(value, n_layer)
         except ValueError as err:
-            raise ValueError(f"MambaConfig.{name}: {err}") from None
+            raise ValueError(f"{label}: {err}") from None
     if not isinstance(value, (list, tuple)) or not all(_is_int(i) for i in value):
-        raise ValueError(f"MambaConfig.{name} must be a list of layer indices (ints), got {_show(value)}")
+        raise ValueError(f"{label} must be a list of layer indices (ints), got {_show(value)}")
     bad = [i for i in value if not 0 <= i < n_layer]
     if bad:
-        raise ValueError(f"MambaConfig.{name} holds {_show(bad[0])}, outside the layers 0..{n_layer - 1} "
-                         f"(n_layer={n_layer})")
+        raise ValueError(f"{label} holds {_show(bad[0])}, outside the layers 0..{n_layer - 1} "
+                         f"(-{n_layer}..-1 from the end; n_layer={n_layer})")
     if len(set(value)) != len(value):
-        raise ValueError(f"MambaConfig.{name} names a layer twice: {_show(list(value))}")
+        raise ValueError(f"{label} names a layer twice: {_show(list(value))}")
     return sorted(value)
 
 
@@ -737,7 +738,7 @@ def parse_attn_layers(text: str, n_layer: int) -> list[int]:
     except ValueError:
         raise ValueError(f"attention layers must be indices such as '3,7' or a pattern of a/m letters, got "
                          f"{text!r}") from None
-    return [i + n_layer if i < 0 else i for i in indices]
+    return [i + n_layer if -n_layer <= i < 0 else i for i in indices]  # one further back stays out of range
 
 
 def _official_hybrid_fields(read: "_Fields") -> dict[str, Any]:

@@ -1,16 +1,51 @@
-"""The SASS of a kernel compiled offline for sm_90: its chunk loop's instruction counts and its
-resource use, disassembled with the nvdisasm and cuobjdump that ship with Triton. Shared by
-scan_sass.py and gluon_scan_sass.py."""
+"""Kernels compiled offline for sm_90 (no GPU): a captured launch compiled as the launcher would
+(`compile_launch`), and the SASS of its chunk loop, the instruction counts and resource use,
+disassembled with the nvdisasm and cuobjdump that ship with Triton. Shared by scan_sass.py,
+gluon_scan_sass.py and ssd_ptx.py."""
 from __future__ import annotations
 
 import collections
+import inspect
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+
+
+def compile_launch(kernel, values: list, kwargs: dict):
+    """`kernel` compiled for sm_90 with the arguments of a captured launch (positional values,
+    keyword constexprs and num_warps / num_stages / maxnreg), specialized as the launcher
+    specializes them: ints of 1 as constants, pointers and ints divisible by 16 marked so."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    parameters = inspect.signature(kernel.fn).parameters
+    bound = dict(zip(parameters, values)) | kwargs
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, parameter) in enumerate(parameters.items()):
+        v = bound.get(name, None if parameter.default is inspect.Parameter.empty else parameter.default)
+        if kernel.params[i].is_constexpr or v is None or (type(v) is int and v == 1):
+            signature[name], constants[(i,)] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + POINTER_TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            signature[name] = "i32" if abs(v) < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
 
 
 @dataclass

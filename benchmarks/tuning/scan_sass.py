@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
 import json
 import os
 import re
@@ -26,11 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 import mambakit.ops.triton.scan_launch as ss  # noqa: E402
-from sass_loop import chunk_loop  # noqa: E402
+from sass_loop import chunk_loop, compile_launch  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--reverse", action="store_true")
@@ -61,28 +58,7 @@ else:
 
 kernel, values, kwargs = captured["kernel"], captured["args"], captured["kwargs"]
 kwargs["FAST"] = True
-options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
-names = list(inspect.signature(kernel.fn).parameters)
-bound = dict(zip(names, values)) | kwargs
-signature, constants, attrs = {}, {}, {}
-for i, name in enumerate(names):
-    default = inspect.signature(kernel.fn).parameters[name].default
-    v = bound.get(name, None if default is inspect.Parameter.empty else default)
-    if kernel.params[i].is_constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
-        signature[name], constants[(i,)] = "constexpr", v
-    elif isinstance(v, torch.Tensor):
-        signature[name] = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}[v.dtype]
-        attrs[(i,)] = [["tt.divisibility", 16]]
-    elif isinstance(v, bool):
-        signature[name] = "i1"
-    elif isinstance(v, int):
-        signature[name] = "i32"
-        if v % 16 == 0:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    else:
-        signature[name] = "fp32"
-compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=options)
+compiled = compile_launch(kernel, values, kwargs)
 if args.ptx:
     print(collections.Counter(re.findall(r"\b(ex2\.[a-z0-9.]+|lg2\.[a-z0-9.]+|rcp\.[a-z0-9.]+|tanh\.[a-z0-9.]+)",
                                          compiled.asm["ptx"])))

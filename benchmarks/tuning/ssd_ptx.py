@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
 import os
 import re
 import sys
@@ -26,12 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 import mambakit.ops.triton.ssd_op as ssd_op  # noqa: E402
-
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+from sass_loop import compile_launch  # noqa: E402
 ASYNC_COPY = re.compile(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-f]+|\d+)")
 
 
@@ -55,31 +51,6 @@ def captured_launches(batch: int, length: int, heads: int, headdim: int, d_state
     y, _ = ssd_op._SSD.forward(ctx, x, step, cs, B, C, torch.empty(heads), None, bf16)
     ssd_op._SSD.backward(ctx, torch.empty_like(y), None)
     return launches
-
-
-def compile_launch(kernel, args, kwargs):
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
-    names = list(inspect.signature(kernel.fn).parameters)
-    bound = dict(zip(names, args)) | kwargs
-    signature, constants, attrs = {}, {}, {}
-    for i, name in enumerate(names):
-        value = bound.get(name)
-        if kernel.params[i].is_constexpr or value is None or (type(value) is int and value == 1):
-            signature[name], constants[(i,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):  # as the launcher specializes: divisibility by 16 where it holds
-            signature[name] = "i32" if abs(value) < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32"
-    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=options)
 
 
 def main():

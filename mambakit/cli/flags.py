@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import typing
 
-from ..config import PRESETS, parse_attn_layers
+from ..config import PRESETS, layer_indices
 
 # the model family -> the prefix of its preset names
 ARCHS = {"mamba1": "", "mamba2": "mamba2-", "hybrid": "hybrid-"}
@@ -68,21 +68,13 @@ def attn_layers_for(text: str, n_layer: int, arch: str | None) -> list[int]:
     from the end) or a pattern of a/m letters ("mmam"), each index in [0, n_layer) and named
     once; under --arch hybrid at least one, under --arch mamba1 / mamba2 none. A ValueError
     naming the flag otherwise."""
-    try:
-        indices = parse_attn_layers(text, n_layer)
-    except ValueError as err:
-        raise ValueError(f"--attn-layers {text!r}: {err}") from None
-    if any(not 0 <= i < n_layer for i in indices):
-        raise ValueError(f"--attn-layers {text!r} names a layer outside the model's layers 0..{n_layer - 1} "
-                         f"(-{n_layer}..-1 from the end; n_layer {n_layer})")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"--attn-layers {text!r} names a layer twice")
+    indices = layer_indices(f"--attn-layers {text!r}", text, n_layer)  # the config's own checks
     if arch == "hybrid" and not indices:
         raise ValueError(f"--arch hybrid needs an attention layer; --attn-layers {text!r} has none")
     if arch in ("mamba1", "mamba2") and indices:
         raise ValueError(f"--arch {arch} and --attn-layers {text!r} disagree: attention layers make a hybrid: "
                          f"use --arch hybrid")
-    return sorted(indices)
+    return indices
 
 
 def check_preset_attn_layers(preset: str, n_layer: int) -> None:

@@ -104,10 +104,11 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
     pos_s = c * T + offs_s
     ok_s = (offs_s < T) & (pos_s < L)
     ok_p = offs_p < P
-    cs_row = CS + ((b * H + h) * n_chunks + c) * T
+    row = ((b * H + h) * n_chunks + c) * T  # the head's chunk in the (batch, H, c, T) layout of cs and dt
+    cs_row = CS + row
     cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
     cs_end = tl.load(cs_row + T - 1)
-    dt_s = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_s, mask=ok_s, other=0.0)
+    dt_s = tl.load(DT + row + offs_s, mask=ok_s, other=0.0)
 
     # through the chunk's contribution to the state at its end: B_s · g_c, g_c (P, N)
     grad_state = DSTATES + ((b * n_chunks + c) * H + h) * P * N
@@ -163,8 +164,8 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
                 tl.atomic_add(DD + h, tl.sum(dy_x, axis=0))
     tl.store(DX + b * s_dxb + h * s_dxh + pos_s[:, None] * s_dxl + offs_p[None, :], dx.to(DX.dtype.element_ty),
              mask=ok_s[:, None] & ok_p[None, :])
-    tl.store(DDT + ((b * H + h) * n_chunks + c) * T + offs_s, ddt, mask=ok_s)
-    tl.store(DCS + ((b * H + h) * n_chunks + c) * T + offs_s, tl.sum(dy_s * y_s, axis=1) - dt_s * ddt, mask=ok_s)
+    tl.store(DDT + row + offs_s, ddt, mask=ok_s)
+    tl.store(DCS + row + offs_s, tl.sum(dy_s * y_s, axis=1) - dt_s * ddt, mask=ok_s)
 
 
 @triton.jit
@@ -196,10 +197,11 @@ def dcb_kernel(X, DT, CS, DY, DCB, L, T, n_chunks, H, G, P, heads_per_program, s
             x_s = tl.load(X + b * s_xb + h * s_xh + pos_s[None, :] * s_xl + offs_k[:, None],
                           mask=ok_k[:, None] & ok_s[None, :], other=0.0)  # (BLOCK_K, BLOCK_S)
             dots += tl.dot(dy_t, x_s, input_precision=PRECISION)
-        cs_row = CS + ((b * H + h) * n_chunks + c) * T
+        row = ((b * H + h) * n_chunks + c) * T  # the head's chunk in the (batch, H, c, T) layout of cs and dt
+        cs_row = CS + row
         cs_t = tl.load(cs_row + offs_t, mask=ok_t, other=0.0)
         cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
-        dt_s = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_s, mask=ok_s, other=0.0)
+        dt_s = tl.load(DT + row + offs_s, mask=ok_s, other=0.0)
         acc += dots * tl.exp(tl.where(inside, cs_t[:, None] - cs_s[None, :], float("-inf"))) * dt_s[None, :]
     out = DCB + split * s_split + (((b * n_chunks + c) * G + g) * T + offs_t[:, None]) * T + offs_s[None, :]
     tl.store(out, acc, mask=(offs_t[:, None] < T) & (offs_s[None, :] < T))
@@ -257,10 +259,11 @@ def dbc_kernel(X, DT, CS, DCB, STATES, DSTATES, B, C, DY, DB, DC,
             dc += tl.dot(w.to(b_s.dtype), b_s, input_precision=PRECISION)
     for i in range(heads_per_program):  # the states' parts, head by head
         h = g * (H // G) + split * heads_per_program + i
-        cs_row = CS + ((b * H + h) * n_chunks + c) * T
+        row = ((b * H + h) * n_chunks + c) * T  # the head's chunk in the (batch, H, c, T) layout of cs and dt
+        cs_row = CS + row
         cs_j = tl.load(cs_row + offs_j, mask=ok_j, other=0.0)
         cs_end = tl.load(cs_row + T - 1)
-        dt_j = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_j, mask=ok_j, other=0.0)
+        dt_j = tl.load(DT + row + offs_j, mask=ok_j, other=0.0)
         slot = ((b * n_chunks + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
         ok_pn = ok_p[:, None] & ok_n[None, :]
         x_j = tl.load(X + b * s_xb + h * s_xh + pos_j[:, None] * s_xl + offs_p[None, :],

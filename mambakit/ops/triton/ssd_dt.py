@@ -38,7 +38,8 @@ def _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi,
 @triton.jit
 def _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """A program's (batch, chunk) and heads: grid (batch * c, cdiv(H, BLOCK_H)). ok: the steps
-    within the chunk and within the row's own length (a padded batch of packed sequences)."""
+    within the chunk and within the row's own length (a padded batch of packed sequences);
+    slots: the (BLOCK_T, BLOCK_H) offsets of the tile in the chunked (batch, H, c, T) layout."""
     pid, pid_h = tl.program_id(0), tl.program_id(1)
     c = pid % n_chunks
     b = (pid // n_chunks).to(tl.int64)
@@ -47,7 +48,8 @@ def _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS: tl.constexpr, BLOCK_T: tl.con
     pos = c * T + offs_t
     end = tl.load(LENGTHS + b) if HAS_LENGTHS else L
     ok = ((offs_t < T) & (pos < end))[:, None] & (offs_h < H)[None, :]
-    return b, c, offs_t, offs_h, pos, ok
+    slots = ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None]
+    return b, c, offs_t, offs_h, pos, ok, slots
 
 
 @triton.jit
@@ -55,14 +57,13 @@ def _dt_cumsum_fwd_kernel(DT, BIAS, A, STEP, CS, LENGTHS, L, T, n_chunks, H, s_d
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     # grid (batch * c, cdiv(H, BLOCK_H)); STEP and CS (batch, H, c, T) fp32 (0 steps past L)
-    b, c, offs_t, offs_h, pos, ok = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
+    b, c, offs_t, offs_h, pos, ok, slots = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
     _, step = _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi, HAS_BIAS, SOFTPLUS, LIMIT)
     in_chunk = (offs_t < T)[:, None] & (offs_h < H)[None, :]
-    slots = ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None]  # (BLOCK_T, BLOCK_H) in (batch, H, c, T)
     tl.store(STEP + slots, step, mask=in_chunk)  # step is 0 past a row's length
     a = tl.load(A + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
     cs = tl.cumsum(step * a[None, :], axis=0)  # (BLOCK_T, BLOCK_H)
-    tl.store(CS + ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None], cs, mask=in_chunk)
+    tl.store(CS + slots, cs, mask=in_chunk)
 
 
 @triton.jit
@@ -72,16 +73,16 @@ def _dt_cumsum_bwd_kernel(DT, BIAS, A, DSTEP, DCS, DDT, DA, DBIAS, LENGTHS, L, T
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     # grid as the forward; DDT (batch, L, H) with its own strides (DT may be a view into a wider
     # projection, DDT is dense); DA, DBIAS (H,) fp32, added to
-    b, c, offs_t, offs_h, pos, ok = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
+    b, c, offs_t, offs_h, pos, ok, slots = _tile(LENGTHS, L, T, n_chunks, H, HAS_LENGTHS, BLOCK_T, BLOCK_H)
     ok_h = offs_h < H
     raw, step = _raw_and_step(DT, BIAS, b, pos, offs_h, ok, L, H, s_db, s_dl, lo, hi, HAS_BIAS, SOFTPLUS, LIMIT)
     in_chunk = (offs_t < T)[:, None] & ok_h[None, :]
-    dcs = tl.load(DCS + ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None], mask=in_chunk, other=0.0)
+    dcs = tl.load(DCS + slots, mask=in_chunk, other=0.0)
     # the gradient of step_s · A is the sum of dcs_t over t >= s (cs_t sums the steps up to t)
     d_da = tl.sum(dcs, axis=0)[None, :] - tl.cumsum(dcs, axis=0) + dcs
     a = tl.load(A + offs_h, mask=ok_h, other=0.0).to(tl.float32)
     tl.atomic_add(DA + offs_h, tl.sum(tl.where(ok, step * d_da, 0.0), axis=0), mask=ok_h)
-    grad = tl.load(DSTEP + ((b * H + offs_h[None, :]) * n_chunks + c) * T + offs_t[:, None], mask=ok, other=0.0)
+    grad = tl.load(DSTEP + slots, mask=ok, other=0.0)
     grad += a[None, :] * d_da
     if LIMIT:
         unclamped = softplus(raw, False) if SOFTPLUS else raw

@@ -67,7 +67,8 @@ def chunk_state_kernel(X, Y, DT, CS, OUT, L, T, n_chunks, H, G, P, N,
     g = h // (H // G)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cs_row = CS + ((b * H + h) * n_chunks + c) * T
+    row = ((b * H + h) * n_chunks + c) * T  # the head's chunk in the (batch, H, c, T) layout of cs and dt
+    cs_row = CS + row
     cs_end = tl.load(cs_row + T - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.minimum(T, L - c * T), BLOCK_K):
@@ -76,7 +77,7 @@ def chunk_state_kernel(X, Y, DT, CS, OUT, L, T, n_chunks, H, G, P, N,
         ok = (offs_k < T) & (pos < L)
         cs = tl.load(cs_row + offs_k, mask=ok, other=0.0)
         if FORWARD:
-            dt = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_k, mask=ok, other=0.0)
+            dt = tl.load(DT + row + offs_k, mask=ok, other=0.0)
             w = tl.where(ok, dt * tl.exp(cs_end - cs), 0.0)
         else:
             w = tl.where(ok, tl.exp(cs), 0.0)
@@ -142,7 +143,8 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
     pos_t = c * T + offs_t
     ok_t = (offs_t < T) & (pos_t < L)
     ok_p = offs_p < P
-    cs_row = CS + ((b * H + h) * n_chunks + c) * T
+    row = ((b * H + h) * n_chunks + c) * T  # the head's chunk in the (batch, H, c, T) layout of cs and dt
+    cs_row = CS + row
     cs_t = tl.load(cs_row + offs_t, mask=ok_t, other=0.0)
 
     # from the state the chunk starts from: exp(cs_t) C_t · h_start
@@ -166,7 +168,7 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
         pos_s = c * T + offs_s
         ok_s = (offs_s < T) & (pos_s < L)
         cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
-        dt_s = tl.load(DT + ((b * H + h) * n_chunks + c) * T + offs_s, mask=ok_s, other=0.0)
+        dt_s = tl.load(DT + row + offs_s, mask=ok_s, other=0.0)
         inside = (offs_t[:, None] >= offs_s[None, :]) & ok_t[:, None] & ok_s[None, :]
         decay = tl.exp(tl.where(inside, cs_t[:, None] - cs_s[None, :], float("-inf")))
         # loaded under a mask that is constant along s (vector loads), the triangle selected after:
