@@ -12,15 +12,19 @@ official `MambaLMHeadModel.generate(cg=True)`, in one run, with the same random 
     python benchmarks/generate.py --smoke        # CPU, tiny sizes: checks that the script runs
     python benchmarks/generate.py --preset mamba2-130m --decode-only --out benchmarks/results/generate_mamba2_h200.json
     python benchmarks/generate.py --preset hybrid-130m --decode-only --out benchmarks/results/generate_hybrid_h200.json
+    python benchmarks/generate.py --preset hybrid-130m --no-rotary --decode-only   # where flash_attn is missing
 
 The official model is built from the preset's `MambaConfig.to_official()` with mambakit's weights
-(the same names): Mamba-1, Mamba-2, or a hybrid's MHA layers (which need flash_attn). --smoke
+(the same names): Mamba-1, Mamba-2, or a hybrid's MHA layers, which decode with flash_attn's
+flash_attn_with_kvcache; where flash_attn is not installed and the attention has no rotary
+embedding, with mambakit.compat's SDPA stand-in for it (the JSON's official_attention says which). --smoke
 takes the tiny preset of --preset's family (tiny, mamba2-tiny, hybrid-tiny).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import time
@@ -61,15 +65,28 @@ def official_ms_per_step(official, ids, new, device):
 
 
 def official_model(ours, device, dtype):
+    """The official MambaLMHeadModel with ours's weights, and how its attention decodes: flash_attn's
+    kernel, or (flash_attn not installed, attention without rotary) mambakit.compat's SDPA stand-in
+    for flash_attn_with_kvcache, put into the official MHA module in its place."""
     from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     c = ours.config
-    if c.attn_layer_idx:  # the official MHA's rotary embedding and KV-cache attention
-        importlib.import_module("flash_attn")
+    attention = None
+    if c.attn_layer_idx:  # the official MHA: rotary embedding and KV-cache attention from flash_attn
+        try:
+            importlib.import_module("flash_attn")
+            attention = "flash_attn"
+        except ImportError:
+            if c.attn_cfg.get("rotary_emb_dim", 0):
+                raise
+            from mamba_ssm.modules import mha
+            from mambakit.compat import flash_attn_with_kvcache
+            mha.flash_attn_with_kvcache = flash_attn_with_kvcache
+            attention = "mambakit.compat.flash_attn_with_kvcache (SDPA; flash_attn not installed)"
     cfg = OfficialConfig(**c.to_official())  # Mamba-1 or Mamba-2 layers, and attention, as the preset's
     model = MambaLMHeadModel(cfg, device=device, dtype=dtype)
     model.load_state_dict(ours.state_dict())  # the same weights: the names follow the official ones
-    return model.eval()
+    return model.eval(), attention
 
 
 def transformer_like(config, device, dtype, max_len):
@@ -172,10 +189,13 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     ap.add_argument("--preset", default="130m",
                     help="the model's preset (mamba2-130m for Mamba-2, hybrid-130m for the hybrid)")
+    ap.add_argument("--no-rotary", action="store_true",
+                    help="a hybrid's attention without rotary embeddings (both models): where flash_attn is not "
+                         "installed, the official MHA then decodes through mambakit.compat.flash_attn_with_kvcache")
     ap.add_argument("--decode-only", action="store_true",
                     help="only part 1 (ms/step against the official generate); no plot")
     args = ap.parse_args()
-    from mambakit import MambaLM
+    from mambakit import MambaConfig, MambaLM
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     preset, prompt_len, new = (tiny_of(args.preset), 16, 8) if args.smoke else (args.preset, 128, 512)
@@ -183,15 +203,19 @@ def main():
     contexts = (64, 256) if args.smoke else tuple(2**k for k in range(10, 18))
     long_prompt = 256 if args.smoke else 8192
     torch.manual_seed(0)
-    model = MambaLM.from_name(preset, device=device, dtype=dtype).eval()
+    config = MambaConfig.from_name(preset)
+    if args.no_rotary and config.attn_layer_idx:
+        config = dataclasses.replace(config, attn_cfg={**config.attn_cfg, "rotary_emb_dim": 0})
+    model = MambaLM(config, device=device, dtype=dtype).eval()
     try:
-        official = None if args.smoke else official_model(model, device, dtype)
+        official, official_attention = (None, None) if args.smoke else official_model(model, device, dtype)
     except ImportError as err:
         print("official mamba_ssm not importable:", err)
-        official = None
+        official, official_attention = None, None
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), preset=preset, dtype=str(dtype), prompt=prompt_len, new_tokens=new,
-                  decode=[])
+                  rotary=bool(model.config.attn_cfg.get("rotary_emb_dim", 0)) if model.config.attn_layer_idx else None,
+                  official_attention=official_attention, decode=[])
     for batch in batches:
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
         row = dict(batch=batch)

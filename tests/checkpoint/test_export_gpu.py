@@ -68,3 +68,31 @@ def test_mamba_ssm_save_loads_in_mambakit_with_equal_logits(tmp_path, preset, ti
     with torch.no_grad():
         expected = official(ids).logits
     torch.testing.assert_close(logits_of(ours, ids), expected, atol=1e-4, rtol=0)
+
+
+def test_official_hybrid_decodes_through_the_compat_kv_attention_to_our_tokens(monkeypatch):
+    """Without flash_attn the official MHA's decoding step masks a single query top-left (it sees
+    the first key only); with mambakit.compat.flash_attn_with_kvcache in flash_attn's place, its
+    CUDA-graph generate gives mambakit's greedy tokens for a batch of prompts, and its first step
+    the same logits."""
+    MambaLMHeadModel = mamba_lm_head_model()
+    from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
+    from mamba_ssm.modules import mha
+
+    from mambakit.compat import flash_attn_with_kvcache
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    monkeypatch.setattr(mha, "flash_attn_with_kvcache", flash_attn_with_kvcache)
+    preset, overrides = OFFICIAL_EXPORTS["hybrid-tiny-no-rotary"]
+    torch.manual_seed(0)
+    ours = MambaLM.from_name(preset, **overrides).to("cuda").eval()
+    official = MambaLMHeadModel(OfficialConfig(**ours.config.to_official()), device="cuda", dtype=torch.float32)
+    official.load_state_dict(ours.state_dict())
+    official.eval()
+    ids = torch.randint(0, ours.config.vocab_size, (3, 20), device="cuda")
+    theirs = official.generate(ids, max_length=ids.shape[1] + 24, cg=True, temperature=1.0, top_k=1,
+                               output_scores=True, return_dict_in_generate=True)
+    mine = ours.generate(ids, max_new_tokens=24)
+    assert torch.equal(mine[:, ids.shape[1]:], theirs.sequences[:, ids.shape[1]:])
+    with torch.no_grad():
+        full = ours(theirs.sequences[:, :ids.shape[1] + 1]).logits[:, -1]
+    torch.testing.assert_close(theirs.scores[1].float(), full.float(), atol=1e-3, rtol=0)
