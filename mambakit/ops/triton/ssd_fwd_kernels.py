@@ -160,10 +160,24 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
         acc += tl.dot(c_tile, h_tile.to(c_tile.dtype), input_precision=PRECISION)
     acc = acc * tl.exp(cs_t)[:, None]
 
-    # within the chunk: sum_{s <= t} CB_ts exp(cs_t - cs_s) dt_s x_s
+    # within the chunk: sum_{s <= t} CB_ts exp(cs_t - cs_s) dt_s x_s. The s tiles wholly before this
+    # tile's rows first: every s there is a step before every row (so before L) and needs no mask
+    # (exp's argument is kept <= 0 for rows past L, whose cs loaded as 0); then the tiles the
+    # diagonal crosses, under the triangle
     cb_rows = CB + ((b * n_chunks + c) * G + g) * T * T + offs_t[:, None] * T
+    x_head = X + b * s_xb + h * s_xh
+    in_t = (offs_t < T)[:, None]
+    s_diagonal = (pid_t * BLOCK_M) // BLOCK_S * BLOCK_S
+    for s0 in range(0, s_diagonal, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        cs_s = tl.load(cs_row + offs_s)
+        dt_s = tl.load(DT + row + offs_s)
+        decay = tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0))
+        cb = tl.load(cb_rows + offs_s[None, :], mask=in_t, other=0.0)  # (BLOCK_M, BLOCK_S)
+        x_s = tl.load(x_head + (c * T + offs_s)[:, None] * s_xl + offs_p[None, :], mask=ok_p[None, :], other=0.0)
+        acc += tl.dot((cb * decay * dt_s[None, :]).to(x_s.dtype), x_s, input_precision=PRECISION)
     s_end = tl.minimum((pid_t + 1) * BLOCK_M, T)
-    for s0 in range(0, s_end, BLOCK_S):
+    for s0 in range(s_diagonal, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         pos_s = c * T + offs_s
         ok_s = (offs_s < T) & (pos_s < L)
@@ -175,7 +189,7 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
         # CB above the diagonal may be unwritten memory, which a select (not a product) keeps out
         cb = tl.load(cb_rows + offs_s[None, :], mask=ok_t[:, None] & (offs_s < T)[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_S)
-        x_s = tl.load(X + b * s_xb + h * s_xh + pos_s[:, None] * s_xl + offs_p[None, :],
+        x_s = tl.load(x_head + pos_s[:, None] * s_xl + offs_p[None, :],
                       mask=ok_s[:, None] & ok_p[None, :], other=0.0)  # (BLOCK_S, BLOCK_P)
         w = tl.where(inside, cb * decay * dt_s[None, :], 0.0)
         acc += tl.dot(w.to(x_s.dtype), x_s, input_precision=PRECISION)
