@@ -233,37 +233,39 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     copy = [r for r in result.get("selective_copying", []) if "error" not in r]
+    ind = [r for r in result.get("induction_heads", []) if "error" not in r]
+    panels = [part for part, rows in (("copy", copy), ("induction", ind)) if rows] or ["copy", "induction"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    copy_ax, ind_ax = (dict(zip(panels, axes[0])).get(part) for part in ("copy", "induction"))
     if copy:
         names = [r["name"] for r in copy]
         accs = [r["accuracy"] for r in copy]
         colors = dict(zip([v[0] for v in VARIANTS], ["tab:gray", "tab:blue", "tab:olive", "tab:green"]))
-        bars = ax[0].barh(names, accs, color=[colors.get(n, "tab:purple") for n in names])
+        bars = copy_ax.barh(names, accs, color=[colors.get(n, "tab:purple") for n in names])
         for bar, acc in zip(bars, accs):
-            ax[0].text(min(acc + 0.01, 0.9), bar.get_y() + bar.get_height() / 2, f"{acc:.1%}", va="center")
-        ax[0].set(xlim=(0, 1), xlabel="accuracy on the answers",
+            copy_ax.text(min(acc + 0.01, 0.9), bar.get_y() + bar.get_height() / 2, f"{acc:.1%}", va="center")
+        copy_ax.set(xlim=(0, 1), xlabel="accuracy on the answers",
                   title=f"selective copying, L={copy[0]['seq_len']}, {copy[0]['n_memorize']} tokens")
-        ax[0].invert_yaxis()
-    ind = [r for r in result.get("induction_heads", []) if "error" not in r]
+        copy_ax.invert_yaxis()
     for r in ind:
         ran, not_run = _ran(r["lengths"]), [x for x in r["lengths"] if x.get("accuracy") is None]
-        line, = ax[1].plot([x["length"] for x in ran], [x["accuracy"] for x in ran], marker="o",
+        line, = ind_ax.plot([x["length"] for x in ran], [x["accuracy"] for x in ran], marker="o",
                            label=f"{r['name']} ({r['n_params'] / 1e3:.0f}K)")
         if not_run:  # a hybrid's lengths beyond its memory or time budget: crosses on the axis
             why = ", ".join(sorted({x["status"].removeprefix("not run: ") for x in not_run}))
-            ax[1].plot([x["length"] for x in not_run], [0.0] * len(not_run), ls="none", marker="x", ms=8,
+            ind_ax.plot([x["length"] for x in not_run], [0.0] * len(not_run), ls="none", marker="x", ms=8,
                        clip_on=False, color=line.get_color(), label=f"{r['name']}: not run ({why})")
         if "lengths_fp32" in r:
-            ax[1].plot([x["length"] for x in _ran(r["lengths_fp32"])], [x["accuracy"] for x in _ran(r["lengths_fp32"])],
+            ind_ax.plot([x["length"] for x in _ran(r["lengths_fp32"])], [x["accuracy"] for x in _ran(r["lengths_fp32"])],
                        ls="--", marker=".", color=line.get_color(), label=f"{r['name']}, fp32 evaluation")
     if ind:
-        ax[1].axvline(ind[0]["seq_len"], color="gray", ls="--", lw=0.8, label="train length")
-        ax[1].axhline(1 / ih.N_CONTENT_TOKENS, color="gray", ls=":", lw=0.8, label="chance")
-        ax[1].set_xscale("log", base=2)
-        ax[1].set(ylim=(0, 1.02), xlabel="test sequence length", ylabel="accuracy", title="induction heads")
-        ax[1].legend(fontsize=8)
-    for a in ax:
+        ind_ax.axvline(ind[0]["seq_len"], color="gray", ls="--", lw=0.8, label="train length")
+        ind_ax.axhline(1 / ih.N_CONTENT_TOKENS, color="gray", ls=":", lw=0.8, label="chance")
+        ind_ax.set_xscale("log", base=2)
+        ind_ax.set(ylim=(0, 1.02), xlabel="test sequence length", ylabel="accuracy", title="induction heads")
+        ind_ax.legend(fontsize=8)
+    for a in axes[0]:
         a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
