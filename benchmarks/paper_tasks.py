@@ -246,7 +246,7 @@ def plot(result: dict, path: Path) -> None:
         for bar, acc in zip(bars, accs):
             copy_ax.text(min(acc + 0.01, 0.9), bar.get_y() + bar.get_height() / 2, f"{acc:.1%}", va="center")
         copy_ax.set(xlim=(0, 1), xlabel="accuracy on the answers",
-                  title=f"selective copying, L={copy[0]['seq_len']}, {copy[0]['n_memorize']} tokens")
+                    title=f"selective copying, L={copy[0]['seq_len']}, {copy[0]['n_memorize']} tokens")
         copy_ax.invert_yaxis()
     for r in ind:
         ran, not_run = _ran(r["lengths"]), [x for x in r["lengths"] if x.get("accuracy") is None]
