@@ -236,7 +236,7 @@ def plot(result: dict, path: Path) -> None:
     copy = [r for r in result.get("selective_copying", []) if "error" not in r]
     ind = [r for r in result.get("induction_heads", []) if "error" not in r]
     panels = [part for part, rows in (("copy", copy), ("induction", ind)) if rows] or ["copy", "induction"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     copy_ax, ind_ax = (dict(zip(panels, axes[0])).get(part) for part in ("copy", "induction"))
     if copy:
         names = [r["name"] for r in copy]
