@@ -135,7 +135,7 @@ def dx_kernel(X, DT, CS, CB, DSTATES, B, D, DY, Y, DX, DDT, DCS, DCS_END, DD,
         ok_t = (offs_t < T) & (pos_t < L)
         cs_t = tl.load(cs_row + offs_t, mask=ok_t, other=0.0)
         inside = (offs_t[None, :] >= offs_s[:, None]) & ok_s[:, None] & ok_t[None, :]  # (BLOCK_S, BLOCK_T)
-        decay = tl.exp(tl.where(inside, cs_t[None, :] - cs_s[:, None], float("-inf")))
+        decay = tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0))  # the triangle is selected below
         # a mask constant along s, CB's contiguous axis here (vector loads); the triangle selected
         # after, since CB above the diagonal may be unwritten memory
         cb = tl.load(cb_cols + offs_t[None, :] * T, mask=(offs_s < T)[:, None] & ok_t[None, :], other=0.0)

@@ -184,9 +184,9 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
         cs_s = tl.load(cs_row + offs_s, mask=ok_s, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=ok_s, other=0.0)
         inside = (offs_t[:, None] >= offs_s[None, :]) & ok_t[:, None] & ok_s[None, :]
-        decay = tl.exp(tl.where(inside, cs_t[:, None] - cs_s[None, :], float("-inf")))
+        decay = tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0))
         # loaded under a mask that is constant along s (vector loads), the triangle selected after:
-        # CB above the diagonal may be unwritten memory, which a select (not a product) keeps out
+        # CB above the diagonal may be unwritten memory, which the select (not a product) keeps out
         cb = tl.load(cb_rows + offs_s[None, :], mask=ok_t[:, None] & (offs_s < T)[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_S)
         x_s = tl.load(x_head + pos_s[:, None] * s_xl + offs_p[None, :],
@@ -194,7 +194,7 @@ def chunk_output_kernel(X, DT, CS, CB, STATES, C, D, Y, L, T, n_chunks, H, G, P,
         w = tl.where(inside, cb * decay * dt_s[None, :], 0.0)
         acc += tl.dot(w.to(x_s.dtype), x_s, input_precision=PRECISION)
 
-    x_t = tl.load(X + b * s_xb + h * s_xh + pos_t[:, None] * s_xl + offs_p[None, :],
+    x_t = tl.load(x_head + pos_t[:, None] * s_xl + offs_p[None, :],
                   mask=ok_t[:, None] & ok_p[None, :], other=0.0)
     if HAS_D:
         if D_PER_CHANNEL:
