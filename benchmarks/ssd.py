@@ -114,15 +114,19 @@ def main():
                         torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(rows, official_version, args.out)  # after every row: a run cut short keeps what it measured
             torch.cuda.empty_cache()
+    plot(json.load(open(args.out)), args.out.replace(".json", ".png"))
+
+
+def save(rows, official_version, path):
     import triton
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "mamba_ssm": official_version, "date": time.strftime("%Y-%m-%d"),
               "setup": f"bf16 x/B/C, fp32 dt/A/D/dt_bias, {HEADS} heads x {HEADDIM}, 1 group, chunk {CHUNK}, "
                        "dt_softplus, no z", "rows": rows}
-    with open(args.out, "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    plot(result, args.out.replace(".json", ".png"))
 
 
 def plot(result, path):

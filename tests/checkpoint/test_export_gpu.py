@@ -94,5 +94,5 @@ def test_official_hybrid_decodes_through_the_compat_kv_attention_to_our_tokens(m
     mine = ours.generate(ids, max_new_tokens=24)
     assert torch.equal(mine[:, ids.shape[1]:], theirs.sequences[:, ids.shape[1]:])
     with torch.no_grad():
-        full = ours(theirs.sequences[:, :ids.shape[1] + 1]).logits[:, -1]
+        full = logits_of(ours, theirs.sequences[:, :ids.shape[1] + 1])[:, -1]
     torch.testing.assert_close(theirs.scores[1].float(), full.float(), atol=1e-3, rtol=0)
