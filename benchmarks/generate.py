@@ -192,6 +192,10 @@ def main():
     ap.add_argument("--no-rotary", action="store_true",
                     help="a hybrid's attention without rotary embeddings (both models): where flash_attn is not "
                          "installed, the official MHA then decodes through mambakit.compat.flash_attn_with_kvcache")
+    ap.add_argument("--no-attn-conv", action="store_true",
+                    help="a hybrid's attention without its causal conv over q, k, v (both models): the official MHA "
+                         "keeps the conv's outputs, not its inputs, as the conv state after the prompt, so its "
+                         "decoding drifts from its own forward wherever the conv is on")
     ap.add_argument("--decode-only", action="store_true",
                     help="only part 1 (ms/step against the official generate); no plot")
     args = ap.parse_args()
@@ -206,6 +210,8 @@ def main():
     config = MambaConfig.from_name(preset)
     if args.no_rotary and config.attn_layer_idx:
         config = dataclasses.replace(config, attn_cfg={**config.attn_cfg, "rotary_emb_dim": 0})
+    if args.no_attn_conv and config.attn_layer_idx:
+        config = dataclasses.replace(config, attn_cfg={**config.attn_cfg, "d_conv": 0})
     model = MambaLM(config, device=device, dtype=dtype).eval()
     try:
         official, official_attention = (None, None) if args.smoke else official_model(model, device, dtype)
@@ -215,6 +221,7 @@ def main():
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), preset=preset, dtype=str(dtype), prompt=prompt_len, new_tokens=new,
                   rotary=bool(model.config.attn_cfg.get("rotary_emb_dim", 0)) if model.config.attn_layer_idx else None,
+                  attn_conv=model.config.attn_cfg.get("d_conv", 0) if model.config.attn_layer_idx else None,
                   official_attention=official_attention, decode=[])
     for batch in batches:
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)

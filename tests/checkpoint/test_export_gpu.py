@@ -83,6 +83,10 @@ def test_official_hybrid_decodes_through_the_compat_kv_attention_to_our_tokens(m
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     monkeypatch.setattr(mha, "flash_attn_with_kvcache", flash_attn_with_kvcache)
     preset, overrides = OFFICIAL_EXPORTS["hybrid-tiny-no-rotary"]
+    # the attention's conv off: after the prompt the official MHA keeps the conv's outputs, not its
+    # inputs, as the conv state, so with the conv on its decoding drifts from its own forward (about
+    # 1e-2 on logits of 0.8, measured on an H200), whatever the attention kernel
+    overrides = {**overrides, "attn_cfg": {**overrides["attn_cfg"], "d_conv": 0}}
     torch.manual_seed(0)
     ours = MambaLM.from_name(preset, **overrides).to("cuda").eval()
     official = MambaLMHeadModel(OfficialConfig(**ours.config.to_official()), device="cuda", dtype=torch.float32)
@@ -95,4 +99,4 @@ def test_official_hybrid_decodes_through_the_compat_kv_attention_to_our_tokens(m
     assert torch.equal(mine[:, ids.shape[1]:], theirs.sequences[:, ids.shape[1]:])
     with torch.no_grad():
         full = logits_of(ours, theirs.sequences[:, :ids.shape[1] + 1])[:, -1]
-    torch.testing.assert_close(theirs.scores[1].float(), full.float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(theirs.scores[1].float(), full.float(), atol=1e-5, rtol=0)
