@@ -143,10 +143,10 @@ def plot(result, path):
             pts = [(r["L"], r[key]) for r in rows if r.get(key)]
             if pts:
                 ax.plot(*zip(*pts), style, label=label)
-        ax.set_xticks([r["L"] for r in rows], labels=[f"{r['B']}x{r['L']}" for r in rows], fontsize=8)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(xscale="log", yscale="log", xlabel="sequence length L (label: B x L)", ylabel="ms",
                title=f"SSD, {result['device']}, bf16, 32x64 heads, N={d_state}")
+        ax.set_xticks([r["L"] for r in rows], labels=[f"{r['B']}x{r['L']}" for r in rows], fontsize=8)  # after the scale
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
