@@ -92,7 +92,7 @@ def train_and_score(kind, args, data, context, device):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--data", nargs="+")
     ap.add_argument("--contexts", type=int, nargs="+", default=[2**k for k in (10, 12, 14, 16, 18, 20)])
     ap.add_argument("--tokens-per-run", type=int, default=2**24)
     ap.add_argument("--tokens-per-step", type=int, default=2**20)
@@ -105,7 +105,13 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     ap.add_argument("--out", default="benchmarks/results/dna_context_h200.json")
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.load(open(args.plot)), args.plot.replace(".json", ".png"))
+        return
+    if not args.data:
+        ap.error("--data is required (FASTA files or directories)")
     if args.smoke:
         args.contexts, args.tokens_per_run, args.tokens_per_step, args.eval_tokens = [64, 256], 4096, 1024, 2048
         args.d_model, args.n_layer, args.chunk_len, args.transformer_max = 32, 2, 128, 256
@@ -123,17 +129,18 @@ def main():
                 row = {"model": kind, "context": context, "bpb": None, "note": "out of memory"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "data": data.describe(),
+                      "settings": {k: getattr(args, k) for k in ("tokens_per_run", "tokens_per_step", "eval_tokens",
+                                                                 "chunk_len", "d_model", "n_layer", "d_state", "lr")},
+                      "rows": rows}
+            if not args.smoke:  # after every row: a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "data": data.describe(), "settings": {
-                  k: getattr(args, k) for k in ("tokens_per_run", "tokens_per_step", "eval_tokens", "chunk_len",
-                                                "d_model", "n_layer", "d_state", "lr")}, "rows": rows}
-    if args.smoke:
-        return
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, args.out.replace(".json", ".png"))
+    if not args.smoke:
+        plot(result, args.out.replace(".json", ".png"))
 
 
 def plot(result, path):

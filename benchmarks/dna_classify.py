@@ -116,8 +116,17 @@ def main(argv=None) -> int:
                 row = {"backbone": backbone, "length": length, "accuracy": None, "note": "out of memory"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            result = save(args, rows)  # after every row: a run cut short keeps what it measured
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    out = Path(args.out)
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def save(args, rows) -> dict:
+    """Write the result so far to args.out and return it."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     result = {"benchmark": "dna_classify", "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -127,9 +136,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
