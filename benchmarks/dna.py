@@ -8,6 +8,8 @@ gradient in flat memory). Also reports ms and peak memory per step.
     python benchmarks/dna.py --data GENOMES [--contexts 1024 4096 ... 1048576] [--tokens-per-run 2**24]
         [--out benchmarks/results/dna_context_h200.json]
     python benchmarks/dna.py --data GENOMES --smoke     # CPU, tiny sizes: checks that the script runs
+    python benchmarks/dna.py --data GENOMES --models mamba --out m.json   # one model kind at a time,
+    python benchmarks/dna.py --plot m.json t.json --out both.json         # then their rows merged
 
 GENOMES: FASTA files or directories (e.g. the kleborate-examples assemblies); the last file is held out.
 """
@@ -105,10 +107,19 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     ap.add_argument("--out", default="benchmarks/results/dna_context_h200.json")
-    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
+    ap.add_argument("--models", nargs="+", choices=("mamba", "transformer"), default=["mamba", "transformer"])
+    ap.add_argument("--plot", metavar="JSON", nargs="+",
+                    help="only merge the rows of existing results (runs of --models one at a time) into --out, "
+                         "and draw its PNG")
     args = ap.parse_args()
     if args.plot:
-        plot(json.load(open(args.plot)), args.plot.replace(".json", ".png"))
+        parts = [json.load(open(path)) for path in args.plot]
+        merged = {**parts[0], "rows": sorted((r for part in parts for r in part["rows"]),
+                                             key=lambda r: (r["context"], r["model"]))}
+        if len(parts) > 1:
+            with open(args.out, "w") as f:
+                json.dump(merged, f, indent=1)
+        plot(merged, (args.out if len(parts) > 1 else args.plot[0]).replace(".json", ".png"))
         return
     if not args.data:
         ap.error("--data is required (FASTA files or directories)")
@@ -120,7 +131,7 @@ def main():
     data = prepare_data(args.data, None, 0.1, max(args.contexts))
     rows = []
     for context in args.contexts:
-        for kind in ("mamba", "transformer"):
+        for kind in args.models:
             if kind == "transformer" and context > args.transformer_max:
                 continue
             try:
