@@ -38,7 +38,12 @@ class AttentionState:
     lengths: torch.Tensor  # (B,) int64: the tokens each row has taken in (its next position)
     conv: torch.Tensor | None = None  # (B, qkv_dim, d_conv - 1): the qkv conv's last inputs
     window: int | None = None  # the sliding window: T never grows past it (the slots are a ring)
-    filled: int = 0  # a host-side bound on lengths.max(), so that growing and slicing need no sync
+    filled: int | None = None  # a host-side bound on lengths.max(), so that growing and slicing need no
+    # sync; read from lengths once (a sync) when not given
+
+    def __post_init__(self) -> None:
+        if self.filled is None:
+            self.filled = int(self.lengths.max()) if self.lengths.numel() else 0
 
     @property
     def capacity(self) -> int:
@@ -136,7 +141,8 @@ class Attention(nn.Module):
             conv = torch.zeros(batch_size, self.qkv_dim, self.d_conv - 1, device=device,
                                dtype=_float_dtype(self.conv1d))
         k, v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
-        return AttentionState(k, v, torch.zeros(batch_size, device=device, dtype=torch.int64), conv, self.window_size)
+        return AttentionState(k, v, torch.zeros(batch_size, device=device, dtype=torch.int64), conv, self.window_size,
+                              filled=0)
 
     def check_state(self, state: AttentionState, batch: int) -> None:
         """A ValueError naming the shapes unless `state` is a KV cache of this layer at `batch`."""
@@ -168,6 +174,7 @@ class Attention(nn.Module):
             self.check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1)
         qkv = self.in_proj(hidden_states)  # (B, L, qkv_dim)
         if cu_seqlens is not None:
+            ops.check_cu_seqlens(cu_seqlens, length, batch)  # offsets 0..L, no empty sequence
             return self.out_proj(self._packed(qkv, cache, cu_seqlens))
         if self.d_conv > 0:
             qkv, final_conv = self._conv(qkv, None if cache is None else cache.conv)

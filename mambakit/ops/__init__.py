@@ -19,8 +19,8 @@ from torch import Tensor
 from . import backend as _backend
 from . import knobs
 from .backend import BACKENDS, triton_available
-from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_update_args, check_dt_proj_args,
-                     check_scan_args, check_scan_out, check_state_update_args)
+from .checks import (check_conv_args, check_conv_proj_scan_args, check_conv_update_args, check_cu_seqlens,
+                     check_dt_proj_args, check_scan_args, check_scan_out, check_state_update_args)
 from .conv import causal_conv1d_torch
 from .recording import no_autograd, records_grad
 from .reference import (add_rms_norm_ref, batched_linear, bimamba_inference_ref, causal_conv1d_ref,

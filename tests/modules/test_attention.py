@@ -104,6 +104,19 @@ def test_a_window_keeps_a_ring_of_its_size_over_a_long_prompt():
     assert state.capacity == 4 and state.nbytes() == 2 * 1 * 2 * 4 * 16 * 8 + 8
 
 
+def test_a_cache_built_by_hand_knows_how_far_it_is_filled():
+    """An AttentionState made from tensors (not by allocate_state) reads its host-side bound from
+    its lengths, so that its steps attend to every key it holds."""
+    module = make(**CASES["gqa_partial_rotary"])
+    x = inputs(batch=1, length=6)
+    state = module.allocate_state(1)
+    module(x[:, :5], cache=state)
+    state.reserve(8)
+    rebuilt = AttentionState(state.k.clone(), state.v.clone(), state.lengths.clone())
+    assert rebuilt.filled == 5
+    torch.testing.assert_close(module.step(x[:, 5], rebuilt), module(x)[:, -1], rtol=1e-10, atol=1e-10)
+
+
 def test_rows_at_different_positions_each_continue_their_own_sequence():
     """A batch whose rows hold different lengths (packed prompts) steps each row on its own."""
     module = make(**CASES["gqa_partial_rotary"])
@@ -128,6 +141,16 @@ def test_packed_sequences_without_a_cache_attend_within_themselves():
     out = module(x, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32))
     torch.testing.assert_close(out[:, :4], module(x[:, :4]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out[:, 4:], module(x[:, 4:]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [CASES["mha"], CASES["conv_scale_base"]], ids=["no-conv", "conv"])
+@pytest.mark.parametrize("offsets", [[0, 4, 4, 10], [0, 6, 4, 10], [1, 4, 10], [0, 4, 9]])
+def test_bad_packed_offsets_are_refused_naming_cu_seqlens(kw, offsets):
+    """Empty, decreasing or misplaced offsets: a ValueError naming cu_seqlens, with or without the conv
+    (which checks them itself)."""
+    module = make(**kw)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        module(inputs(batch=1, length=10), cu_seqlens=torch.tensor(offsets, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("kw", [CASES["gqa_partial_rotary"], CASES["window_rotary_biasless"], CASES["conv_scale_base"]],
