@@ -37,6 +37,7 @@ from .vision import BiMambaWeights, bimamba_inference
 
 __all__ = [
     "BACKENDS", "BiMambaWeights", "add_rms_norm", "add_rms_norm_ref", "batched_linear", "bimamba_inference",
+    "check_cu_seqlens",
     "bimamba_inference_ref", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch", "causal_conv1d_update",
     "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_",
     "gated_rms_norm", "gated_rms_norm_ref", "knobs",
