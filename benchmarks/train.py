@@ -151,7 +151,7 @@ def main():
             row["compiled_speedup"] = row["mambakit_compiled"]["tokens_per_s"] / row["mambakit"]["tokens_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"preset": args.preset, "corpus": corpus.name, "compile": args.compile,
+    result = {"preset": args.preset, "corpus": corpus.name.split(" (")[0], "compile": args.compile,  # no host path
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows}
     with open(args.out, "w") as f:
