@@ -140,18 +140,23 @@ def main():
                 row = {"model": kind, "context": context, "bpb": None, "note": "out of memory"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "data": data.describe(),
-                      "settings": {k: getattr(args, k) for k in ("tokens_per_run", "tokens_per_step", "eval_tokens",
-                                                                 "chunk_len", "d_model", "n_layer", "d_state", "lr")},
-                      "rows": rows}
             if not args.smoke:  # after every row: a run cut short keeps what it measured
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
+                result = save(args, data, device, rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if not args.smoke:
+    if rows and not args.smoke:
         plot(result, args.out.replace(".json", ".png"))
+
+
+def save(args, data, device, rows) -> dict:
+    """Write the result so far to args.out and return it."""
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "data": data.describe(), "settings": {
+                  k: getattr(args, k) for k in ("tokens_per_run", "tokens_per_step", "eval_tokens", "chunk_len",
+                                                "d_model", "n_layer", "d_state", "lr")}, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 def plot(result, path):

@@ -114,12 +114,13 @@ def main():
                         torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-            save(rows, official_version, args.out)  # after every row: a run cut short keeps what it measured
+            result = save(rows, official_version, args.out)  # after every row: a run cut short keeps its rows
             torch.cuda.empty_cache()
-    plot(json.load(open(args.out)), args.out.replace(".json", ".png"))
+    plot(result, args.out.replace(".json", ".png"))
 
 
-def save(rows, official_version, path):
+def save(rows, official_version, path) -> dict:
+    """Write the result so far to `path` and return it."""
     import triton
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "mamba_ssm": official_version, "date": time.strftime("%Y-%m-%d"),
@@ -127,6 +128,7 @@ def save(rows, official_version, path):
                        "dt_softplus, no z", "rows": rows}
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+    return result
 
 
 def plot(result, path):
@@ -145,7 +147,8 @@ def plot(result, path):
                 ax.plot(*zip(*pts), style, label=label)
         ax.set(xscale="log", yscale="log", xlabel="sequence length L (label: B x L)", ylabel="ms",
                title=f"SSD, {result['device']}, bf16, 32x64 heads, N={d_state}")
-        ax.set_xticks([r["L"] for r in rows], labels=[f"{r['B']}x{r['L']}" for r in rows], fontsize=8)  # after the scale
+        # after the scale, which would reset them
+        ax.set_xticks([r["L"] for r in rows], labels=[f"{r['B']}x{r['L']}" for r in rows], fontsize=8)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=8)
     fig.tight_layout()

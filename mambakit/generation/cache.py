@@ -360,8 +360,7 @@ def _read_kv(f, i: int, keys: set[str], window: int | None) -> AttentionState:
         raise ValueError(f"layer {i}'s lengths must be a 1-D int64 tensor, got {lengths.dtype} of shape "
                          f"{tuple(lengths.shape)}")
     state = AttentionState(f.get_tensor(f"layers.{i}.k"), f.get_tensor(f"layers.{i}.v"), lengths, conv, window)
-    if lengths.numel():
-        state.filled = int(lengths.max())
+    if lengths.numel():  # state.filled: lengths.max(), read when the state was made
         if int(lengths.min()) < 0 or (state.filled > state.capacity and state.capacity != window):
             raise ValueError(f"layer {i}'s lengths (up to {state.filled}) do not fit its {state.capacity} saved "
                              f"slots")

@@ -170,11 +170,12 @@ class Attention(nn.Module):
         the batch is one row of S packed sequences, each attending within itself only (and to
         its own row of a cache of batch S)."""
         batch, length = sequence_input("Attention", hidden_states, self.d_model, cu_seqlens)
+        if cu_seqlens is not None:
+            ops.check_cu_seqlens(cu_seqlens, length, batch)  # offsets 0..L, no empty sequence
         if cache is not None:
             self.check_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1)
         qkv = self.in_proj(hidden_states)  # (B, L, qkv_dim)
         if cu_seqlens is not None:
-            ops.check_cu_seqlens(cu_seqlens, length, batch)  # offsets 0..L, no empty sequence
             return self.out_proj(self._packed(qkv, cache, cu_seqlens))
         if self.d_conv > 0:
             qkv, final_conv = self._conv(qkv, None if cache is None else cache.conv)

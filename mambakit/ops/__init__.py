@@ -37,9 +37,8 @@ from .vision import BiMambaWeights, bimamba_inference
 
 __all__ = [
     "BACKENDS", "BiMambaWeights", "add_rms_norm", "add_rms_norm_ref", "batched_linear", "bimamba_inference",
-    "check_cu_seqlens",
     "bimamba_inference_ref", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch", "causal_conv1d_update",
-    "causal_conv1d_update_", "causal_conv1d_update_ref", "conv_proj_scan", "dt_proj_state_update_",
+    "causal_conv1d_update_", "causal_conv1d_update_ref", "check_cu_seqlens", "conv_proj_scan", "dt_proj_state_update_",
     "gated_rms_norm", "gated_rms_norm_ref", "knobs",
     "no_autograd", "patchify", "patchify_ref", "records_grad", "resolve_backend", "selective_scan",
     "selective_scan_chunked", "selective_scan_dt_proj", "selective_scan_ref", "selective_state_update",
