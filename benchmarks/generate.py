@@ -177,6 +177,27 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_decode(result, path):
+    """ms per decoded token of both models at each batch, with the ratio over each pair."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["decode"] if "official_ms_per_step" in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    where = range(len(rows))
+    ax.bar([i - 0.2 for i in where], [r["mambakit_ms_per_step"] for r in rows], 0.4, label="mambakit")
+    ax.bar([i + 0.2 for i in where], [r["official_ms_per_step"] for r in rows], 0.4, label="official (cg=True)")
+    for i, r in zip(where, rows):
+        top = max(r["mambakit_ms_per_step"], r["official_ms_per_step"])
+        ax.text(i, top * 1.02, f"{r['tokens_per_s_ratio']:.2f}x", ha="center")
+    ax.set_ylim(0, 1.12 * max(max(r["mambakit_ms_per_step"], r["official_ms_per_step"]) for r in rows))
+    ax.set_xticks(list(where), [f"batch {r['batch']}" for r in rows])
+    ax.set(ylabel="ms per decoding step", title=f"{result['preset']} decoding, {result['device']}, {result['dtype']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def tiny_of(preset: str) -> str:
     """The tiny preset of a preset's family: mamba2-130m -> mamba2-tiny, hybrid-130m -> hybrid-tiny, 130m -> tiny."""
     family = preset.rsplit("-", 1)[0] + "-" if "-" in preset else ""
@@ -197,8 +218,13 @@ def main():
                          "keeps the conv's outputs, not its inputs, as the conv state after the prompt, so its "
                          "decoding drifts from its own forward wherever the conv is on")
     ap.add_argument("--decode-only", action="store_true",
-                    help="only part 1 (ms/step against the official generate); no plot")
+                    help="only part 1 (ms/step against the official generate), with its bar plot")
+    ap.add_argument("--plot-decode", metavar="JSON", help="only draw the decode bar plot of an existing result")
     args = ap.parse_args()
+    if args.plot_decode:
+        with open(args.plot_decode) as f:
+            plot_decode(json.load(f), args.plot_decode.replace(".json", ".png"))
+        return
     from mambakit import MambaConfig, MambaLM
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -241,6 +267,7 @@ def main():
         if not args.smoke:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
+            plot_decode(result, args.out.replace(".json", ".png"))
         return
     ids = torch.randint(0, model.config.vocab_size, (1, long_prompt), device=device)
     result["prefill"] = dict(tokens=long_prompt, mambakit_ms=_timed(lambda: model.prefill(ids), device) * 1e3)
