@@ -45,8 +45,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         where = held[:, None] + torch.arange(length_new, device=q.device)  # (batch, Lnew)
         k_cache[rows[:, None], where] = k.to(k_cache.dtype)
         v_cache[rows[:, None], where] = v.to(v_cache.dtype)
-    keys = k_cache[rows].transpose(1, 2)  # (batch, Hkv, S, d)
-    values = v_cache[rows].transpose(1, 2)
+    if cache_batch_idx is None:  # the first rows, as views: no copy of the cache at each step
+        keys, values = k_cache[:batch].transpose(1, 2), v_cache[:batch].transpose(1, 2)  # (batch, Hkv, S, d)
+    else:
+        keys, values = k_cache[rows].transpose(1, 2), v_cache[rows].transpose(1, 2)
     total = held + length_new  # (batch,) keys each row attends over
     visible = _visible(total, length_q, keys.shape[2], causal, window_size)  # (batch, Lq, S)
     scale = 1.0 / math.sqrt(dim) if softmax_scale is None else softmax_scale

@@ -293,6 +293,8 @@ class Attention(nn.Module):
     def _attend_cached(self, q, k, v, cache: AttentionState) -> torch.Tensor:
         """q (B, H, L, hd), k and v (B, Hkv, L, hd) at positions lengths + 0..L-1 of each row ->
         attention over the cache's keys and these; then these are written into the cache."""
+        if q.shape[2] == 1:
+            return self._attend_step(q, k, v, cache)
         lengths = cache.lengths[:, None]  # (B, 1)
         slots = cache.capacity
         used = slots if _capturing(q) else min(slots, cache.filled)
@@ -307,6 +309,21 @@ class Attention(nn.Module):
                          mask=mask[:, None])
         self._write(cache, k, v)
         return out
+
+    def _attend_step(self, q, k, v, cache: AttentionState) -> torch.Tensor:
+        """One query per row: k and v (B, Hkv, 1, hd) go into their slot first, then q attends over
+        the cache in place (no copy of the cache, which concatenating would make at every step).
+        Writing first loses nothing: with room to grow the slot is a fresh one, and in a full
+        ring (a window) it held position p - T, which the window already hides from p."""
+        self._write(cache, k, v)
+        slots = cache.capacity
+        used = slots if _capturing(q) else min(slots, cache.filled)
+        position = cache.lengths[:, None] - 1  # (B, 1): the query's position, now in slot position % T
+        slot = torch.arange(used, device=q.device)  # (used,)
+        slot_positions = position - torch.remainder(position - slot, slots)  # (B, used): what each slot holds
+        mask = (slot_positions >= 0) & self._visible(position, slot_positions)  # (B, used); < 0: never written
+        return self._sdpa(q, cache.k[:, :, :used].to(q.dtype), cache.v[:, :, :used].to(q.dtype),
+                          mask=mask[:, None, None, :])
 
     @staticmethod
     def _write(cache: AttentionState, k: torch.Tensor, v: torch.Tensor) -> None:
