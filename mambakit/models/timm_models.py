@@ -62,7 +62,8 @@ def build(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
     unknown = set(kwargs) - known
     if unknown:
         raise TypeError(f"timm.create_model({name!r}) got unexpected argument(s) {sorted(unknown)}")
-    cfg = replace(PRESETS[preset], img_size=size, **kwargs)
+    kwargs.setdefault("img_size", size)
+    cfg = replace(PRESETS[preset], **kwargs)
     model = VisionMamba(cfg)
     resolved = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
                                       pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()

@@ -60,7 +60,9 @@ def test_drop_path_is_stochastic_depth_in_training_only():
 
 def test_timm_optimizer_factory_and_classifier_reset():
     model = _small(num_classes=3)
-    opt = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    from timm.optim import create_optimizer_v2
+
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
     loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
