@@ -175,3 +175,51 @@ def test_markov_samples_keep_the_statistics():
     assert (samples == np.tile(genome[:60], (8, 1))).all()  # an order-2 chain of a period-6 sequence is deterministic
     with pytest.raises(ValueError, match="seed contexts"):
         model.sample(genome[None, :1], 10, gen)
+
+
+# ---- the classifier's negatives: windows cut from Markov chains drawn once -----------------------
+
+def _sampler(seq_len: int, pool_bases: int, **kw):
+    from mambakit.tasks.dna.classify import Sampler
+    genome = np.tile(np.array([0, 0, 1, 2, 3, 3], dtype=np.uint8), 1000)  # AACGTT repeated
+    stream = Stream.of([Sequence("a.fa", "chr", genome)])
+    return Sampler(stream, MarkovModel.fit(genome, 2, alpha=1e-9), seq_len, pool_bases=pool_bases, **kw)
+
+
+def test_classifier_samples_are_windows_of_the_markov_chains():
+    """Each random sample is a run of one chain, and the chains follow the fitted model (an
+    order-2 chain of a period-6 sequence is deterministic, so every window is a shift of it)."""
+    sampler = _sampler(seq_len=50, pool_bases=4000)
+    chains = sampler.chains()
+    assert chains.shape[1] >= 50 and chains.shape[0] * chains.shape[1] >= 4000
+    period = np.tile(np.array([0, 0, 1, 2, 3, 3], dtype=np.uint8), 20)
+    shifts = {bytes(period[i:i + 50]) for i in range(6)}
+    samples = sampler.samples(32, np.random.default_rng(1))
+    assert samples.shape == (32, 50) and {bytes(r) for r in samples} <= shifts
+    flat = {bytes(c) for c in chains}
+    assert all(any(bytes(r) in c for c in flat) for r in samples)
+    assert sampler.chains() is chains  # drawn once
+
+
+def test_held_out_samples_are_distinct_chains_and_a_short_pool_is_refused():
+    sampler = _sampler(seq_len=40, pool_bases=5 * 40, chain_len=40)
+    distinct = sampler.samples(5, np.random.default_rng(0), distinct=True)
+    assert (distinct == sampler.chains()[:5]).all()  # row i is the start of chain i
+    with pytest.raises(ValueError, match="distinct samples"):
+        sampler.samples(6, np.random.default_rng(0), distinct=True)
+    with pytest.raises(ValueError, match="chain_len"):
+        _sampler(seq_len=40, pool_bases=400, chain_len=20).chains()
+
+
+def test_a_long_window_batch_costs_one_draw_of_the_chains(monkeypatch):
+    """The Markov model is sampled once per sampler (a loop over positions for all chains at
+    once), not once per batch: drawing each batch's samples base by base made the long windows'
+    steps host-bound."""
+    sampler = _sampler(seq_len=3000, pool_bases=6000)
+    calls = []
+    original = MarkovModel.sample
+    monkeypatch.setattr(MarkovModel, "sample", lambda self, *a: calls.append(a[1]) or original(self, *a))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        sampler.rows(np.zeros(4, dtype=np.int64), np.array([0, 1, 0, 1]), rng)
+    assert len(calls) == 1 and calls[0] >= 3000  # one draw, of chains at least a window long

@@ -2,11 +2,13 @@
 is a window real genome, or a sample with the genome's k-mer statistics?
 
 Half the windows of a batch (at random) are genome, read from the training records (splits.py);
-the other half are drawn from an order-k Markov model (--markov-order) fitted on the same
-records, seeded with a genome window's first k bases, so that the two classes share their
+the other half are windows of chains drawn once from an order-k Markov model (--markov-order)
+fitted on the same records and seeded with genome k-mers, so that the two classes share their
 (k+1)-mer statistics in expectation and only longer-range structure (codons, genes, repeats)
-tells them apart. A sample keeps its seed window's N and separator tokens where they were, so
-neither class is told by those. The held-out windows are the held-out records' against a Markov
+tells them apart. The chains are drawn all at once (the loop runs over positions, a step of
+every chain at a time) and the windows cut from them, since drawing each batch's samples base by
+base bounds the long windows' steps on the host. A sample takes the N and separator tokens of a
+genome window where they were, so neither class is told by those. The held-out windows are the held-out records' against a Markov
 model fitted on them. Each window is reverse-complemented with probability 1/2 (--rc-augment).
 
 Three backbones (models/dna.py): causal Mamba, bidirectional Mamba (Vim's BiMamba), and the
@@ -19,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +37,57 @@ GENOME, SAMPLE = 1, 0  # the labels
 MODEL_FORMAT = "mambakit-dna-classifier"
 
 
+MIN_CHAIN = 2**14  # bases per Markov chain at the least: one loop over positions serves many windows
+TRAIN_POOL_BASES = 2**25  # at most: longer runs cut their samples from these again
+CHAINS_STREAM = 0x6B6D6572  # keeps the chains' random numbers apart from the batches'
+
+
 @dataclass
 class Sampler:
     """Batches of genome windows and k-mer-matched samples from one split."""
     stream: Stream
     markov: MarkovModel
     seq_len: int
+    pool_bases: int = 2**25  # Markov bases drawn once, the samples' source
+    chain_len: int | None = None  # None: max(seq_len, MIN_CHAIN), or the pool if it is smaller
+    seed: tuple[int, ...] = (0,)  # the chains' random stream
+    _chains: np.ndarray | None = field(default=None, init=False, repr=False)
 
-    def rows(self, starts: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def chains(self) -> np.ndarray:
+        """(n_chains, chain_len) uint8: the Markov chains, drawn on first use, each seeded with a
+        genome k-mer and at least seq_len bases long."""
+        if self._chains is None:
+            chain_len = self.chain_len or max(self.seq_len, min(MIN_CHAIN, self.pool_bases))
+            if chain_len < self.seq_len:
+                raise ValueError(f"chain_len ({chain_len}) must be at least the window, {self.seq_len}")
+            n_chains = max(1, -(-self.pool_bases // chain_len))
+            rng = np.random.default_rng(np.random.SeedSequence([*self.seed, CHAINS_STREAM]))
+            k = self.markov.order
+            seeds = self.stream.windows(self.stream.random_starts(rng, n_chains, k), k)[:, :k]  # (n_chains, k)
+            self._chains = self.markov.sample(seeds.clip(max=N_BASES - 1), chain_len, rng)
+        return self._chains
+
+    def samples(self, n: int, rng: np.random.Generator, distinct: bool = False) -> np.ndarray:
+        """(n, seq_len) windows cut from the chains: at random, or (distinct) the start of chain i
+        for row i, so that no two rows share a base."""
+        chains = self.chains()  # (n_chains, chain_len)
+        if distinct:
+            if n > chains.shape[0]:
+                raise ValueError(f"{n} distinct samples need as many chains, the pool has {chains.shape[0]}")
+            which, offsets = np.arange(n), np.zeros(n, dtype=np.int64)
+        else:
+            which = rng.integers(0, chains.shape[0], size=n)
+            offsets = rng.integers(0, chains.shape[1] - self.seq_len + 1, size=n)
+        return chains[which[:, None], offsets[:, None] + np.arange(self.seq_len)]  # (n, seq_len)
+
+    def rows(self, starts: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+             distinct: bool = False) -> np.ndarray:
         """(n,) starts and labels -> (n, seq_len) uint8: the genome window at each start, or for
-        label SAMPLE a Markov sample seeded with its first k bases, its N and separators kept."""
+        label SAMPLE a Markov sample with that window's N and separator tokens put in."""
         windows = self.stream.windows(starts, self.seq_len - 1)  # (n, seq_len)
         fake = labels == SAMPLE
         if fake.any():
-            k = self.markov.order
-            sampled = self.markov.sample(windows[fake, :k].clip(max=N_BASES - 1), self.seq_len, rng)
+            sampled = self.samples(int(fake.sum()), rng, distinct)
             not_bases = windows[fake] >= N_BASES
             sampled[not_bases] = windows[fake][not_bases]
             windows[fake] = sampled
@@ -64,10 +102,11 @@ class Sampler:
 
 
 def held_out_rows(sampler: Sampler, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed held-out windows: n starts spread evenly, labels alternating, samples seeded per row."""
+    """The fixed held-out windows: n starts spread evenly, labels alternating, each sample the
+    start of its own chain (the sampler's pool must hold n // 2 chains)."""
     starts = sampler.stream.even_starts(n, sampler.seq_len - 1)
     labels = (np.arange(n) % 2 == 0).astype(np.int64) * GENOME  # GENOME, SAMPLE, GENOME, ...
-    return sampler.rows(starts, labels, rng_for(seed, 0, "eval")), labels
+    return sampler.rows(starts, labels, rng_for(seed, 0, "eval"), distinct=True), labels
 
 
 @torch.no_grad()
@@ -98,11 +137,15 @@ def run(args, progress: bool = True):
         raise ValueError("dna-classify builds its layers from --backbone (causal, bidirectional, rc); "
                          "--layer and --no-gate do not apply")
     data: DNAData = prepare_data(args.data, args.valid, args.valid_fraction, args.seq_len, args.reader)
-    train = Sampler(data.train, MarkovModel.fit(data.train.tokens, args.markov_order), args.seq_len)
-    held = Sampler(data.valid, MarkovModel.fit(data.valid.tokens, args.markov_order), args.seq_len)
+    n_eval = args.eval_batches * args.batch_size
+    train_samples = args.max_steps * args.batch_size * args.seq_len // 2  # bases of the training samples, about
+    train = Sampler(data.train, MarkovModel.fit(data.train.tokens, args.markov_order), args.seq_len,
+                    pool_bases=min(TRAIN_POOL_BASES, max(train_samples, args.seq_len)), seed=(args.seed, 0))
+    held = Sampler(data.valid, MarkovModel.fit(data.valid.tokens, args.markov_order), args.seq_len,
+                   pool_bases=(n_eval + 1) // 2 * args.seq_len, chain_len=args.seq_len, seed=(args.seed, 1))
     device = resolve_device(args.device)
     model = build_model(args, device)
-    eval_rows, eval_labels = held_out_rows(held, args.eval_batches * args.batch_size, args.seed)
+    eval_rows, eval_labels = held_out_rows(held, n_eval, args.seed)
     if progress:
         print(f"[mambakit] dna-classify: {data.describe()}; genome against order-{args.markov_order} Markov samples",
               file=sys.stderr)

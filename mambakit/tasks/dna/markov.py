@@ -58,10 +58,12 @@ class MarkovModel:
         out[:, :min(k, length)] = starts[:, :length]
         cum = np.cumsum(np.exp2(self.log2_probs), axis=1)  # (contexts, 4)
         cum[:, -1] = 1.0
-        for t in range(k, length):
-            ctx = np.zeros(n, dtype=np.int64)
-            for j in range(t - self.order, t):
-                ctx = ctx * VOCAB_SIZE + out[:, j]
+        n_contexts = VOCAB_SIZE ** self.order
+        ctx = np.zeros(n, dtype=np.int64)  # (n,) the code of the `order` tokens before t
+        for j in range(k - self.order, min(k, length)):
+            ctx = ctx * VOCAB_SIZE + out[:, j]
+        for t in range(k, length):  # one step of every row at once: the loop is over positions
             u = rng.random(n)[:, None]
             out[:, t] = (u > cum[ctx]).sum(1)
+            ctx = (ctx * VOCAB_SIZE + out[:, t]) % n_contexts
         return out
