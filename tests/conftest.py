@@ -21,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls_stay_exact():
+    """Every test starts with full-precision fp32 matmuls, and a library that a test imports
+    (torchao, timm) cannot leave TF32 on for the tests after it: the fp32 comparisons at 1e-4
+    assume cuBLAS's exact products."""
+    precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32

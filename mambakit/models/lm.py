@@ -375,8 +375,8 @@ class MambaLM(nn.Module, GenerationMixin):
     def _logits(self, input_ids: torch.Tensor, cache: LMCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """forward's computation on checked arguments: (B, L) -> (B, L or logits_to_keep, V)."""
         hidden = self.backbone(input_ids.long(), cache)  # (B, L, d_model)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        if logits_to_keep:  # contiguous: a quantized head's kernel (torchao int4) takes no strided input
+            hidden = hidden[:, -logits_to_keep:].contiguous()  # (B, logits_to_keep, d_model)
         if cache is not None:
             cache.seqlen += input_ids.shape[1]
         return self.lm_head(hidden)

@@ -399,6 +399,19 @@ def test_a_dynamically_quantized_model_generates():
     assert [len(r) for r in rows] == [11, 9] and torch.equal(rows[1][:4], prompt[1, :4])
 
 
+def test_the_head_of_a_prefill_sees_a_contiguous_input():
+    """logits_to_keep slices the last positions; a quantized head's kernel (torchao's int4
+    weight-only matmul) refuses a strided input, so the slice is made contiguous first."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=32)).eval()
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(torch.randint(0, 32, (2, 9)), logits_to_keep=1)
+        model.generate(torch.randint(0, 32, (2, 5)), max_new_tokens=2)
+    assert seen and all(seen), seen
+
+
 # -- Vision's bidirectional mixer --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["in_proj", "out_proj", "conv1d_b", "x_proj", "dt_proj_b"])
