@@ -10,6 +10,7 @@ gradient in flat memory). Also reports ms and peak memory per step.
     python benchmarks/dna.py --data GENOMES --smoke     # CPU, tiny sizes: checks that the script runs
     python benchmarks/dna.py --data GENOMES --models mamba --out m.json   # one model kind at a time,
     python benchmarks/dna.py --plot m.json t.json --out both.json         # then their rows merged
+    python benchmarks/dna.py --data GENOMES --models mamba --warmup-from 1024  # sequence length warmup
 
 GENOMES: FASTA files or directories (e.g. the kleborate-examples assemblies); the last file is held out.
 """
@@ -49,6 +50,7 @@ def loss_of(model, kind, x, y, chunk_len):
 
 def train_and_score(kind, args, data, context, device):
     from mambakit.tasks.dna.task import HeldOut, model_scores, train_batch
+    from mambakit.tasks.selective_copying import length_curriculum
     model = build_mamba(args, device) if kind == "mamba" else build_transformer(args, device, context + 1)
     batch = max(1, args.tokens_per_step // context)
     steps = max(1, args.tokens_per_run // (batch * context))
@@ -58,8 +60,10 @@ def train_and_score(kind, args, data, context, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    length_at = length_curriculum(context, args.warmup_from if kind == "mamba" else None, steps)
     for step in range(steps):
-        inputs, targets = train_batch(data.train, batch, context, 0, step, rc_augment=True)
+        length = length_at(step)  # the same bases per step at every length
+        inputs, targets = train_batch(data.train, batch * context // length, length, 0, step, rc_augment=True)
         x = torch.from_numpy(inputs.astype(np.int64)).to(device)
         y = torch.from_numpy(targets).to(device)
         with autocast:
@@ -92,7 +96,7 @@ def train_and_score(kind, args, data, context, device):
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", nargs="+")
     ap.add_argument("--contexts", type=int, nargs="+", default=[2**k for k in (10, 12, 14, 16, 18, 20)])
@@ -105,13 +109,16 @@ def main():
     ap.add_argument("--n-layer", type=int, default=8)
     ap.add_argument("--d-state", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup-from", type=int, default=None,
+                    help="sequence length warmup (Mamba only): the context doubles from this length over the "
+                         "first half of the steps, with the same bases per step, as the Mamba paper's DNA runs")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     ap.add_argument("--out", default="benchmarks/results/dna_context_h200.json")
     ap.add_argument("--models", nargs="+", choices=("mamba", "transformer"), default=["mamba", "transformer"])
     ap.add_argument("--plot", metavar="JSON", nargs="+",
                     help="only merge the rows of existing results (runs of --models one at a time) into --out, "
                          "and draw its PNG")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.plot:
         parts = [json.load(open(path)) for path in args.plot]
         merged = {**parts[0], "rows": sorted((r for part in parts for r in part["rows"]),
@@ -123,6 +130,8 @@ def main():
         return
     if not args.data:
         ap.error("--data is required (FASTA files or directories)")
+    if args.warmup_from is not None and args.warmup_from < 1:
+        ap.error(f"--warmup-from must be a length >= 1, got {args.warmup_from}")
     if args.smoke:
         args.contexts, args.tokens_per_run, args.tokens_per_step, args.eval_tokens = [64, 256], 4096, 1024, 2048
         args.d_model, args.n_layer, args.chunk_len, args.transformer_max = 32, 2, 128, 256
@@ -153,7 +162,8 @@ def save(args, data, device, rows) -> dict:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "data": data.describe(), "settings": {
                   k: getattr(args, k) for k in ("tokens_per_run", "tokens_per_step", "eval_tokens", "chunk_len",
-                                                "d_model", "n_layer", "d_state", "lr")}, "rows": rows}
+                                                "d_model", "n_layer", "d_state", "lr", "warmup_from")},
+              "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return result

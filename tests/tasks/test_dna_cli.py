@@ -143,3 +143,28 @@ def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["bases"] == r["batch"] * r["length"] * r["steps"] for r in rows.values())
     assert rows[("rc", 64)]["rc_agreement"] == 1.0 and rows[("rc", 256)]["rc_agreement"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_context_benchmark_warms_the_length_up_with_the_same_bases_per_step(strains, monkeypatch, capsys):
+    """benchmarks/dna.py --warmup-from: the Mamba model's training length doubles from the
+    given length over the first half of the steps, each step with the same number of bases
+    (the batch grows as the length shrinks); without it every step is at the context."""
+    import importlib.util
+    from pathlib import Path
+
+    from mambakit.tasks.dna import task
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dna.py"
+    spec = importlib.util.spec_from_file_location("benchmark_dna", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+    real = task.train_batch
+    monkeypatch.setattr(task, "train_batch", lambda stream, batch, length, *a, **k:
+                        seen.append((batch, length)) or real(stream, batch, length, *a, **k))
+    bench.main(["--data", str(strains), "--smoke", "--models", "mamba", "--warmup-from", "64"])  # contexts 64, 256
+    assert seen == [(16, 64)] * 4 + [(16, 64), (8, 128), (4, 256), (4, 256)]  # 4096 bases in 4 steps of 1024
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["context"] == 256 and row["steps"] == 4 and row["bpb"] > 0
+    seen.clear()
+    bench.main(["--data", str(strains), "--smoke", "--models", "mamba"])
+    assert seen == [(16, 64)] * 4 + [(4, 256)] * 4
