@@ -111,7 +111,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup-from", type=int, default=None,
                     help="sequence length warmup (Mamba only): the context doubles from this length over the "
-                         "first half of the steps, with the same bases per step, as the Mamba paper's DNA runs")
+                         "first half of the steps, with the same bases per step, as the Mamba paper's DNA runs; "
+                         "a row's ms per step and peak memory then cover all its stages")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     ap.add_argument("--out", default="benchmarks/results/dna_context_h200.json")
     ap.add_argument("--models", nargs="+", choices=("mamba", "transformer"), default=["mamba", "transformer"])
@@ -130,8 +131,12 @@ def main(argv=None):
         return
     if not args.data:
         ap.error("--data is required (FASTA files or directories)")
-    if args.warmup_from is not None and args.warmup_from < 1:
-        ap.error(f"--warmup-from must be a length >= 1, got {args.warmup_from}")
+    if args.warmup_from is not None:
+        for context in args.contexts:  # each stage then has the same bases per step
+            ratio = context // args.warmup_from if args.warmup_from >= 1 else 0
+            if context > args.warmup_from and (ratio * args.warmup_from != context or ratio & (ratio - 1)):
+                ap.error(f"--warmup-from ({args.warmup_from}) must be a length >= 1 that doubles to every "
+                         f"context, not to {context}")
     if args.smoke:
         args.contexts, args.tokens_per_run, args.tokens_per_step, args.eval_tokens = [64, 256], 4096, 1024, 2048
         args.d_model, args.n_layer, args.chunk_len, args.transformer_max = 32, 2, 128, 256

@@ -168,3 +168,6 @@ def test_context_benchmark_warms_the_length_up_with_the_same_bases_per_step(stra
     seen.clear()
     bench.main(["--data", str(strains), "--smoke", "--models", "mamba"])
     assert seen == [(16, 64)] * 4 + [(4, 256)] * 4
+    with pytest.raises(SystemExit):  # 64 and 256 are not 48 doubled: a stage would see fewer bases
+        bench.main(["--data", str(strains), "--smoke", "--models", "mamba", "--warmup-from", "48"])
+    assert "--warmup-from (48)" in capsys.readouterr().err

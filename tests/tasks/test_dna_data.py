@@ -179,26 +179,71 @@ def test_markov_samples_keep_the_statistics():
 
 # ---- the classifier's negatives: windows cut from Markov chains drawn once -----------------------
 
-def _sampler(seq_len: int, pool_bases: int, **kw):
+def _sampler(seq_len: int, pool_bases: int, genome: np.ndarray | None = None, alpha: float = 1e-9, **kw):
     from mambakit.tasks.dna.classify import Sampler
-    genome = np.tile(np.array([0, 0, 1, 2, 3, 3], dtype=np.uint8), 1000)  # AACGTT repeated
+    if genome is None:
+        genome = np.tile(np.array([0, 0, 1, 2, 3, 3], dtype=np.uint8), 1000)  # AACGTT repeated
     stream = Stream.of([Sequence("a.fa", "chr", genome)])
-    return Sampler(stream, MarkovModel.fit(genome, 2, alpha=1e-9), seq_len, pool_bases=pool_bases, **kw)
+    return Sampler(stream, MarkovModel.fit(genome, 2, alpha=alpha), seq_len, pool_bases=pool_bases, **kw)
 
 
 def test_classifier_samples_are_windows_of_the_markov_chains():
-    """Each random sample is a run of one chain, and the chains follow the fitted model (an
-    order-2 chain of a period-6 sequence is deterministic, so every window is a shift of it)."""
-    sampler = _sampler(seq_len=50, pool_bases=4000)
+    """Each random sample is a run of one of the chains drawn once (at varying offsets), not a
+    fresh draw: on a random genome an order-2 model is far from deterministic, so a fresh
+    50-base draw would match no chain."""
+    genome = np.random.default_rng(3).integers(0, 4, 6000).astype(np.uint8)
+    sampler = _sampler(seq_len=50, pool_bases=4000, genome=genome, alpha=1.0)
     chains = sampler.chains()
     assert chains.shape[1] >= 50 and chains.shape[0] * chains.shape[1] >= 4000
+    samples = sampler.samples(32, np.random.default_rng(1))
+    assert samples.shape == (32, 50) and samples.dtype == np.uint8
+    flat = [bytes(c) for c in chains]
+    found = [[(i, c.find(bytes(r))) for i, c in enumerate(flat) if bytes(r) in c] for r in samples]
+    assert all(found)  # every sample lies in a chain
+    assert len({at for f in found for _, at in f}) > 8  # at many offsets
+    assert sampler.chains() is chains  # drawn once
+
+
+def test_chains_follow_the_fitted_model():
+    """An order-2 chain of a period-6 sequence is deterministic: every chain is a shift of it."""
+    sampler = _sampler(seq_len=50, pool_bases=4000)
     period = np.tile(np.array([0, 0, 1, 2, 3, 3], dtype=np.uint8), 20)
     shifts = {bytes(period[i:i + 50]) for i in range(6)}
-    samples = sampler.samples(32, np.random.default_rng(1))
-    assert samples.shape == (32, 50) and {bytes(r) for r in samples} <= shifts
-    flat = {bytes(c) for c in chains}
-    assert all(any(bytes(r) in c for c in flat) for r in samples)
-    assert sampler.chains() is chains  # drawn once
+    assert {bytes(r) for r in sampler.samples(16, np.random.default_rng(0))} <= shifts
+
+
+def test_held_out_rows_take_one_chain_each():
+    """held_out_rows: alternating labels, and the k-th sample row is the start of chain k, so
+    no two held-out samples share a base."""
+    from mambakit.tasks.dna.classify import GENOME, SAMPLE, held_out_rows
+    genome = np.random.default_rng(4).integers(0, 4, 6000).astype(np.uint8)
+    sampler = _sampler(seq_len=40, pool_bases=5 * 40, chain_len=40, genome=genome, alpha=1.0)
+    rows, labels = held_out_rows(sampler, 9, seed=0)
+    assert list(labels) == [GENOME, SAMPLE] * 4 + [GENOME]
+    assert (rows[labels == SAMPLE] == sampler.chains()[:4]).all()
+
+
+def test_markov_sampling_equals_the_per_step_context_recomputation():
+    """sample() carries the context code from step to step; the spec recomputes it from the
+    `order` tokens before every position. Same random numbers, same sequences."""
+    from mambakit.tasks.dna.tokenizer import VOCAB_SIZE
+    genome = np.random.default_rng(5).integers(0, 5, 3000).astype(np.uint8)  # with some N
+    for order in (0, 1, 3, 5):
+        model = MarkovModel.fit(genome, order)
+        cum = np.cumsum(np.exp2(model.log2_probs), axis=1)
+        cum[:, -1] = 1.0
+        for k, length in ((order, 40), (order + 2, 40), (order + 3, order + 1)):
+            seeds = np.random.default_rng(order).integers(0, 4, (6, k)).astype(np.uint8)
+            got = model.sample(seeds, length, np.random.default_rng(9))
+            want = np.zeros((6, length), dtype=np.uint8)
+            want[:, :min(k, length)] = seeds[:, :length]
+            rng = np.random.default_rng(9)
+            for t in range(k, length):
+                ctx = np.zeros(6, dtype=np.int64)
+                for j in range(t - order, t):
+                    ctx = ctx * VOCAB_SIZE + want[:, j]
+                want[:, t] = (rng.random(6)[:, None] > cum[ctx]).sum(1)
+            assert (got == want).all(), (order, k, length)
 
 
 def test_held_out_samples_are_distinct_chains_and_a_short_pool_is_refused():

@@ -6,8 +6,8 @@ the other half are windows of chains drawn once from an order-k Markov model (--
 fitted on the same records and seeded with genome k-mers, so that the two classes share their
 (k+1)-mer statistics in expectation and only longer-range structure (codons, genes, repeats)
 tells them apart. The chains are drawn all at once (the loop runs over positions, a step of
-every chain at a time) and the windows cut from them, since drawing each batch's samples base by
-base bounds the long windows' steps on the host. A sample takes the N and separator tokens of a
+every chain at a time) and the windows cut from them, since drawing each batch's samples base
+by base bounds the long windows' steps on the host. A sample takes the N and separator tokens of a
 genome window where they were, so neither class is told by those. The held-out windows are the held-out records' against a Markov
 model fitted on them. Each window is reverse-complemented with probability 1/2 (--rc-augment).
 
@@ -38,7 +38,8 @@ MODEL_FORMAT = "mambakit-dna-classifier"
 
 
 MIN_CHAIN = 2**14  # bases per Markov chain at the least: one loop over positions serves many windows
-TRAIN_POOL_BASES = 2**25  # at most: longer runs cut their samples from these again
+TRAIN_POOL_BASES = 2**27  # at most: longer runs cut their samples from these again
+POOL_OVERDRAW = 4  # chains hold this many times the training samples' bases: few repeats
 CHAINS_STREAM = 0x6B6D6572  # keeps the chains' random numbers apart from the batches'
 
 
@@ -48,10 +49,10 @@ class Sampler:
     stream: Stream
     markov: MarkovModel
     seq_len: int
-    pool_bases: int = 2**25  # Markov bases drawn once, the samples' source
+    pool_bases: int = TRAIN_POOL_BASES  # Markov bases drawn once, the samples' source
     chain_len: int | None = None  # None: max(seq_len, MIN_CHAIN), or the pool if it is smaller
     seed: tuple[int, ...] = (0,)  # the chains' random stream
-    _chains: np.ndarray | None = field(default=None, init=False, repr=False)
+    _chains: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def chains(self) -> np.ndarray:
         """(n_chains, chain_len) uint8: the Markov chains, drawn on first use, each seeded with a
@@ -138,9 +139,12 @@ def run(args, progress: bool = True):
                          "--layer and --no-gate do not apply")
     data: DNAData = prepare_data(args.data, args.valid, args.valid_fraction, args.seq_len, args.reader)
     n_eval = args.eval_batches * args.batch_size
+    # drawn with replacement, samples repeat a whole chain when chains are as long as a window:
+    # POOL_OVERDRAW times the bases the training samples take keeps that to about 1 in 9
     train_samples = args.max_steps * args.batch_size * args.seq_len // 2  # bases of the training samples, about
     train = Sampler(data.train, MarkovModel.fit(data.train.tokens, args.markov_order), args.seq_len,
-                    pool_bases=min(TRAIN_POOL_BASES, max(train_samples, args.seq_len)), seed=(args.seed, 0))
+                    pool_bases=min(TRAIN_POOL_BASES, max(POOL_OVERDRAW * train_samples, args.seq_len)),
+                    seed=(args.seed, 0))
     held = Sampler(data.valid, MarkovModel.fit(data.valid.tokens, args.markov_order), args.seq_len,
                    pool_bases=(n_eval + 1) // 2 * args.seq_len, chain_len=args.seq_len, seed=(args.seed, 1))
     device = resolve_device(args.device)
