@@ -125,7 +125,7 @@ def test_dna_classify(strains, tmp_path, capsys, backbone):
     assert {"model.safetensors", "config.json", "metrics.json"} <= {p.name for p in out_dir.iterdir()}
 
 
-def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path):
+def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path, monkeypatch):
     """benchmarks/dna_classify.py --smoke: a row per window length and backbone with the held-out
     accuracy, and the RC-equivariant classifier labels every held-out window as its reverse
     complement (at any weights), which the other two need not."""
@@ -135,8 +135,13 @@ def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark_dna_classify", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from mambakit.tasks.dna.markov import MarkovModel
+    draws = []
+    real = MarkovModel.sample
+    monkeypatch.setattr(MarkovModel, "sample", lambda self, *a: draws.append(a[1]) or real(self, *a))
     out = tmp_path / "classify.json"
     assert bench.main(["--data", str(strains), "--smoke", "--out", str(out)]) == 0
+    assert len(draws) == 4  # per length the training and the held-out chains, once for the three backbones
     result = json.loads(out.read_text())
     rows = {(r["backbone"], r["length"]): r for r in result["rows"]}
     assert set(rows) == {(b, n) for b in ("causal", "bidirectional", "rc") for n in (64, 256)}

@@ -128,15 +128,8 @@ def build_model(args, device):
     return DNAClassifier(cfg).to(device)
 
 
-def run(args, progress: bool = True):
-    """Trains one classifier from parsed flags; returns (model, summary, per-step rows)."""
-    from ..fit import fit
-    from ..report import announce, task_summary
-    from ..synthetic import autocast_for, fit_config, model_args, n_params, resolve_device
-    model_args(args)  # checks the sizes
-    if args.layer != "mamba" or not args.gate:
-        raise ValueError("dna-classify builds its layers from --backbone (causal, bidirectional, rc); "
-                         "--layer and --no-gate do not apply")
+def prepare_samplers(args) -> tuple[DNAData, Sampler, Sampler]:
+    """The data and the training and held-out samplers of parsed flags."""
     data: DNAData = prepare_data(args.data, args.valid, args.valid_fraction, args.seq_len, args.reader)
     n_eval = args.eval_batches * args.batch_size
     # drawn with replacement, samples repeat a whole chain when chains are as long as a window:
@@ -147,6 +140,34 @@ def run(args, progress: bool = True):
                     seed=(args.seed, 0))
     held = Sampler(data.valid, MarkovModel.fit(data.valid.tokens, args.markov_order), args.seq_len,
                    pool_bases=(n_eval + 1) // 2 * args.seq_len, chain_len=args.seq_len, seed=(args.seed, 1))
+    return data, train, held
+
+
+def shared_samplers(args, samplers: dict) -> tuple[DNAData, Sampler, Sampler]:
+    """prepare_samplers(args), kept in `samplers` for the runs whose flags give the same ones."""
+    key = repr([getattr(args, name) for name in SAMPLER_FLAGS])
+    if key not in samplers:
+        samplers[key] = prepare_samplers(args)
+    return samplers[key]
+
+
+SAMPLER_FLAGS = ("data", "valid", "valid_fraction", "reader", "seq_len", "max_steps", "batch_size", "eval_batches",
+                 "markov_order", "seed")  # what prepare_samplers reads
+
+
+def run(args, progress: bool = True, samplers: dict | None = None):
+    """Trains one classifier from parsed flags; returns (model, summary, per-step rows). Runs
+    that differ only in the model (the benchmark's backbones) can share their data and Markov
+    chains through `samplers`, a dict kept by the caller."""
+    from ..fit import fit
+    from ..report import announce, task_summary
+    from ..synthetic import autocast_for, fit_config, model_args, n_params, resolve_device
+    model_args(args)  # checks the sizes
+    if args.layer != "mamba" or not args.gate:
+        raise ValueError("dna-classify builds its layers from --backbone (causal, bidirectional, rc); "
+                         "--layer and --no-gate do not apply")
+    data, train, held = shared_samplers(args, {} if samplers is None else samplers)
+    n_eval = args.eval_batches * args.batch_size
     device = resolve_device(args.device)
     model = build_model(args, device)
     eval_rows, eval_labels = held_out_rows(held, n_eval, args.seed)
@@ -228,4 +249,4 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["Sampler", "build_train_parser", "held_out_rows", "train_main"]
+__all__ = ["Sampler", "build_train_parser", "held_out_rows", "prepare_samplers", "shared_samplers", "train_main"]
