@@ -125,16 +125,22 @@ def test_dna_classify(strains, tmp_path, capsys, backbone):
     assert {"model.safetensors", "config.json", "metrics.json"} <= {p.name for p in out_dir.iterdir()}
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path, monkeypatch):
     """benchmarks/dna_classify.py --smoke: a row per window length and backbone with the held-out
     accuracy, and the RC-equivariant classifier labels every held-out window as its reverse
     complement (at any weights), which the other two need not."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dna_classify.py"
-    spec = importlib.util.spec_from_file_location("benchmark_dna_classify", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("dna_classify")
     from mambakit.tasks.dna.markov import MarkovModel
     draws = []
     real = MarkovModel.sample
@@ -154,14 +160,8 @@ def test_context_benchmark_warms_the_length_up_with_the_same_bases_per_step(stra
     """benchmarks/dna.py --warmup-from: the Mamba model's training length doubles from the
     given length over the first half of the steps, each step with the same number of bases
     (the batch grows as the length shrinks); without it every step is at the context."""
-    import importlib.util
-    from pathlib import Path
-
     from mambakit.tasks.dna import task
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dna.py"
-    spec = importlib.util.spec_from_file_location("benchmark_dna", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("dna")
     seen = []
     real = task.train_batch
     monkeypatch.setattr(task, "train_batch", lambda stream, batch, length, *a, **k:
