@@ -421,11 +421,11 @@ def test_padding_never_reaches_the_true_steps():
 
 
 def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
-    """The encoder pads 17 tokens (16 patches and the class token) to 32 once, runs every layer
+    """The encoder pads 5 tokens (4 patches and the class token) to 16 once, runs every layer
     on the padded rows, and returns the same features as the unpadded torch path."""
     torch.manual_seed(0)
-    model = create_model("vim_tiny", num_classes=5, img_size=32, patch_size=8, d_model=16, n_layer=2).to(DEVICE)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    model = create_model("vim_tiny", num_classes=5, img_size=16, patch_size=8, d_model=16, n_layer=2).to(DEVICE)
+    x = torch.randn(2, 3, 16, 16, device=DEVICE)
     mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
     lengths = []
     for m in mixers:
@@ -438,16 +438,16 @@ def test_vision_encoder_pads_once_for_the_triton_path(monkeypatch):
         for m in mixers:
             m.backend = "triton"
         got = model.forward_features(x)
-    assert lengths == [(32, 17)] * 2
-    assert got.shape == want.shape == (2, 17, 16)
+    assert lengths == [(16, 5)] * 2
+    assert got.shape == want.shape == (2, 5, 16)
     torch.testing.assert_close(got, want, rtol=5e-5, atol=5e-5)
     # forward (class token pooled) runs the final add and norm on that token alone: the same logits
     with torch.no_grad():
         logits = model(x)
     torch.testing.assert_close(logits, model.head(want[:, model.cls_position]), rtol=5e-5, atol=5e-5)
-    assert lengths == [(32, 17)] * 4
+    assert lengths == [(16, 5)] * 4
     # position embeddings that record a gradient keep the unpadded path (its autograd records them)
     model.pos_embed.requires_grad_(True)
     with torch.enable_grad():
         out = model.forward_features(x)
-    assert lengths == [(32, 17)] * 4 and out.requires_grad
+    assert lengths == [(16, 5)] * 4 and out.requires_grad
