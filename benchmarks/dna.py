@@ -131,15 +131,13 @@ def main(argv=None):
         return
     if not args.data:
         ap.error("--data is required (FASTA files or directories)")
-    if args.warmup_from is not None:
-        for context in args.contexts:  # each stage then has the same bases per step
-            ratio = context // args.warmup_from if args.warmup_from >= 1 else 0
-            if context > args.warmup_from and (ratio * args.warmup_from != context or ratio & (ratio - 1)):
-                ap.error(f"--warmup-from ({args.warmup_from}) must be a length >= 1 that doubles to every "
-                         f"context, not to {context}")
     if args.smoke:
         args.contexts, args.tokens_per_run, args.tokens_per_step, args.eval_tokens = [64, 256], 4096, 1024, 2048
         args.d_model, args.n_layer, args.chunk_len, args.transformer_max = 32, 2, 128, 256
+    for context in args.contexts if args.warmup_from is not None else []:
+        if not doubles_to(args.warmup_from, context):  # each stage then has the same bases per step
+            ap.error(f"--warmup-from ({args.warmup_from}) must be a length >= 1 that doubles to every "
+                     f"context, not to {context}")
     from mambakit.tasks.dna.task import prepare_data
     device = torch.device("cpu" if args.smoke else "cuda")
     data = prepare_data(args.data, None, 0.1, max(args.contexts))
@@ -160,6 +158,14 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     if rows and not args.smoke:
         plot(result, args.out.replace(".json", ".png"))
+
+
+def doubles_to(start: int, context: int) -> bool:
+    """Whether doubling from `start` reaches `context` exactly (or start is already past it)."""
+    if start < 1:
+        return False
+    ratio = context // start
+    return context <= start or (ratio * start == context and ratio & (ratio - 1) == 0)
 
 
 def save(args, data, device, rows) -> dict:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mambakit.cli import main
+from tests.benchmark_scripts import load_benchmark
 
 # an order-1 chain with strong preferences (about 1.2 bits per base): learnable in a few steps
 TRANSITIONS = np.array([[0.05, 0.80, 0.10, 0.05],
@@ -123,17 +124,6 @@ def test_dna_classify(strains, tmp_path, capsys, backbone):
     if backbone == "rc":
         assert summary["rc_agreement"] == 1.0  # invariant by construction
     assert {"model.safetensors", "config.json", "metrics.json"} <= {p.name for p in out_dir.iterdir()}
-
-
-def load_benchmark(name: str):
-    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_classify_benchmark_smoke_rows_and_rc_agreement(strains, tmp_path, monkeypatch):

@@ -3,11 +3,9 @@ evaluates, a hybrid's long-length evaluation records what does not fit instead o
 the decoding benchmark states each model's cache size as the config implies (KV caches and SSM
 states computed independently here) and writes its JSON and plot."""
 
-import importlib.util
 import json
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +14,7 @@ from mambakit import MambaLM
 from mambakit.config import MambaConfig
 from mambakit.tasks import induction_heads as ih
 from mambakit.tasks.synthetic import ModelArgs, build_model, hybrid_attn_cfg
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark(name: str):
-    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_scripts import load_benchmark
 
 
 def small_hybrid(d_model: int = 64):

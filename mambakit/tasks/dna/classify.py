@@ -7,9 +7,10 @@ fitted on the same records and seeded with genome k-mers, so that the two classe
 (k+1)-mer statistics in expectation and only longer-range structure (codons, genes, repeats)
 tells them apart. The chains are drawn all at once (the loop runs over positions, a step of
 every chain at a time) and the windows cut from them, since drawing each batch's samples base
-by base bounds the long windows' steps on the host. A sample takes the N and separator tokens of a
-genome window where they were, so neither class is told by those. The held-out windows are the held-out records' against a Markov
-model fitted on them. Each window is reverse-complemented with probability 1/2 (--rc-augment).
+by base bounds the long windows' steps on the host. A sample takes the N and separator tokens
+of a genome window where they were, so neither class is told by those. The held-out windows are
+the held-out records' against a Markov model fitted on them. Each window is reverse-complemented
+with probability 1/2 (--rc-augment).
 
 Three backbones (models/dna.py): causal Mamba, bidirectional Mamba (Vim's BiMamba), and the
 RC-equivariant bidirectional Mamba (Caduceus's parameter sharing), whose logits are the same for
@@ -143,16 +144,16 @@ def prepare_samplers(args) -> tuple[DNAData, Sampler, Sampler]:
     return data, train, held
 
 
+SAMPLER_FLAGS = ("data", "valid", "valid_fraction", "reader", "seq_len", "max_steps", "batch_size", "eval_batches",
+                 "markov_order", "seed")  # what prepare_samplers reads
+
+
 def shared_samplers(args, samplers: dict) -> tuple[DNAData, Sampler, Sampler]:
     """prepare_samplers(args), kept in `samplers` for the runs whose flags give the same ones."""
     key = repr([getattr(args, name) for name in SAMPLER_FLAGS])
     if key not in samplers:
         samplers[key] = prepare_samplers(args)
     return samplers[key]
-
-
-SAMPLER_FLAGS = ("data", "valid", "valid_fraction", "reader", "seq_len", "max_steps", "batch_size", "eval_batches",
-                 "markov_order", "seed")  # what prepare_samplers reads
 
 
 def run(args, progress: bool = True, samplers: dict | None = None):
