@@ -11,7 +11,7 @@ is), ms per step and, on CUDA, the peak memory.
     python benchmarks/dna_classify.py --data GENOMES [--lengths 1024 4096 ... 1048576]
         [--out benchmarks/results/dna_classify_h200.json]
     python benchmarks/dna_classify.py --data GENOMES --smoke    # CPU, tiny sizes: the script runs
-    python benchmarks/dna_classify.py --plot benchmarks/results/dna_classify_h200.json
+    python benchmarks/dna_classify.py --plot benchmarks/results/dna_classify_cpu.json
 
 GENOMES: FASTA files or directories (e.g. the kleborate-examples assemblies); the last file is held out.
 """
